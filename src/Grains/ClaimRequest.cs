@@ -1,0 +1,30 @@
+namespace OrleansIdempotency.Grains;
+
+/// <summary>What happens to a claim whose lease ran out without a completion.</summary>
+[GenerateSerializer, Alias("OrleansIdempotency.LapsedLeasePolicy")]
+public enum LapsedLeasePolicy
+{
+    /// <summary>The key becomes <see cref="IdempotencyStatus.OutcomeUnknown"/>: the action is never re-run silently.</summary>
+    OutcomeUnknown = 0,
+
+    /// <summary>The next matching request may claim the key again and re-run the action (at-least-once).</summary>
+    Reclaim = 1,
+}
+
+/// <summary>An attempt's request to claim a key.</summary>
+/// <param name="AttemptId">Identifies this attempt; asking again with the same id after a lost answer returns the same claim.</param>
+/// <param name="Fingerprint">SHA-256 of the request (method, route, normalised query, body).</param>
+/// <param name="Lease">How long the claim holds without completion or renewal.</param>
+/// <param name="Retention">How long the key is remembered after it is claimed or completed.</param>
+/// <param name="OnLapsedLease">What a lapsed lease turns into.</param>
+[GenerateSerializer, Alias("OrleansIdempotency.ClaimRequest")]
+public sealed record ClaimRequest(
+    [property: Id(0)] Guid AttemptId,
+    [property: Id(1)] byte[] Fingerprint,
+    [property: Id(2)] TimeSpan Lease,
+    [property: Id(3)] TimeSpan Retention,
+    [property: Id(4)] LapsedLeasePolicy OnLapsedLease = LapsedLeasePolicy.OutcomeUnknown);
+
+/// <summary>Proof of a claim: the attempt that holds it and the fencing token it was given.</summary>
+[GenerateSerializer, Alias("OrleansIdempotency.ClaimToken")]
+public readonly record struct ClaimToken([property: Id(0)] Guid AttemptId, [property: Id(1)] long FencingToken);

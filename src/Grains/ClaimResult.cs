@@ -1,0 +1,33 @@
+namespace OrleansIdempotency.Grains;
+
+/// <summary>The answer to a claim.</summary>
+[GenerateSerializer, Alias("OrleansIdempotency.ClaimOutcome")]
+public enum ClaimOutcome
+{
+    /// <summary>The caller holds the claim, durably: run the action, then complete or release.</summary>
+    Acquired = 0,
+
+    /// <summary>The key completed earlier: replay <see cref="ClaimResult.Response"/>.</summary>
+    Completed = 1,
+
+    /// <summary>Another attempt holds the claim: wait for it, or answer 409.</summary>
+    InProgress = 2,
+
+    /// <summary>The key was claimed by a different request: refuse (422); nothing runs.</summary>
+    Mismatch = 3,
+
+    /// <summary>An earlier attempt's lease ran out without a completion: refuse (409) until an operator resolves it.</summary>
+    OutcomeUnknown = 4,
+}
+
+/// <summary>The answer to <see cref="IIdempotencyGrain.ClaimAsync"/>.</summary>
+/// <param name="Outcome">What the caller should do.</param>
+/// <param name="Token">The claim, when <see cref="ClaimOutcome.Acquired"/>.</param>
+/// <param name="LeaseExpiresAt">When the current claim lapses, when <see cref="ClaimOutcome.Acquired"/> or <see cref="ClaimOutcome.InProgress"/>.</param>
+/// <param name="Response">The stored response, when <see cref="ClaimOutcome.Completed"/>.</param>
+[GenerateSerializer, Alias("OrleansIdempotency.ClaimResult")]
+public sealed record ClaimResult(
+    [property: Id(0)] ClaimOutcome Outcome,
+    [property: Id(1)] ClaimToken? Token = null,
+    [property: Id(2)] DateTimeOffset? LeaseExpiresAt = null,
+    [property: Id(3)] StoredResponse? Response = null);

@@ -1,0 +1,46 @@
+using Orleans.Concurrency;
+
+namespace OrleansIdempotency.Grains;
+
+/// <summary>
+/// One idempotency key (<see cref="IdempotencyKey"/>). Calls are served one at a time, so exactly one caller
+/// receives a claim, and every change is persisted with an ETag-checked write before it is answered.
+/// </summary>
+[Alias("OrleansIdempotency.IIdempotencyGrain")]
+public interface IIdempotencyGrain : IGrainWithStringKey
+{
+    /// <summary>
+    /// Claims the key, or says why not. Asking again with the same <see cref="ClaimRequest.AttemptId"/> returns the
+    /// same claim, so a caller that lost the answer (a silo died, a message timed out) simply asks again.
+    /// </summary>
+    [Alias("Claim")]
+    Task<ClaimResult> ClaimAsync(ClaimRequest request);
+
+    /// <summary>Stores the action's response under a live claim. False when the claim is stale or has lapsed.</summary>
+    [Alias("Complete")]
+    Task<bool> CompleteAsync(ClaimToken token, StoredResponse response);
+
+    /// <summary>Extends a live claim's lease from now. False when the claim is stale or has lapsed.</summary>
+    [Alias("Renew")]
+    Task<bool> RenewAsync(ClaimToken token, TimeSpan lease);
+
+    /// <summary>
+    /// Gives the key back so the request may be retried under it: the action failed retryably, or the attempt gave
+    /// up before running it. False when <paramref name="attemptId"/> holds no claim (nothing changes then).
+    /// </summary>
+    [Alias("Release")]
+    Task<bool> ReleaseAsync(Guid attemptId);
+
+    /// <summary>
+    /// Returns when the key leaves its current claim (completed, released, lapsed) or after
+    /// <paramref name="timeout"/> (at most <see cref="IdempotencyGrain.MaxWait"/>), whichever comes first; then
+    /// claim again to learn the outcome.
+    /// Interleaves with other calls, so waiting never delays the holder's completion.
+    /// </summary>
+    [AlwaysInterleave, Alias("Wait")]
+    Task WaitAsync(TimeSpan timeout);
+
+    /// <summary>The record as it stands now (a record past its retention reads as <see cref="IdempotencyStatus.None"/>).</summary>
+    [Alias("Get")]
+    Task<IdempotencyRecord> GetAsync();
+}

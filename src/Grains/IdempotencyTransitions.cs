@@ -1,0 +1,112 @@
+namespace OrleansIdempotency.Grains;
+
+/// <summary>A caller's answer and the record to persist before giving it (<c>null</c> when nothing changes).</summary>
+public readonly record struct Transition<T>(T Result, IdempotencyRecord? Next);
+
+/// <summary>
+/// The key's state machine as pure functions of the stored record and the time, so that it can be checked
+/// exhaustively without a cluster. <see cref="IdempotencyGrain"/> applies them one at a time and persists each
+/// change before answering.
+/// </summary>
+public static class IdempotencyTransitions
+{
+    /// <summary>Asks for the key on behalf of <paramref name="request"/>.</summary>
+    public static Transition<ClaimResult> Claim(IdempotencyRecord stored, ClaimRequest request, DateTimeOffset now)
+    {
+        var current = stored.AsOf(now);
+        if (current.Status == IdempotencyStatus.None)
+        {
+            return Acquire(current, request, now);
+        }
+
+        // DESIGN §4: the same key with a different request is refused, whatever state the key is in.
+        if (!current.Matches(request.Fingerprint))
+        {
+            return new(new ClaimResult(ClaimOutcome.Mismatch), null);
+        }
+
+        switch (current.Status)
+        {
+            case IdempotencyStatus.Completed:
+                return new(new ClaimResult(ClaimOutcome.Completed, Response: current.Response), null);
+            case IdempotencyStatus.OutcomeUnknown:
+                return new(new ClaimResult(ClaimOutcome.OutcomeUnknown), null);
+            case IdempotencyStatus.InProgress when now < current.LeaseExpiresAt:
+                // The holder asking again after its answer was lost gets its own claim back (DESIGN §3).
+                return current.AttemptId == request.AttemptId
+                    ? new(new ClaimResult(ClaimOutcome.Acquired, current.Token, current.LeaseExpiresAt), null)
+                    : new(new ClaimResult(ClaimOutcome.InProgress, LeaseExpiresAt: current.LeaseExpiresAt), null);
+            default:
+                // The lease lapsed: the holder may have run the action, or died before it could.
+                return request.OnLapsedLease == LapsedLeasePolicy.Reclaim
+                    ? Acquire(current, request, now)
+                    : new(new ClaimResult(ClaimOutcome.OutcomeUnknown), current with { Status = IdempotencyStatus.OutcomeUnknown });
+        }
+    }
+
+    /// <summary>Stores the outcome of the action, if <paramref name="token"/> still holds a live claim.</summary>
+    /// <returns>True when stored (or stored already by this same claim); false for a stale or lapsed claim.</returns>
+    public static Transition<bool> Complete(IdempotencyRecord stored, ClaimToken token, StoredResponse response, DateTimeOffset now)
+    {
+        var current = stored.AsOf(now);
+        if (current.Status == IdempotencyStatus.Completed && current.IsHeldBy(token))
+        {
+            return new(true, null);
+        }
+
+        if (!HoldsLiveClaim(current, token, now))
+        {
+            return new(false, null);
+        }
+
+        return new(true, current with
+        {
+            Status = IdempotencyStatus.Completed,
+            Response = response,
+            ExpiresAt = now + current.Retention,
+        });
+    }
+
+    /// <summary>Extends a live claim, for an action that runs longer than its lease.</summary>
+    /// <returns>True when extended; false when the claim is stale or has lapsed.</returns>
+    public static Transition<bool> Renew(IdempotencyRecord stored, ClaimToken token, TimeSpan lease, DateTimeOffset now)
+    {
+        var current = stored.AsOf(now);
+        return HoldsLiveClaim(current, token, now)
+            ? new(true, current with { LeaseExpiresAt = now + lease })
+            : new(false, null);
+    }
+
+    /// <summary>Gives the key back so that the request can be retried: the action failed retryably or never ran.</summary>
+    /// <returns>True when the attempt's claim was released; false when it held none.</returns>
+    public static Transition<bool> Release(IdempotencyRecord stored, Guid attemptId, DateTimeOffset now)
+    {
+        var current = stored.AsOf(now);
+        if (current.Status != IdempotencyStatus.InProgress || current.AttemptId != attemptId)
+        {
+            return new(false, null);
+        }
+
+        // The row stays until its retention ends so that fencing tokens keep rising.
+        return new(true, new IdempotencyRecord { FencingToken = current.FencingToken, ExpiresAt = current.ExpiresAt });
+    }
+
+    private static bool HoldsLiveClaim(IdempotencyRecord current, ClaimToken token, DateTimeOffset now) =>
+        current.Status == IdempotencyStatus.InProgress && current.IsHeldBy(token) && now < current.LeaseExpiresAt;
+
+    private static Transition<ClaimResult> Acquire(IdempotencyRecord current, ClaimRequest request, DateTimeOffset now)
+    {
+        var next = new IdempotencyRecord
+        {
+            Status = IdempotencyStatus.InProgress,
+            Fingerprint = request.Fingerprint,
+            AttemptId = request.AttemptId,
+            FencingToken = current.FencingToken + 1,
+            LeaseExpiresAt = now + request.Lease,
+            CreatedAt = now,
+            ExpiresAt = now + request.Retention,
+            Retention = request.Retention,
+        };
+        return new(new ClaimResult(ClaimOutcome.Acquired, next.Token, next.LeaseExpiresAt), next);
+    }
+}

@@ -1,0 +1,33 @@
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Configuration;
+using Orleans.Configuration;
+
+namespace OrleansIdempotency.Silo.Hosting;
+
+/// <summary>Connects a process to an idempotency cluster as a client (<c>Orleans:Role=Client</c>).</summary>
+public static class IdempotencyClientBuilderExtensions
+{
+    /// <summary>
+    /// Finds the cluster's gateways through Redis when <c>ConnectionStrings:Redis</c> is set, else at
+    /// <c>localhost:{Orleans:Endpoints:GatewayPort}</c>.
+    /// </summary>
+    public static IClientBuilder UseIdempotency(this IClientBuilder client, IConfiguration configuration)
+    {
+        var settings = IdempotencyClusterSettings.From(configuration);
+        if (settings.Redis is { } redis)
+        {
+            client.UseRedisClustering(options => options.ConfigurationOptions = IdempotencySiloBuilderExtensions.RedisConfiguration(redis));
+            client.Configure<ClusterOptions>(options =>
+            {
+                options.ClusterId = settings.ClusterId;
+                options.ServiceId = settings.ServiceId;
+            });
+        }
+        else
+        {
+            client.UseLocalhostClustering(settings.GatewayPort, serviceId: settings.ServiceId, clusterId: settings.ClusterId);
+        }
+
+        return client;
+    }
+}

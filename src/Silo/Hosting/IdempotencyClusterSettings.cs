@@ -1,0 +1,64 @@
+using System.Globalization;
+using Microsoft.Extensions.Configuration;
+
+namespace OrleansIdempotency.Silo.Hosting;
+
+/// <summary>Whether a process hosts a silo or joins an existing cluster as a client.</summary>
+public enum IdempotencyClusterRole
+{
+    /// <summary>Hosts a silo (the default).</summary>
+    Silo,
+
+    /// <summary>Connects to silos started elsewhere.</summary>
+    Client,
+}
+
+/// <summary>
+/// How a process finds its cluster and storage, read from configuration (DESIGN §7). Without connection strings a
+/// silo runs the embedded default: localhost clustering and in-memory storage.
+/// </summary>
+/// <param name="Postgres"><c>ConnectionStrings:Postgres</c>: Npgsql connection string for the records.</param>
+/// <param name="Redis"><c>ConnectionStrings:Redis</c>: StackExchange.Redis configuration for cluster membership.</param>
+/// <param name="Role"><c>Orleans:Role</c>: <c>Silo</c> (default) or <c>Client</c>.</param>
+/// <param name="ClusterId"><c>Orleans:ClusterId</c>: silos with the same id (and Redis) form one cluster.</param>
+/// <param name="ServiceId"><c>Orleans:ServiceId</c>: names the stored records; keep it across deployments.</param>
+/// <param name="SiloPort"><c>Orleans:Endpoints:SiloPort</c>: silo-to-silo port. The default is 11111.</param>
+/// <param name="GatewayPort"><c>Orleans:Endpoints:GatewayPort</c>: client gateway port. The default is 30000.</param>
+/// <param name="AdvertisedHost">
+/// <c>Orleans:Endpoints:AdvertisedHost</c>: the host name or address other silos reach this one at. The default is
+/// 127.0.0.1; in containers, the container's host name.
+/// </param>
+public sealed record IdempotencyClusterSettings(
+    string? Postgres,
+    string? Redis,
+    IdempotencyClusterRole Role,
+    string ClusterId,
+    string ServiceId,
+    int SiloPort,
+    int GatewayPort,
+    string AdvertisedHost)
+{
+    /// <summary>The cluster and service id used when none is configured.</summary>
+    public const string DefaultId = "orleans-idempotency";
+
+    /// <summary>Reads the settings, with their defaults.</summary>
+    public static IdempotencyClusterSettings From(IConfiguration configuration)
+    {
+        var orleans = configuration.GetSection("Orleans");
+        var endpoints = orleans.GetSection("Endpoints");
+        return new(
+            Postgres: NullIfEmpty(configuration.GetConnectionString("Postgres")),
+            Redis: NullIfEmpty(configuration.GetConnectionString("Redis")),
+            Role: Enum.Parse<IdempotencyClusterRole>(orleans["Role"] ?? nameof(IdempotencyClusterRole.Silo), ignoreCase: true),
+            ClusterId: NullIfEmpty(orleans["ClusterId"]) ?? DefaultId,
+            ServiceId: NullIfEmpty(orleans["ServiceId"]) ?? DefaultId,
+            SiloPort: Port(endpoints["SiloPort"], 11111),
+            GatewayPort: Port(endpoints["GatewayPort"], 30000),
+            AdvertisedHost: NullIfEmpty(endpoints["AdvertisedHost"]) ?? "127.0.0.1");
+    }
+
+    private static string? NullIfEmpty(string? value) => string.IsNullOrWhiteSpace(value) ? null : value;
+
+    private static int Port(string? value, int defaultPort) =>
+        value is null ? defaultPort : int.Parse(value, NumberStyles.None, CultureInfo.InvariantCulture);
+}

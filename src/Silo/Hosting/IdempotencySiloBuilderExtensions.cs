@@ -1,0 +1,90 @@
+using System.Net;
+using Microsoft.Extensions.Configuration;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.DependencyInjection.Extensions;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Options;
+using Orleans.Configuration;
+using Orleans.Serialization;
+using OrleansIdempotency.Grains;
+using OrleansIdempotency.Silo.Storage;
+using StackExchange.Redis;
+
+namespace OrleansIdempotency.Silo.Hosting;
+
+/// <summary>Hosts the idempotency grains in a silo: the one place clustering and storage are chosen.</summary>
+public static class IdempotencySiloBuilderExtensions
+{
+    /// <summary>
+    /// Configures the silo from <paramref name="configuration"/> (see <see cref="IdempotencyClusterSettings"/>):
+    /// Redis clustering when <c>ConnectionStrings:Redis</c> is set, else localhost clustering; PostgreSQL records
+    /// when <c>ConnectionStrings:Postgres</c> is set, else in-memory records, with a warning.
+    /// </summary>
+    public static ISiloBuilder UseIdempotency(this ISiloBuilder silo, IConfiguration configuration)
+    {
+        var settings = IdempotencyClusterSettings.From(configuration);
+        if (settings.Redis is { } redis)
+        {
+            silo.UseRedisClustering(options => options.ConfigurationOptions = RedisConfiguration(redis));
+            silo.Configure<ClusterOptions>(options =>
+            {
+                options.ClusterId = settings.ClusterId;
+                options.ServiceId = settings.ServiceId;
+            });
+            var loopback = IPAddress.TryParse(settings.AdvertisedHost, out var address) && IPAddress.IsLoopback(address);
+            silo.ConfigureEndpoints(settings.AdvertisedHost, settings.SiloPort, settings.GatewayPort, listenOnAnyHostAddress: !loopback);
+        }
+        else
+        {
+            silo.UseLocalhostClustering(settings.SiloPort, settings.GatewayPort, serviceId: settings.ServiceId, clusterId: settings.ClusterId);
+        }
+
+        if (settings.Postgres is { } postgres)
+        {
+            silo.AddIdempotencyPostgresStorage(postgres);
+        }
+        else
+        {
+            silo.AddMemoryGrainStorage(IdempotencyGrain.StorageName);
+            silo.Services.AddHostedService<InMemoryStorageWarning>();
+        }
+
+        silo.Services.TryAddSingleton(TimeProvider.System);
+        return silo;
+    }
+
+    /// <summary>Keeps idempotency records in PostgreSQL, applying the schema on start and purging expired records.</summary>
+    public static ISiloBuilder AddIdempotencyPostgresStorage(this ISiloBuilder silo, string connectionString) =>
+        silo.AddIdempotencyPostgresStorage(options => options.ConnectionString = connectionString);
+
+    /// <inheritdoc cref="AddIdempotencyPostgresStorage(ISiloBuilder, string)"/>
+    public static ISiloBuilder AddIdempotencyPostgresStorage(this ISiloBuilder silo, Action<IdempotencyStorageOptions> configure)
+    {
+        silo.Services.AddOptions<IdempotencyStorageOptions>()
+            .Configure(configure)
+            .Validate(o => !string.IsNullOrWhiteSpace(o.ConnectionString), "ConnectionStrings:Postgres is required.")
+            .Validate(o => o.PurgeInterval > TimeSpan.Zero && o.PurgeBatchSize > 0, "PurgeInterval and PurgeBatchSize must be positive.");
+        silo.Services.TryAddSingleton(TimeProvider.System);
+        silo.Services.TryAddSingleton(sp => new IdempotencyDatabase(sp.GetRequiredService<IOptions<IdempotencyStorageOptions>>().Value.ConnectionString));
+        silo.Services.TryAddSingleton<PostgresSchemaInstaller>();
+        silo.Services.AddSingleton<ILifecycleParticipant<ISiloLifecycle>>(sp => sp.GetRequiredService<PostgresSchemaInstaller>());
+        silo.Services.TryAddSingleton<ExpiredRecordPurger>();
+        silo.Services.AddSingleton<IHostedService>(sp => sp.GetRequiredService<ExpiredRecordPurger>());
+        silo.AddAdoNetGrainStorage(IdempotencyGrain.StorageName, (OptionsBuilder<AdoNetGrainStorageOptions> options) =>
+            options.Configure<IdempotencyDatabase, Serializer>((o, database, serializer) =>
+            {
+                o.Invariant = "Npgsql";
+                o.DataSource = database.DataSource;
+                o.GrainStorageSerializer = new IdempotencyStorageSerializer(serializer);
+            }));
+        return silo;
+    }
+
+    /// <summary>Redis settings for membership that ride out a Redis restart instead of failing at once.</summary>
+    internal static ConfigurationOptions RedisConfiguration(string connectionString)
+    {
+        var options = ConfigurationOptions.Parse(connectionString);
+        options.AbortOnConnectFail = false;
+        return options;
+    }
+}

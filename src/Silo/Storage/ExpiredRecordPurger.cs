@@ -1,0 +1,70 @@
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Options;
+using Npgsql;
+
+namespace OrleansIdempotency.Silo.Storage;
+
+/// <summary>
+/// Deletes records past their retention, in batches, so that storage stays bounded (DESIGN §4). Every silo runs
+/// one; they may overlap harmlessly. A grain that still holds a purged record in memory finds the row gone at its
+/// next write (the ETag check fails), re-reads, and sees the key as absent, which is what an expired key is.
+/// </summary>
+public sealed partial class ExpiredRecordPurger(
+    IdempotencyDatabase database,
+    IOptions<IdempotencyStorageOptions> options,
+    TimeProvider time,
+    ILogger<ExpiredRecordPurger> logger) : BackgroundService
+{
+    private const string DeleteBatch = """
+        DELETE FROM OrleansStorage
+        WHERE ctid = ANY (ARRAY(SELECT ctid FROM OrleansStorage WHERE ExpiresAt <= @cutoff LIMIT @batch))
+        """;
+
+    /// <summary>Deletes every record that expired at or before <paramref name="cutoff"/>.</summary>
+    /// <returns>The number of records deleted.</returns>
+    public async Task<long> PurgeAsync(DateTimeOffset cutoff, CancellationToken cancellationToken)
+    {
+        var batch = options.Value.PurgeBatchSize;
+        long total = 0;
+        int deleted;
+        do
+        {
+            await using var command = database.DataSource.CreateCommand(DeleteBatch);
+            command.Parameters.AddWithValue("cutoff", cutoff);
+            command.Parameters.AddWithValue("batch", batch);
+            deleted = await command.ExecuteNonQueryAsync(cancellationToken);
+            total += deleted;
+        }
+        while (deleted == batch);
+
+        return total;
+    }
+
+    protected override async Task ExecuteAsync(CancellationToken stoppingToken)
+    {
+        using var timer = new PeriodicTimer(options.Value.PurgeInterval, time);
+        while (await timer.WaitForNextTickAsync(stoppingToken))
+        {
+            try
+            {
+                var deleted = await PurgeAsync(time.GetUtcNow(), stoppingToken);
+                if (deleted > 0)
+                {
+                    LogPurged(logger, deleted);
+                }
+            }
+            catch (Exception ex) when (ex is NpgsqlException or TimeoutException)
+            {
+                // The next tick tries again; an outage delays purging, never correctness.
+                LogPurgeFailed(logger, ex);
+            }
+        }
+    }
+
+    [LoggerMessage(Level = LogLevel.Information, Message = "Purged {Count} expired idempotency records.")]
+    private static partial void LogPurged(ILogger logger, long count);
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Purging expired idempotency records failed; will retry.")]
+    private static partial void LogPurgeFailed(ILogger logger, Exception exception);
+}

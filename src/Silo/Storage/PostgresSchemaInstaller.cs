@@ -1,0 +1,74 @@
+using Microsoft.Extensions.Logging;
+using Npgsql;
+using Orleans.Runtime;
+
+namespace OrleansIdempotency.Silo.Storage;
+
+/// <summary>Applies <c>PostgresSchema.sql</c>: on every start, by every silo, safely at the same time.</summary>
+/// <remarks>It runs in the silo's storage stage, before the grain storage provider reads its queries.</remarks>
+public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database, TimeProvider time, ILogger<PostgresSchemaInstaller> logger)
+    : ILifecycleParticipant<ISiloLifecycle>
+{
+    // Any constant shared by every process that installs the schema: silos starting together take turns.
+    private const long AdvisoryLockKey = 0x4F49_6465_6D70; // "OIdemp"
+
+    private static readonly string Script = ReadScript();
+
+    /// <summary>How long a starting silo waits for PostgreSQL to accept connections. The default is 60 seconds.</summary>
+    public TimeSpan StartupTimeout { get; init; } = TimeSpan.FromSeconds(60);
+
+    public void Participate(ISiloLifecycle lifecycle) =>
+        lifecycle.Subscribe(nameof(PostgresSchemaInstaller), ServiceLifecycleStage.RuntimeStorageServices, InstallAsync);
+
+    /// <summary>Applies the schema, retrying while PostgreSQL is not yet reachable.</summary>
+    public async Task InstallAsync(CancellationToken cancellationToken)
+    {
+        var deadline = time.GetUtcNow() + StartupTimeout;
+        for (var attempt = 1; ; attempt++)
+        {
+            try
+            {
+                await ApplyAsync(cancellationToken);
+                LogInstalled(logger);
+                return;
+            }
+            catch (NpgsqlException ex) when (ex.IsTransient && time.GetUtcNow() < deadline)
+            {
+                LogWaiting(logger, attempt, ex.Message);
+                await Task.Delay(TimeSpan.FromSeconds(1), time, cancellationToken);
+            }
+        }
+    }
+
+    private async Task ApplyAsync(CancellationToken cancellationToken)
+    {
+        await using var connection = await database.DataSource.OpenConnectionAsync(cancellationToken);
+        await using var transaction = await connection.BeginTransactionAsync(cancellationToken);
+        await using (var command = new NpgsqlCommand("SELECT pg_advisory_xact_lock(@key)", connection, transaction))
+        {
+            command.Parameters.AddWithValue("key", AdvisoryLockKey);
+            await command.ExecuteNonQueryAsync(cancellationToken);
+        }
+
+        await using (var command = new NpgsqlCommand(Script, connection, transaction))
+        {
+            await command.ExecuteNonQueryAsync(cancellationToken);
+        }
+
+        await transaction.CommitAsync(cancellationToken);
+    }
+
+    private static string ReadScript()
+    {
+        using var stream = typeof(PostgresSchemaInstaller).Assembly.GetManifestResourceStream("PostgresSchema.sql")
+            ?? throw new InvalidOperationException("PostgresSchema.sql is not embedded in the silo assembly.");
+        using var reader = new StreamReader(stream);
+        return reader.ReadToEnd();
+    }
+
+    [LoggerMessage(Level = LogLevel.Information, Message = "Idempotency schema applied to PostgreSQL.")]
+    private static partial void LogInstalled(ILogger logger);
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "PostgreSQL is not reachable yet (attempt {Attempt}): {Reason}")]
+    private static partial void LogWaiting(ILogger logger, int attempt, string reason);
+}

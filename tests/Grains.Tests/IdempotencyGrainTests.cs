@@ -1,0 +1,232 @@
+namespace OrleansIdempotency.Grains.Tests;
+
+[Collection(ClusterCollection.Name)]
+public sealed class IdempotencyGrainTests(ClusterFixture fixture)
+{
+    private static readonly TimeSpan Lease = TimeSpan.FromSeconds(30);
+    private static readonly TimeSpan Retention = TimeSpan.FromHours(24);
+    private static readonly byte[] Request = [7, 7, 7];
+    private static readonly StoredResponse Created = new(201, [new("Content-Type", "application/json")], "{\"ok\":true}"u8.ToArray(), false, 11);
+
+    private static IdempotencyKey NewKey() => new("alice", Guid.NewGuid().ToString("N"));
+
+    private IIdempotencyGrain Grain(IdempotencyKey key) => fixture.Grains.GetIdempotencyGrain(key);
+
+    private static ClaimRequest Claim(Guid? attempt = null, byte[]? fingerprint = null, LapsedLeasePolicy policy = LapsedLeasePolicy.OutcomeUnknown) =>
+        new(attempt ?? Guid.NewGuid(), fingerprint ?? Request, Lease, Retention, policy);
+
+    [Fact]
+    public async Task Claim_Complete_Replay_ReturnsTheStoredBytesToLaterCallers()
+    {
+        var grain = Grain(NewKey());
+
+        var first = await grain.ClaimAsync(Claim());
+        Assert.Equal(ClaimOutcome.Acquired, first.Outcome);
+        Assert.True(await grain.CompleteAsync(first.Token!.Value, Created));
+
+        var replay = await grain.ClaimAsync(Claim());
+        Assert.Equal(ClaimOutcome.Completed, replay.Outcome);
+        Assert.Equal(Created.Body, replay.Response!.Body);
+        Assert.Equal(Created.Headers, replay.Response.Headers);
+        Assert.Equal(201, replay.Response.StatusCode);
+    }
+
+    [Fact]
+    public async Task Claim_SameAttemptAskingAgain_GetsItsClaimBack()
+    {
+        var grain = Grain(NewKey());
+        var attempt = Guid.NewGuid();
+
+        var first = await grain.ClaimAsync(Claim(attempt));
+        var again = await grain.ClaimAsync(Claim(attempt));
+
+        Assert.Equal(ClaimOutcome.Acquired, again.Outcome);
+        Assert.Equal(first.Token, again.Token);
+    }
+
+    [Fact]
+    public async Task Claim_DifferentRequestUnderTheSameKey_IsMismatch()
+    {
+        var grain = Grain(NewKey());
+        await grain.ClaimAsync(Claim());
+
+        var other = await grain.ClaimAsync(Claim(fingerprint: [9]));
+
+        Assert.Equal(ClaimOutcome.Mismatch, other.Outcome);
+    }
+
+    [Fact]
+    public async Task SameKeyInAnotherScope_IsAnIndependentKey()
+    {
+        var key = NewKey();
+        var alice = await Grain(key).ClaimAsync(Claim());
+        var bob = await Grain(key with { Scope = "bob" }).ClaimAsync(Claim(fingerprint: [9]));
+
+        Assert.Equal(ClaimOutcome.Acquired, alice.Outcome);
+        Assert.Equal(ClaimOutcome.Acquired, bob.Outcome);
+    }
+
+    [Fact]
+    public async Task Release_LetsTheRetryClaimAgain()
+    {
+        var grain = Grain(NewKey());
+        var first = await grain.ClaimAsync(Claim());
+
+        Assert.True(await grain.ReleaseAsync(first.Token!.Value.AttemptId));
+        var retry = await grain.ClaimAsync(Claim());
+
+        Assert.Equal(ClaimOutcome.Acquired, retry.Outcome);
+        Assert.True(retry.Token!.Value.FencingToken > first.Token.Value.FencingToken);
+        Assert.False(await grain.CompleteAsync(first.Token.Value, Created));
+    }
+
+    [Fact]
+    public async Task LapsedLease_BecomesOutcomeUnknown_AndTheLateCompletionIsRefused()
+    {
+        var grain = Grain(NewKey());
+        var first = await grain.ClaimAsync(Claim());
+        fixture.Time.Advance(Lease);
+
+        var next = await grain.ClaimAsync(Claim());
+
+        Assert.Equal(ClaimOutcome.OutcomeUnknown, next.Outcome);
+        Assert.False(await grain.CompleteAsync(first.Token!.Value, Created));
+        Assert.Equal(IdempotencyStatus.OutcomeUnknown, (await grain.GetAsync()).Status);
+    }
+
+    [Fact]
+    public async Task LapsedLease_WithReclaimPolicy_IsClaimedAgainAndTheStaleTokenRefused()
+    {
+        var grain = Grain(NewKey());
+        var first = await grain.ClaimAsync(Claim(policy: LapsedLeasePolicy.Reclaim));
+        fixture.Time.Advance(Lease);
+
+        var second = await grain.ClaimAsync(Claim(policy: LapsedLeasePolicy.Reclaim));
+
+        Assert.Equal(ClaimOutcome.Acquired, second.Outcome);
+        Assert.False(await grain.CompleteAsync(first.Token!.Value, Created));
+        Assert.True(await grain.CompleteAsync(second.Token!.Value, Created));
+    }
+
+    [Fact]
+    public async Task Renew_KeepsALongActionsClaimAlive()
+    {
+        var grain = Grain(NewKey());
+        var first = await grain.ClaimAsync(Claim());
+        fixture.Time.Advance(Lease / 2);
+        Assert.True(await grain.RenewAsync(first.Token!.Value, Lease));
+        fixture.Time.Advance(Lease / 2 + TimeSpan.FromSeconds(1));
+
+        Assert.Equal(ClaimOutcome.InProgress, (await grain.ClaimAsync(Claim())).Outcome);
+        Assert.True(await grain.CompleteAsync(first.Token.Value, Created));
+    }
+
+    [Fact]
+    public async Task Wait_ReturnsWhenTheHolderCompletes_WithoutDelayingTheCompletion()
+    {
+        var grain = Grain(NewKey());
+        var first = await grain.ClaimAsync(Claim());
+
+        var waiters = Enumerable.Range(0, 10).Select(_ => grain.WaitAsync(TimeSpan.FromSeconds(10))).ToArray();
+        await Task.Delay(100);
+        Assert.All(waiters, w => Assert.False(w.IsCompleted));
+
+        // A non-interleaving wait would hold the grain for the whole timeout; on the fake clock that is forever.
+        await grain.CompleteAsync(first.Token!.Value, Created).WaitAsync(TimeSpan.FromSeconds(10));
+        await Task.WhenAll(waiters).WaitAsync(TimeSpan.FromSeconds(10));
+
+        Assert.Equal(ClaimOutcome.Completed, (await grain.ClaimAsync(Claim())).Outcome);
+    }
+
+    [Fact]
+    public async Task Wait_ReturnsWhenTheHolderReleases()
+    {
+        var grain = Grain(NewKey());
+        var first = await grain.ClaimAsync(Claim());
+        var waiter = grain.WaitAsync(TimeSpan.FromSeconds(10));
+        await Task.Delay(100);
+
+        await grain.ReleaseAsync(first.Token!.Value.AttemptId);
+
+        await waiter.WaitAsync(TimeSpan.FromSeconds(10));
+        Assert.Equal(ClaimOutcome.Acquired, (await grain.ClaimAsync(Claim())).Outcome);
+    }
+
+    [Fact]
+    public async Task Wait_TimesOutOnTheClock_WhileTheKeyStaysInProgress()
+    {
+        var grain = Grain(NewKey());
+        await grain.ClaimAsync(Claim());
+
+        var waiter = grain.WaitAsync(TimeSpan.FromMilliseconds(500));
+        await Task.Delay(100);
+        Assert.False(waiter.IsCompleted);
+        await AdvanceUntilAsync(waiter, TimeSpan.FromMilliseconds(100));
+
+        Assert.Equal(ClaimOutcome.InProgress, (await grain.ClaimAsync(Claim())).Outcome);
+    }
+
+    [Fact]
+    public async Task Wait_ReturnsAtTheLeasesEnd_SoTheWaiterSeesTheLapse()
+    {
+        var grain = Grain(NewKey());
+        await grain.ClaimAsync(Claim());
+        fixture.Time.Advance(Lease - TimeSpan.FromMilliseconds(300));
+
+        var waiter = grain.WaitAsync(TimeSpan.FromMinutes(5));
+        await Task.Delay(100);
+        Assert.False(waiter.IsCompleted);
+        await AdvanceUntilAsync(waiter, TimeSpan.FromMilliseconds(100), maxSteps: 5);
+
+        Assert.Equal(ClaimOutcome.OutcomeUnknown, (await grain.ClaimAsync(Claim())).Outcome);
+    }
+
+    [Fact]
+    public async Task Wait_NeverHoldsUpADeactivationLongerThanMaxWait_AndTheClaimSurvivesIt()
+    {
+        var grain = Grain(NewKey());
+        var first = await grain.ClaimAsync(Claim());
+        var waiter = grain.WaitAsync(TimeSpan.FromSeconds(10));
+        await Task.Delay(100);
+
+        var deactivation = fixture.Cluster.DeactivateAsync(grain);
+        await AdvanceUntilAsync(waiter, IdempotencyGrain.MaxWait, maxSteps: 1);
+        await deactivation.WaitAsync(TimeSpan.FromSeconds(10));
+
+        Assert.Equal(ClaimOutcome.InProgress, (await grain.ClaimAsync(Claim())).Outcome);
+        Assert.True(await grain.CompleteAsync(first.Token!.Value, Created));
+    }
+
+    [Fact]
+    public async Task Wait_OnAKeyThatIsNotInProgress_ReturnsAtOnce()
+    {
+        var grain = Grain(NewKey());
+
+        await grain.WaitAsync(TimeSpan.FromMinutes(1)).WaitAsync(TimeSpan.FromSeconds(10));
+    }
+
+    [Fact]
+    public async Task ExpiredRecord_BehavesAsAbsent()
+    {
+        var grain = Grain(NewKey());
+        var first = await grain.ClaimAsync(Claim());
+        await grain.CompleteAsync(first.Token!.Value, Created);
+        fixture.Time.Advance(Retention);
+
+        Assert.Equal(IdempotencyStatus.None, (await grain.GetAsync()).Status);
+        var again = await grain.ClaimAsync(Claim(fingerprint: [1]));
+
+        Assert.Equal(ClaimOutcome.Acquired, again.Outcome);
+    }
+
+    private async Task AdvanceUntilAsync(Task task, TimeSpan step, int maxSteps = 100)
+    {
+        for (var i = 0; i < maxSteps && !task.IsCompleted; i++)
+        {
+            fixture.Time.Advance(step);
+            await Task.WhenAny(task, Task.Delay(20));
+        }
+
+        await task.WaitAsync(TimeSpan.FromSeconds(10));
+    }
+}

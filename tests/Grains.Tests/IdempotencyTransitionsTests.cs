@@ -1,0 +1,217 @@
+using static OrleansIdempotency.Grains.IdempotencyTransitions;
+
+namespace OrleansIdempotency.Grains.Tests;
+
+public sealed class IdempotencyTransitionsTests
+{
+    private static readonly DateTimeOffset T0 = new(2026, 1, 1, 0, 0, 0, TimeSpan.Zero);
+    private static readonly TimeSpan Lease = TimeSpan.FromSeconds(30);
+    private static readonly TimeSpan Retention = TimeSpan.FromHours(24);
+    private static readonly byte[] RequestA = [1, 2, 3];
+    private static readonly byte[] RequestB = [1, 2, 4];
+    private static readonly StoredResponse Created = new(201, [new("Location", "/orders/1")], "{\"id\":1}"u8.ToArray(), false, 8);
+
+    private static ClaimRequest Request(Guid? attempt = null, byte[]? fingerprint = null, LapsedLeasePolicy policy = LapsedLeasePolicy.OutcomeUnknown) =>
+        new(attempt ?? Guid.NewGuid(), fingerprint ?? RequestA, Lease, Retention, policy);
+
+    private static (IdempotencyRecord Record, ClaimToken Token) Claimed(ClaimRequest? request = null, DateTimeOffset? at = null)
+    {
+        var (result, next) = Claim(new IdempotencyRecord(), request ?? Request(), at ?? T0);
+        return (next!, result.Token!.Value);
+    }
+
+    [Fact]
+    public void Claim_NewKey_AcquiresWithLeaseAndFirstFencingToken()
+    {
+        var attempt = Guid.NewGuid();
+        var (result, next) = Claim(new IdempotencyRecord(), Request(attempt), T0);
+
+        Assert.Equal(ClaimOutcome.Acquired, result.Outcome);
+        Assert.Equal(new ClaimToken(attempt, 1), result.Token);
+        Assert.Equal(T0 + Lease, result.LeaseExpiresAt);
+        Assert.NotNull(next);
+        Assert.Equal(IdempotencyStatus.InProgress, next.Status);
+        Assert.Equal(T0 + Retention, next.ExpiresAt);
+    }
+
+    [Fact]
+    public void Claim_SameAttemptAgain_ReturnsTheSameClaimWithoutWriting()
+    {
+        var request = Request();
+        var (record, token) = Claimed(request);
+
+        var (result, next) = Claim(record, request, T0 + TimeSpan.FromSeconds(5));
+
+        Assert.Equal(ClaimOutcome.Acquired, result.Outcome);
+        Assert.Equal(token, result.Token);
+        Assert.Null(next);
+    }
+
+    [Fact]
+    public void Claim_OtherAttemptWhileLeaseLive_IsInProgress()
+    {
+        var (record, _) = Claimed();
+
+        var (result, next) = Claim(record, Request(), T0 + TimeSpan.FromSeconds(5));
+
+        Assert.Equal(ClaimOutcome.InProgress, result.Outcome);
+        Assert.Equal(T0 + Lease, result.LeaseExpiresAt);
+        Assert.Null(result.Token);
+        Assert.Null(next);
+    }
+
+    [Fact]
+    public void Claim_DifferentRequestUnderSameKey_IsMismatchInEveryState()
+    {
+        var (inProgress, token) = Claimed();
+        var completed = Complete(inProgress, token, Created, T0).Next!;
+        var unknown = Claim(inProgress, Request(), T0 + Lease).Next!;
+
+        foreach (var record in new[] { inProgress, completed, unknown })
+        {
+            var (result, next) = Claim(record, Request(fingerprint: RequestB), T0 + TimeSpan.FromSeconds(1));
+            Assert.Equal(ClaimOutcome.Mismatch, result.Outcome);
+            Assert.Null(next);
+        }
+    }
+
+    [Fact]
+    public void Complete_ThenClaim_ReplaysTheStoredResponse()
+    {
+        var (record, token) = Claimed();
+        var (stored, completed) = Complete(record, token, Created, T0 + TimeSpan.FromSeconds(2));
+
+        var (result, next) = Claim(completed!, Request(), T0 + TimeSpan.FromSeconds(3));
+
+        Assert.True(stored);
+        Assert.Equal(ClaimOutcome.Completed, result.Outcome);
+        Assert.Same(Created, result.Response);
+        Assert.Null(next);
+        Assert.Equal(T0 + TimeSpan.FromSeconds(2) + Retention, completed!.ExpiresAt);
+    }
+
+    [Fact]
+    public void Complete_SameClaimTwice_IsAcceptedOnceAndStaysIdempotent()
+    {
+        var (record, token) = Claimed();
+        var completed = Complete(record, token, Created, T0).Next!;
+
+        var (stored, next) = Complete(completed, token, Created, T0 + TimeSpan.FromSeconds(1));
+
+        Assert.True(stored);
+        Assert.Null(next);
+    }
+
+    [Fact]
+    public void Complete_WithStaleFencingToken_IsRefused()
+    {
+        var (record, token) = Claimed();
+        var stale = token with { FencingToken = token.FencingToken - 1 };
+        var otherAttempt = token with { AttemptId = Guid.NewGuid() };
+
+        Assert.Equal(new Transition<bool>(false, null), Complete(record, stale, Created, T0));
+        Assert.Equal(new Transition<bool>(false, null), Complete(record, otherAttempt, Created, T0));
+    }
+
+    [Fact]
+    public void Complete_AfterLeaseLapsed_IsRefused()
+    {
+        var (record, token) = Claimed();
+
+        Assert.Equal(new Transition<bool>(false, null), Complete(record, token, Created, T0 + Lease));
+    }
+
+    [Fact]
+    public void Complete_AfterLapseAndReclaim_OldHolderIsRefused()
+    {
+        var (record, oldToken) = Claimed();
+        var (reclaim, reclaimed) = Claim(record, Request(policy: LapsedLeasePolicy.Reclaim), T0 + Lease);
+
+        Assert.Equal(ClaimOutcome.Acquired, reclaim.Outcome);
+        Assert.Equal(oldToken.FencingToken + 1, reclaim.Token!.Value.FencingToken);
+        Assert.False(Complete(reclaimed!, oldToken, Created, T0 + Lease).Result);
+        Assert.True(Complete(reclaimed!, reclaim.Token!.Value, Created, T0 + Lease).Result);
+    }
+
+    [Fact]
+    public void Claim_AfterLeaseLapsed_BecomesOutcomeUnknownByDefault()
+    {
+        var (record, _) = Claimed();
+
+        var (result, next) = Claim(record, Request(), T0 + Lease);
+
+        Assert.Equal(ClaimOutcome.OutcomeUnknown, result.Outcome);
+        Assert.Equal(IdempotencyStatus.OutcomeUnknown, next!.Status);
+        Assert.Equal(ClaimOutcome.OutcomeUnknown, Claim(next, Request(), T0 + Lease * 2).Result.Outcome);
+    }
+
+    [Fact]
+    public void Claim_SameAttemptAfterLeaseLapsed_DoesNotGetItsClaimBack()
+    {
+        var request = Request();
+        var (record, _) = Claimed(request);
+
+        Assert.Equal(ClaimOutcome.OutcomeUnknown, Claim(record, request, T0 + Lease).Result.Outcome);
+    }
+
+    [Fact]
+    public void Renew_LiveClaim_ExtendsLeaseFromNow()
+    {
+        var (record, token) = Claimed();
+        var now = T0 + TimeSpan.FromSeconds(20);
+
+        var (renewed, next) = Renew(record, token, Lease, now);
+
+        Assert.True(renewed);
+        Assert.Equal(now + Lease, next!.LeaseExpiresAt);
+        Assert.True(Complete(next, token, Created, T0 + Lease + TimeSpan.FromSeconds(1)).Result);
+    }
+
+    [Fact]
+    public void Renew_LapsedOrStaleClaim_IsRefused()
+    {
+        var (record, token) = Claimed();
+
+        Assert.False(Renew(record, token, Lease, T0 + Lease).Result);
+        Assert.False(Renew(record, token with { FencingToken = 7 }, Lease, T0).Result);
+    }
+
+    [Fact]
+    public void Release_LetsTheNextAttemptClaimWithAHigherFencingToken()
+    {
+        var request = Request();
+        var (record, token) = Claimed(request);
+
+        var (released, next) = Release(record, request.AttemptId, T0 + TimeSpan.FromSeconds(1));
+        var reclaim = Claim(next!, Request(), T0 + TimeSpan.FromSeconds(2)).Result;
+
+        Assert.True(released);
+        Assert.Equal(IdempotencyStatus.None, next!.Status);
+        Assert.Equal(ClaimOutcome.Acquired, reclaim.Outcome);
+        Assert.Equal(token.FencingToken + 1, reclaim.Token!.Value.FencingToken);
+        Assert.False(Complete(next, token, Created, T0 + TimeSpan.FromSeconds(2)).Result);
+    }
+
+    [Fact]
+    public void Release_ByAnotherAttemptOrOfACompletedKey_ChangesNothing()
+    {
+        var (record, token) = Claimed();
+        var completed = Complete(record, token, Created, T0).Next!;
+
+        Assert.Equal(new Transition<bool>(false, null), Release(record, Guid.NewGuid(), T0));
+        Assert.Equal(new Transition<bool>(false, null), Release(completed, token.AttemptId, T0));
+    }
+
+    [Fact]
+    public void Claim_AfterRetention_TreatsTheKeyAsNewButKeepsFencingTokensRising()
+    {
+        var (record, token) = Claimed();
+        var completed = Complete(record, token, Created, T0).Next!;
+
+        var (result, next) = Claim(completed, Request(fingerprint: RequestB), T0 + Retention);
+
+        Assert.Equal(ClaimOutcome.Acquired, result.Outcome);
+        Assert.Equal(token.FencingToken + 1, result.Token!.Value.FencingToken);
+        Assert.Null(next!.Response);
+    }
+}

@@ -1,0 +1,197 @@
+using System.Globalization;
+using Npgsql;
+
+namespace OrleansIdempotency.Testing;
+
+/// <summary>
+/// A real PostgreSQL server on a free loopback port, in a fresh data directory, run as the <c>postgres</c> user when
+/// the tests run as root (PostgreSQL refuses root). It can be stopped, crashed and started again on the same data.
+/// </summary>
+public sealed class PostgresServer : IAsyncDisposable
+{
+    private readonly string binDirectory;
+    private readonly string dataDirectory;
+    private readonly bool durable;
+    private ServerProcess? process;
+
+    private PostgresServer(string binDirectory, string dataDirectory, int port, bool durable)
+    {
+        this.binDirectory = binDirectory;
+        this.dataDirectory = dataDirectory;
+        this.durable = durable;
+        Port = port;
+    }
+
+    /// <summary>The loopback port the server listens on.</summary>
+    public int Port { get; }
+
+    /// <summary>Connection string for the <c>postgres</c> database.</summary>
+    public string ConnectionString => ConnectionStringFor("postgres");
+
+    /// <summary>Starts a new server. <paramref name="durable"/> keeps fsync on, for benchmarks and crash tests that need it.</summary>
+    public static async Task<PostgresServer> StartAsync(bool durable = false)
+    {
+        var bin = FindBinDirectory();
+        var root = Path.Combine(Path.GetTempPath(), "orleans-idempotency-pg", Guid.NewGuid().ToString("N"));
+        var data = Path.Combine(root, "data");
+        Directory.CreateDirectory(root);
+        if (Environment.UserName == "root")
+        {
+            await RunAsync("chown", ["postgres:postgres", root]);
+        }
+
+        await RunAsync(ServerProcess.RunAs("postgres", Path.Combine(bin, "initdb"),
+            ["-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync", "--locale=C"]));
+
+        for (var attempt = 0; ; attempt++)
+        {
+            var server = new PostgresServer(bin, data, FreePort.Next(), durable);
+            try
+            {
+                await server.StartAgainAsync();
+                return server;
+            }
+            catch (InvalidOperationException) when (attempt < 3)
+            {
+                // Most likely another process took the port between FreePort and bind.
+                await server.StopAsync();
+            }
+        }
+    }
+
+    /// <summary>Connection string for <paramref name="database"/>.</summary>
+    public string ConnectionStringFor(string database) =>
+        $"Host=127.0.0.1;Port={Port.ToString(CultureInfo.InvariantCulture)};Username=postgres;Database={database};" +
+        "Timeout=5;Command Timeout=10;Include Error Detail=true";
+
+    /// <summary>Creates an empty database and returns its connection string.</summary>
+    public async Task<string> CreateDatabaseAsync(string? name = null)
+    {
+        name ??= "test_" + Guid.NewGuid().ToString("N");
+        await using var connection = new NpgsqlConnection(ConnectionString);
+        await connection.OpenAsync();
+        await using var command = new NpgsqlCommand($"CREATE DATABASE \"{name}\"", connection);
+        await command.ExecuteNonQueryAsync();
+        return ConnectionStringFor(name);
+    }
+
+    /// <summary>Starts the server (again) on its data directory and port, and waits until it accepts connections.</summary>
+    public async Task StartAgainAsync()
+    {
+        // After a crash the old backends notice their postmaster is gone and exit within moments; until they have,
+        // the new postmaster refuses to start on the shared memory they hold.
+        for (var attempt = 1; ; attempt++)
+        {
+            try
+            {
+                await StartOnceAsync();
+                return;
+            }
+            catch (InvalidOperationException) when (attempt < 10 && process is { HasExited: true })
+            {
+                await Task.Delay(500);
+            }
+        }
+    }
+
+    private async Task StartOnceAsync()
+    {
+        var settings = durable
+            ? Array.Empty<string>()
+            : ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"];
+        process = ServerProcess.Start(Path.Combine(binDirectory, "postgres"),
+            [
+                "-D", dataDirectory, "-p", Port.ToString(CultureInfo.InvariantCulture),
+                "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", "-c", "max_connections=300",
+                "-c", "shared_buffers=128MB", .. settings,
+            ],
+            user: "postgres");
+        await WaitUntilReadyAsync(TimeSpan.FromSeconds(30));
+    }
+
+    /// <summary>A fast shutdown (SIGINT): clients are disconnected and the server exits cleanly.</summary>
+    public Task StopAsync() => SignalAndWaitAsync(2);
+
+    /// <summary>A crash (SIGKILL of the postmaster): the next start recovers from the write-ahead log.</summary>
+    public Task KillAsync() => SignalAndWaitAsync(9);
+
+    public async ValueTask DisposeAsync()
+    {
+        await StopAsync();
+        try
+        {
+            Directory.Delete(Path.GetDirectoryName(dataDirectory)!, recursive: true);
+        }
+        catch (IOException)
+        {
+            // Left for the OS to clean; it is under the temp directory.
+        }
+    }
+
+    private async Task SignalAndWaitAsync(int signal)
+    {
+        if (process is null)
+        {
+            return;
+        }
+
+        process.Signal(signal);
+        await process.WaitForExitAsync(TimeSpan.FromSeconds(30));
+        process = null;
+    }
+
+    private async Task WaitUntilReadyAsync(TimeSpan timeout)
+    {
+        var deadline = DateTime.UtcNow + timeout;
+        while (true)
+        {
+            if (process!.HasExited)
+            {
+                throw new InvalidOperationException($"PostgreSQL exited while starting:\n{process.Output}");
+            }
+
+            try
+            {
+                await using var connection = new NpgsqlConnection(ConnectionString + ";Pooling=false");
+                await connection.OpenAsync();
+                return;
+            }
+            catch (NpgsqlException) when (DateTime.UtcNow < deadline)
+            {
+                await Task.Delay(100);
+            }
+        }
+    }
+
+    private static string FindBinDirectory()
+    {
+        var configured = Environment.GetEnvironmentVariable("POSTGRES_BIN");
+        if (!string.IsNullOrEmpty(configured))
+        {
+            return configured;
+        }
+
+        var versions = Directory.Exists("/usr/lib/postgresql")
+            ? Directory.GetDirectories("/usr/lib/postgresql").OrderByDescending(d => int.TryParse(Path.GetFileName(d), out var v) ? v : 0)
+            : Enumerable.Empty<string>();
+        return versions.Select(v => Path.Combine(v, "bin")).FirstOrDefault(d => File.Exists(Path.Combine(d, "postgres")))
+            ?? throw new InvalidOperationException("No PostgreSQL server found under /usr/lib/postgresql; set POSTGRES_BIN, or run scripts/test.sh, which installs it.");
+    }
+
+    private static Task RunAsync(string fileName, IEnumerable<string> arguments, bool allowFailure = false) =>
+        RunAsync(ServerProcess.RunAs(null, fileName, arguments), allowFailure);
+
+    private static async Task RunAsync(System.Diagnostics.ProcessStartInfo start, bool allowFailure = false)
+    {
+        start.RedirectStandardOutput = true;
+        start.RedirectStandardError = true;
+        using var process = System.Diagnostics.Process.Start(start)!;
+        var stdout = process.StandardOutput.ReadToEndAsync();
+        var stderr = process.StandardError.ReadToEndAsync();
+        await process.WaitForExitAsync();
+        if (process.ExitCode != 0 && !allowFailure)
+        {
+            throw new InvalidOperationException($"{start.FileName} {string.Join(' ', start.ArgumentList)} failed ({process.ExitCode}):\n{await stdout}\n{await stderr}");
+        }
+    }
+}
