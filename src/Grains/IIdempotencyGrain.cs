@@ -10,25 +10,32 @@ namespace OrleansIdempotency.Grains;
 public interface IIdempotencyGrain : IGrainWithStringKey
 {
     /// <summary>
+    /// How long a caller waits for any answer. Every call is one short storage operation (or a wait of at most
+    /// <see cref="IdempotencyGrain.MaxWait"/>), so a call still unanswered after this most likely went to a silo
+    /// that died: the caller learns it in seconds, not after Orleans' 30-second default, and asks again.
+    /// </summary>
+    public const string CallTimeout = "00:00:05";
+
+    /// <summary>
     /// Claims the key, or says why not. Asking again with the same <see cref="ClaimRequest.AttemptId"/> returns the
     /// same claim, so a caller that lost the answer (a silo died, a message timed out) simply asks again.
     /// </summary>
-    [Alias("Claim")]
+    [Alias("Claim"), ResponseTimeout(CallTimeout)]
     Task<ClaimResult> ClaimAsync(ClaimRequest request);
 
     /// <summary>Stores the action's response under a live claim. False when the claim is stale or has lapsed.</summary>
-    [Alias("Complete")]
+    [Alias("Complete"), ResponseTimeout(CallTimeout)]
     Task<bool> CompleteAsync(ClaimToken token, StoredResponse response);
 
     /// <summary>Extends a live claim's lease from now. False when the claim is stale or has lapsed.</summary>
-    [Alias("Renew")]
+    [Alias("Renew"), ResponseTimeout(CallTimeout)]
     Task<bool> RenewAsync(ClaimToken token, TimeSpan lease);
 
     /// <summary>
     /// Gives the key back so the request may be retried under it: the action failed retryably, or the attempt gave
     /// up before running it. False when <paramref name="attemptId"/> holds no claim (nothing changes then).
     /// </summary>
-    [Alias("Release")]
+    [Alias("Release"), ResponseTimeout(CallTimeout)]
     Task<bool> ReleaseAsync(Guid attemptId);
 
     /// <summary>
@@ -37,10 +44,10 @@ public interface IIdempotencyGrain : IGrainWithStringKey
     /// claim again to learn the outcome.
     /// Interleaves with other calls, so waiting never delays the holder's completion.
     /// </summary>
-    [AlwaysInterleave, Alias("Wait")]
+    [AlwaysInterleave, Alias("Wait"), ResponseTimeout(CallTimeout)]
     Task WaitAsync(TimeSpan timeout);
 
     /// <summary>The record as it stands now (a record past its retention reads as <see cref="IdempotencyStatus.None"/>).</summary>
-    [Alias("Get")]
+    [Alias("Get"), ResponseTimeout(CallTimeout)]
     Task<IdempotencyRecord> GetAsync();
 }

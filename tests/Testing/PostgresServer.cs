@@ -68,7 +68,8 @@ public sealed class PostgresServer : IAsyncDisposable
     public async Task<string> CreateDatabaseAsync(string? name = null)
     {
         name ??= "test_" + Guid.NewGuid().ToString("N");
-        await using var connection = new NpgsqlConnection(ConnectionString);
+        // Unpooled: a pooled connection may predate a restart of the server.
+        await using var connection = new NpgsqlConnection(ConnectionString + ";Pooling=false");
         await connection.OpenAsync();
         await using var command = new NpgsqlCommand($"CREATE DATABASE \"{name}\"", connection);
         await command.ExecuteNonQueryAsync();

@@ -84,10 +84,13 @@ public sealed class ServerProcess
     {
         if (!process.HasExited)
         {
-            using var kill = Process.Start("kill", [$"-{signal}", process.Id.ToString(System.Globalization.CultureInfo.InvariantCulture)]);
-            kill.WaitForExit();
+            _ = Kill(process.Id, signal);
         }
     }
+
+    // libc's kill(2): .NET sends only SIGKILL, and a fresh machine need not have procps' kill.
+    [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "kill", SetLastError = true)]
+    private static extern int Kill(int pid, int signal);
 
     /// <summary>Waits for the process to exit, killing it if it has not within <paramref name="timeout"/>.</summary>
     public async Task WaitForExitAsync(TimeSpan timeout)

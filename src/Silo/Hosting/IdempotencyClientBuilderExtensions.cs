@@ -28,6 +28,22 @@ public static class IdempotencyClientBuilderExtensions
             client.UseLocalhostClustering(settings.GatewayPort, serviceId: settings.ServiceId, clusterId: settings.ClusterId);
         }
 
+        // A client may start before the silos (docker-compose starts them together): keep trying for a while
+        // instead of failing the host.
+        var waiting = System.Diagnostics.Stopwatch.StartNew();
+        client.UseConnectionRetryFilter(async (_, cancellationToken) =>
+        {
+            if (waiting.Elapsed >= ConnectTimeout)
+            {
+                return false;
+            }
+
+            await Task.Delay(TimeSpan.FromSeconds(1), cancellationToken);
+            return true;
+        });
         return client;
     }
+
+    /// <summary>How long a starting client keeps trying to reach the cluster: 60 seconds.</summary>
+    public static readonly TimeSpan ConnectTimeout = TimeSpan.FromSeconds(60);
 }

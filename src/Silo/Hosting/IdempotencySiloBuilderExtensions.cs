@@ -49,6 +49,9 @@ public static class IdempotencySiloBuilderExtensions
             silo.Services.AddHostedService<InMemoryStorageWarning>();
         }
 
+        // Failure detection is a trade-off between fail-over time and false suspicion under load: operators tune it
+        // (Orleans:Membership:ProbeTimeout, NumMissedProbesLimit, ...) with Orleans' own option names.
+        silo.Services.Configure<ClusterMembershipOptions>(configuration.GetSection("Orleans:Membership"));
         silo.Services.TryAddSingleton(TimeProvider.System);
         return silo;
     }

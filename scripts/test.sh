@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing, then runs every test project in turn. The tests start their own
+# PostgreSQL and Redis (and, for fault tests, silo and API processes) on free loopback ports and stop them; this
+# script kills anything a crashed test process left behind.
+#   scripts/test.sh            the whole suite
+#   scripts/test.sh --quick    without the long fault-injection scenarios
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-servers.sh
+
+run_dir=$(mktemp -d -t orleans-idempotency-tests.XXXXXX)
+cleanup() {
+  if [ -d "$run_dir/pids" ]; then
+    for pid_file in "$run_dir"/pids/*; do
+      [ -e "$pid_file" ] && kill -9 "$(basename "$pid_file")" 2>/dev/null || true
+    done
+  fi
+  rm -rf "$run_dir"
+}
+trap cleanup EXIT INT TERM
+export IDEMPOTENCY_TEST_RUN_DIR="$run_dir"
+export DOTNET_CLI_TELEMETRY_OPTOUT=1 DOTNET_NOLOGO=1
+
+filter=()
+if [ "${1:-}" = "--quick" ]; then
+  filter=(--filter "Category!=Long")
+fi
+
+docker-compose -f docker-compose.yml config -q
+echo "docker-compose.yml: valid"
+
+dotnet build OrleansIdempotency.sln -c Release -warnaserror -nologo -v q
+status=0
+log="$run_dir/test.log"
+# One project at a time: the machine has two cores, and the fault tests measure time.
+for project in tests/*/*.Tests.csproj; do
+  echo "== $project"
+  dotnet test "$project" -c Release --no-build --nologo "${filter[@]}" --logger "console;verbosity=normal" 2>&1 | tee -a "$log" \
+    || status=1
+done
+passed=$(awk '/^ +Passed: [0-9]+$/ { n += $2 } END { print n + 0 }' "$log")
+failed=$(awk '/^ +Failed: [0-9]+$/ { n += $2 } END { print n + 0 }' "$log")
+[ "$failed" -eq 0 ] || status=1
+echo "tests: $passed passed, $failed failed"
+exit $status

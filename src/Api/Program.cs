@@ -1,0 +1,6 @@
+using OrleansIdempotency.Silo.Hosting;
+
+var builder = WebApplication.CreateBuilder(args);
+builder.AddIdempotencyCluster();
+var app = builder.Build();
+app.Run();

@@ -1,0 +1,64 @@
+using Microsoft.Extensions.Configuration;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
+using OrleansIdempotency.Grains;
+using OrleansIdempotency.Silo.Hosting;
+
+namespace OrleansIdempotency.Silo.Tests;
+
+[Collection(ServersCollection.Name)]
+public sealed class RedisClusteringTests(ServersFixture servers)
+{
+    private static readonly StoredResponse Ok = new(200, [], "ok"u8.ToArray(), false, 2);
+
+    [Fact]
+    public async Task TwoSilos_FormOneClusterThroughRedis_AndEveryKeyIsReachableFromBoth()
+    {
+        var settings = await TestClusterSettings.CreateAsync(servers);
+        await using var first = await TestSilo.StartAsync(settings);
+        await using var second = await TestSilo.StartAsync(settings);
+        await WaitForActiveSilosAsync(first.Grains, 2);
+
+        for (var i = 0; i < 20; i++)
+        {
+            var key = new IdempotencyKey("tenant", $"k{i}-{Guid.NewGuid():N}");
+            var claim = await first.Grains.GetIdempotencyGrain(key).ClaimAsync(Claim());
+            Assert.True(await second.Grains.GetIdempotencyGrain(key).CompleteAsync(claim.Token!.Value, Ok));
+            Assert.Equal(ClaimOutcome.Completed, (await first.Grains.GetIdempotencyGrain(key).ClaimAsync(Claim())).Outcome);
+        }
+
+        Assert.Equal(2, (await second.Grains.GetGrain<IManagementGrain>(0).GetHosts(onlyActive: true)).Count);
+    }
+
+    [Fact]
+    public async Task ClientRole_FindsTheClusterThroughRedis_AndCallsItsGrains()
+    {
+        var settings = await TestClusterSettings.CreateAsync(servers);
+        await using var silo = await TestSilo.StartAsync(settings);
+        var builder = Host.CreateApplicationBuilder(new HostApplicationBuilderSettings { DisableDefaults = true });
+        builder.Configuration.AddInMemoryCollection(settings);
+        builder.UseOrleansClient(client => client.UseIdempotency(builder.Configuration));
+        using var clientHost = builder.Build();
+        await clientHost.StartAsync();
+
+        var grain = clientHost.Services.GetRequiredService<IClusterClient>().GetIdempotencyGrain(new IdempotencyKey("t", Guid.NewGuid().ToString()));
+        var claim = await grain.ClaimAsync(Claim());
+
+        Assert.Equal(ClaimOutcome.Acquired, claim.Outcome);
+        Assert.True(await silo.Grains.GetIdempotencyGrain(new IdempotencyKey("t", "other")).ClaimAsync(Claim()) is { Outcome: ClaimOutcome.Acquired });
+        await clientHost.StopAsync();
+    }
+
+    private static ClaimRequest Claim() => new(Guid.NewGuid(), [1], TimeSpan.FromMinutes(1), TimeSpan.FromHours(1));
+
+    internal static async Task WaitForActiveSilosAsync(IGrainFactory grains, int count)
+    {
+        var management = grains.GetGrain<IManagementGrain>(0);
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(60);
+        while ((await management.GetHosts(onlyActive: true)).Count != count)
+        {
+            Assert.True(DateTime.UtcNow < deadline, $"The cluster did not reach {count} active silos.");
+            await Task.Delay(250);
+        }
+    }
+}
