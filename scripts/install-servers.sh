@@ -8,6 +8,7 @@ missing=()
 have_postgres || missing+=(postgres)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
+command -v curl >/dev/null || missing+=(curl)
 [ "${1:-}" = "--with-wrk" ] && { command -v wrk >/dev/null || missing+=(wrk); }
 [ ${#missing[@]} -eq 0 ] && exit 0
 

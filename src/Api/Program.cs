@@ -1,6 +1,20 @@
+using OrleansIdempotency.Api.Demo;
+using OrleansIdempotency.AspNetCore;
 using OrleansIdempotency.Silo.Hosting;
 
 var builder = WebApplication.CreateBuilder(args);
 builder.AddIdempotencyCluster();
+builder.Services.AddIdempotency(options => options.AddPolicy(DemoEndpoints.PaymentsPolicy,
+    policy => policy with { ConcurrentDuplicates = ConcurrentDuplicateHandling.Reject }));
+builder.AddDemo();
+
 var app = builder.Build();
+app.UseAuthentication();
+app.UseAuthorization();
+app.UseIdempotency();
+app.MapControllers();
+app.MapDemoEndpoints();
 app.Run();
+
+/// <summary>The demo API; public so tests can host it.</summary>
+public partial class Program;

@@ -1,3 +1,4 @@
+using OrleansIdempotency.Testing;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging.Abstractions;
 using Npgsql;

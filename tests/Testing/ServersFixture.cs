@@ -1,6 +1,6 @@
-using OrleansIdempotency.Testing;
+using Xunit;
 
-namespace OrleansIdempotency.Silo.Tests;
+namespace OrleansIdempotency.Testing;
 
 /// <summary>One real PostgreSQL and one real Redis for the test classes of this assembly; each test takes its own database and cluster id.</summary>
 public sealed class ServersFixture : IAsyncLifetime
@@ -20,10 +20,4 @@ public sealed class ServersFixture : IAsyncLifetime
         await Redis.DisposeAsync();
         await Postgres.DisposeAsync();
     }
-}
-
-[CollectionDefinition(Name)]
-public sealed class ServersCollection : ICollectionFixture<ServersFixture>
-{
-    public const string Name = "servers";
 }

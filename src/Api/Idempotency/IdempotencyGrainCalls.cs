@@ -1,0 +1,112 @@
+using Microsoft.Extensions.Options;
+using Orleans.Runtime;
+using Orleans.Runtime.Messaging;
+using OrleansIdempotency.Grains;
+
+namespace OrleansIdempotency.AspNetCore;
+
+/// <summary>The store or the cluster could not be reached in time: nothing was decided that the caller can rely on.</summary>
+public sealed class IdempotencyUnavailableException(string message, Exception inner) : Exception(message, inner);
+
+/// <summary>
+/// Calls key grains the way DESIGN §3 asks. A call whose answer was lost in the cluster (a silo died, a message
+/// timed out) is made again, with the same arguments and so the same attempt id, until
+/// <see cref="IdempotencyOptions.ClusterRetryBudget"/> runs out: a claim that was written before its silo died is
+/// recovered, not stranded. A storage error is retried once at once (a pooled connection broken by a database
+/// restart fails exactly once), then reported: the layer fails closed.
+/// </summary>
+internal sealed partial class IdempotencyGrainCalls(
+    IGrainFactory grains,
+    IOptions<IdempotencyOptions> options,
+    TimeProvider time,
+    ILogger<IdempotencyGrainCalls> logger)
+{
+    public IIdempotencyGrain Grain(IdempotencyKey key) => grains.GetIdempotencyGrain(key);
+
+    /// <exception cref="IdempotencyUnavailableException">The cluster or the store did not answer.</exception>
+    public async Task<T> CallAsync<T>(IIdempotencyGrain grain, Func<IIdempotencyGrain, Task<T>> call, CancellationToken cancellationToken)
+    {
+        var deadline = time.GetUtcNow() + options.Value.ClusterRetryBudget;
+        var storeFailures = 0;
+        for (var attempt = 1; ; attempt++)
+        {
+            try
+            {
+                return await call(grain);
+            }
+            catch (Exception ex) when (IsLostInCluster(ex) && time.GetUtcNow() < deadline && !cancellationToken.IsCancellationRequested)
+            {
+                LogAskingAgain(logger, grain.GetPrimaryKeyString(), attempt, ex.GetType().Name);
+                await Task.Delay(Backoff(attempt), time, cancellationToken);
+            }
+            catch (Exception ex) when (!IsLostInCluster(ex) && ex is not OperationCanceledException && ++storeFailures == 1)
+            {
+                LogAskingAgain(logger, grain.GetPrimaryKeyString(), attempt, ex.GetType().Name);
+            }
+            catch (Exception ex) when (ex is not OperationCanceledException)
+            {
+                throw new IdempotencyUnavailableException($"The idempotency store did not answer for {grain.GetPrimaryKeyString()}: {ex.Message}", ex);
+            }
+        }
+    }
+
+    /// <inheritdoc cref="CallAsync{T}"/>
+    public Task CallAsync(IIdempotencyGrain grain, Func<IIdempotencyGrain, Task> call, CancellationToken cancellationToken) =>
+        CallAsync(grain, async g =>
+        {
+            await call(g);
+            return true;
+        }, cancellationToken);
+
+    /// <summary>
+    /// Releases the attempt's claim; if the cluster cannot be reached now, keeps trying in the background for up
+    /// to <paramref name="lease"/>, after which the lease has lapsed anyway.
+    /// </summary>
+    public async Task ReleaseAsync(IIdempotencyGrain grain, Guid attemptId, TimeSpan lease)
+    {
+        try
+        {
+            await CallAsync(grain, g => g.ReleaseAsync(attemptId), CancellationToken.None);
+        }
+        catch (IdempotencyUnavailableException)
+        {
+            _ = ReleaseInBackgroundAsync(grain, attemptId, lease);
+        }
+    }
+
+    private async Task ReleaseInBackgroundAsync(IIdempotencyGrain grain, Guid attemptId, TimeSpan lease)
+    {
+        var giveUp = time.GetUtcNow() + lease;
+        for (var attempt = 1; time.GetUtcNow() < giveUp; attempt++)
+        {
+            await Task.Delay(Backoff(attempt), time);
+            try
+            {
+                await grain.ReleaseAsync(attemptId);
+                return;
+            }
+            catch (Exception ex) when (ex is not OutOfMemoryException)
+            {
+                LogAskingAgain(logger, grain.GetPrimaryKeyString(), attempt, ex.GetType().Name);
+            }
+        }
+
+        LogReleaseAbandoned(logger, grain.GetPrimaryKeyString());
+    }
+
+    private static TimeSpan Backoff(int attempt) => TimeSpan.FromMilliseconds(Math.Min(1000, 50 * (1 << Math.Min(attempt, 5))));
+
+    /// <summary>The answer may be lost rather than negative: the call may have run, and asking again is safe.</summary>
+    private static bool IsLostInCluster(Exception exception) => exception is TimeoutException
+        or SiloUnavailableException
+        or OrleansMessageRejectionException
+        or ConnectionFailedException
+        or GatewayTooBusyException
+        or ClientNotAvailableException;
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: call {Attempt} failed ({Reason}); asking again.")]
+    private static partial void LogAskingAgain(ILogger logger, string key, int attempt, string reason);
+
+    [LoggerMessage(Level = LogLevel.Error, Message = "Idempotency key {Key}: could not release an unused claim; its lease will lapse.")]
+    private static partial void LogReleaseAbandoned(ILogger logger, string key);
+}

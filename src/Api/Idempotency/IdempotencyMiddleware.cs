@@ -1,0 +1,229 @@
+using System.Collections.Concurrent;
+using System.Globalization;
+using Microsoft.AspNetCore.Http.Features;
+using Microsoft.Extensions.Options;
+using OrleansIdempotency.Grains;
+
+namespace OrleansIdempotency.AspNetCore;
+
+/// <summary>
+/// Makes endpoints with <see cref="IIdempotencyMetadata"/> idempotent (DESIGN §4): claims the key in its grain,
+/// runs the endpoint once, stores its response, and replays it to every later caller with the same request.
+/// </summary>
+internal sealed partial class IdempotencyMiddleware(
+    RequestDelegate next,
+    IOptions<IdempotencyOptions> options,
+    IdempotencyGrainCalls calls,
+    IdempotencyProblems problems,
+    IdempotencyMetrics metrics,
+    TimeProvider time,
+    ILogger<IdempotencyMiddleware> logger)
+{
+    /// <summary>The response header that marks a replay.</summary>
+    public const string ReplayedHeader = "Idempotent-Replayed";
+
+    // How soon a client told "in progress" should try again: most actions finish within a second.
+    private static readonly TimeSpan InProgressRetryAfter = TimeSpan.FromSeconds(1);
+
+    private readonly ConcurrentDictionary<Endpoint, IdempotencyPolicy> policies = new();
+
+    public Task InvokeAsync(HttpContext context)
+    {
+        var endpoint = context.GetEndpoint();
+        if (endpoint?.Metadata.GetMetadata<IIdempotencyMetadata>() is not { } metadata)
+        {
+            return next(context);
+        }
+
+        var policy = policies.GetOrAdd(endpoint, static (_, state) => state.options.Value.Resolve(state.metadata), (options, metadata));
+        return policy.Methods.Contains(context.Request.Method) ? InvokeIdempotentAsync(context, policy) : next(context);
+    }
+
+    private async Task InvokeIdempotentAsync(HttpContext context, IdempotencyPolicy policy)
+    {
+        switch (IdempotencyKeyHeader.TryRead(context.Request.Headers[IdempotencyKeyHeader.Name], out var key, out var error))
+        {
+            case IdempotencyKeyHeader.Status.Missing when !policy.KeyRequired:
+                await next(context);
+                return;
+            case IdempotencyKeyHeader.Status.Missing:
+                await RejectAsync(context, IdempotencyProblem.KeyMissing,
+                    $"This endpoint requires an {IdempotencyKeyHeader.Name} header: a unique value per logical request (a UUID, say), sent again unchanged on every retry.", null);
+                return;
+            case IdempotencyKeyHeader.Status.Invalid:
+                await RejectAsync(context, IdempotencyProblem.KeyInvalid, error, null);
+                return;
+        }
+
+        var scope = policy.Scope(context);
+        if (scope is null && !policy.AllowAnonymous)
+        {
+            await RejectAsync(context, IdempotencyProblem.ScopeRequired, "Idempotency keys on this endpoint belong to a caller: authenticate.", key);
+            return;
+        }
+
+        var fingerprint = await RequestFingerprint.ComputeAsync(context.Request, policy.MaxRequestBodyBytes, context.RequestAborted);
+        if (fingerprint is null)
+        {
+            await RejectAsync(context, IdempotencyProblem.BodyTooLarge,
+                $"The request body is larger than the {policy.MaxRequestBodyBytes} bytes this endpoint accepts.", key);
+            return;
+        }
+
+        var grain = calls.Grain(new IdempotencyKey(scope ?? IdempotencyScope.Anonymous, key));
+        var request = new ClaimRequest(Guid.NewGuid(), fingerprint, policy.Lease, policy.Retention, policy.OnLapsedLease);
+        var waitUntil = time.GetUtcNow() + policy.WaitTimeout;
+        while (true)
+        {
+            ClaimResult claim;
+            try
+            {
+                claim = await calls.CallAsync(grain, g => g.ClaimAsync(request), context.RequestAborted);
+            }
+            catch (IdempotencyUnavailableException ex)
+            {
+                // The claim may have been written before the store or silo failed: give it back, or its lease lapses.
+                _ = calls.ReleaseAsync(grain, request.AttemptId, policy.Lease);
+                await UnavailableAsync(context, ex, key);
+                return;
+            }
+
+            switch (claim.Outcome)
+            {
+                case ClaimOutcome.Acquired:
+                    await ExecuteAsync(context, policy, grain, claim.Token!.Value);
+                    return;
+                case ClaimOutcome.Completed:
+                    await ReplayAsync(context, claim.Response!, key);
+                    return;
+                case ClaimOutcome.Mismatch:
+                    await RejectAsync(context, IdempotencyProblem.KeyReused,
+                        "This key was first used for a different request (method, path, query or body). Use a new key for a new request.", key);
+                    return;
+                case ClaimOutcome.OutcomeUnknown:
+                    await RejectAsync(context, IdempotencyProblem.OutcomeUnknown,
+                        "An earlier attempt with this key stopped without reporting its outcome; it may or may not have taken effect. It is not run again.", key);
+                    return;
+            }
+
+            var now = time.GetUtcNow();
+            if (policy.ConcurrentDuplicates == ConcurrentDuplicateHandling.Reject || now >= waitUntil)
+            {
+                await RejectAsync(context, IdempotencyProblem.InProgress,
+                    "The first request with this key has not finished. Retry after the delay to receive its response.", key, InProgressRetryAfter);
+                return;
+            }
+
+            try
+            {
+                await calls.CallAsync(grain, g => g.WaitAsync(waitUntil - now), context.RequestAborted);
+            }
+            catch (IdempotencyUnavailableException ex)
+            {
+                await UnavailableAsync(context, ex, key);
+                return;
+            }
+        }
+    }
+
+    private async Task ExecuteAsync(HttpContext context, IdempotencyPolicy policy, IIdempotencyGrain grain, ClaimToken token)
+    {
+        var originalBody = context.Features.GetRequiredFeature<IHttpResponseBodyFeature>();
+        using var capture = new ResponseCapture(originalBody.Stream, policy.MaxStoredResponseBytes);
+        context.Features.Set<IHttpResponseBodyFeature>(new StreamResponseBodyFeature(capture, originalBody));
+        var renewal = new LeaseRenewal(grain, token, policy.Lease, time, logger);
+        try
+        {
+            await next(context);
+        }
+        catch
+        {
+            await renewal.DisposeAsync();
+            await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease);
+            metrics.Record(IdempotencyResults.Released);
+            throw;
+        }
+        finally
+        {
+            context.Features.Set(originalBody);
+        }
+
+        await renewal.DisposeAsync();
+        var response = context.Response;
+        if (policy.ReleasesKey(response.StatusCode))
+        {
+            await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease);
+            metrics.Record(IdempotencyResults.Released);
+            return;
+        }
+
+        var stored = new StoredResponse(response.StatusCode, StoredHeaders(response.Headers, policy), capture.ToArray(), capture.Overflowed, capture.BytesWritten);
+        try
+        {
+            // The client may be gone; the outcome is stored regardless, for its retry.
+            if (!await calls.CallAsync(grain, g => g.CompleteAsync(token, stored), CancellationToken.None))
+            {
+                LogCompletionRefused(logger, grain.GetPrimaryKeyString());
+            }
+        }
+        catch (IdempotencyUnavailableException ex)
+        {
+            LogCompletionLost(logger, ex, grain.GetPrimaryKeyString());
+        }
+
+        metrics.Record(IdempotencyResults.Executed);
+    }
+
+    private async Task ReplayAsync(HttpContext context, StoredResponse stored, string key)
+    {
+        if (stored.BodyOmitted)
+        {
+            await RejectAsync(context, IdempotencyProblem.ResponseNotStored, string.Create(CultureInfo.InvariantCulture,
+                $"The request with this key completed with status {stored.StatusCode}, but its {stored.BodyLength}-byte response was larger than the layer stores, so it cannot be replayed. It is not run again."), key);
+            return;
+        }
+
+        var response = context.Response;
+        response.StatusCode = stored.StatusCode;
+        foreach (var header in stored.Headers)
+        {
+            response.Headers.Append(header.Name, header.Value);
+        }
+
+        response.Headers[ReplayedHeader] = "true";
+        response.ContentLength = stored.Body.Length;
+        await response.Body.WriteAsync(stored.Body, context.RequestAborted);
+        metrics.Record(IdempotencyResults.Replayed);
+    }
+
+    private async Task RejectAsync(HttpContext context, IdempotencyProblem problem, string detail, string? key, TimeSpan? retryAfter = null)
+    {
+        await problems.WriteAsync(context, problem, detail, key, retryAfter);
+        metrics.Record(IdempotencyResults.Rejected);
+    }
+
+    private async Task UnavailableAsync(HttpContext context, IdempotencyUnavailableException exception, string key)
+    {
+        LogUnavailable(logger, exception, key);
+        await problems.WriteAsync(context, IdempotencyProblem.Unavailable,
+            "The idempotency store cannot be reached, so the request was not run. Retry with the same key.", key, TimeSpan.FromSeconds(1));
+        metrics.Record(IdempotencyResults.Unavailable);
+    }
+
+    private static List<StoredHeader> StoredHeaders(IHeaderDictionary headers, IdempotencyPolicy policy)
+    {
+        var stored = new List<StoredHeader>();
+        foreach (var (name, values) in headers)
+        {
+            if (policy.StoredHeaders.Contains(name) && !IdempotencyPolicy.NeverStoredHeaders.Contains(name))
+            {
+                foreach (var value in values)
+                {
+                    stored.Add(new StoredHeader(name, value ?? ""));
+                }
+            }
+        }
+
+        return stored;
+    }
+}

@@ -1,0 +1,46 @@
+namespace OrleansIdempotency.AspNetCore;
+
+/// <summary>Options for the idempotency layer: the default policy, named policies, and where errors are documented.</summary>
+public sealed class IdempotencyOptions
+{
+    private readonly Dictionary<string, IdempotencyPolicy> policies = new(StringComparer.Ordinal);
+
+    /// <summary>The policy of endpoints that name none. The default is <see cref="IdempotencyPolicy.Default"/>.</summary>
+    public IdempotencyPolicy DefaultPolicy { get; set; } = IdempotencyPolicy.Default;
+
+    /// <summary>
+    /// Prefix of the problem <c>type</c> URIs (RFC 9457); each error appends its name, for example
+    /// <c>key-missing</c>. The default is <c>https://orleans-idempotency.dev/problems/</c>; the types are described in
+    /// <c>docs/problems.md</c>.
+    /// </summary>
+    public Uri ProblemTypeBase { get; set; } = new("https://orleans-idempotency.dev/problems/");
+
+    /// <summary>
+    /// How long the layer keeps asking the cluster when a call is lost (a silo died, a message timed out) before it
+    /// answers 503. The default is 15 seconds.
+    /// </summary>
+    public TimeSpan ClusterRetryBudget { get; set; } = TimeSpan.FromSeconds(15);
+
+    /// <summary>Adds a named policy, for endpoints that say <c>[Idempotent(PolicyName = name)]</c> or <c>.RequireIdempotency(name)</c>.</summary>
+    public IdempotencyOptions AddPolicy(string name, IdempotencyPolicy policy)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(name);
+        policies[name] = policy.Validate();
+        return this;
+    }
+
+    /// <summary>Adds a named policy derived from <see cref="DefaultPolicy"/>.</summary>
+    public IdempotencyOptions AddPolicy(string name, Func<IdempotencyPolicy, IdempotencyPolicy> configure) =>
+        AddPolicy(name, configure(DefaultPolicy));
+
+    internal IdempotencyPolicy Resolve(IIdempotencyMetadata metadata)
+    {
+        var policy = DefaultPolicy;
+        if (metadata.PolicyName is { } name && !policies.TryGetValue(name, out policy))
+        {
+            throw new InvalidOperationException($"No idempotency policy named '{name}'. Add it with IdempotencyOptions.AddPolicy.");
+        }
+
+        return (metadata.Configure?.Invoke(policy) ?? policy).Validate();
+    }
+}

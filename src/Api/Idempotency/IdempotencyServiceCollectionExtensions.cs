@@ -1,0 +1,25 @@
+using Microsoft.Extensions.DependencyInjection.Extensions;
+
+namespace OrleansIdempotency.AspNetCore;
+
+/// <summary>Registers the idempotency layer.</summary>
+public static class IdempotencyServiceCollectionExtensions
+{
+    /// <summary>Adds the idempotency layer's services. It needs an Orleans silo or client in the same host.</summary>
+    public static IServiceCollection AddIdempotency(this IServiceCollection services) => services.AddIdempotency(_ => { });
+
+    /// <inheritdoc cref="AddIdempotency(IServiceCollection)"/>
+    public static IServiceCollection AddIdempotency(this IServiceCollection services, Action<IdempotencyOptions> configure)
+    {
+        services.AddOptions<IdempotencyOptions>().Configure(configure).Validate(o =>
+        {
+            o.DefaultPolicy.Validate();
+            return o.ClusterRetryBudget > TimeSpan.Zero;
+        });
+        services.TryAddSingleton(TimeProvider.System);
+        services.TryAddSingleton<IdempotencyGrainCalls>();
+        services.TryAddSingleton<IdempotencyProblems>();
+        services.TryAddSingleton<IdempotencyMetrics>();
+        return services;
+    }
+}

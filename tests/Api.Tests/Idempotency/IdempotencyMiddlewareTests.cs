@@ -1,0 +1,551 @@
+using System.Collections.Frozen;
+using System.Text;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Http;
+using Microsoft.Extensions.DependencyInjection;
+using OrleansIdempotency.Grains;
+
+namespace OrleansIdempotency.AspNetCore.Tests;
+
+[Collection(MiddlewareClusterCollection.Name)]
+public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
+{
+    private MiddlewareHarness Harness(RequestDelegate? endpoint = null, IdempotencyPolicy? policy = null) =>
+        new(fixture, endpoint ?? MiddlewareHarness.Creates(), policy);
+
+    [Fact]
+    public async Task EndpointWithoutMetadata_PassesThrough_WithoutAKey()
+    {
+        var harness = Harness();
+        var context = MiddlewareHarness.Request(key: null);
+        context.SetEndpoint(new Endpoint(harness.Endpoint, EndpointMetadataCollection.Empty, "plain"));
+
+        await harness.SendAsync(context);
+
+        Assert.Equal(201, context.Response.StatusCode);
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Theory]
+    [InlineData("GET")]
+    [InlineData("HEAD")]
+    [InlineData("OPTIONS")]
+    [InlineData("PUT")]
+    [InlineData("DELETE")]
+    public async Task NonPostMethods_PassThroughUntouched_UnlessTheEndpointOptsIn(string method)
+    {
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+
+        await harness.SendAsync(key, method: method);
+        await harness.SendAsync(key, method: method);
+
+        Assert.Equal(2, harness.Executions);
+        Assert.Equal(IdempotencyStatus.None, (await harness.Grain(key).GetAsync()).Status);
+
+        var optedIn = Harness(policy: IdempotencyPolicy.Default with { Methods = new[] { method }.ToFrozenSet(StringComparer.OrdinalIgnoreCase) });
+        await optedIn.SendAsync(key, method: method);
+        await optedIn.SendAsync(key, method: method);
+        Assert.Equal(1, optedIn.Executions);
+    }
+
+    [Fact]
+    public async Task MissingKey_Returns400ProblemWithDescribedByLink_AndNothingRuns()
+    {
+        var harness = Harness();
+
+        var context = await harness.SendAsync(key: null);
+
+        Assert.Equal(400, context.Response.StatusCode);
+        var problem = context.Problem();
+        Assert.Equal("https://orleans-idempotency.dev/problems/key-missing", problem.GetProperty("type").GetString());
+        Assert.Equal(400, problem.GetProperty("status").GetInt32());
+        Assert.Equal("/orders", problem.GetProperty("instance").GetString());
+        Assert.False(problem.GetProperty("retryable").GetBoolean());
+        Assert.Equal(System.Text.Json.JsonValueKind.Null, problem.GetProperty("idempotencyKey").ValueKind);
+        Assert.Contains("rel=\"describedby\"", context.Response.Headers.Link.ToString());
+        Assert.Equal(0, harness.Executions);
+    }
+
+    [Fact]
+    public async Task MissingKey_OnAnEndpointThatDoesNotRequireOne_PassesThrough()
+    {
+        var harness = Harness(policy: IdempotencyPolicy.Default with { KeyRequired = false });
+
+        await harness.SendAsync(key: null);
+        await harness.SendAsync(key: null);
+
+        Assert.Equal(2, harness.Executions);
+    }
+
+    [Theory]
+    [InlineData("")]
+    [InlineData("   ")]
+    [InlineData("a,b")]
+    [InlineData("a b")]
+    [InlineData("a\u0001b")]
+    [InlineData("cl\u00e9")]
+    [InlineData("\"unterminated")]
+    [InlineData("\"a\"b")]
+    [InlineData("k;param=1")]
+    [InlineData("\"bad \\n escape\"")]
+    [InlineData("\"\"")]
+    public async Task InvalidKey_Returns400Problem_AndNothingRuns(string key)
+    {
+        var harness = Harness();
+
+        var context = await harness.SendAsync(key);
+
+        Assert.Equal(400, context.Response.StatusCode);
+        Assert.EndsWith("/key-invalid", context.Problem().GetProperty("type").GetString());
+        Assert.Equal(0, harness.Executions);
+    }
+
+    [Fact]
+    public async Task KeyLongerThan255Characters_Returns400()
+    {
+        var harness = Harness();
+
+        Assert.Equal(400, (await harness.SendAsync(new string('k', 256))).Response.StatusCode);
+        Assert.Equal(201, (await harness.SendAsync(new string('k', 254) + Guid.NewGuid().ToString("N")[..1])).Response.StatusCode);
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task SeveralKeyHeaders_Return400()
+    {
+        var harness = Harness();
+        var context = MiddlewareHarness.Request(key: null, configure: c => c.Request.Headers[IdempotencyKeyHeader.Name] = new(["a", "b"]));
+
+        await harness.SendAsync(context);
+
+        Assert.Equal(400, context.Response.StatusCode);
+        Assert.Equal(0, harness.Executions);
+    }
+
+    [Theory]
+    [InlineData("123e4567-e89b-12d3-a456-426614174000", "123e4567-e89b-12d3-a456-426614174000")]
+    [InlineData("\"a quoted key\"", "a quoted key")]
+    [InlineData("\"escaped \\\" quote\"", "escaped \" quote")]
+    [InlineData("urn:order/42", "urn:order/42")]
+    public void ValidKeys_AreReadAsTheirValue(string header, string expected)
+    {
+        Assert.Equal(IdempotencyKeyHeader.Status.Valid, IdempotencyKeyHeader.TryRead(header, out var key, out _));
+        Assert.Equal(expected, key);
+    }
+
+    [Fact]
+    public async Task FirstRequest_RunsTheAction_AndReturnsItsResponseUnmarked()
+    {
+        var harness = Harness();
+
+        var context = await harness.SendAsync(MiddlewareHarness.NewKey());
+
+        Assert.Equal(201, context.Response.StatusCode);
+        Assert.StartsWith("{\"id\":", context.Body());
+        Assert.False(context.Response.Headers.ContainsKey("Idempotent-Replayed"));
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task Replay_ReturnsOriginalBytesStatusAndStoredHeaders_MarkedReplayed()
+    {
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+
+        var first = await harness.SendAsync(key);
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal(1, harness.Executions);
+        Assert.Equal(201, replay.Response.StatusCode);
+        Assert.Equal(first.BodyBytes(), replay.BodyBytes());
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(first.Response.Headers.Location, replay.Response.Headers.Location);
+        Assert.Equal("application/json", replay.Response.ContentType);
+        Assert.Equal(first.BodyBytes().Length, replay.Response.ContentLength);
+        Assert.False(replay.Response.Headers.ContainsKey("Set-Cookie"));
+        Assert.False(replay.Response.Headers.ContainsKey("X-Not-Stored"));
+    }
+
+    [Fact]
+    public async Task StoredHeaders_IncludeTheOnesTheEndpointNames_ButNeverSetCookie()
+    {
+        var harness = Harness(policy: IdempotencyPolicy.Default.WithStoredHeaders("X-Not-Stored", "Set-Cookie"));
+        var key = MiddlewareHarness.NewKey();
+
+        await harness.SendAsync(key);
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal("1", replay.Response.Headers["X-Not-Stored"]);
+        Assert.False(replay.Response.Headers.ContainsKey("Set-Cookie"));
+    }
+
+    [Fact]
+    public async Task Replay_WithTheQueryInAnotherOrder_IsTheSameRequest()
+    {
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+
+        await harness.SendAsync(key, query: "?b=2&a=1");
+        var replay = await harness.SendAsync(key, query: "?a=1&b=2");
+
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Theory]
+    [InlineData("{\"amount\":2}", "POST", "/orders", "")]
+    [InlineData("{\"amount\":1} ", "POST", "/orders", "")]
+    [InlineData("{\"amount\":1}", "PATCH", "/orders", "")]
+    [InlineData("{\"amount\":1}", "POST", "/payments", "")]
+    [InlineData("{\"amount\":1}", "POST", "/orders", "?x=1")]
+    [InlineData("{\"amount\":1}", "POST", "/orders", "?a=2&a=1")]
+    public async Task SameKeyForADifferentRequest_Returns422_AndNothingRuns(string body, string method, string path, string query)
+    {
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+        await harness.SendAsync(key, query: query.StartsWith("?a=", StringComparison.Ordinal) ? "?a=1&a=2" : "");
+
+        var other = await harness.SendAsync(key, body, method, path, query);
+
+        Assert.Equal(422, other.Response.StatusCode);
+        var problem = other.Problem();
+        Assert.EndsWith("/key-reused", problem.GetProperty("type").GetString());
+        Assert.Equal(key, problem.GetProperty("idempotencyKey").GetString());
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task SameKeyInAnotherScope_IsAnIndependentKey()
+    {
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+
+        var alice = await harness.SendAsync(key, user: "alice");
+        var bob = await harness.SendAsync(key, body: "{\"other\":true}", user: "bob");
+
+        Assert.Equal(201, bob.Response.StatusCode);
+        Assert.NotEqual(alice.Body(), bob.Body());
+        Assert.Equal(2, harness.Executions);
+    }
+
+    [Fact]
+    public async Task AnonymousCallers_ShareOneScope_OrAreRefusedWhenTheEndpointForbidsIt()
+    {
+        var shared = Harness();
+        var key = MiddlewareHarness.NewKey();
+        await shared.SendAsync(key, user: "");
+        Assert.Equal("true", (await shared.SendAsync(key, user: "")).Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(IdempotencyStatus.Completed, (await shared.Grain(key, IdempotencyScope.Anonymous).GetAsync()).Status);
+
+        var forbidden = Harness(policy: IdempotencyPolicy.Default with { AllowAnonymous = false });
+        var refused = await forbidden.SendAsync(MiddlewareHarness.NewKey(), user: "");
+        Assert.Equal(401, refused.Response.StatusCode);
+        Assert.EndsWith("/scope-required", refused.Problem().GetProperty("type").GetString());
+        Assert.Equal(0, forbidden.Executions);
+    }
+
+    [Fact]
+    public async Task ConcurrentDuplicate_WaitsForTheFirst_AndReplaysItsResponse()
+    {
+        var release = new TaskCompletionSource();
+        var harness = Harness(MiddlewareHarness.CreatesAfter(release.Task));
+        var key = MiddlewareHarness.NewKey();
+
+        var first = harness.SendAsync(key);
+        await WaitUntilAsync(async () => (await harness.Grain(key).GetAsync()).Status == IdempotencyStatus.InProgress);
+        var duplicates = Enumerable.Range(0, 5).Select(_ => harness.SendAsync(key)).ToArray();
+        await Task.Delay(200);
+        Assert.All(duplicates, d => Assert.False(d.IsCompleted));
+
+        release.SetResult();
+        var original = await first;
+        foreach (var duplicate in await Task.WhenAll(duplicates))
+        {
+            Assert.Equal(original.BodyBytes(), duplicate.BodyBytes());
+            Assert.Equal("true", duplicate.Response.Headers["Idempotent-Replayed"]);
+        }
+
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task ConcurrentDuplicate_InRejectMode_Returns409WithRetryAfter()
+    {
+        var release = new TaskCompletionSource();
+        var harness = Harness(MiddlewareHarness.CreatesAfter(release.Task), IdempotencyPolicy.Default with { ConcurrentDuplicates = ConcurrentDuplicateHandling.Reject });
+        var key = MiddlewareHarness.NewKey();
+        var first = harness.SendAsync(key);
+        await WaitUntilAsync(async () => (await harness.Grain(key).GetAsync()).Status == IdempotencyStatus.InProgress);
+
+        var duplicate = await harness.SendAsync(key);
+
+        Assert.Equal(409, duplicate.Response.StatusCode);
+        Assert.Equal("1", duplicate.Response.Headers.RetryAfter);
+        var problem = duplicate.Problem();
+        Assert.EndsWith("/request-in-progress", problem.GetProperty("type").GetString());
+        Assert.True(problem.GetProperty("retryable").GetBoolean());
+        release.SetResult();
+        await first;
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task ConcurrentDuplicate_WaitingPastTheTimeout_Returns409WithRetryAfter()
+    {
+        var release = new TaskCompletionSource();
+        var harness = Harness(MiddlewareHarness.CreatesAfter(release.Task), IdempotencyPolicy.Default with { WaitTimeout = TimeSpan.FromSeconds(2) });
+        var key = MiddlewareHarness.NewKey();
+        var first = harness.SendAsync(key);
+        await WaitUntilAsync(async () => (await harness.Grain(key).GetAsync()).Status == IdempotencyStatus.InProgress);
+
+        var duplicate = harness.SendAsync(key);
+        for (var i = 0; i < 50 && !duplicate.IsCompleted; i++)
+        {
+            await Task.Delay(50);
+            fixture.Time.Advance(TimeSpan.FromMilliseconds(500));
+        }
+
+        Assert.Equal(409, (await duplicate).Response.StatusCode);
+        Assert.Equal("1", (await duplicate).Response.Headers.RetryAfter);
+        release.SetResult();
+        await first;
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task ActionThrows_ReleasesTheKey_SoTheRetryRuns()
+    {
+        var fail = true;
+        var harness = Harness(context => fail ? throw new InvalidOperationException("boom") : MiddlewareHarness.Creates()(context));
+        var key = MiddlewareHarness.NewKey();
+
+        await Assert.ThrowsAsync<InvalidOperationException>(() => harness.SendAsync(key));
+        fail = false;
+        var retry = await harness.SendAsync(key);
+
+        Assert.Equal(201, retry.Response.StatusCode);
+        Assert.False(retry.Response.Headers.ContainsKey("Idempotent-Replayed"));
+        Assert.Equal(2, harness.Executions);
+    }
+
+    [Theory]
+    [InlineData(500)]
+    [InlineData(503)]
+    [InlineData(408)]
+    [InlineData(425)]
+    [InlineData(429)]
+    public async Task RetryableStatus_ReleasesTheKey_SoTheRetryRuns(int status)
+    {
+        var statuses = new Queue<int>([status, 201]);
+        var harness = Harness(context => MiddlewareHarness.Creates(statuses.Dequeue())(context));
+        var key = MiddlewareHarness.NewKey();
+
+        Assert.Equal(status, (await harness.SendAsync(key)).Response.StatusCode);
+        var retry = await harness.SendAsync(key);
+
+        Assert.Equal(201, retry.Response.StatusCode);
+        Assert.Equal(2, harness.Executions);
+        Assert.Equal("true", (await harness.SendAsync(key)).Response.Headers["Idempotent-Replayed"]);
+    }
+
+    [Theory]
+    [InlineData(400)]
+    [InlineData(404)]
+    [InlineData(409)]
+    [InlineData(200)]
+    public async Task SuccessOrClientError_IsStoredAndReplayed(int status)
+    {
+        var harness = Harness(MiddlewareHarness.Creates(status));
+        var key = MiddlewareHarness.NewKey();
+
+        var first = await harness.SendAsync(key);
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal(status, replay.Response.StatusCode);
+        Assert.Equal(first.BodyBytes(), replay.BodyBytes());
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task LapsedLease_Returns409OutcomeUnknown_AndNeverRerunsSilently()
+    {
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+        var context = MiddlewareHarness.Request(key);
+        var fingerprint = await RequestFingerprint.ComputeAsync(context.Request, long.MaxValue, CancellationToken.None);
+        // An earlier attempt (in a process that then died) claimed the key and never completed.
+        await harness.Grain(key).ClaimAsync(new ClaimRequest(Guid.NewGuid(), fingerprint!, TimeSpan.FromSeconds(30), TimeSpan.FromHours(24)));
+        fixture.Time.Advance(TimeSpan.FromSeconds(31));
+
+        await harness.SendAsync(context);
+
+        Assert.Equal(409, context.Response.StatusCode);
+        Assert.EndsWith("/outcome-unknown", context.Problem().GetProperty("type").GetString());
+        Assert.Equal(409, (await harness.SendAsync(key)).Response.StatusCode);
+        Assert.Equal(0, harness.Executions);
+    }
+
+    [Fact]
+    public async Task LapsedLease_WithTheAtLeastOnceOptIn_RerunsOnce()
+    {
+        var harness = Harness(policy: IdempotencyPolicy.Default with { OnLapsedLease = LapsedLeasePolicy.Reclaim });
+        var key = MiddlewareHarness.NewKey();
+        var context = MiddlewareHarness.Request(key);
+        var fingerprint = await RequestFingerprint.ComputeAsync(context.Request, long.MaxValue, CancellationToken.None);
+        await harness.Grain(key).ClaimAsync(new ClaimRequest(Guid.NewGuid(), fingerprint!, TimeSpan.FromSeconds(30), TimeSpan.FromHours(24), LapsedLeasePolicy.Reclaim));
+        fixture.Time.Advance(TimeSpan.FromSeconds(31));
+
+        await harness.SendAsync(context);
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal(201, context.Response.StatusCode);
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task StoreDown_Returns503WithRetryAfter_AndNothingRuns()
+    {
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+        fixture.Store.Down = true;
+        HttpContext context;
+        try
+        {
+            context = await harness.SendAsync(key);
+        }
+        finally
+        {
+            fixture.Store.Down = false;
+        }
+
+        Assert.Equal(503, context.Response.StatusCode);
+        Assert.Equal("1", context.Response.Headers.RetryAfter);
+        var problem = context.Problem();
+        Assert.EndsWith("/store-unavailable", problem.GetProperty("type").GetString());
+        Assert.True(problem.GetProperty("retryable").GetBoolean());
+        Assert.Equal(0, harness.Executions);
+        Assert.Equal(201, (await harness.SendAsync(key)).Response.StatusCode);
+    }
+
+    [Fact]
+    public async Task OversizedResponse_ReachesTheFirstCallerWhole_AndItsReplayIs409ResponseNotStored()
+    {
+        var big = new string('x', 5000);
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 201;
+            await context.Response.WriteAsync(big[..2500]);
+            await context.Response.Body.WriteAsync(Encoding.UTF8.GetBytes(big[2500..]));
+        }, IdempotencyPolicy.Default with { MaxStoredResponseBytes = 4096 });
+        var key = MiddlewareHarness.NewKey();
+
+        var first = await harness.SendAsync(key);
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal(big, first.Body());
+        Assert.Equal(409, replay.Response.StatusCode);
+        var problem = replay.Problem();
+        Assert.EndsWith("/response-not-stored", problem.GetProperty("type").GetString());
+        Assert.Contains("5000-byte", problem.GetProperty("detail").GetString());
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task OversizedRequestBody_Returns413_AndNothingRuns()
+    {
+        var harness = Harness(policy: IdempotencyPolicy.Default with { MaxRequestBodyBytes = 10 });
+
+        var context = await harness.SendAsync(MiddlewareHarness.NewKey(), body: "{\"amount\":12345}");
+
+        Assert.Equal(413, context.Response.StatusCode);
+        Assert.Equal(0, harness.Executions);
+    }
+
+    [Fact]
+    public async Task RequestBody_IsRewound_SoTheEndpointReadsItWhole()
+    {
+        string? seen = null;
+        var harness = Harness(async context =>
+        {
+            using var reader = new StreamReader(context.Request.Body);
+            seen = await reader.ReadToEndAsync();
+            context.Response.StatusCode = 201;
+        });
+
+        await harness.SendAsync(MiddlewareHarness.NewKey(), body: "{\"hello\":\"world\"}");
+
+        Assert.Equal("{\"hello\":\"world\"}", seen);
+    }
+
+    [Fact]
+    public async Task ResponseBodyFeature_IsRestoredAfterTheAction()
+    {
+        var harness = Harness();
+        var context = MiddlewareHarness.Request(MiddlewareHarness.NewKey());
+        var before = context.BodyFeature();
+
+        await harness.SendAsync(context);
+
+        Assert.Same(before, context.BodyFeature());
+    }
+
+    [Fact]
+    public async Task LongAction_RenewsItsLease_AndItsResponseIsStored()
+    {
+        var release = new TaskCompletionSource();
+        var harness = Harness(MiddlewareHarness.CreatesAfter(release.Task), IdempotencyPolicy.Default with { Lease = TimeSpan.FromSeconds(30) });
+        var key = MiddlewareHarness.NewKey();
+        var first = harness.SendAsync(key);
+        await WaitUntilAsync(async () => (await harness.Grain(key).GetAsync()).Status == IdempotencyStatus.InProgress);
+        var claimedUntil = (await harness.Grain(key).GetAsync()).LeaseExpiresAt;
+
+        // Four renewal periods: well past the original lease.
+        for (var i = 0; i < 4; i++)
+        {
+            var before = (await harness.Grain(key).GetAsync()).LeaseExpiresAt;
+            fixture.Time.Advance(TimeSpan.FromSeconds(10));
+            await WaitUntilAsync(async () => (await harness.Grain(key).GetAsync()).LeaseExpiresAt > before);
+        }
+
+        release.SetResult();
+        await first;
+
+        Assert.True(fixture.Time.GetUtcNow() > claimedUntil);
+        Assert.Equal("true", (await harness.SendAsync(key)).Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task NamedPolicy_IsAppliedFromTheEndpointsMetadata()
+    {
+        var options = new IdempotencyOptions();
+        options.AddPolicy("reject", p => p with { ConcurrentDuplicates = ConcurrentDuplicateHandling.Reject });
+
+        Assert.Equal(ConcurrentDuplicateHandling.Reject, options.Resolve(new IdempotentAttribute { PolicyName = "reject" }).ConcurrentDuplicates);
+        Assert.Equal(ConcurrentDuplicateHandling.Wait, options.Resolve(new IdempotentAttribute()).ConcurrentDuplicates);
+        Assert.Throws<InvalidOperationException>(() => options.Resolve(new IdempotentAttribute { PolicyName = "missing" }));
+        await Task.CompletedTask;
+    }
+
+    [Fact]
+    public void UseIdempotencyTwice_Throws()
+    {
+        var app = new ApplicationBuilder(new ServiceCollection().BuildServiceProvider());
+        app.UseIdempotency();
+
+        var error = Assert.Throws<InvalidOperationException>(() => app.UseIdempotency());
+        Assert.Contains("twice", error.Message);
+    }
+
+    private static async Task WaitUntilAsync(Func<Task<bool>> condition)
+    {
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+        while (!await condition())
+        {
+            Assert.True(DateTime.UtcNow < deadline, "The condition did not come true in time.");
+            await Task.Delay(20);
+        }
+    }
+}

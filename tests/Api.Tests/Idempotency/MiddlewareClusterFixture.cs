@@ -1,0 +1,65 @@
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Time.Testing;
+using Orleans.Storage;
+using Orleans.TestingHost;
+using OrleansIdempotency.Grains;
+
+namespace OrleansIdempotency.AspNetCore.Tests;
+
+/// <summary>
+/// An in-process cluster for middleware tests: in-memory records behind a switch that takes the store "down", and a
+/// fake clock shared by the grains and the middleware.
+/// </summary>
+public sealed class MiddlewareClusterFixture : IAsyncLifetime
+{
+    public FakeTimeProvider Time { get; } = new(new DateTimeOffset(2026, 1, 1, 0, 0, 0, TimeSpan.Zero));
+
+    public SwitchableStorage.Switch Store { get; } = new();
+
+    public InProcessTestCluster Cluster { get; private set; } = null!;
+
+    public IGrainFactory Grains => Cluster.Client;
+
+    public async Task InitializeAsync()
+    {
+        var builder = new InProcessTestClusterBuilder(initialSilosCount: 1);
+        builder.ConfigureSilo((_, silo) =>
+        {
+            silo.AddMemoryGrainStorage("memory");
+            silo.Services.AddKeyedSingleton<IGrainStorage>(IdempotencyGrain.StorageName,
+                (sp, _) => new SwitchableStorage(sp.GetRequiredKeyedService<IGrainStorage>("memory"), Store));
+            silo.Services.AddSingleton<TimeProvider>(Time);
+            silo.Services.UseTimeProviderForBackgroundAreas(TimeProvider.System);
+        });
+        Cluster = builder.Build();
+        await Cluster.DeployAsync();
+    }
+
+    public async Task DisposeAsync() => await Cluster.DisposeAsync();
+}
+
+/// <summary>Grain storage that fails every call while its switch is down, as a database outage does.</summary>
+public sealed class SwitchableStorage(IGrainStorage inner, SwitchableStorage.Switch state) : IGrainStorage
+{
+    public sealed class Switch
+    {
+        public bool Down { get; set; }
+    }
+
+    public Task ReadStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState) =>
+        state.Down ? Unavailable() : inner.ReadStateAsync(stateName, grainId, grainState);
+
+    public Task WriteStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState) =>
+        state.Down ? Unavailable() : inner.WriteStateAsync(stateName, grainId, grainState);
+
+    public Task ClearStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState) =>
+        state.Down ? Unavailable() : inner.ClearStateAsync(stateName, grainId, grainState);
+
+    private static Task Unavailable() => Task.FromException(new IOException("The store is down (test switch)."));
+}
+
+[CollectionDefinition(Name)]
+public sealed class MiddlewareClusterCollection : ICollectionFixture<MiddlewareClusterFixture>
+{
+    public const string Name = "middleware-cluster";
+}

@@ -1,0 +1,127 @@
+using System.Text;
+using Microsoft.AspNetCore.Http;
+using Microsoft.AspNetCore.Http.Features;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging.Abstractions;
+using Microsoft.Extensions.Options;
+using OrleansIdempotency.Grains;
+
+namespace OrleansIdempotency.AspNetCore.Tests;
+
+/// <summary>
+/// Drives <see cref="IdempotencyMiddleware"/> with <see cref="DefaultHttpContext"/>s and endpoint metadata, the way
+/// ASP.NET Core's own middleware tests do, and counts how often the endpoint ran.
+/// </summary>
+internal sealed class MiddlewareHarness
+{
+    private readonly MiddlewareClusterFixture fixture;
+    private readonly IdempotencyMiddleware middleware;
+    private int executions;
+
+    public MiddlewareHarness(MiddlewareClusterFixture fixture, RequestDelegate endpoint, IdempotencyPolicy? policy = null, IIdempotencyMetadata? metadata = null)
+    {
+        this.fixture = fixture;
+        var options = Options.Create(new IdempotencyOptions { DefaultPolicy = policy ?? IdempotencyPolicy.Default, ClusterRetryBudget = TimeSpan.FromSeconds(2) });
+        var meters = new ServiceCollection().AddMetrics().BuildServiceProvider().GetRequiredService<System.Diagnostics.Metrics.IMeterFactory>();
+        Metadata = metadata ?? new IdempotentAttribute();
+        Endpoint = context =>
+        {
+            Interlocked.Increment(ref executions);
+            return endpoint(context);
+        };
+        middleware = new IdempotencyMiddleware(
+            Endpoint,
+            options,
+            new IdempotencyGrainCalls(fixture.Grains, options, fixture.Time, NullLogger<IdempotencyGrainCalls>.Instance),
+            new IdempotencyProblems(options),
+            new IdempotencyMetrics(meters),
+            fixture.Time,
+            NullLogger<IdempotencyMiddleware>.Instance);
+    }
+
+    public IIdempotencyMetadata Metadata { get; }
+
+    public RequestDelegate Endpoint { get; }
+
+    public int Executions => Volatile.Read(ref executions);
+
+    public static string NewKey() => Guid.NewGuid().ToString();
+
+    public static HttpContext Request(string? key, string body = "{\"amount\":1}", string method = "POST", string path = "/orders",
+        string query = "", string user = "alice", IIdempotencyMetadata? metadata = null, Action<HttpContext>? configure = null)
+    {
+        var context = new DefaultHttpContext();
+        context.Request.Method = method;
+        context.Request.Path = path;
+        context.Request.QueryString = new QueryString(query);
+        context.Request.Body = new MemoryStream(Encoding.UTF8.GetBytes(body));
+        context.Request.ContentLength = Encoding.UTF8.GetByteCount(body);
+        context.Response.Body = new MemoryStream();
+        if (key is not null)
+        {
+            context.Request.Headers[IdempotencyKeyHeader.Name] = key;
+        }
+
+        if (user.Length > 0)
+        {
+            context.User = new System.Security.Claims.ClaimsPrincipal(new System.Security.Claims.ClaimsIdentity(
+                [new System.Security.Claims.Claim(System.Security.Claims.ClaimTypes.NameIdentifier, user)], "test"));
+        }
+
+        configure?.Invoke(context);
+        return context;
+    }
+
+    public async Task<HttpContext> SendAsync(HttpContext context)
+    {
+        if (context.GetEndpoint() is null)
+        {
+            context.SetEndpoint(new Endpoint(Endpoint, new EndpointMetadataCollection(Metadata), "test endpoint"));
+        }
+
+        await middleware.InvokeAsync(context);
+        return context;
+    }
+
+    public Task<HttpContext> SendAsync(string? key, string body = "{\"amount\":1}", string method = "POST", string path = "/orders", string query = "", string user = "alice") =>
+        SendAsync(Request(key, body, method, path, query, user));
+
+    public IIdempotencyGrain Grain(string key, string scope = "alice") => fixture.Grains.GetIdempotencyGrain(new IdempotencyKey(scope, key));
+
+    /// <summary>Like <see cref="Creates"/>, once <paramref name="released"/> completes: keeps a request in flight.</summary>
+    public static RequestDelegate CreatesAfter(Task released) => async context =>
+    {
+        await released;
+        await Creates()(context);
+    };
+
+    /// <summary>An endpoint that answers 201 with a fresh id each time it runs, as a create does.</summary>
+    public static RequestDelegate Creates(int status = 201) => async context =>
+    {
+        context.Response.StatusCode = status;
+        context.Response.ContentType = "application/json";
+        context.Response.Headers.Location = "/orders/" + Guid.NewGuid();
+        context.Response.Headers.SetCookie = "session=secret";
+        context.Response.Headers["X-Not-Stored"] = "1";
+        await context.Response.WriteAsync($"{{\"id\":\"{Guid.NewGuid()}\"}}");
+    };
+}
+
+internal static class HttpContextExtensions
+{
+    public static string Body(this HttpContext context)
+    {
+        var stream = (MemoryStream)context.Response.Body;
+        return Encoding.UTF8.GetString(stream.ToArray());
+    }
+
+    public static byte[] BodyBytes(this HttpContext context) => ((MemoryStream)context.Response.Body).ToArray();
+
+    public static System.Text.Json.JsonElement Problem(this HttpContext context)
+    {
+        Assert.Equal("application/problem+json", context.Response.ContentType);
+        return System.Text.Json.JsonDocument.Parse(context.Body()).RootElement;
+    }
+
+    public static IHttpResponseBodyFeature BodyFeature(this HttpContext context) => context.Features.GetRequiredFeature<IHttpResponseBodyFeature>();
+}
