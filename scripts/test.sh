@@ -39,6 +39,10 @@ for project in tests/*/*.Tests.csproj; do
   dotnet test "$project" -c Release --no-build --nologo "${filter[@]}" --logger "console;verbosity=normal" 2>&1 | tee -a "$log" \
     || status=1
 done
+if [ -s "$run_dir/fault-report.txt" ]; then
+  echo "== fault-injection scenarios (counted by the checker)"
+  cat "$run_dir/fault-report.txt"
+fi
 passed=$(awk '/^ +Passed: [0-9]+$/ { n += $2 } END { print n + 0 }' "$log")
 failed=$(awk '/^ +Failed: [0-9]+$/ { n += $2 } END { print n + 0 }' "$log")
 [ "$failed" -eq 0 ] || status=1

@@ -1,11 +1,15 @@
+using OrleansIdempotency.Api;
 using OrleansIdempotency.Api.Demo;
 using OrleansIdempotency.AspNetCore;
 using OrleansIdempotency.Silo.Hosting;
 
 var builder = WebApplication.CreateBuilder(args);
 builder.AddIdempotencyCluster();
-builder.Services.AddIdempotency(options => options.AddPolicy(DemoEndpoints.PaymentsPolicy,
-    policy => policy with { ConcurrentDuplicates = ConcurrentDuplicateHandling.Reject }));
+builder.Services.AddIdempotency(options =>
+{
+    options.DefaultPolicy = options.DefaultPolicy.Configure(builder.Configuration.GetSection("Idempotency"));
+    options.AddPolicy(DemoEndpoints.PaymentsPolicy, policy => policy with { ConcurrentDuplicates = ConcurrentDuplicateHandling.Reject });
+});
 builder.AddDemo();
 
 var app = builder.Build();
@@ -14,6 +18,7 @@ app.UseAuthorization();
 app.UseIdempotency();
 app.MapControllers();
 app.MapDemoEndpoints();
+app.MapClusterHealth();
 app.Run();
 
 /// <summary>The demo API; public so tests can host it.</summary>

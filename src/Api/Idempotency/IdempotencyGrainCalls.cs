@@ -59,30 +59,42 @@ internal sealed partial class IdempotencyGrainCalls(
         }, cancellationToken);
 
     /// <summary>
-    /// Releases the attempt's claim; if the cluster cannot be reached now, keeps trying in the background for up
-    /// to <paramref name="lease"/>, after which the lease has lapsed anyway.
+    /// Releases the attempt's claim; if the store cannot be reached now, keeps trying in the background for up to
+    /// <paramref name="lease"/>, after which the lease has lapsed anyway.
     /// </summary>
-    public async Task ReleaseAsync(IIdempotencyGrain grain, Guid attemptId, TimeSpan lease)
+    public Task ReleaseAsync(IIdempotencyGrain grain, Guid attemptId, TimeSpan lease) =>
+        UntilLeaseEndsAsync(grain, g => g.ReleaseAsync(attemptId), lease);
+
+    /// <summary>
+    /// Stores the action's response. If the store cannot be reached now, keeps trying in the background for up
+    /// to <paramref name="lease"/>: the action has run, and a completion that lands before the lease lapses spares
+    /// the key an unknown outcome (an outage shorter than the lease leaves no trace).
+    /// </summary>
+    /// <returns>False when the claim was stale or had lapsed (the store refused it); true otherwise.</returns>
+    public Task<bool> CompleteAsync(IIdempotencyGrain grain, ClaimToken token, StoredResponse response, TimeSpan lease) =>
+        UntilLeaseEndsAsync(grain, g => g.CompleteAsync(token, response), lease);
+
+    private async Task<bool> UntilLeaseEndsAsync(IIdempotencyGrain grain, Func<IIdempotencyGrain, Task<bool>> call, TimeSpan lease)
     {
         try
         {
-            await CallAsync(grain, g => g.ReleaseAsync(attemptId), CancellationToken.None);
+            return await CallAsync(grain, call, CancellationToken.None);
         }
         catch (IdempotencyUnavailableException)
         {
-            _ = ReleaseInBackgroundAsync(grain, attemptId, lease);
+            _ = RetryInBackgroundAsync(grain, call, time.GetUtcNow() + lease);
+            return true;
         }
     }
 
-    private async Task ReleaseInBackgroundAsync(IIdempotencyGrain grain, Guid attemptId, TimeSpan lease)
+    private async Task RetryInBackgroundAsync(IIdempotencyGrain grain, Func<IIdempotencyGrain, Task<bool>> call, DateTimeOffset giveUp)
     {
-        var giveUp = time.GetUtcNow() + lease;
         for (var attempt = 1; time.GetUtcNow() < giveUp; attempt++)
         {
             await Task.Delay(Backoff(attempt), time);
             try
             {
-                await grain.ReleaseAsync(attemptId);
+                await call(grain);
                 return;
             }
             catch (Exception ex) when (ex is not OutOfMemoryException)
@@ -91,7 +103,7 @@ internal sealed partial class IdempotencyGrainCalls(
             }
         }
 
-        LogReleaseAbandoned(logger, grain.GetPrimaryKeyString());
+        LogGaveUp(logger, grain.GetPrimaryKeyString());
     }
 
     private static TimeSpan Backoff(int attempt) => TimeSpan.FromMilliseconds(Math.Min(1000, 50 * (1 << Math.Min(attempt, 5))));
@@ -107,6 +119,6 @@ internal sealed partial class IdempotencyGrainCalls(
     [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: call {Attempt} failed ({Reason}); asking again.")]
     private static partial void LogAskingAgain(ILogger logger, string key, int attempt, string reason);
 
-    [LoggerMessage(Level = LogLevel.Error, Message = "Idempotency key {Key}: could not release an unused claim; its lease will lapse.")]
-    private static partial void LogReleaseAbandoned(ILogger logger, string key);
+    [LoggerMessage(Level = LogLevel.Error, Message = "Idempotency key {Key}: the store stayed unreachable for the whole lease; the claim lapses and its outcome becomes unknown.")]
+    private static partial void LogGaveUp(ILogger logger, string key);
 }

@@ -158,17 +158,10 @@ internal sealed partial class IdempotencyMiddleware(
         }
 
         var stored = new StoredResponse(response.StatusCode, StoredHeaders(response.Headers, policy), capture.ToArray(), capture.Overflowed, capture.BytesWritten);
-        try
+        // The client may be gone; the outcome is stored regardless, for its retry.
+        if (!await calls.CompleteAsync(grain, token, stored, policy.Lease))
         {
-            // The client may be gone; the outcome is stored regardless, for its retry.
-            if (!await calls.CallAsync(grain, g => g.CompleteAsync(token, stored), CancellationToken.None))
-            {
-                LogCompletionRefused(logger, grain.GetPrimaryKeyString());
-            }
-        }
-        catch (IdempotencyUnavailableException ex)
-        {
-            LogCompletionLost(logger, ex, grain.GetPrimaryKeyString());
+            LogCompletionRefused(logger, grain.GetPrimaryKeyString());
         }
 
         metrics.Record(IdempotencyResults.Executed);

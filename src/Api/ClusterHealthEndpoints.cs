@@ -1,0 +1,22 @@
+namespace OrleansIdempotency.Api;
+
+/// <summary><c>GET /health</c>: whether this process reaches the cluster, and how many silos are active.</summary>
+public static class ClusterHealthEndpoints
+{
+    public static IEndpointRouteBuilder MapClusterHealth(this IEndpointRouteBuilder app)
+    {
+        app.MapGet("/health", async (IGrainFactory grains, CancellationToken cancellationToken) =>
+        {
+            try
+            {
+                var hosts = await grains.GetGrain<IManagementGrain>(0).GetHosts(onlyActive: true, cancellationToken).WaitAsync(TimeSpan.FromSeconds(5), cancellationToken);
+                return Results.Ok(new { status = "ok", activeSilos = hosts.Count });
+            }
+            catch (Exception ex) when (ex is not OperationCanceledException)
+            {
+                return Results.Problem(statusCode: 503, title: "Cluster unreachable", detail: ex.Message);
+            }
+        });
+        return app;
+    }
+}

@@ -1,0 +1,49 @@
+using System.Globalization;
+using OrleansIdempotency.Grains;
+
+namespace OrleansIdempotency.AspNetCore;
+
+/// <summary>Reads a policy's settings from configuration, so operators can tune them without a rebuild.</summary>
+public static class IdempotencyPolicyConfigurationExtensions
+{
+    /// <summary>
+    /// The policy with the values present in <paramref name="section"/> applied: <c>Retention</c>, <c>Lease</c> and
+    /// <c>WaitTimeout</c> (TimeSpan, for example <c>00:00:30</c>), <c>ConcurrentDuplicates</c> (<c>Wait</c> or
+    /// <c>Reject</c>), <c>OnLapsedLease</c> (<c>OutcomeUnknown</c> or <c>Reclaim</c>), <c>MaxStoredResponseBytes</c>,
+    /// <c>MaxRequestBodyBytes</c>, <c>KeyRequired</c> and <c>AllowAnonymous</c>. Absent values keep the policy's own.
+    /// </summary>
+    public static IdempotencyPolicy Configure(this IdempotencyPolicy policy, IConfiguration section)
+    {
+        ArgumentNullException.ThrowIfNull(section);
+        return (policy with
+        {
+            Retention = Read(section, nameof(IdempotencyPolicy.Retention), policy.Retention, v => TimeSpan.Parse(v, CultureInfo.InvariantCulture)),
+            Lease = Read(section, nameof(IdempotencyPolicy.Lease), policy.Lease, v => TimeSpan.Parse(v, CultureInfo.InvariantCulture)),
+            WaitTimeout = Read(section, nameof(IdempotencyPolicy.WaitTimeout), policy.WaitTimeout, v => TimeSpan.Parse(v, CultureInfo.InvariantCulture)),
+            ConcurrentDuplicates = Read(section, nameof(IdempotencyPolicy.ConcurrentDuplicates), policy.ConcurrentDuplicates, Enum.Parse<ConcurrentDuplicateHandling>),
+            OnLapsedLease = Read(section, nameof(IdempotencyPolicy.OnLapsedLease), policy.OnLapsedLease, Enum.Parse<LapsedLeasePolicy>),
+            MaxStoredResponseBytes = Read(section, nameof(IdempotencyPolicy.MaxStoredResponseBytes), policy.MaxStoredResponseBytes, v => int.Parse(v, CultureInfo.InvariantCulture)),
+            MaxRequestBodyBytes = Read(section, nameof(IdempotencyPolicy.MaxRequestBodyBytes), policy.MaxRequestBodyBytes, v => long.Parse(v, CultureInfo.InvariantCulture)),
+            KeyRequired = Read(section, nameof(IdempotencyPolicy.KeyRequired), policy.KeyRequired, bool.Parse),
+            AllowAnonymous = Read(section, nameof(IdempotencyPolicy.AllowAnonymous), policy.AllowAnonymous, bool.Parse),
+        }).Validate();
+    }
+
+    private static T Read<T>(IConfiguration section, string name, T current, Func<string, T> parse)
+    {
+        var value = section[name];
+        if (string.IsNullOrWhiteSpace(value))
+        {
+            return current;
+        }
+
+        try
+        {
+            return parse(value);
+        }
+        catch (FormatException ex)
+        {
+            throw new InvalidOperationException($"Idempotency setting {name} = '{value}' is not valid.", ex);
+        }
+    }
+}

@@ -1,0 +1,150 @@
+using System.Globalization;
+using System.Net.Http.Json;
+using Npgsql;
+using OrleansIdempotency.Testing;
+
+namespace OrleansIdempotency.Faults.Tests.Harness;
+
+/// <summary>
+/// The real thing on loopback: PostgreSQL, Redis, silo processes and API processes (cluster clients). Any of them
+/// can be killed, stopped and started again mid-run; everything started is stopped on dispose, also when a test fails.
+/// </summary>
+public sealed class FaultCluster : IAsyncDisposable
+{
+    private FaultCluster(PostgresServer postgres, RedisServer redis, string database)
+    {
+        Postgres = postgres;
+        Redis = redis;
+        Database = database;
+        Environment = new Dictionary<string, string>
+        {
+            ["ConnectionStrings__Postgres"] = database,
+            ["ConnectionStrings__Redis"] = redis.ConnectionString,
+            ["Orleans__ClusterId"] = "faults-" + Guid.NewGuid().ToString("N")[..8],
+            ["Orleans__ServiceId"] = "faults",
+            // Fail over in seconds: a killed silo is declared dead after about two missed one-second probes.
+            ["Orleans__Membership__ProbeTimeout"] = "00:00:01",
+            ["Orleans__Membership__NumMissedProbesLimit"] = "2",
+            ["Orleans__Membership__NumVotesForDeathDeclaration"] = "1",
+            ["Orleans__Membership__TableRefreshTimeout"] = "00:00:02",
+            ["Logging__LogLevel__Default"] = "Warning",
+            ["Logging__LogLevel__Orleans"] = "Error",
+            ["DOTNET_TieredPGO"] = "0",
+        };
+    }
+
+    public PostgresServer Postgres { get; }
+
+    public RedisServer Redis { get; }
+
+    /// <summary>The connection string of this cluster's database.</summary>
+    public string Database { get; }
+
+    public Dictionary<string, string> Environment { get; }
+
+    public List<NodeProcess> Silos { get; } = [];
+
+    public List<NodeProcess> Apis { get; } = [];
+
+    public static async Task<FaultCluster> StartAsync(int silos, int apis, IReadOnlyDictionary<string, string>? apiSettings = null)
+    {
+        var postgres = await PostgresServer.StartAsync();
+        var redis = await RedisServer.StartAsync();
+        var cluster = new FaultCluster(postgres, redis, await postgres.CreateDatabaseAsync());
+        try
+        {
+            for (var i = 0; i < silos; i++)
+            {
+                cluster.Silos.Add(NodeProcess.Silo($"silo{i}", cluster.Environment));
+            }
+
+            for (var i = 0; i < apis; i++)
+            {
+                cluster.Apis.Add(NodeProcess.Api($"api{i}", cluster.Environment, apiSettings));
+            }
+
+            cluster.Silos.ForEach(s => s.Start());
+            cluster.Apis.ForEach(a => a.Start());
+            await cluster.WaitUntilServingAsync(silos, TimeSpan.FromSeconds(90));
+            return cluster;
+        }
+        catch
+        {
+            await cluster.DisposeAsync();
+            throw;
+        }
+    }
+
+    /// <summary>Adds and starts one more API process.</summary>
+    public async Task<NodeProcess> AddApiAsync(string name, IReadOnlyDictionary<string, string>? settings)
+    {
+        var api = NodeProcess.Api(name, Environment, settings);
+        Apis.Add(api);
+        api.Start();
+        await WaitUntilServingAsync(Silos.Count(s => s.IsRunning), TimeSpan.FromSeconds(60), api);
+        return api;
+    }
+
+    /// <summary>Waits until every running API answers <c>/health</c> with <paramref name="silos"/> active silos.</summary>
+    public async Task WaitUntilServingAsync(int silos, TimeSpan timeout, params NodeProcess[] only)
+    {
+        using var client = new HttpClient { Timeout = TimeSpan.FromSeconds(5) };
+        var deadline = DateTime.UtcNow + timeout;
+        foreach (var api in only.Length > 0 ? only : Apis.Where(a => a.IsRunning).ToArray())
+        {
+            while (true)
+            {
+                try
+                {
+                    var health = await client.GetFromJsonAsync<Health>(new Uri(api.BaseAddress!, "/health"));
+                    if (health?.ActiveSilos == silos)
+                    {
+                        break;
+                    }
+                }
+                catch (Exception ex) when (ex is HttpRequestException or TaskCanceledException)
+                {
+                    // Not up yet.
+                }
+
+                if (DateTime.UtcNow > deadline)
+                {
+                    throw new TimeoutException($"{api.Name} did not see {silos} active silos in time.\n{api.Output}\n{string.Join("\n", Silos.Select(s => s.Name + ":\n" + s.Output))}");
+                }
+
+                await Task.Delay(250);
+            }
+        }
+    }
+
+    /// <summary>How many side effects (<paramref name="table"/> rows) each key caused.</summary>
+    public async Task<Dictionary<string, long>> SideEffectsAsync(string table, string keyPrefix)
+    {
+        await using var connection = new NpgsqlConnection(Database + ";Pooling=false");
+        await connection.OpenAsync();
+        await using var command = new NpgsqlCommand($"SELECT request_key, count(*) FROM {table} WHERE request_key LIKE @prefix GROUP BY request_key", connection);
+        command.Parameters.AddWithValue("prefix", keyPrefix + "%");
+        await using var reader = await command.ExecuteReaderAsync();
+        var counts = new Dictionary<string, long>();
+        while (await reader.ReadAsync())
+        {
+            counts[reader.GetString(0)] = reader.GetInt64(1);
+        }
+
+        return counts;
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        foreach (var node in Apis.Concat(Silos))
+        {
+            node.Resume();
+            await node.KillAsync();
+        }
+
+        await Redis.DisposeAsync();
+        await Postgres.DisposeAsync();
+    }
+
+    private sealed record Health(string Status, int ActiveSilos);
+}

@@ -1,0 +1,82 @@
+using Npgsql;
+using OrleansIdempotency.Faults.Tests.Harness;
+using Xunit.Abstractions;
+
+namespace OrleansIdempotency.Faults.Tests.Scenarios;
+
+[Trait("Category", "Long")]
+public sealed class StoreFailureTests(ITestOutputHelper output)
+{
+    [Fact]
+    public async Task PostgresStoppedForTenSecondsUnderLoad_Answers503_RunsNothingUnclaimed_NoDuplicates_AndResumes()
+    {
+        await using var cluster = await FaultCluster.StartAsync(silos: 2, apis: 2);
+        var workload = new Workload(cluster.Apis.Select(a => a.BaseAddress!).ToList());
+        var options = new WorkloadOptions("pg-down-", Keys: 3000, DuplicatesPerKey: 3, Deadline: TimeSpan.FromMinutes(3))
+        {
+            KeysInFlight = 8,
+        };
+
+        var run = workload.RunAsync(options);
+        await Task.Delay(TimeSpan.FromSeconds(2));
+        await cluster.Postgres.StopAsync();
+        await Task.Delay(TimeSpan.FromSeconds(10));
+        Assert.False(run.IsCompleted, "The load ended during the outage; the scenario proves nothing.");
+        await cluster.Postgres.StartAgainAsync();
+        await run;
+
+        var verdict = await Checker.CheckAsync("postgres down 10 s", cluster, workload, options);
+        FaultReport.Write(output, verdict);
+        Assert.True(verdict.Unavailable > 0, "The outage should have been answered with 503s.");
+        Assert.True(workload.Stats.AllUnavailableHadRetryAfter);
+        Assert.Equal(0, verdict.Duplicates);
+        Assert.Equal(0, verdict.Disagreements);
+        Assert.Equal(0, verdict.Lost);
+        Assert.Equal(0, verdict.GaveUp);
+        Assert.Equal(0, await SideEffectsWithoutAClaimAsync(cluster, options.KeyPrefix));
+        Assert.All(cluster.Silos.Concat(cluster.Apis), node => Assert.True(node.IsRunning, $"{node.Name} stopped"));
+    }
+
+    [Fact]
+    public async Task RedisStoppedAndStartedUnderLoad_RunningSilosKeepServing_NoDuplicates()
+    {
+        await using var cluster = await FaultCluster.StartAsync(silos: 3, apis: 2);
+        var workload = new Workload(cluster.Apis.Select(a => a.BaseAddress!).ToList());
+        var options = new WorkloadOptions("redis-down-", Keys: 3000, DuplicatesPerKey: 3, Deadline: TimeSpan.FromMinutes(3))
+        {
+            KeysInFlight = 8,
+        };
+
+        var run = workload.RunAsync(options);
+        await Task.Delay(TimeSpan.FromSeconds(2));
+        await cluster.Redis.StopAsync();
+        await Task.Delay(TimeSpan.FromSeconds(10));
+        Assert.False(run.IsCompleted, "The load ended during the outage; the scenario proves nothing.");
+        await cluster.Redis.StartAgainAsync();
+        await run;
+
+        var verdict = await Checker.CheckAsync("redis down 10 s", cluster, workload, options);
+        FaultReport.Write(output, verdict);
+        Assert.Equal(0, verdict.Duplicates);
+        Assert.Equal(0, verdict.Disagreements);
+        Assert.Equal(0, verdict.Lost);
+        Assert.Equal(0, verdict.NotReplayed);
+        Assert.Equal(0, verdict.GaveUp);
+        Assert.Equal(0, verdict.ServerErrors);
+        Assert.All(cluster.Silos.Concat(cluster.Apis), node => Assert.True(node.IsRunning, $"{node.Name} stopped"));
+    }
+
+    /// <summary>Side effects whose key has no record in the idempotency store: an action that ran without a claim.</summary>
+    private static async Task<long> SideEffectsWithoutAClaimAsync(FaultCluster cluster, string prefix)
+    {
+        await using var connection = new NpgsqlConnection(cluster.Database + ";Pooling=false");
+        await connection.OpenAsync();
+        await using var command = new NpgsqlCommand("""
+            SELECT count(*) FROM demo_orders o
+            WHERE o.request_key LIKE @prefix
+              AND NOT EXISTS (SELECT 1 FROM OrleansStorage s WHERE s.GrainIdExtensionString = '5:alice:' || o.request_key)
+            """, connection);
+        command.Parameters.AddWithValue("prefix", prefix + "%");
+        return (long)(await command.ExecuteScalarAsync())!;
+    }
+}
