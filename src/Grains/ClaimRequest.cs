@@ -12,7 +12,10 @@ public enum LapsedLeasePolicy
 }
 
 /// <summary>An attempt's request to claim a key.</summary>
-/// <param name="AttemptId">Identifies this attempt; asking again with the same id after a lost answer returns the same claim.</param>
+/// <param name="AttemptId">
+/// Identifies this attempt; asking again with the same id after a lost answer returns the same claim (or a fresh one
+/// if it lapsed meanwhile). Never ask again with an id that already received <see cref="ClaimOutcome.Acquired"/>.
+/// </param>
 /// <param name="Fingerprint">SHA-256 of the request (method, route, normalised query, body).</param>
 /// <param name="Lease">How long the claim holds without completion or renewal.</param>
 /// <param name="Retention">How long the key is remembered after it is claimed or completed.</param>

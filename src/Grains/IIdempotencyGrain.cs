@@ -47,6 +47,14 @@ public interface IIdempotencyGrain : IGrainWithStringKey
     [AlwaysInterleave, Alias("Wait"), ResponseTimeout(CallTimeout)]
     Task WaitAsync(TimeSpan timeout);
 
+    /// <summary>
+    /// For operators: settles a key whose outcome is unknown, with the response the action is known to have produced
+    /// (the key then replays it) or with null (the key is released and the next request runs the action).
+    /// False when the key's outcome was not in doubt.
+    /// </summary>
+    [Alias("Resolve"), ResponseTimeout(CallTimeout)]
+    Task<bool> ResolveAsync(StoredResponse? outcome);
+
     /// <summary>The record as it stands now (a record past its retention reads as <see cref="IdempotencyStatus.None"/>).</summary>
     [Alias("Get"), ResponseTimeout(CallTimeout)]
     Task<IdempotencyRecord> GetAsync();

@@ -40,6 +40,9 @@ public sealed class IdempotencyGrain(
     public Task<bool> ReleaseAsync(Guid attemptId) =>
         ApplyAsync((stored, now) => IdempotencyTransitions.Release(stored, attemptId, now));
 
+    public Task<bool> ResolveAsync(StoredResponse? outcome) =>
+        ApplyAsync((stored, now) => IdempotencyTransitions.Resolve(stored, outcome, now));
+
     public async Task WaitAsync(TimeSpan timeout)
     {
         var now = time.GetUtcNow();

@@ -37,10 +37,13 @@ public sealed record IdempotencyRecord
     /// <summary>How long the key is remembered after it is claimed or completed, as the claim asked.</summary>
     [Id(8)] public TimeSpan Retention { get; init; }
 
-    /// <summary>The record as it behaves at <paramref name="now"/>: past its retention it is absent.</summary>
+    /// <summary>
+    /// The record as it behaves at <paramref name="now"/>: past its retention it is absent, unless a live lease
+    /// still holds it (an action may outlast the retention; its claim must not vanish under it).
+    /// </summary>
     /// <remarks>The fencing token survives expiry so that tokens never repeat while the row exists.</remarks>
     public IdempotencyRecord AsOf(DateTimeOffset now) =>
-        Status != IdempotencyStatus.None && ExpiresAt <= now
+        Status != IdempotencyStatus.None && ExpiresAt <= now && !(Status == IdempotencyStatus.InProgress && now < LeaseExpiresAt)
             ? new IdempotencyRecord { FencingToken = FencingToken }
             : this;
 

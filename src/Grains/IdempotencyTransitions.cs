@@ -36,6 +36,10 @@ public static class IdempotencyTransitions
                 return current.AttemptId == request.AttemptId
                     ? new(new ClaimResult(ClaimOutcome.Acquired, current.Token, current.LeaseExpiresAt), null)
                     : new(new ClaimResult(ClaimOutcome.InProgress, LeaseExpiresAt: current.LeaseExpiresAt), null);
+            case IdempotencyStatus.InProgress when current.AttemptId == request.AttemptId:
+                // An attempt asks again only while it has no answer, so it has not run the action: its lapsed claim
+                // is given again, under a new token (a failover can outlast a short lease).
+                return Acquire(current, request, now);
             default:
                 // The lease lapsed: the holder may have run the action, or died before it could.
                 return request.OnLapsedLease == LapsedLeasePolicy.Reclaim
@@ -72,8 +76,9 @@ public static class IdempotencyTransitions
     public static Transition<bool> Renew(IdempotencyRecord stored, ClaimToken token, TimeSpan lease, DateTimeOffset now)
     {
         var current = stored.AsOf(now);
+        // The retention is pushed out with the lease, so the purge never deletes a claim that is still held.
         return HoldsLiveClaim(current, token, now)
-            ? new(true, current with { LeaseExpiresAt = now + lease })
+            ? new(true, current with { LeaseExpiresAt = now + lease, ExpiresAt = Later(current.ExpiresAt, now + lease + current.Retention) })
             : new(false, null);
     }
 
@@ -90,6 +95,29 @@ public static class IdempotencyTransitions
         // The row stays until its retention ends so that fencing tokens keep rising.
         return new(true, new IdempotencyRecord { FencingToken = current.FencingToken, ExpiresAt = current.ExpiresAt });
     }
+
+    /// <summary>
+    /// Settles a key whose outcome is in doubt (<see cref="IdempotencyStatus.OutcomeUnknown"/>, or a lapsed lease), as
+    /// an operator who found out what happened does: with the response the action produced, the key completes and
+    /// replays it; with none, it is released and the next request runs the action.
+    /// </summary>
+    /// <returns>True when settled; false when the key's outcome was not in doubt (nothing changes).</returns>
+    public static Transition<bool> Resolve(IdempotencyRecord stored, StoredResponse? outcome, DateTimeOffset now)
+    {
+        var current = stored.AsOf(now);
+        var inDoubt = current.Status == IdempotencyStatus.OutcomeUnknown
+            || (current.Status == IdempotencyStatus.InProgress && now >= current.LeaseExpiresAt);
+        if (!inDoubt)
+        {
+            return new(false, null);
+        }
+
+        return new(true, outcome is null
+            ? new IdempotencyRecord { FencingToken = current.FencingToken, ExpiresAt = current.ExpiresAt }
+            : current with { Status = IdempotencyStatus.Completed, Response = outcome, ExpiresAt = now + current.Retention });
+    }
+
+    private static DateTimeOffset Later(DateTimeOffset a, DateTimeOffset b) => a > b ? a : b;
 
     private static bool HoldsLiveClaim(IdempotencyRecord current, ClaimToken token, DateTimeOffset now) =>
         current.Status == IdempotencyStatus.InProgress && current.IsHeldBy(token) && now < current.LeaseExpiresAt;

@@ -146,12 +146,34 @@ public sealed class IdempotencyTransitionsTests
     }
 
     [Fact]
-    public void Claim_SameAttemptAfterLeaseLapsed_DoesNotGetItsClaimBack()
+    public void Claim_SameAttemptAfterItsLeaseLapsed_GetsAFreshClaimUnderANewToken()
     {
+        // The attempt never heard back, so it never ran the action: nothing is in doubt.
         var request = Request();
-        var (record, _) = Claimed(request);
+        var (record, token) = Claimed(request);
 
-        Assert.Equal(ClaimOutcome.OutcomeUnknown, Claim(record, request, T0 + Lease).Result.Outcome);
+        var (result, next) = Claim(record, request, T0 + Lease);
+
+        Assert.Equal(ClaimOutcome.Acquired, result.Outcome);
+        Assert.Equal(token.FencingToken + 1, result.Token!.Value.FencingToken);
+        Assert.False(Complete(next!, token, Created, T0 + Lease).Result);
+    }
+
+    [Fact]
+    public void InProgressRecord_WithALiveLease_OutlivesItsRetention_AndRenewalPushesTheRetentionOut()
+    {
+        var (renewed, token) = Claimed();
+        var now = T0;
+        while (now < T0 + Retention)
+        {
+            now += Lease / 3;
+            renewed = Renew(renewed, token, Lease, now).Next!;
+        }
+
+        Assert.True(renewed.ExpiresAt >= now + Lease + Retention);
+        Assert.Equal(IdempotencyStatus.InProgress, renewed.AsOf(T0 + Retention + TimeSpan.FromSeconds(10)).Status);
+        Assert.Equal(ClaimOutcome.InProgress, Claim(renewed, Request(), T0 + Retention + TimeSpan.FromSeconds(10)).Result.Outcome);
+        Assert.True(Complete(renewed, token, Created, T0 + Retention + TimeSpan.FromSeconds(10)).Result);
     }
 
     [Fact]
@@ -213,5 +235,40 @@ public sealed class IdempotencyTransitionsTests
         Assert.Equal(ClaimOutcome.Acquired, result.Outcome);
         Assert.Equal(token.FencingToken + 1, result.Token!.Value.FencingToken);
         Assert.Null(next!.Response);
+    }
+
+    [Fact]
+    public void Resolve_OutcomeUnknown_WithTheKnownResponse_CompletesAndReplaysIt()
+    {
+        var (record, _) = Claimed();
+        var unknown = Claim(record, Request(), T0 + Lease).Next!;
+
+        var (resolved, next) = Resolve(unknown, Created, T0 + Lease * 2);
+
+        Assert.True(resolved);
+        Assert.Same(Created, Claim(next!, Request(), T0 + Lease * 2).Result.Response);
+    }
+
+    [Fact]
+    public void Resolve_OutcomeUnknown_WithNoResponse_ReleasesTheKeyForTheNextRequest()
+    {
+        var (record, token) = Claimed();
+        var unknown = Claim(record, Request(), T0 + Lease).Next!;
+
+        var next = Resolve(unknown, null, T0 + Lease * 2).Next!;
+        var retry = Claim(next, Request(), T0 + Lease * 2).Result;
+
+        Assert.Equal(ClaimOutcome.Acquired, retry.Outcome);
+        Assert.True(retry.Token!.Value.FencingToken > token.FencingToken);
+    }
+
+    [Fact]
+    public void Resolve_AKeyNotInDoubt_ChangesNothing()
+    {
+        var (record, token) = Claimed();
+        var completed = Complete(record, token, Created, T0).Next!;
+
+        Assert.Equal(new Transition<bool>(false, null), Resolve(record, null, T0 + TimeSpan.FromSeconds(1)));
+        Assert.Equal(new Transition<bool>(false, null), Resolve(completed, null, T0 + Lease * 2));
     }
 }

@@ -31,5 +31,4 @@ internal static class IdempotencyResults
     public const string Replayed = "replayed";
     public const string Rejected = "rejected";
     public const string Unavailable = "unavailable";
-    public const string Failed = "failed";
 }

@@ -8,6 +8,9 @@ internal sealed partial class IdempotencyMiddleware
     [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: the store is unavailable; answered 503 without running the request.")]
     private static partial void LogUnavailable(ILogger logger, Exception exception, string key);
 
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: the action ended with {Exception} after the client left; its claim is left to lapse, since the action may have taken effect.")]
+    private static partial void LogLeftInDoubt(ILogger logger, string key, string exception);
+
     [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: renewing the lease failed ({Reason}).")]
     private static partial void LogRenewalFailed(ILogger logger, string key, string reason);
 }

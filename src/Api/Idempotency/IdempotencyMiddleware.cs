@@ -87,6 +87,12 @@ internal sealed partial class IdempotencyMiddleware(
                 await UnavailableAsync(context, ex, key);
                 return;
             }
+            catch (OperationCanceledException) when (context.RequestAborted.IsCancellationRequested)
+            {
+                // The client left while a lost answer was being asked for again; the action never ran.
+                _ = calls.ReleaseAsync(grain, request.AttemptId, policy.Lease);
+                throw;
+            }
 
             switch (claim.Outcome)
             {
@@ -136,11 +142,20 @@ internal sealed partial class IdempotencyMiddleware(
         {
             await next(context);
         }
-        catch
+        catch (Exception exception)
         {
             await renewal.DisposeAsync();
-            await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease);
-            metrics.Record(IdempotencyResults.Released);
+            if (policy.ReleasesOnException(exception, context))
+            {
+                await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease);
+                metrics.Record(IdempotencyResults.Released);
+            }
+            else
+            {
+                // The action may have taken effect before it was cut off: leave the claim to lapse (outcome unknown).
+                LogLeftInDoubt(logger, grain.GetPrimaryKeyString(), exception.GetType().Name);
+            }
+
             throw;
         }
         finally
@@ -184,9 +199,23 @@ internal sealed partial class IdempotencyMiddleware(
         }
 
         response.Headers[ReplayedHeader] = "true";
-        response.ContentLength = stored.Body.Length;
-        await response.Body.WriteAsync(stored.Body, context.RequestAborted);
         metrics.Record(IdempotencyResults.Replayed);
+        if (stored.Body.Length == 0)
+        {
+            // 204 and 304 must not carry a body, nor a Content-Length that announces one.
+            return;
+        }
+
+        response.ContentLength = stored.Body.Length;
+        try
+        {
+            await response.Body.WriteAsync(stored.Body, context.RequestAborted);
+        }
+        catch (OperationCanceledException) when (context.RequestAborted.IsCancellationRequested)
+        {
+            // The client left mid-replay; nothing to undo.
+            context.Abort();
+        }
     }
 
     private async Task RejectAsync(HttpContext context, IdempotencyProblem problem, string detail, string? key, TimeSpan? retryAfter = null)

@@ -20,9 +20,12 @@ public enum ConcurrentDuplicateHandling
 /// </summary>
 public sealed record IdempotencyPolicy
 {
-    /// <summary>The headers stored with a response when their endpoint names no others (DESIGN §4).</summary>
+    /// <summary>
+    /// The headers stored with a response when their endpoint names no others (DESIGN §4), plus the two that
+    /// describe the stored bytes themselves (<c>Content-Encoding</c>, <c>Content-Language</c>).
+    /// </summary>
     public static readonly FrozenSet<string> DefaultStoredHeaders = FrozenSet.ToFrozenSet(
-        ["Content-Type", "Content-Location", "Location", "ETag", "Last-Modified", "Cache-Control"],
+        ["Content-Type", "Content-Encoding", "Content-Language", "Content-Location", "Location", "ETag", "Last-Modified", "Cache-Control"],
         StringComparer.OrdinalIgnoreCase);
 
     /// <summary>
@@ -95,6 +98,14 @@ public sealed record IdempotencyPolicy
     /// it. The default releases on 5xx, 408, 425 and 429 (DESIGN §4).
     /// </summary>
     public Func<int, bool> ReleasesKey { get; init; } = static status => status is >= 500 or 408 or 425 or 429;
+
+    /// <summary>
+    /// Whether an exception from the action releases the key so the client may retry under it. The default
+    /// releases, unless the client had gone (<see cref="HttpContext.RequestAborted"/>): an action cut off by a
+    /// disconnect may have taken effect, so its key is left to lapse into an unknown outcome rather than run twice.
+    /// </summary>
+    public Func<Exception, HttpContext, bool> ReleasesOnException { get; init; } =
+        static (_, context) => !context.RequestAborted.IsCancellationRequested;
 
     /// <summary>Adds <paramref name="headers"/> to the stored headers (never the ones in <see cref="NeverStoredHeaders"/>).</summary>
     public IdempotencyPolicy WithStoredHeaders(params string[] headers) =>

@@ -2,20 +2,31 @@ using System.Security.Claims;
 
 namespace OrleansIdempotency.AspNetCore;
 
-/// <summary>Ready-made <see cref="IdempotencyPolicy.Scope"/> resolvers.</summary>
+/// <summary>
+/// Ready-made <see cref="IdempotencyPolicy.Scope"/> resolvers. Each names its kind (<c>user:</c>, <c>claim:</c>,
+/// <c>header:</c>), so a user whose id is <c>anonymous</c>, or a header value equal to a user id, never shares keys
+/// with another kind of caller.
+/// </summary>
 public static class IdempotencyScope
 {
     /// <summary>The scope shared by every caller without one, when <see cref="IdempotencyPolicy.AllowAnonymous"/>.</summary>
     public const string Anonymous = "anonymous";
 
-    /// <summary>The authenticated user (<see cref="ClaimTypes.NameIdentifier"/>).</summary>
-    public static string? User(HttpContext context) => Claim(ClaimTypes.NameIdentifier)(context);
+    /// <summary>The authenticated user (<see cref="ClaimTypes.NameIdentifier"/>), as <c>user:{id}</c>.</summary>
+    public static string? User(HttpContext context) =>
+        context.User.Identity?.IsAuthenticated == true && context.User.FindFirst(ClaimTypes.NameIdentifier)?.Value is { } id
+            ? "user:" + id
+            : null;
 
-    /// <summary>The value of the authenticated caller's claim <paramref name="type"/>, for example a tenant id.</summary>
+    /// <summary>The value of the authenticated caller's claim <paramref name="type"/> (a tenant id, say), as <c>claim:{type}:{value}</c>.</summary>
     public static Func<HttpContext, string?> Claim(string type) =>
-        context => context.User.Identity?.IsAuthenticated == true ? context.User.FindFirst(type)?.Value : null;
+        context => context.User.Identity?.IsAuthenticated == true && context.User.FindFirst(type)?.Value is { } value
+            ? $"claim:{type}:{value}"
+            : null;
 
-    /// <summary>The value of a request header, for example an API key that identifies the caller.</summary>
+    /// <summary>The value of a request header (an API key that identifies the caller, say), as <c>header:{name}:{value}</c>.</summary>
     public static Func<HttpContext, string?> Header(string name) =>
-        context => context.Request.Headers[name] is { Count: 1 } values && !string.IsNullOrEmpty(values[0]) ? values[0] : null;
+        context => context.Request.Headers[name] is { Count: 1 } values && !string.IsNullOrEmpty(values[0])
+            ? $"header:{name}:{values[0]}"
+            : null;
 }

@@ -27,7 +27,9 @@ public static class RequestFingerprint
         AppendPart(hash, request.PathBase.Add(request.Path).Value ?? "/");
         AppendPart(hash, NormalizeQuery(request.Query));
 
-        request.EnableBuffering(bufferThreshold: 64 * 1024, bufferLimit: maxBodyBytes);
+        // No buffer limit here: the buffering stream would throw past it, and a chunked body has no length to check
+        // up front. The count below stops reading one buffer past the limit instead.
+        request.EnableBuffering(bufferThreshold: 64 * 1024);
         var buffer = ArrayPool<byte>.Shared.Rent(16 * 1024);
         try
         {

@@ -19,6 +19,7 @@ public sealed partial class ExpiredRecordPurger(
     private const string DeleteBatch = """
         DELETE FROM OrleansStorage
         WHERE ctid = ANY (ARRAY(SELECT ctid FROM OrleansStorage WHERE ExpiresAt <= @cutoff LIMIT @batch))
+          AND ExpiresAt <= @cutoff
         """;
 
     /// <summary>Deletes every record that expired at or before <paramref name="cutoff"/>.</summary>

@@ -11,7 +11,12 @@
 --    of two activations racing to claim the same new key, exactly one row is inserted (the fence of DESIGN §3);
 --  * ExpiresAt, read from the payload's 8-byte header (see IdempotencyStorageSerializer), so expired records
 --    can be purged with an index range scan and storage stays bounded;
+--  * a new row starts at a random version, not 1: after a purge deletes a row and another activation inserts it
+--    again, a stale activation still holding the old row's ETag cannot match the new row by chance (ABA);
 --  * no stored procedure: each query is one statement that Npgsql can prepare.
+--
+-- Needs Orleans 10.2.2 or later, whose provider treats "no row returned" as a version conflict. The queries carry
+-- the marker OrleansIdempotency so that the installer can tell them from another application's.
 --
 -- Applied by the silo on every start, under an advisory lock; every statement is idempotent.
 
@@ -51,7 +56,7 @@ LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
 $$;
 
 INSERT INTO OrleansQuery (QueryKey, QueryText) VALUES
-('WriteToStorageKey', '
+('WriteToStorageKey', '/* OrleansIdempotency */
 WITH updated AS (
     UPDATE OrleansStorage
     SET PayloadBinary = @PayloadBinary,
@@ -69,7 +74,7 @@ WITH updated AS (
     INSERT INTO OrleansStorage (GrainIdHash, GrainTypeHash, ServiceId, GrainTypeString, GrainIdN0, GrainIdN1,
                                 GrainIdExtensionString, PayloadBinary, Version, ModifiedOn, ExpiresAt)
     SELECT @GrainIdHash, @GrainTypeHash, @ServiceId, @GrainTypeString, @GrainIdN0, @GrainIdN1,
-           coalesce(@GrainIdExtensionString::text, ''''), @PayloadBinary, 1, now(),
+           coalesce(@GrainIdExtensionString::text, ''''), @PayloadBinary, (floor(random() * 1000000000))::integer + 1, now(),
            OrleansStorage_PayloadExpiresAt(@PayloadBinary)
     WHERE @GrainStateVersion::integer IS NULL
     ON CONFLICT ON CONSTRAINT OrleansStorage_Key DO NOTHING

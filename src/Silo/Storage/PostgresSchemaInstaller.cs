@@ -12,6 +12,9 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
     // Any constant shared by every process that installs the schema: silos starting together take turns.
     private const long AdvisoryLockKey = 0x4F49_6465_6D70; // "OIdemp"
 
+    // Written into our queries' text, so a database set up by anyone else's scripts is recognised, not overwritten.
+    private const string Marker = "OrleansIdempotency";
+
     private static readonly string Script = ReadScript();
 
     /// <summary>How long a starting silo waits for PostgreSQL to accept connections. The default is 60 seconds.</summary>
@@ -48,6 +51,20 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
         {
             command.Parameters.AddWithValue("key", AdvisoryLockKey);
             await command.ExecuteNonQueryAsync(cancellationToken);
+        }
+
+        await using (var command = new NpgsqlCommand("SELECT to_regclass('orleansquery') IS NOT NULL", connection, transaction))
+        {
+            if ((bool)(await command.ExecuteScalarAsync(cancellationToken))!)
+            {
+                command.CommandText = "SELECT QueryText FROM OrleansQuery WHERE QueryKey = 'WriteToStorageKey'";
+                if (await command.ExecuteScalarAsync(cancellationToken) is string existing && !existing.Contains(Marker, StringComparison.Ordinal))
+                {
+                    throw new InvalidOperationException(
+                        "This PostgreSQL database already holds another application's Orleans storage queries (OrleansQuery). " +
+                        "The queries are global to a database, so OrleansIdempotency needs a database of its own: point ConnectionStrings__Postgres at one.");
+                }
+            }
         }
 
         await using (var command = new NpgsqlCommand(Script, connection, transaction))

@@ -1,3 +1,4 @@
+using OrleansIdempotency.Grains;
 using System.Text;
 using Npgsql;
 
@@ -135,7 +136,7 @@ public sealed class HostileInputTests(EndToEndFixture fixture)
         await using var connection = new NpgsqlConnection(fixture.Postgres);
         await connection.OpenAsync();
         await using var command = new NpgsqlCommand("SELECT count(*) FROM OrleansStorage WHERE GrainIdExtensionString = @key", connection);
-        command.Parameters.AddWithValue("key", "5:alice:" + key);
+        command.Parameters.AddWithValue("key", new IdempotencyKey("user:alice", key).ToGrainKey());
         Assert.Equal(1L, await command.ExecuteScalarAsync());
     }
 

@@ -530,6 +530,72 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task ChunkedRequestBodyOverTheLimit_Returns413_NotA500()
+    {
+        var harness = Harness(policy: IdempotencyPolicy.Default with { MaxRequestBodyBytes = 1000 });
+        var context = MiddlewareHarness.Request(MiddlewareHarness.NewKey(), body: new string('x', 200_000),
+            configure: c => c.Request.ContentLength = null);
+
+        await harness.SendAsync(context);
+
+        Assert.Equal(413, context.Response.StatusCode);
+        Assert.Equal(0, harness.Executions);
+    }
+
+    [Fact]
+    public async Task ActionCutOffByAClientDisconnect_LeavesTheKeyInDoubt_InsteadOfReleasingIt()
+    {
+        using var disconnect = new CancellationTokenSource();
+        var harness = Harness(async context =>
+        {
+            await disconnect.CancelAsync();
+            context.RequestAborted.ThrowIfCancellationRequested();
+        });
+        var key = MiddlewareHarness.NewKey();
+        var context = MiddlewareHarness.Request(key, configure: c => c.RequestAborted = disconnect.Token);
+
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => harness.SendAsync(context));
+
+        // Not released: a retry must not run an action that may already have taken effect.
+        Assert.Equal(IdempotencyStatus.InProgress, (await harness.Grain(key).GetAsync()).Status);
+        fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
+        Assert.Equal(409, (await harness.SendAsync(key)).Response.StatusCode);
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task AUserNamedAnonymous_NeverSharesKeysWithAnonymousCallers()
+    {
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+
+        await harness.SendAsync(key, user: "");
+        var named = await harness.SendAsync(key, body: "{\"other\":1}", user: "anonymous");
+
+        Assert.Equal(201, named.Response.StatusCode);
+        Assert.Equal(2, harness.Executions);
+    }
+
+    [Fact]
+    public async Task NoContentResponse_IsReplayedWithoutABody()
+    {
+        var harness = Harness(context =>
+        {
+            context.Response.StatusCode = 204;
+            return Task.CompletedTask;
+        });
+        var key = MiddlewareHarness.NewKey();
+
+        await harness.SendAsync(key);
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal(204, replay.Response.StatusCode);
+        Assert.Null(replay.Response.ContentLength);
+        Assert.Empty(replay.BodyBytes());
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+    }
+
+    [Fact]
     public void UseIdempotencyTwice_Throws()
     {
         var app = new ApplicationBuilder(new ServiceCollection().BuildServiceProvider());

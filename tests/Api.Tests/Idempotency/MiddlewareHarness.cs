@@ -86,7 +86,7 @@ internal sealed class MiddlewareHarness
     public Task<HttpContext> SendAsync(string? key, string body = "{\"amount\":1}", string method = "POST", string path = "/orders", string query = "", string user = "alice") =>
         SendAsync(Request(key, body, method, path, query, user));
 
-    public IIdempotencyGrain Grain(string key, string scope = "alice") => fixture.Grains.GetIdempotencyGrain(new IdempotencyKey(scope, key));
+    public IIdempotencyGrain Grain(string key, string scope = "user:alice") => fixture.Grains.GetIdempotencyGrain(new IdempotencyKey(scope, key));
 
     /// <summary>Like <see cref="Creates"/>, once <paramref name="released"/> completes: keeps a request in flight.</summary>
     public static RequestDelegate CreatesAfter(Task released) => async context =>

@@ -63,7 +63,7 @@ public static class FaultReport
         Console.WriteLine(text);
         if (Environment.GetEnvironmentVariable("IDEMPOTENCY_TEST_RUN_DIR") is { Length: > 0 } directory)
         {
-            File.AppendAllText(Path.Combine(directory, "fault-report.txt"), text + Environment.NewLine, Encoding.UTF8);
+            File.AppendAllText(Path.Combine(directory, "fault-report.txt"), text + Environment.NewLine, new UTF8Encoding(encoderShouldEmitUTF8Identifier: false));
         }
     }
 }

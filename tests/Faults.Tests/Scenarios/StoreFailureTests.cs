@@ -74,7 +74,7 @@ public sealed class StoreFailureTests(ITestOutputHelper output)
         await using var command = new NpgsqlCommand("""
             SELECT count(*) FROM demo_orders o
             WHERE o.request_key LIKE @prefix
-              AND NOT EXISTS (SELECT 1 FROM OrleansStorage s WHERE s.GrainIdExtensionString = '5:alice:' || o.request_key)
+              AND NOT EXISTS (SELECT 1 FROM OrleansStorage s WHERE s.GrainIdExtensionString = '10:user:alice:' || o.request_key)
             """, connection);
         command.Parameters.AddWithValue("prefix", prefix + "%");
         return (long)(await command.ExecuteScalarAsync())!;
