@@ -1,3 +1,5 @@
+using Orleans.Concurrency;
+
 namespace OrleansIdempotency.Grains;
 
 /// <summary>What happens to a claim whose lease ran out without a completion.</summary>
@@ -20,7 +22,7 @@ public enum LapsedLeasePolicy
 /// <param name="Lease">How long the claim holds without completion or renewal.</param>
 /// <param name="Retention">How long the key is remembered after it is claimed or completed.</param>
 /// <param name="OnLapsedLease">What a lapsed lease turns into.</param>
-[GenerateSerializer, Alias("OrleansIdempotency.ClaimRequest")]
+[GenerateSerializer, Immutable, Alias("OrleansIdempotency.ClaimRequest")]
 public sealed record ClaimRequest(
     [property: Id(0)] Guid AttemptId,
     [property: Id(1)] byte[] Fingerprint,
@@ -29,5 +31,5 @@ public sealed record ClaimRequest(
     [property: Id(4)] LapsedLeasePolicy OnLapsedLease = LapsedLeasePolicy.OutcomeUnknown);
 
 /// <summary>Proof of a claim: the attempt that holds it and the fencing token it was given.</summary>
-[GenerateSerializer, Alias("OrleansIdempotency.ClaimToken")]
+[GenerateSerializer, Immutable, Alias("OrleansIdempotency.ClaimToken")]
 public readonly record struct ClaimToken([property: Id(0)] Guid AttemptId, [property: Id(1)] long FencingToken);

@@ -1,3 +1,5 @@
+using Orleans.Concurrency;
+
 namespace OrleansIdempotency.Grains;
 
 /// <summary>The answer to a claim.</summary>
@@ -25,7 +27,7 @@ public enum ClaimOutcome
 /// <param name="Token">The claim, when <see cref="ClaimOutcome.Acquired"/>.</param>
 /// <param name="LeaseExpiresAt">When the current claim lapses, when <see cref="ClaimOutcome.Acquired"/> or <see cref="ClaimOutcome.InProgress"/>.</param>
 /// <param name="Response">The stored response, when <see cref="ClaimOutcome.Completed"/>.</param>
-[GenerateSerializer, Alias("OrleansIdempotency.ClaimResult")]
+[GenerateSerializer, Immutable, Alias("OrleansIdempotency.ClaimResult")]
 public sealed record ClaimResult(
     [property: Id(0)] ClaimOutcome Outcome,
     [property: Id(1)] ClaimToken? Token = null,

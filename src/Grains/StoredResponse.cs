@@ -1,10 +1,15 @@
+using Orleans.Concurrency;
+
 namespace OrleansIdempotency.Grains;
 
 /// <summary>One stored response header. A header with several values is stored as several entries.</summary>
-[GenerateSerializer, Alias("OrleansIdempotency.StoredHeader")]
+[GenerateSerializer, Immutable, Alias("OrleansIdempotency.StoredHeader")]
 public readonly record struct StoredHeader([property: Id(0)] string Name, [property: Id(1)] string Value);
 
-/// <summary>The outcome of an action, kept so that every later caller gets the same answer.</summary>
+/// <summary>
+/// The outcome of an action, kept so that every later caller gets the same answer. Immutable once made (its body
+/// array included), so Orleans passes it between grains without copying.
+/// </summary>
 /// <param name="StatusCode">The HTTP status code, or the result code of a non-HTTP action.</param>
 /// <param name="Headers">The allow-listed headers that describe the result (never Set-Cookie, Date or hop-by-hop headers).</param>
 /// <param name="Body">The body bytes, exactly as first sent; empty when <paramref name="BodyOmitted"/>.</param>
@@ -12,7 +17,7 @@ public readonly record struct StoredHeader([property: Id(0)] string Name, [prope
 /// True when the body was larger than the storage cap: the first caller got all of it, but it cannot be replayed.
 /// </param>
 /// <param name="BodyLength">The length of the original body in bytes, whether or not it was stored.</param>
-[GenerateSerializer, Alias("OrleansIdempotency.StoredResponse")]
+[GenerateSerializer, Immutable, Alias("OrleansIdempotency.StoredResponse")]
 public sealed record StoredResponse(
     [property: Id(0)] int StatusCode,
     [property: Id(1)] IReadOnlyList<StoredHeader> Headers,

@@ -25,6 +25,9 @@ public sealed class PostgresServer : IAsyncDisposable
     /// <summary>The loopback port the server listens on.</summary>
     public int Port { get; }
 
+    /// <summary>The postmaster's id and its children's (the backends, WAL writer, checkpointer, ...).</summary>
+    public IReadOnlyList<int> ProcessIds => process is null ? [] : [process.Id, .. ProcessCpu.ChildrenOf(process.Id)];
+
     /// <summary>Connection string for the <c>postgres</c> database.</summary>
     public string ConnectionString => ConnectionStringFor("postgres");
 

@@ -34,9 +34,10 @@ public sealed class ServerProcess
 
     /// <summary>Starts <paramref name="fileName"/>, running it as <paramref name="user"/> when the tests run as root.</summary>
     public static ServerProcess Start(string fileName, IEnumerable<string> arguments, string? user = null,
-        IReadOnlyDictionary<string, string>? environment = null)
+        IReadOnlyDictionary<string, string>? environment = null, string? workingDirectory = null)
     {
         var start = RunAs(user, fileName, arguments);
+        start.WorkingDirectory = workingDirectory ?? "";
         start.RedirectStandardOutput = true;
         start.RedirectStandardError = true;
         start.UseShellExecute = false;

@@ -144,7 +144,7 @@ internal sealed partial class IdempotencyMiddleware(
         }
         catch (Exception exception)
         {
-            await renewal.DisposeAsync();
+            renewal.Dispose();
             if (policy.ReleasesOnException(exception, context))
             {
                 await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease);
@@ -163,7 +163,7 @@ internal sealed partial class IdempotencyMiddleware(
             context.Features.Set(originalBody);
         }
 
-        await renewal.DisposeAsync();
+        renewal.Dispose();
         var response = context.Response;
         if (policy.ReleasesKey(response.StatusCode))
         {

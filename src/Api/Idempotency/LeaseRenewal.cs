@@ -6,53 +6,57 @@ internal sealed partial class IdempotencyMiddleware
 {
     /// <summary>
     /// Renews a claim every third of its lease while the action runs, so a long action keeps its claim and a dead
-    /// process loses it within one lease.
+    /// process loses it within one lease. A timer, not a loop: most actions end before the first tick, and then
+    /// this costs one timer and no task or exception.
     /// </summary>
-    private sealed class LeaseRenewal : IAsyncDisposable
+    private sealed class LeaseRenewal : IDisposable
     {
-        private readonly CancellationTokenSource stop = new();
-        private readonly Task loop;
+        private readonly IIdempotencyGrain grain;
+        private readonly ClaimToken token;
+        private readonly TimeSpan lease;
+        private readonly ILogger logger;
+        private readonly ITimer timer;
+        private int renewing;
+        private bool stopped;
 
         public LeaseRenewal(IIdempotencyGrain grain, ClaimToken token, TimeSpan lease, TimeProvider time, ILogger logger)
         {
-            loop = RenewAsync(grain, token, lease, time, logger, stop.Token);
+            this.grain = grain;
+            this.token = token;
+            this.lease = lease;
+            this.logger = logger;
+            timer = time.CreateTimer(static state => ((LeaseRenewal)state!).Tick(), this, lease / 3, lease / 3);
         }
 
-        public async ValueTask DisposeAsync()
+        public void Dispose()
         {
-            if (!stop.IsCancellationRequested)
+            Volatile.Write(ref stopped, true);
+            timer.Dispose();
+        }
+
+        private async void Tick()
+        {
+            // One renewal at a time; a tick that finds one still running skips (two more thirds remain).
+            if (Volatile.Read(ref stopped) || Interlocked.Exchange(ref renewing, 1) == 1)
             {
-                await stop.CancelAsync();
-                await loop;
-                stop.Dispose();
+                return;
             }
-        }
 
-        private static async Task RenewAsync(IIdempotencyGrain grain, ClaimToken token, TimeSpan lease, TimeProvider time, ILogger logger, CancellationToken cancellationToken)
-        {
-            using var timer = new PeriodicTimer(lease / 3, time);
             try
             {
-                while (await timer.WaitForNextTickAsync(cancellationToken))
+                if (!await grain.RenewAsync(token, lease))
                 {
-                    try
-                    {
-                        if (!await grain.RenewAsync(token, lease))
-                        {
-                            LogRenewalFailed(logger, grain.GetPrimaryKeyString(), "the claim is no longer held");
-                            return;
-                        }
-                    }
-                    catch (Exception ex) when (ex is not OperationCanceledException)
-                    {
-                        // The next tick tries again; the lease has two more thirds to go.
-                        LogRenewalFailed(logger, grain.GetPrimaryKeyString(), ex.GetType().Name);
-                    }
+                    LogRenewalFailed(logger, grain.GetPrimaryKeyString(), "the claim is no longer held");
+                    Dispose();
                 }
             }
-            catch (OperationCanceledException)
+            catch (Exception ex)
             {
-                // The action finished.
+                LogRenewalFailed(logger, grain.GetPrimaryKeyString(), ex.GetType().Name);
+            }
+            finally
+            {
+                Volatile.Write(ref renewing, 0);
             }
         }
     }

@@ -1,3 +1,4 @@
+using OrleansIdempotency.Testing;
 using Xunit.Abstractions;
 using System.Globalization;
 using System.Text;

@@ -1,3 +1,4 @@
+using OrleansIdempotency.Testing;
 using Npgsql;
 using OrleansIdempotency.Faults.Tests.Harness;
 using Xunit.Abstractions;

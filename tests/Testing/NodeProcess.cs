@@ -1,7 +1,7 @@
 using System.Globalization;
-using OrleansIdempotency.Testing;
 
-namespace OrleansIdempotency.Faults.Tests.Harness;
+
+namespace OrleansIdempotency.Testing;
 
 /// <summary>A silo (<c>src/Silo</c>) or API (<c>src/Api</c>) process that can be killed, stopped, paused and started again on the same ports.</summary>
 public sealed class NodeProcess
@@ -26,6 +26,9 @@ public sealed class NodeProcess
     public Uri? BaseAddress => HttpPort is { } port ? new Uri($"http://127.0.0.1:{port.ToString(CultureInfo.InvariantCulture)}") : null;
 
     public bool IsRunning => process is { HasExited: false };
+
+    /// <summary>The operating system's id of the running process.</summary>
+    public int? ProcessId => process?.Id;
 
     public string Output => process?.Output ?? "";
 
@@ -63,7 +66,8 @@ public sealed class NodeProcess
             throw new InvalidOperationException($"{Name} is already running.");
         }
 
-        process = ServerProcess.Start("dotnet", [assembly], environment: environment);
+        // From its own directory, so it finds its appsettings*.json as it does when deployed.
+        process = ServerProcess.Start("dotnet", [assembly], environment: environment, workingDirectory: Path.GetDirectoryName(assembly));
     }
 
     /// <summary>kill -9: no shutdown, no goodbye to the cluster.</summary>
@@ -92,7 +96,7 @@ public sealed class NodeProcess
 }
 
 /// <summary>Where the built silo and API are: next to this test project's own configuration.</summary>
-internal static class Binaries
+public static class Binaries
 {
     private static readonly string Root = FindRoot();
     private static readonly string Configuration = new DirectoryInfo(AppContext.BaseDirectory.TrimEnd(Path.DirectorySeparatorChar)).Parent!.Name;

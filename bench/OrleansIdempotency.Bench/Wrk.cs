@@ -1,0 +1,141 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Text.RegularExpressions;
+
+namespace OrleansIdempotency.Bench;
+
+/// <summary>One wrk run's result: throughput and latency percentiles.</summary>
+public sealed record WrkResult(double RequestsPerSecond, double P50Ms, double P99Ms, long Requests, long Errors);
+
+/// <summary>Drives HTTP load with wrk, whose Lua scripts make each request's <c>Idempotency-Key</c>.</summary>
+public static partial class Wrk
+{
+    /// <summary>
+    /// The request generator. <c>mode</c>: <c>plain</c> (no key), <c>new</c> (a fresh key per request),
+    /// <c>hot</c> (cycles over keys hot-1..hot-N, completed and active), <c>replay</c> (each thread replays the keys
+    /// it created in the <c>new</c> run named by <c>source</c>, once each, then stops), <c>dup</c> (a new key every
+    /// <c>D</c> requests per thread: duplicates of keys still in flight).
+    /// </summary>
+    private const string Script = """
+        -- Globals, so the main state can read them from each thread in done().
+        mode, path, run, count, source, dup = "plain", "/bench/plain", "r", 0, "", 8
+        local threads = {}
+        local body = '{"amount":5.00,"currency":"EUR"}'
+        local headers = { ["Authorization"] = "Bearer demo-alice", ["Content-Type"] = "application/json" }
+        local limit = 0
+        counter = 0
+        id = 0
+
+        function setup(thread)
+          thread:set("id", #threads + 1)
+          table.insert(threads, thread)
+        end
+
+        function init(args)
+          mode, path, run, count, source, dup = args[1], args[2], args[3], tonumber(args[4]), args[5], tonumber(args[6])
+          if mode == "replay" then
+            local file = io.open(source .. "." .. id, "r")
+            limit = tonumber(file:read("*l"))
+            file:close()
+          end
+        end
+
+        function request()
+          counter = counter + 1
+          if mode == "plain" then
+            headers["Idempotency-Key"] = nil
+          elseif mode == "new" then
+            headers["Idempotency-Key"] = run .. "-" .. id .. "-" .. counter
+          elseif mode == "hot" then
+            headers["Idempotency-Key"] = "hot-" .. ((counter * 7 + id) % count + 1)
+          elseif mode == "replay" then
+            headers["Idempotency-Key"] = source:match("[^/]*$") .. "-" .. id .. "-" .. math.min(counter, limit)
+          else
+            headers["Idempotency-Key"] = run .. "-" .. id .. "-" .. math.floor(counter / dup)
+          end
+          return wrk.format("POST", path, headers, body)
+        end
+
+        function response(status, headers, body)
+          if mode == "replay" and counter >= limit then
+            wrk.thread:stop()
+          end
+        end
+
+        function done(summary, latency, requests)
+          for _, thread in ipairs(threads) do
+            if thread:get("mode") == "new" then
+              local file = io.open(thread:get("source") .. "." .. thread:get("id"), "w")
+              file:write(thread:get("counter"))
+              file:close()
+            end
+          end
+        end
+        """;
+
+    private static readonly string ScriptPath = WriteScript();
+
+    /// <summary>Runs wrk against <paramref name="server"/> and reads its summary.</summary>
+    public static async Task<WrkResult> RunAsync(Uri server, string mode, string path, int connections, TimeSpan duration,
+        string run = "r", int count = 0, string source = "", int duplicates = 8)
+    {
+        var threads = Math.Min(2, connections);
+        var start = new ProcessStartInfo("wrk",
+        [
+            "-t", threads.ToString(CultureInfo.InvariantCulture), "-c", connections.ToString(CultureInfo.InvariantCulture),
+            "-d", ((int)duration.TotalSeconds).ToString(CultureInfo.InvariantCulture) + "s", "--latency", "-s", ScriptPath, server.ToString(),
+            "--", mode, path, run, count.ToString(CultureInfo.InvariantCulture), source, duplicates.ToString(CultureInfo.InvariantCulture),
+        ])
+        {
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+        };
+        using var process = Process.Start(start)!;
+        var output = await process.StandardOutput.ReadToEndAsync();
+        var errors = await process.StandardError.ReadToEndAsync();
+        await process.WaitForExitAsync();
+        if (process.ExitCode != 0)
+        {
+            throw new InvalidOperationException($"wrk failed ({process.ExitCode}): {errors}\n{output}");
+        }
+
+        return Parse(output);
+    }
+
+    private static WrkResult Parse(string output)
+    {
+        var rate = double.Parse(Rate().Match(output).Groups[1].Value, CultureInfo.InvariantCulture);
+        var requests = long.Parse(Total().Match(output).Groups[1].Value, CultureInfo.InvariantCulture);
+        var non2xx = Non2xx().Match(output) is { Success: true } m ? long.Parse(m.Groups[1].Value, CultureInfo.InvariantCulture) : 0;
+        var socket = SocketErrors().Match(output) is { Success: true } s
+            ? s.Groups.Values.Skip(1).Sum(g => long.Parse(g.Value, CultureInfo.InvariantCulture))
+            : 0;
+        return new WrkResult(rate, Percentile(output, "50%"), Percentile(output, "99%"), requests, non2xx + socket);
+    }
+
+    private static double Percentile(string output, string label)
+    {
+        var match = Regex.Match(output, $@"^\s*{Regex.Escape(label)}\s+([\d.]+)(us|ms|s)\s*$", RegexOptions.Multiline);
+        var value = double.Parse(match.Groups[1].Value, CultureInfo.InvariantCulture);
+        return match.Groups[2].Value switch { "us" => value / 1000, "s" => value * 1000, _ => value };
+    }
+
+    private static string WriteScript()
+    {
+        var path = Path.Combine(Path.GetTempPath(), $"orleans-idempotency-bench-{Environment.ProcessId}.lua");
+        File.WriteAllText(path, Script);
+        return path;
+    }
+
+    [GeneratedRegex(@"Requests/sec:\s+([\d.]+)")]
+    private static partial Regex Rate();
+
+    [GeneratedRegex(@"(\d+) requests in")]
+    private static partial Regex Total();
+
+    [GeneratedRegex(@"Non-2xx or 3xx responses: (\d+)")]
+    private static partial Regex Non2xx();
+
+    [GeneratedRegex(@"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")]
+    private static partial Regex SocketErrors();
+}
