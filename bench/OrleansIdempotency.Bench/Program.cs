@@ -6,7 +6,9 @@ using OrleansIdempotency.Testing;
 
 // The benchmark: the demo API's /bench/plain and /bench/idempotent endpoints under wrk, in the embedded default and
 // in the durable shape (PostgreSQL with fsync on, Redis), interleaved round by round; medians of the rounds.
-//   dotnet run -c Release --project bench/OrleansIdempotency.Bench -- [--rounds N] [--seconds S]
+//   scripts/bench.sh [--rounds N] [--seconds S] [--scale] [--memory]
+// --scale adds new-key and cold-replay latency with 10,000 and 1,000,000 records stored; --memory adds the API's
+// memory after 200,000 keys and after their activations are collected.
 var rounds = Option(args, "--rounds", 3);
 var seconds = TimeSpan.FromSeconds(Option(args, "--seconds", 5));
 const int Connections = 64;
@@ -42,8 +44,8 @@ try
     {
         foreach (var shape in shapes)
         {
-            var server = shape.Api.BaseAddress!;
             var name = $"new{round}{shape.Name}";
+            await WarmUpAsync(shape.Api, $"warm{round}{shape.Name}");
             var plain = await Measure(shape, "plain", "/bench/plain", Connections, null);
             await Measure(shape, "new keys", "/bench/idempotent", Connections, plain, "new", run: name, source: Path.Combine(counts, name));
             await Measure(shape, "replay, hot keys", "/bench/idempotent", Connections, plain, "hot", count: HotKeys);
@@ -56,6 +58,7 @@ try
                 await shape.Api.StopAsync();
                 shape.Api.Start();
                 await WaitForHealthAsync(shape.Api);
+                await WarmUpAsync(shape.Api, $"warmcold{round}");
                 await Measure(shape, "replay, cold keys (not activated)", "/bench/idempotent", Connections, plain, "replay", source: Path.Combine(counts, name));
             }
         }
@@ -84,7 +87,118 @@ foreach (var group in results.GroupBy(r => (r.Shape, r.Scenario, r.Connections))
 
 Console.WriteLine();
 Console.WriteLine($"Medians of {rounds} interleaved rounds of {seconds.TotalSeconds:0} s each; ratios are per round, against plain in the same round and shape.");
+
+Console.WriteLine();
+Console.WriteLine("| part | measure | value | note |");
+Console.WriteLine("| --- | --- | ---: | --- |");
+await GrainBenchmark.RunAsync(keys: 100_000);
+if (args.Contains("--scale"))
+{
+    await ScaleAsync();
+}
+
+if (args.Contains("--memory"))
+{
+    await MemoryAsync();
+}
+
 return 0;
+
+async Task ScaleAsync()
+{
+    var database = await postgres.CreateDatabaseAsync();
+    var api = Start("scale", new Dictionary<string, string>(durableSettings) { ["ConnectionStrings__Postgres"] = database, ["Orleans__ClusterId"] = "bench-scale" });
+    try
+    {
+        await WaitForHealthAsync(api);
+        var shape = new Shape("durable", api);
+        await Wrk.RunAsync(api.BaseAddress!, "new", "/bench/idempotent", Connections, TimeSpan.FromSeconds(2), run: "scale-warmup", source: Path.Combine(counts, "scale-warmup"));
+        foreach (var records in new[] { 10_000, 1_000_000 })
+        {
+            await FillAsync(database, records);
+            await api.StopAsync();
+            api.Start();
+            await WaitForHealthAsync(api);
+            await WarmUpAsync(api, $"warmscale{records}");
+            var one = await Measure(shape, $"new keys, {records:N0} records stored", "/bench/idempotent", 1, null, "new", run: $"scale{records}c1", source: Path.Combine(counts, $"scale{records}c1"));
+            var many = await Measure(shape, $"new keys, {records:N0} records stored", "/bench/idempotent", Connections, null, "new", run: $"scale{records}", source: Path.Combine(counts, $"scale{records}"));
+            await api.StopAsync();
+            api.Start();
+            await WaitForHealthAsync(api);
+            await WarmUpAsync(api, $"warmscalecold{records}");
+            var cold = await Measure(shape, $"replay, cold keys, {records:N0} records stored", "/bench/idempotent", Connections, null, "replay", source: Path.Combine(counts, $"scale{records}"));
+            Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"| scale | {records:N0} records: new key p50 (1 connection) / new keys/s (64) / cold replays/s (64), p50 | {one.P50Ms:0.00} ms / {many.RequestsPerSecond:N0} / {cold.RequestsPerSecond:N0}, {cold.P50Ms:0.00} ms | |"));
+        }
+    }
+    finally
+    {
+        await api.KillAsync();
+    }
+}
+
+async Task FillAsync(string database, int records)
+{
+    // Filler rows copy a real record under made-up keys: they are never read, they make the table and its indexes big.
+    await using var connection = new Npgsql.NpgsqlConnection(database);
+    await connection.OpenAsync();
+    await using var command = new Npgsql.NpgsqlCommand("""
+        INSERT INTO OrleansStorage (GrainIdHash, GrainTypeHash, ServiceId, GrainTypeString, GrainIdN0, GrainIdN1,
+                                    GrainIdExtensionString, PayloadBinary, Version, ModifiedOn, ExpiresAt)
+        SELECT hashtext(f.k), t.GrainTypeHash, t.ServiceId, t.GrainTypeString, 0, 0, f.k, t.PayloadBinary, 1, now(), t.ExpiresAt
+        FROM (SELECT 'filler-' || g AS k FROM generate_series((SELECT count(*) FROM OrleansStorage) + 1, @records) g) f
+        CROSS JOIN (SELECT * FROM OrleansStorage WHERE GrainIdExtensionString NOT LIKE 'filler-%' LIMIT 1) t
+        """, connection) { CommandTimeout = 600 };
+    command.Parameters.AddWithValue("records", (long)records);
+    await command.ExecuteNonQueryAsync();
+    await using var vacuum = new Npgsql.NpgsqlCommand("VACUUM ANALYZE OrleansStorage", connection) { CommandTimeout = 600 };
+    await vacuum.ExecuteNonQueryAsync();
+}
+
+async Task MemoryAsync()
+{
+    const int Keys = 200_000;
+    var api = Start("memory", new Dictionary<string, string>(durableSettings)
+    {
+        ["ConnectionStrings__Postgres"] = await postgres.CreateDatabaseAsync(),
+        ["Orleans__ClusterId"] = "bench-memory",
+        ["Orleans__Collection__IdempotencyGrainAge"] = "00:00:30",
+        ["Orleans__Collection__CollectionQuantum"] = "00:00:10",
+    });
+    try
+    {
+        await WaitForHealthAsync(api);
+        await Wrk.RunAsync(api.BaseAddress!, "plain", "/bench/plain", Connections, TimeSpan.FromSeconds(2));
+        var start = Rss(api);
+        await Wrk.RunAsync(api.BaseAddress!, "new", "/bench/idempotent", Connections, TimeSpan.FromMinutes(5), run: "memory", count: Keys / 2, source: Path.Combine(counts, "memory"));
+        var loaded = Rss(api);
+        var activated = await ActivationsAsync(api);
+        await Task.Delay(TimeSpan.FromSeconds(60));
+        // Some traffic so the garbage collector runs and can hand memory back.
+        await Wrk.RunAsync(api.BaseAddress!, "plain", "/bench/plain", Connections, TimeSpan.FromSeconds(5));
+        var collected = Rss(api);
+        var remaining = await ActivationsAsync(api);
+        Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+            $"| memory | API process (silo) RSS: at start / after {Keys:N0} new keys ({activated:N0} activations) / after collection ({remaining:N0} activations) | {start / 1e6:N0} MB / {loaded / 1e6:N0} MB / {collected / 1e6:N0} MB | |"));
+    }
+    finally
+    {
+        await api.KillAsync();
+    }
+}
+
+static long Rss(NodeProcess api)
+{
+    var line = File.ReadLines($"/proc/{api.ProcessId!.Value.ToString(CultureInfo.InvariantCulture)}/status").First(l => l.StartsWith("VmRSS:", StringComparison.Ordinal));
+    return long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1], CultureInfo.InvariantCulture) * 1024;
+}
+
+static async Task<long> ActivationsAsync(NodeProcess api)
+{
+    using var client = new HttpClient();
+    var health = await client.GetStringAsync(new Uri(api.BaseAddress!, "/health"));
+    return System.Text.Json.JsonDocument.Parse(health).RootElement.GetProperty("activations").GetInt64();
+}
 
 async Task<WrkResult> Measure(Shape shape, string scenario, string path, int connections, WrkResult? plain, string mode = "plain",
     string run = "r", int count = 0, string source = "")
@@ -100,6 +214,13 @@ async Task<WrkResult> Measure(Shape shape, string scenario, string path, int con
         $"{shape.Name,-9} {scenario,-36} c={connections,-3} {result.RequestsPerSecond,10:N0}/s p50 {result.P50Ms,7:0.00} ms p99 {result.P99Ms,7:0.00} ms " +
         $"cpu/req api {apiCpu,5:0} us pg {postgresCpu,5:0} us errors {result.Errors}"));
     return result;
+}
+
+// A fresh process runs tier-0 code until the JIT has seen enough calls: warm it on other keys before measuring.
+async Task WarmUpAsync(NodeProcess api, string run)
+{
+    await Wrk.RunAsync(api.BaseAddress!, "plain", "/bench/plain", Connections, TimeSpan.FromSeconds(2));
+    await Wrk.RunAsync(api.BaseAddress!, "new", "/bench/idempotent", Connections, TimeSpan.FromSeconds(3), run: run, source: Path.Combine(counts, run));
 }
 
 static NodeProcess Start(string name, Dictionary<string, string> settings)

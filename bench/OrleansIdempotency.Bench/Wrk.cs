@@ -46,6 +46,9 @@ public static partial class Wrk
             headers["Idempotency-Key"] = nil
           elseif mode == "new" then
             headers["Idempotency-Key"] = run .. "-" .. id .. "-" .. counter
+            if count > 0 and counter >= count then
+              wrk.thread:stop()
+            end
           elseif mode == "hot" then
             headers["Idempotency-Key"] = "hot-" .. ((counter * 7 + id) % count + 1)
           elseif mode == "replay" then

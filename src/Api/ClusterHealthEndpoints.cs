@@ -1,6 +1,6 @@
 namespace OrleansIdempotency.Api;
 
-/// <summary><c>GET /health</c>: whether this process reaches the cluster, and how many silos are active.</summary>
+/// <summary><c>GET /health</c>: whether this process reaches the cluster, how many silos are active, how many grains are activated.</summary>
 public static class ClusterHealthEndpoints
 {
     public static IEndpointRouteBuilder MapClusterHealth(this IEndpointRouteBuilder app)
@@ -9,8 +9,10 @@ public static class ClusterHealthEndpoints
         {
             try
             {
-                var hosts = await grains.GetGrain<IManagementGrain>(0).GetHosts(onlyActive: true, cancellationToken).WaitAsync(TimeSpan.FromSeconds(5), cancellationToken);
-                return Results.Ok(new { status = "ok", activeSilos = hosts.Count });
+                var management = grains.GetGrain<IManagementGrain>(0);
+                var hosts = await management.GetHosts(onlyActive: true, cancellationToken).WaitAsync(TimeSpan.FromSeconds(5), cancellationToken);
+                var activations = await management.GetTotalActivationCount(cancellationToken).WaitAsync(TimeSpan.FromSeconds(5), cancellationToken);
+                return Results.Ok(new { status = "ok", activeSilos = hosts.Count, activations });
             }
             catch (Exception ex) when (ex is not OperationCanceledException)
             {

@@ -11,6 +11,7 @@ builder.Services.AddIdempotency(options =>
     options.AddPolicy(DemoEndpoints.PaymentsPolicy, policy => policy with { ConcurrentDuplicates = ConcurrentDuplicateHandling.Reject });
 });
 builder.AddDemo();
+builder.Services.AddOpenApi(options => options.AddIdempotency());
 
 var app = builder.Build();
 app.UseAuthentication();
@@ -19,6 +20,7 @@ app.UseIdempotency();
 app.MapControllers();
 app.MapDemoEndpoints();
 app.MapClusterHealth();
+app.MapOpenApi();
 app.Run();
 
 /// <summary>The demo API; public so tests can host it.</summary>

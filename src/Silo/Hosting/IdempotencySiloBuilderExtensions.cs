@@ -52,6 +52,13 @@ public static class IdempotencySiloBuilderExtensions
         // Failure detection is a trade-off between fail-over time and false suspicion under load: operators tune it
         // (Orleans:Membership:ProbeTimeout, NumMissedProbesLimit, ...) with Orleans' own option names.
         silo.Services.Configure<ClusterMembershipOptions>(configuration.GetSection("Orleans:Membership"));
+        // Likewise how long idle activations stay in memory. A key's activation is collected after 2 minutes idle
+        // (Orleans' default is 15): retries come within seconds, every idle activation holds its stored response,
+        // and the record stays in storage for the whole retention anyway.
+        var collection = configuration.GetSection("Orleans:Collection");
+        silo.Services.Configure<GrainCollectionOptions>(collection);
+        silo.Services.Configure<GrainCollectionOptions>(options => options.ClassSpecificCollectionAge[typeof(IdempotencyGrain).FullName!] =
+            collection.GetValue("IdempotencyGrainAge", TimeSpan.FromMinutes(2)));
         silo.Services.TryAddSingleton(TimeProvider.System);
         return silo;
     }
