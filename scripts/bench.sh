@@ -6,5 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-servers.sh --with-wrk
 export DOTNET_CLI_TELEMETRY_OPTOUT=1 DOTNET_NOLOGO=1
+# dotnet-gcdump measures the live heap (it induces a full collection) for --memory.
+[ -x "$HOME/.dotnet/tools/dotnet-gcdump" ] || dotnet tool install -g dotnet-gcdump >/dev/null
 dotnet build bench/OrleansIdempotency.Bench -c Release -warnaserror -nologo -v q
 dotnet bench/OrleansIdempotency.Bench/bin/Release/net10.0/OrleansIdempotency.Bench.dll "$@"

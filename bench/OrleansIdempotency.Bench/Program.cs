@@ -169,17 +169,16 @@ async Task MemoryAsync()
     {
         await WaitForHealthAsync(api);
         await Wrk.RunAsync(api.BaseAddress!, "plain", "/bench/plain", Connections, TimeSpan.FromSeconds(2));
-        var start = Rss(api);
-        await Wrk.RunAsync(api.BaseAddress!, "new", "/bench/idempotent", Connections, TimeSpan.FromMinutes(5), run: "memory", count: Keys / 2, source: Path.Combine(counts, "memory"));
-        var loaded = Rss(api);
-        var activated = await ActivationsAsync(api);
-        await Task.Delay(TimeSpan.FromSeconds(60));
-        // Some traffic so the garbage collector runs and can hand memory back.
-        await Wrk.RunAsync(api.BaseAddress!, "plain", "/bench/plain", Connections, TimeSpan.FromSeconds(5));
-        var collected = Rss(api);
-        var remaining = await ActivationsAsync(api);
+        // Live managed heap: dotnet-gcdump induces a full garbage collection and counts what survives it.
+        var (startRss, startHeap) = (Rss(api), await LiveHeapAsync(api));
+        // Each wrk thread stops after its share of the keys; wrk itself waits out the duration.
+        await Wrk.RunAsync(api.BaseAddress!, "new", "/bench/idempotent", Connections, TimeSpan.FromSeconds(100), run: "memory", count: Keys / 2, source: Path.Combine(counts, "memory"));
+        var (loadedRss, loaded) = (Rss(api), await HealthAsync(api));
+        await Task.Delay(TimeSpan.FromSeconds(45));
+        var (collectedRss, collected, collectedHeap) = (Rss(api), await HealthAsync(api), await LiveHeapAsync(api));
         Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-            $"| memory | API process (silo) RSS: at start / after {Keys:N0} new keys ({activated:N0} activations) / after collection ({remaining:N0} activations) | {start / 1e6:N0} MB / {loaded / 1e6:N0} MB / {collected / 1e6:N0} MB | |"));
+            $"| memory | API process (silo): at start / after {Keys:N0} new keys ({loaded.Activations:N0} activations) / after idle activations are collected ({collected.Activations:N0} activations) | " +
+            $"live heap {startHeap / 1e6:N0} MB / — / {collectedHeap / 1e6:N0} MB; RSS {startRss / 1e6:N0} / {loadedRss / 1e6:N0} / {collectedRss / 1e6:N0} MB | idle age 30 s; RSS keeps what the GC reserved |"));
     }
     finally
     {
@@ -193,11 +192,22 @@ static long Rss(NodeProcess api)
     return long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1], CultureInfo.InvariantCulture) * 1024;
 }
 
-static async Task<long> ActivationsAsync(NodeProcess api)
+static async Task<long> LiveHeapAsync(NodeProcess api)
+{
+    var tool = Path.Combine(Environment.GetFolderPath(Environment.SpecialFolder.UserProfile), ".dotnet", "tools", "dotnet-gcdump");
+    var start = new System.Diagnostics.ProcessStartInfo(tool, ["report", "-p", api.ProcessId!.Value.ToString(CultureInfo.InvariantCulture)]) { RedirectStandardOutput = true };
+    using var process = System.Diagnostics.Process.Start(start)!;
+    var output = await process.StandardOutput.ReadToEndAsync();
+    await process.WaitForExitAsync();
+    var line = output.Split('\n').First(l => l.Contains("GC Heap bytes", StringComparison.Ordinal));
+    return long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[0], NumberStyles.AllowThousands, CultureInfo.InvariantCulture);
+}
+
+static async Task<(long Activations, long Heap)> HealthAsync(NodeProcess api)
 {
     using var client = new HttpClient();
-    var health = await client.GetStringAsync(new Uri(api.BaseAddress!, "/health"));
-    return System.Text.Json.JsonDocument.Parse(health).RootElement.GetProperty("activations").GetInt64();
+    var health = System.Text.Json.JsonDocument.Parse(await client.GetStringAsync(new Uri(api.BaseAddress!, "/health"))).RootElement;
+    return (health.GetProperty("activations").GetInt64(), health.GetProperty("managedHeapBytes").GetInt64());
 }
 
 async Task<WrkResult> Measure(Shape shape, string scenario, string path, int connections, WrkResult? plain, string mode = "plain",

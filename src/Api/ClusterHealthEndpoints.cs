@@ -12,7 +12,8 @@ public static class ClusterHealthEndpoints
                 var management = grains.GetGrain<IManagementGrain>(0);
                 var hosts = await management.GetHosts(onlyActive: true, cancellationToken).WaitAsync(TimeSpan.FromSeconds(5), cancellationToken);
                 var activations = await management.GetTotalActivationCount(cancellationToken).WaitAsync(TimeSpan.FromSeconds(5), cancellationToken);
-                return Results.Ok(new { status = "ok", activeSilos = hosts.Count, activations });
+                // The managed heap as the last garbage collection left it: live data, not what the process has reserved.
+                return Results.Ok(new { status = "ok", activeSilos = hosts.Count, activations, managedHeapBytes = GC.GetGCMemoryInfo().HeapSizeBytes });
             }
             catch (Exception ex) when (ex is not OperationCanceledException)
             {
