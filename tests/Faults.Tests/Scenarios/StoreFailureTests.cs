@@ -12,29 +12,15 @@ public sealed class StoreFailureTests(ITestOutputHelper output)
     public async Task PostgresStoppedForTenSecondsUnderLoad_Answers503_RunsNothingUnclaimed_NoDuplicates_AndResumes()
     {
         await using var cluster = await FaultCluster.StartAsync(silos: 2, apis: 2);
-        var workload = new Workload(cluster.Apis.Select(a => a.BaseAddress!).ToList());
-        var options = new WorkloadOptions("pg-down-", Keys: 3000, DuplicatesPerKey: 3, Deadline: TimeSpan.FromMinutes(3))
-        {
-            KeysInFlight = 8,
-        };
+        var (workload, verdict) = await RunThroughOutageAsync(cluster, "postgres down 10 s", "pg-down-", cluster.Postgres.StopAsync, cluster.Postgres.StartAgainAsync);
 
-        var run = workload.RunAsync(options);
-        await Task.Delay(TimeSpan.FromSeconds(2));
-        await cluster.Postgres.StopAsync();
-        await Task.Delay(TimeSpan.FromSeconds(10));
-        Assert.False(run.IsCompleted, "The load ended during the outage; the scenario proves nothing.");
-        await cluster.Postgres.StartAgainAsync();
-        await run;
-
-        var verdict = await Checker.CheckAsync("postgres down 10 s", cluster, workload, options);
-        FaultReport.Write(output, verdict);
         Assert.True(verdict.Unavailable > 0, "The outage should have been answered with 503s.");
         Assert.True(workload.Stats.AllUnavailableHadRetryAfter);
         Assert.Equal(0, verdict.Duplicates);
         Assert.Equal(0, verdict.Disagreements);
         Assert.Equal(0, verdict.Lost);
         Assert.Equal(0, verdict.GaveUp);
-        Assert.Equal(0, await SideEffectsWithoutAClaimAsync(cluster, options.KeyPrefix));
+        Assert.Equal(0, await SideEffectsWithoutAClaimAsync(cluster, "pg-down-"));
         Assert.All(cluster.Silos.Concat(cluster.Apis), node => Assert.True(node.IsRunning, $"{node.Name} stopped"));
     }
 
@@ -42,22 +28,8 @@ public sealed class StoreFailureTests(ITestOutputHelper output)
     public async Task RedisStoppedAndStartedUnderLoad_RunningSilosKeepServing_NoDuplicates()
     {
         await using var cluster = await FaultCluster.StartAsync(silos: 3, apis: 2);
-        var workload = new Workload(cluster.Apis.Select(a => a.BaseAddress!).ToList());
-        var options = new WorkloadOptions("redis-down-", Keys: 3000, DuplicatesPerKey: 3, Deadline: TimeSpan.FromMinutes(3))
-        {
-            KeysInFlight = 8,
-        };
+        var (_, verdict) = await RunThroughOutageAsync(cluster, "redis down 10 s", "redis-down-", cluster.Redis.StopAsync, cluster.Redis.StartAgainAsync);
 
-        var run = workload.RunAsync(options);
-        await Task.Delay(TimeSpan.FromSeconds(2));
-        await cluster.Redis.StopAsync();
-        await Task.Delay(TimeSpan.FromSeconds(10));
-        Assert.False(run.IsCompleted, "The load ended during the outage; the scenario proves nothing.");
-        await cluster.Redis.StartAgainAsync();
-        await run;
-
-        var verdict = await Checker.CheckAsync("redis down 10 s", cluster, workload, options);
-        FaultReport.Write(output, verdict);
         Assert.Equal(0, verdict.Duplicates);
         Assert.Equal(0, verdict.Disagreements);
         Assert.Equal(0, verdict.Lost);
@@ -65,6 +37,25 @@ public sealed class StoreFailureTests(ITestOutputHelper output)
         Assert.Equal(0, verdict.GaveUp);
         Assert.Equal(0, verdict.ServerErrors);
         Assert.All(cluster.Silos.Concat(cluster.Apis), node => Assert.True(node.IsRunning, $"{node.Name} stopped"));
+    }
+
+    /// <summary>Runs the workload, takes a server down for 10 s two seconds in, brings it back, and checks the keys.</summary>
+    private async Task<(Workload Workload, Verdict Verdict)> RunThroughOutageAsync(FaultCluster cluster, string scenario, string prefix, Func<Task> stop, Func<Task> start)
+    {
+        var workload = new Workload(cluster.Apis.Select(a => a.BaseAddress!).ToList());
+        var options = new WorkloadOptions(prefix, Keys: 3000, DuplicatesPerKey: 3, Deadline: TimeSpan.FromMinutes(3)) { KeysInFlight = 8 };
+
+        var run = workload.RunAsync(options);
+        await Task.Delay(TimeSpan.FromSeconds(2));
+        await stop();
+        await Task.Delay(TimeSpan.FromSeconds(10));
+        Assert.False(run.IsCompleted, "The load ended during the outage; the scenario proves nothing.");
+        await start();
+        await run;
+
+        var verdict = await Checker.CheckAsync(scenario, cluster, workload, options);
+        FaultReport.Write(output, verdict);
+        return (workload, verdict);
     }
 
     /// <summary>Side effects whose key has no record in the idempotency store: an action that ran without a claim.</summary>
