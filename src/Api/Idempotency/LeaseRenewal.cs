@@ -16,7 +16,6 @@ internal sealed partial class IdempotencyMiddleware
         private readonly TimeSpan lease;
         private readonly ILogger logger;
         private readonly ITimer timer;
-        private int renewing;
         private bool stopped;
 
         public LeaseRenewal(IIdempotencyGrain grain, ClaimToken token, TimeSpan lease, TimeProvider time, ILogger logger)
@@ -36,8 +35,9 @@ internal sealed partial class IdempotencyMiddleware
 
         private async void Tick()
         {
-            // One renewal at a time; a tick that finds one still running skips (two more thirds remain).
-            if (Volatile.Read(ref stopped) || Interlocked.Exchange(ref renewing, 1) == 1)
+            // Ticks may overlap only if a renewal takes longer than a third of the lease; two renewals of one claim
+            // are harmless (the grain applies them one after the other).
+            if (Volatile.Read(ref stopped))
             {
                 return;
             }
@@ -53,10 +53,6 @@ internal sealed partial class IdempotencyMiddleware
             catch (Exception ex)
             {
                 LogRenewalFailed(logger, grain.GetPrimaryKeyString(), ex.GetType().Name);
-            }
-            finally
-            {
-                Volatile.Write(ref renewing, 0);
             }
         }
     }

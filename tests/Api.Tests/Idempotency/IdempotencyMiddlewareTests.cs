@@ -495,10 +495,16 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     public async Task LongAction_RenewsItsLease_AndItsResponseIsStored()
     {
         var release = new TaskCompletionSource();
-        var harness = Harness(MiddlewareHarness.CreatesAfter(release.Task), IdempotencyPolicy.Default with { Lease = TimeSpan.FromSeconds(30) });
+        var started = new TaskCompletionSource();
+        var harness = Harness(context =>
+        {
+            // The renewal timer exists once the action runs; advancing the clock before that would skip a tick.
+            started.TrySetResult();
+            return MiddlewareHarness.CreatesAfter(release.Task)(context);
+        }, IdempotencyPolicy.Default with { Lease = TimeSpan.FromSeconds(30) });
         var key = MiddlewareHarness.NewKey();
         var first = harness.SendAsync(key);
-        await WaitUntilAsync(async () => (await harness.Grain(key).GetAsync()).Status == IdempotencyStatus.InProgress);
+        await started.Task.WaitAsync(TimeSpan.FromSeconds(10));
         var claimedUntil = (await harness.Grain(key).GetAsync()).LeaseExpiresAt;
 
         // Four renewal periods: well past the original lease.
