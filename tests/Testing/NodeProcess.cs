@@ -84,14 +84,11 @@ public sealed class NodeProcess
 
     private async Task SignalAndWaitAsync(int signal)
     {
-        if (process is null)
+        if (process is not null)
         {
-            return;
+            await process.SignalAndWaitAsync(signal, TimeSpan.FromSeconds(30));
+            process = null;
         }
-
-        process.Signal(signal);
-        await process.WaitForExitAsync(TimeSpan.FromSeconds(30));
-        process = null;
     }
 }
 

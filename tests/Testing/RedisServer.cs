@@ -72,8 +72,7 @@ public sealed class RedisServer : IAsyncDisposable
             return;
         }
 
-        process.Signal(9);
-        await process.WaitForExitAsync(TimeSpan.FromSeconds(15));
+        await process.SignalAndWaitAsync(9, TimeSpan.FromSeconds(15));
         process = null;
     }
 

@@ -93,6 +93,13 @@ public sealed class ServerProcess
     [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "kill", SetLastError = true)]
     private static extern int Kill(int pid, int signal);
 
+    /// <summary>Sends <paramref name="signal"/> and waits for the exit (killing the process if it outlasts <paramref name="timeout"/>).</summary>
+    public async Task SignalAndWaitAsync(int signal, TimeSpan timeout)
+    {
+        Signal(signal);
+        await WaitForExitAsync(timeout);
+    }
+
     /// <summary>Waits for the process to exit, killing it if it has not within <paramref name="timeout"/>.</summary>
     public async Task WaitForExitAsync(TimeSpan timeout)
     {

@@ -16,18 +16,18 @@ public static class IdempotencyOpenApiOptionsExtensions
     public static OpenApiOptions AddIdempotency(this OpenApiOptions options)
     {
         ArgumentNullException.ThrowIfNull(options);
-        return options.AddOperationTransformer(async (operation, context, cancellationToken) =>
+        return options.AddOperationTransformer((operation, context, cancellationToken) =>
         {
             var metadata = context.Description.ActionDescriptor.EndpointMetadata.OfType<IIdempotencyMetadata>().LastOrDefault();
             if (metadata is null)
             {
-                return;
+                return Task.CompletedTask;
             }
 
             var policy = context.ApplicationServices.GetRequiredService<IOptions<IdempotencyOptions>>().Value.Resolve(metadata);
             if (context.Description.HttpMethod is not { } method || !policy.Methods.Contains(method))
             {
-                return;
+                return Task.CompletedTask;
             }
 
             operation.Parameters ??= [];
@@ -39,7 +39,7 @@ public static class IdempotencyOpenApiOptionsExtensions
                 Description = Describe(policy),
                 Schema = new OpenApiSchema { Type = JsonSchemaType.String, MaxLength = IdempotencyKeyHeader.MaxLength },
             });
-            await Task.CompletedTask;
+            return Task.CompletedTask;
         });
     }
 

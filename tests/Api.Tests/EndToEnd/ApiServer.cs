@@ -13,13 +13,12 @@ public sealed class ApiServer(IReadOnlyDictionary<string, string?> settings) : W
 
     public Uri BaseAddress => new($"http://127.0.0.1:{Port.ToString(CultureInfo.InvariantCulture)}");
 
-    public static async Task<ApiServer> StartAsync(IReadOnlyDictionary<string, string?> settings)
+    public static Task<ApiServer> StartAsync(IReadOnlyDictionary<string, string?> settings)
     {
         var server = new ApiServer(settings);
         server.UseKestrel(server.Port);
         server.StartServer();
-        await Task.CompletedTask;
-        return server;
+        return Task.FromResult(server);
     }
 
     /// <summary>A client that authenticates with <paramref name="apiKey"/> (<c>demo-alice</c>, <c>demo-bob</c>).</summary>
