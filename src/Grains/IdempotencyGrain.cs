@@ -1,3 +1,4 @@
+using Microsoft.Extensions.DependencyInjection;
 using Orleans.Storage;
 
 namespace OrleansIdempotency.Grains;
@@ -7,12 +8,22 @@ namespace OrleansIdempotency.Grains;
 /// before it answers. Not reentrant: the guarantee rests on one call at a time; only <see cref="WaitAsync"/>
 /// interleaves, and it never changes state.
 /// </summary>
+/// <remarks>
+/// The record is read lazily, not on activation: most keys are new, and a claim of a key this activation has not
+/// read is first written as if the key were absent. Storage refuses that write (a write without an ETag creates,
+/// never overwrites) when the record exists; the activation then reads it and decides again. A new key costs one
+/// write instead of a read and a write; a key claimed again after its activation was collected costs one refused
+/// write more.
+/// </remarks>
 public sealed class IdempotencyGrain(
-    [PersistentState("record", IdempotencyGrain.StorageName)] IPersistentState<IdempotencyRecord> record,
+    [FromKeyedServices(IdempotencyGrain.StorageName)] IGrainStorage storage,
     TimeProvider time) : Grain, IIdempotencyGrain
 {
     /// <summary>The name of the grain storage provider that holds the records.</summary>
     public const string StorageName = "idempotency";
+
+    /// <summary>The name the record is stored under (the grain's only state).</summary>
+    public const string StateName = "record";
 
     // Another activation of this key (possible while membership changes) may write between our read and our
     // write; each conflict re-reads what it wrote and decides again. More than a few means something is wrong.
@@ -25,35 +36,41 @@ public sealed class IdempotencyGrain(
     /// </summary>
     public static readonly TimeSpan MaxWait = TimeSpan.FromSeconds(1);
 
+    // The record as storage last saw it (ETag, RecordExists) and the record this activation decides on.
+    private readonly GrainState<IdempotencyRecord> stored = new();
+    private IdempotencyRecord record = new();
     private TaskCompletionSource? changed;
-    private bool stale;
+
+    // False until the record is read or written, and again after a write whose outcome is unknown or refused: the
+    // copy in memory must then not be trusted.
+    private bool current;
 
     public Task<ClaimResult> ClaimAsync(ClaimRequest request) =>
-        ApplyAsync((stored, now) => IdempotencyTransitions.Claim(stored, request, now));
+        ApplyAsync((state, now) => IdempotencyTransitions.Claim(state, request, now), mayAssumeAbsent: true);
 
     public Task<bool> CompleteAsync(ClaimToken token, StoredResponse response) =>
-        ApplyAsync((stored, now) => IdempotencyTransitions.Complete(stored, token, response, now));
+        ApplyAsync((state, now) => IdempotencyTransitions.Complete(state, token, response, now));
 
     public Task<bool> RenewAsync(ClaimToken token, TimeSpan lease) =>
-        ApplyAsync((stored, now) => IdempotencyTransitions.Renew(stored, token, lease, now));
+        ApplyAsync((state, now) => IdempotencyTransitions.Renew(state, token, lease, now));
 
     public Task<bool> ReleaseAsync(Guid attemptId) =>
-        ApplyAsync((stored, now) => IdempotencyTransitions.Release(stored, attemptId, now));
+        ApplyAsync((state, now) => IdempotencyTransitions.Release(state, attemptId, now));
 
     public Task<bool> ResolveAsync(StoredResponse? outcome) =>
-        ApplyAsync((stored, now) => IdempotencyTransitions.Resolve(stored, outcome, now));
+        ApplyAsync((state, now) => IdempotencyTransitions.Resolve(state, outcome, now));
 
     public async Task WaitAsync(TimeSpan timeout)
     {
         var now = time.GetUtcNow();
-        var current = record.State.AsOf(now);
-        if (stale || current.Status != IdempotencyStatus.InProgress)
+        var state = record.AsOf(now);
+        if (!current || state.Status != IdempotencyStatus.InProgress)
         {
             return;
         }
 
         // Wake at the lease's end too: the waiter's next claim is what turns a lapsed lease into its outcome.
-        var untilLapse = current.LeaseExpiresAt - now;
+        var untilLapse = state.LeaseExpiresAt - now;
         var wait = TimeSpan.FromTicks(Math.Min(Math.Min(timeout.Ticks, untilLapse.Ticks), MaxWait.Ticks));
         if (wait <= TimeSpan.Zero)
         {
@@ -73,8 +90,8 @@ public sealed class IdempotencyGrain(
 
     public async Task<IdempotencyRecord> GetAsync()
     {
-        await RefreshIfStaleAsync();
-        return record.State.AsOf(time.GetUtcNow());
+        await ReadIfNotCurrentAsync();
+        return record.AsOf(time.GetUtcNow());
     }
 
     public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
@@ -84,12 +101,21 @@ public sealed class IdempotencyGrain(
         return Task.CompletedTask;
     }
 
-    private async Task<T> ApplyAsync<T>(Func<IdempotencyRecord, DateTimeOffset, Transition<T>> decide)
+    /// <param name="decide">The transition, given the record as of now.</param>
+    /// <param name="mayAssumeAbsent">
+    /// Decide on a record never read as if the key were absent: sound only where the write that follows is refused
+    /// when it is not (see the remarks on the class).
+    /// </param>
+    private async Task<T> ApplyAsync<T>(Func<IdempotencyRecord, DateTimeOffset, Transition<T>> decide, bool mayAssumeAbsent = false)
     {
         for (var conflicts = 0; ; conflicts++)
         {
-            await RefreshIfStaleAsync();
-            var (result, next) = decide(record.State, time.GetUtcNow());
+            if (!(mayAssumeAbsent && stored.ETag is null && !stored.RecordExists && conflicts == 0))
+            {
+                await ReadIfNotCurrentAsync();
+            }
+
+            var (result, next) = decide(record, time.GetUtcNow());
             if (next is null)
             {
                 return result;
@@ -112,36 +138,38 @@ public sealed class IdempotencyGrain(
     /// <returns>True when written; false when another activation wrote first (the state is then re-read).</returns>
     private async Task<bool> TryWriteAsync(IdempotencyRecord next)
     {
-        var previous = record.State;
-        record.State = next;
+        stored.State = next;
         try
         {
-            await record.WriteStateAsync();
+            await storage.WriteStateAsync(StateName, this.GetGrainId(), stored);
+            stored.RecordExists = true;
+            record = next;
+            current = true;
             return true;
         }
         catch (InconsistentStateException)
         {
-            // The ETag check fenced us off: another activation changed the record. Never answer from our copy.
-            record.State = previous;
-            stale = true;
+            // The ETag check fenced us off: the record exists, or another activation changed it. Never answer from
+            // our copy.
+            current = false;
             return false;
         }
         catch
         {
             // The write may or may not have committed (a timeout, a dropped connection). Re-read before deciding
             // again: if it committed, the same attempt asking again finds its claim.
-            record.State = previous;
-            stale = true;
+            current = false;
             throw;
         }
     }
 
-    private async Task RefreshIfStaleAsync()
+    private async Task ReadIfNotCurrentAsync()
     {
-        if (stale)
+        if (!current)
         {
-            await record.ReadStateAsync();
-            stale = false;
+            await storage.ReadStateAsync(StateName, this.GetGrainId(), stored);
+            record = stored.State ?? new IdempotencyRecord();
+            current = true;
         }
     }
 

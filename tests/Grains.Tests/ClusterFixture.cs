@@ -1,5 +1,6 @@
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Time.Testing;
+using Orleans.Storage;
 using Orleans.TestingHost;
 
 namespace OrleansIdempotency.Grains.Tests;
@@ -11,6 +12,9 @@ public sealed class ClusterFixture : IAsyncLifetime
 
     public InProcessTestCluster Cluster { get; private set; } = null!;
 
+    /// <summary>Counts every storage call of both silos' idempotency grains.</summary>
+    public StorageCounter Storage { get; } = new();
+
     public IGrainFactory Grains => Cluster.Client;
 
     public async Task InitializeAsync()
@@ -18,7 +22,9 @@ public sealed class ClusterFixture : IAsyncLifetime
         var builder = new InProcessTestClusterBuilder(initialSilosCount: 2);
         builder.ConfigureSilo((_, silo) =>
         {
-            silo.AddMemoryGrainStorage(IdempotencyGrain.StorageName);
+            silo.AddMemoryGrainStorage("memory");
+            silo.Services.AddKeyedSingleton<IGrainStorage>(IdempotencyGrain.StorageName, (services, _) =>
+                new CountingStorage(services.GetRequiredKeyedService<IGrainStorage>("memory"), Storage));
             silo.Services.AddSingleton<TimeProvider>(Time);
             // Membership, messaging and collection keep real time; only the grains see the fake clock.
             silo.Services.UseTimeProviderForBackgroundAreas(TimeProvider.System);

@@ -219,6 +219,46 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
         Assert.Equal(ClaimOutcome.Acquired, again.Outcome);
     }
 
+    [Fact]
+    public async Task NewKey_IsClaimedWithOneWriteAndNoRead()
+    {
+        var key = NewKey();
+        var grain = Grain(key);
+
+        Assert.Equal(ClaimOutcome.Acquired, (await grain.ClaimAsync(Claim())).Outcome);
+
+        Assert.Equal(new StorageCounts(Reads: 0, Writes: 1, Refused: 0), fixture.Storage.For(GrainId(grain)));
+    }
+
+    [Fact]
+    public async Task ExistingKey_OnAFreshActivation_IsReadNotOverwritten()
+    {
+        var grain = Grain(NewKey());
+        var first = await grain.ClaimAsync(Claim());
+        await grain.CompleteAsync(first.Token!.Value, Created);
+        await fixture.Cluster.DeactivateAsync(grain);
+
+        var replay = await grain.ClaimAsync(Claim());
+
+        Assert.Equal(ClaimOutcome.Completed, replay.Outcome);
+        Assert.Equal(Created.Body, replay.Response!.Body);
+        // Claim and completion, then the fresh activation's create was refused and it read the record instead.
+        Assert.Equal(new StorageCounts(Reads: 1, Writes: 2, Refused: 1), fixture.Storage.For(GrainId(grain)));
+    }
+
+    [Fact]
+    public async Task InProgressKey_OnAFreshActivation_IsNotClaimedAgain()
+    {
+        var grain = Grain(NewKey());
+        var first = await grain.ClaimAsync(Claim());
+        await fixture.Cluster.DeactivateAsync(grain);
+
+        Assert.Equal(ClaimOutcome.InProgress, (await grain.ClaimAsync(Claim())).Outcome);
+        Assert.True(await grain.CompleteAsync(first.Token!.Value, Created));
+    }
+
+    private static GrainId GrainId(IIdempotencyGrain grain) => ((GrainReference)grain).GrainId;
+
     private async Task AdvanceUntilAsync(Task task, TimeSpan step, int maxSteps = 100)
     {
         for (var i = 0; i < maxSteps && !task.IsCompleted; i++)

@@ -1,0 +1,45 @@
+using System.Collections.Concurrent;
+using Orleans.Storage;
+
+namespace OrleansIdempotency.Grains.Tests;
+
+/// <summary>Per grain: the reads, the writes and the writes storage refused, counted across silos.</summary>
+public sealed class StorageCounter
+{
+    private readonly ConcurrentDictionary<GrainId, StorageCounts> counts = new();
+
+    public StorageCounts For(GrainId grain) => counts.GetValueOrDefault(grain, new StorageCounts(0, 0, 0));
+
+    internal void Add(GrainId grain, StorageCounts delta) => counts.AddOrUpdate(grain, delta,
+        (_, c) => new StorageCounts(c.Reads + delta.Reads, c.Writes + delta.Writes, c.Refused + delta.Refused));
+}
+
+/// <summary>Grain storage that counts its calls in a <see cref="StorageCounter"/>.</summary>
+public sealed class CountingStorage(IGrainStorage inner, StorageCounter counts) : IGrainStorage
+{
+
+    public Task ReadStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
+    {
+        counts.Add(grainId, new StorageCounts(1, 0, 0));
+        return inner.ReadStateAsync(stateName, grainId, grainState);
+    }
+
+    public async Task WriteStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
+    {
+        try
+        {
+            await inner.WriteStateAsync(stateName, grainId, grainState);
+            counts.Add(grainId, new StorageCounts(0, 1, 0));
+        }
+        catch (InconsistentStateException)
+        {
+            counts.Add(grainId, new StorageCounts(0, 0, 1));
+            throw;
+        }
+    }
+
+    public Task ClearStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState) =>
+        inner.ClearStateAsync(stateName, grainId, grainState);
+}
+
+public sealed record StorageCounts(int Reads, int Writes, int Refused);
