@@ -1,0 +1,38 @@
+using Npgsql;
+using OrleansIdempotency.Silo.Storage;
+
+namespace OrleansIdempotency.Silo.Tests;
+
+public sealed class IdempotencyDatabaseTests
+{
+    [Fact]
+    public async Task UnsetSettings_GetTheLayersDefaults()
+    {
+        await using var database = new IdempotencyDatabase("Host=127.0.0.1;Username=postgres");
+
+        var settings = new NpgsqlConnectionStringBuilder(database.DataSource.ConnectionString);
+
+        Assert.Equal(IdempotencyDatabase.DefaultTimeoutSeconds, settings.Timeout);
+        Assert.Equal(IdempotencyDatabase.DefaultTimeoutSeconds, settings.CommandTimeout);
+        Assert.True(settings.Multiplexing);
+        Assert.Equal(IdempotencyDatabase.MultiplexedConnections, settings.MaxPoolSize);
+        Assert.True(settings.NoResetOnClose);
+        Assert.True(settings.MaxAutoPrepare > 0);
+    }
+
+    [Fact]
+    public async Task SettingsInTheConnectionString_AreKept()
+    {
+        await using var database = new IdempotencyDatabase(
+            "Host=127.0.0.1;Username=postgres;Timeout=9;Command Timeout=11;Multiplexing=false;Max Auto Prepare=0;No Reset On Close=false");
+
+        var settings = new NpgsqlConnectionStringBuilder(database.DataSource.ConnectionString);
+
+        Assert.Equal(9, settings.Timeout);
+        Assert.Equal(11, settings.CommandTimeout);
+        Assert.False(settings.Multiplexing);
+        Assert.Equal(100, settings.MaxPoolSize);
+        Assert.Equal(0, settings.MaxAutoPrepare);
+        Assert.False(settings.NoResetOnClose);
+    }
+}
