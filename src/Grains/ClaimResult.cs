@@ -27,9 +27,14 @@ public enum ClaimOutcome
 /// <param name="Token">The claim, when <see cref="ClaimOutcome.Acquired"/>.</param>
 /// <param name="LeaseExpiresAt">When the current claim lapses, when <see cref="ClaimOutcome.Acquired"/> or <see cref="ClaimOutcome.InProgress"/>.</param>
 /// <param name="Response">The stored response, when <see cref="ClaimOutcome.Completed"/>.</param>
+/// <param name="ExpiresAt">
+/// When <see cref="ClaimOutcome.Completed"/>: when the record's retention ends. Until then the answer cannot change
+/// (a completed record is final), so a caller may keep it.
+/// </param>
 [GenerateSerializer, Immutable, Alias("OrleansIdempotency.ClaimResult")]
 public sealed record ClaimResult(
     [property: Id(0)] ClaimOutcome Outcome,
     [property: Id(1)] ClaimToken? Token = null,
     [property: Id(2)] DateTimeOffset? LeaseExpiresAt = null,
-    [property: Id(3)] StoredResponse? Response = null);
+    [property: Id(3)] StoredResponse? Response = null,
+    [property: Id(4)] DateTimeOffset? ExpiresAt = null);

@@ -28,7 +28,7 @@ public static class IdempotencyTransitions
         switch (current.Status)
         {
             case IdempotencyStatus.Completed:
-                return new(new ClaimResult(ClaimOutcome.Completed, Response: current.Response), null);
+                return new(new ClaimResult(ClaimOutcome.Completed, Response: current.Response, ExpiresAt: current.ExpiresAt), null);
             case IdempotencyStatus.OutcomeUnknown:
                 return new(new ClaimResult(ClaimOutcome.OutcomeUnknown), null);
             case IdempotencyStatus.InProgress when now < current.LeaseExpiresAt:

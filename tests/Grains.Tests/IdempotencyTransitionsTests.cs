@@ -88,6 +88,7 @@ public sealed class IdempotencyTransitionsTests
         Assert.Same(Created, result.Response);
         Assert.Null(next);
         Assert.Equal(T0 + TimeSpan.FromSeconds(2) + Retention, completed!.ExpiresAt);
+        Assert.Equal(completed.ExpiresAt, result.ExpiresAt);
     }
 
     [Fact]

@@ -16,6 +16,7 @@ internal sealed partial class IdempotencyMiddleware(
     IdempotencyGrainCalls calls,
     IdempotencyProblems problems,
     IdempotencyMetrics metrics,
+    ReplayCache replays,
     TimeProvider time,
     ILogger<IdempotencyMiddleware> logger)
 {
@@ -70,7 +71,14 @@ internal sealed partial class IdempotencyMiddleware(
             return;
         }
 
-        var grain = calls.Grain(new IdempotencyKey(scope ?? IdempotencyScope.Anonymous, key));
+        var idempotencyKey = new IdempotencyKey(scope ?? IdempotencyScope.Anonymous, key);
+        if (replays.Find(idempotencyKey, fingerprint) is { } known)
+        {
+            await ReplayAsync(context, known, key);
+            return;
+        }
+
+        var grain = calls.Grain(idempotencyKey);
         var request = new ClaimRequest(Guid.NewGuid(), fingerprint, policy.Lease, policy.Retention, policy.OnLapsedLease);
         var waitUntil = time.GetUtcNow() + policy.WaitTimeout;
         while (true)
@@ -100,6 +108,7 @@ internal sealed partial class IdempotencyMiddleware(
                     await ExecuteAsync(context, policy, grain, claim.Token!.Value);
                     return;
                 case ClaimOutcome.Completed:
+                    replays.Add(idempotencyKey, fingerprint, claim);
                     await ReplayAsync(context, claim.Response!, key);
                     return;
                 case ClaimOutcome.Mismatch:

@@ -21,6 +21,12 @@ public sealed class IdempotencyOptions
     /// </summary>
     public TimeSpan ClusterRetryBudget { get; set; } = TimeSpan.FromSeconds(15);
 
+    /// <summary>
+    /// How many bytes of completed responses each process keeps to replay them without asking the cluster (a
+    /// completed record is final until its retention ends). The default is 32 MiB; 0 turns it off.
+    /// </summary>
+    public long ReplayCacheBytes { get; set; } = 32L * 1024 * 1024;
+
     /// <summary>Adds a named policy, for endpoints that say <c>[Idempotent(PolicyName = name)]</c> or <c>.RequireIdempotency(name)</c>.</summary>
     public IdempotencyOptions AddPolicy(string name, IdempotencyPolicy policy)
     {

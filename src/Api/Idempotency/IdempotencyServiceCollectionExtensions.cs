@@ -14,12 +14,13 @@ public static class IdempotencyServiceCollectionExtensions
         services.AddOptions<IdempotencyOptions>().Configure(configure).Validate(o =>
         {
             o.DefaultPolicy.Validate();
-            return o.ClusterRetryBudget > TimeSpan.Zero;
+            return o.ClusterRetryBudget > TimeSpan.Zero && o.ReplayCacheBytes >= 0;
         });
         services.TryAddSingleton(TimeProvider.System);
         services.TryAddSingleton<IdempotencyGrainCalls>();
         services.TryAddSingleton<IdempotencyProblems>();
         services.TryAddSingleton<IdempotencyMetrics>();
+        services.TryAddSingleton<ReplayCache>();
         return services;
     }
 }

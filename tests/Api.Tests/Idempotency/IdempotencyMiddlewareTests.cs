@@ -405,6 +405,62 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task ReplayOfAKeyThisProcessReplayedBefore_NeedsNoStore_EvenWhileTheStoreIsDown()
+    {
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+        var first = await harness.SendAsync(key);
+        await harness.SendAsync(key);
+        // The record is now only in storage, and storage is down: only this process's memory can answer.
+        await fixture.Cluster.DeactivateAsync(harness.Grain(key));
+        fixture.Store.Down = true;
+        HttpContext replay;
+        try
+        {
+            replay = await harness.SendAsync(key);
+        }
+        finally
+        {
+            fixture.Store.Down = false;
+        }
+
+        Assert.Equal(201, replay.Response.StatusCode);
+        Assert.Equal(first.BodyBytes(), replay.BodyBytes());
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task DifferentRequest_UnderAKeyThisProcessRemembers_IsStillRefused()
+    {
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+        await harness.SendAsync(key);
+        await harness.SendAsync(key);
+
+        var other = await harness.SendAsync(key, body: "{\"amount\":2}");
+
+        Assert.Equal(422, other.Response.StatusCode);
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task KeyThisProcessRemembers_IsForgottenWhenItsRetentionEnds()
+    {
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+        await harness.SendAsync(key);
+        await harness.SendAsync(key);
+        fixture.Time.Advance(IdempotencyPolicy.Default.Retention);
+
+        var after = await harness.SendAsync(key);
+
+        Assert.Equal(201, after.Response.StatusCode);
+        Assert.False(after.Response.Headers.ContainsKey("Idempotent-Replayed"));
+        Assert.Equal(2, harness.Executions);
+    }
+
+    [Fact]
     public async Task StoreDown_Returns503WithRetryAfter_AndNothingRuns()
     {
         var harness = Harness();

@@ -35,6 +35,7 @@ internal sealed class MiddlewareHarness
             new IdempotencyGrainCalls(fixture.Grains, options, fixture.Time, NullLogger<IdempotencyGrainCalls>.Instance),
             new IdempotencyProblems(options),
             new IdempotencyMetrics(meters),
+            new ReplayCache(options, fixture.Time),
             fixture.Time,
             NullLogger<IdempotencyMiddleware>.Instance);
     }
