@@ -14,6 +14,8 @@ builder.AddDemo();
 builder.Services.AddOpenApi(options => options.AddIdempotency());
 
 var app = builder.Build();
+// Outside the idempotency middleware: it sees an action's exception first (and releases the key).
+app.UseExceptionHandler();
 app.UseAuthentication();
 app.UseAuthorization();
 app.UseIdempotency();

@@ -17,6 +17,7 @@ public static class DemoServiceCollectionExtensions
                 options => builder.Configuration.GetSection("Demo:ApiKeys").Bind(options.Keys));
         services.AddAuthorization();
         services.AddProblemDetails();
+        services.AddExceptionHandler<DemoStoreUnavailableHandler>();
         services.AddControllers();
         services.AddSingleton(TimeProvider.System);
 
