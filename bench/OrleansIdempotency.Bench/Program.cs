@@ -44,6 +44,20 @@ try
     {
         foreach (var shape in shapes)
         {
+            // The other shape's process is frozen (SIGSTOP) while this one is measured: its background work
+            // (collecting idle activations, garbage collection) would otherwise take the cores from this one.
+            foreach (var other in shapes)
+            {
+                if (other == shape)
+                {
+                    other.Api.Resume();
+                }
+                else
+                {
+                    other.Api.Pause();
+                }
+            }
+
             var name = $"new{round}{shape.Name}";
             await WarmUpAsync(shape.Api, $"warm{round}{shape.Name}");
             var plain = await Measure(shape, "plain", "/bench/plain", Connections, null);
@@ -54,11 +68,13 @@ try
             await Measure(shape, "new keys", "/bench/idempotent", 1, plainOne, "new", run: name + "c1", source: Path.Combine(counts, name + "c1"));
             if (shape.Name == "durable")
             {
-                // Cold: the records are in PostgreSQL, no grain is active (the process restarted).
+                // Cold: the records are in PostgreSQL, no grain is active (the process restarted). The fresh process
+                // is warmed first on other keys, cold ones included, so that the JIT is not what is measured.
                 await shape.Api.StopAsync();
                 shape.Api.Start();
                 await WaitForHealthAsync(shape.Api);
                 await WarmUpAsync(shape.Api, $"warmcold{round}");
+                await Wrk.RunAsync(shape.Api.BaseAddress!, "replay", "/bench/idempotent", Connections, seconds, source: Path.Combine(counts, $"warm{round}{shape.Name}"));
                 await Measure(shape, "replay, cold keys (not activated)", "/bench/idempotent", Connections, plain, "replay", source: Path.Combine(counts, name));
             }
         }
@@ -68,6 +84,7 @@ finally
 {
     foreach (var shape in shapes)
     {
+        shape.Api.Resume();
         await shape.Api.KillAsync();
     }
 }
@@ -86,7 +103,7 @@ foreach (var group in results.GroupBy(r => (r.Shape, r.Scenario, r.Connections))
 }
 
 Console.WriteLine();
-Console.WriteLine($"Medians of {rounds} interleaved rounds of {seconds.TotalSeconds:0} s each; ratios are per round, against plain in the same round and shape.");
+Console.WriteLine($"Medians of {rounds} interleaved rounds of {seconds.TotalSeconds:0} s each; ratios are per round, against plain in the same round and shape; the other shape's process is frozen meanwhile.");
 
 Console.WriteLine();
 Console.WriteLine("| part | measure | value | note |");
@@ -226,11 +243,12 @@ async Task<WrkResult> Measure(Shape shape, string scenario, string path, int con
     return result;
 }
 
-// A fresh process runs tier-0 code until the JIT has seen enough calls: warm it on other keys before measuring.
+// A fresh process runs tier-0 code until the JIT has seen enough calls (measured here: about 20 s of load before
+// the API's CPU per new key settles): warm it on other keys before measuring.
 async Task WarmUpAsync(NodeProcess api, string run)
 {
-    await Wrk.RunAsync(api.BaseAddress!, "plain", "/bench/plain", Connections, TimeSpan.FromSeconds(2));
-    await Wrk.RunAsync(api.BaseAddress!, "new", "/bench/idempotent", Connections, TimeSpan.FromSeconds(3), run: run, source: Path.Combine(counts, run));
+    await Wrk.RunAsync(api.BaseAddress!, "plain", "/bench/plain", Connections, TimeSpan.FromSeconds(3));
+    await Wrk.RunAsync(api.BaseAddress!, "new", "/bench/idempotent", Connections, TimeSpan.FromSeconds(8), run: run, source: Path.Combine(counts, run));
 }
 
 static NodeProcess Start(string name, Dictionary<string, string> settings)
