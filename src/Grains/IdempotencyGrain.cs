@@ -36,6 +36,9 @@ public sealed class IdempotencyGrain(
     /// </summary>
     public static readonly TimeSpan MaxWait = TimeSpan.FromSeconds(1);
 
+    /// <summary>How long the caller of a state change waits for its answer (<see cref="IIdempotencyGrain.CallTimeout"/>).</summary>
+    private static readonly TimeSpan CallerPatience = TimeSpan.Parse(IIdempotencyGrain.CallTimeout, System.Globalization.CultureInfo.InvariantCulture);
+
     // The record as storage last saw it (ETag, RecordExists) and the record this activation decides on.
     private readonly GrainState<IdempotencyRecord> stored = new();
     private IdempotencyRecord record = new();
@@ -108,9 +111,20 @@ public sealed class IdempotencyGrain(
     /// </param>
     private async Task<T> ApplyAsync<T>(Func<IdempotencyRecord, DateTimeOffset, Transition<T>> decide, bool mayAssumeAbsent = false)
     {
-        for (var conflicts = 0; ; conflicts++)
+        var callerGivesUpAt = time.GetUtcNow() + CallerPatience;
+        var assumeAbsent = mayAssumeAbsent && stored.ETag is null && !stored.RecordExists;
+        // A refused create of a key that exists is the expected price of assuming it absent, not a conflict.
+        var maxAttempts = MaxWriteConflicts + (assumeAbsent ? 2 : 1);
+        for (var attempt = 1; ; attempt++)
         {
-            if (!(mayAssumeAbsent && stored.ETag is null && !stored.RecordExists && conflicts == 0))
+            if (attempt > 1 && time.GetUtcNow() >= callerGivesUpAt)
+            {
+                // A write that took this long was stuck (storage unreachable, then back); its caller has timed out and
+                // been told nothing was decided. Deciding again now would claim the key for nobody.
+                throw new TimeoutException($"The record of {this.GetPrimaryKeyString()} could not be written while its caller waited; nothing was decided.");
+            }
+
+            if (!(assumeAbsent && attempt == 1))
             {
                 await ReadIfNotCurrentAsync();
             }
@@ -127,7 +141,7 @@ public sealed class IdempotencyGrain(
                 return result;
             }
 
-            if (conflicts == MaxWriteConflicts)
+            if (attempt == maxAttempts)
             {
                 throw new InconsistentStateException(
                     $"The record of {this.GetPrimaryKeyString()} kept changing under this activation; nothing was decided.");

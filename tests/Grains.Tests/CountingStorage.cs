@@ -8,7 +8,14 @@ public sealed class StorageCounter
 {
     private readonly ConcurrentDictionary<GrainId, StorageCounts> counts = new();
 
+    private readonly ConcurrentDictionary<GrainId, Func<Task>> beforeNextWrite = new();
+
     public StorageCounts For(GrainId grain) => counts.GetValueOrDefault(grain, new StorageCounts(0, 0, 0));
+
+    /// <summary>Runs <paramref name="action"/> before the next write of <paramref name="grain"/> reaches storage (it may throw instead).</summary>
+    public void BeforeNextWrite(GrainId grain, Func<Task> action) => beforeNextWrite[grain] = action;
+
+    internal Task BeforeWriteAsync(GrainId grain) => beforeNextWrite.TryRemove(grain, out var action) ? action() : Task.CompletedTask;
 
     internal void Add(GrainId grain, StorageCounts delta) => counts.AddOrUpdate(grain, delta,
         (_, c) => new StorageCounts(c.Reads + delta.Reads, c.Writes + delta.Writes, c.Refused + delta.Refused));
@@ -28,6 +35,7 @@ public sealed class CountingStorage(IGrainStorage inner, StorageCounter counts) 
     {
         try
         {
+            await counts.BeforeWriteAsync(grainId);
             await inner.WriteStateAsync(stateName, grainId, grainState);
             counts.Add(grainId, new StorageCounts(0, 1, 0));
         }

@@ -1,3 +1,5 @@
+using Orleans.Storage;
+
 namespace OrleansIdempotency.Grains.Tests;
 
 [Collection(ClusterCollection.Name)]
@@ -255,6 +257,24 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
 
         Assert.Equal(ClaimOutcome.InProgress, (await grain.ClaimAsync(Claim())).Outcome);
         Assert.True(await grain.CompleteAsync(first.Token!.Value, Created));
+    }
+
+    [Fact]
+    public async Task ClaimWhoseWriteWasStuckPastTheCallersPatience_IsNotDecidedAgainForNobody()
+    {
+        var grain = Grain(NewKey());
+        // The write hangs (storage unreachable) until the caller has given up, then storage refuses it, as
+        // PostgreSQL refuses a claim that arrives after its lease ended.
+        fixture.Storage.BeforeNextWrite(GrainId(grain), () =>
+        {
+            fixture.Time.Advance(TimeSpan.FromSeconds(6));
+            throw new InconsistentStateException("refused: arrived too late");
+        });
+
+        await Assert.ThrowsAsync<TimeoutException>(() => grain.ClaimAsync(Claim()));
+
+        Assert.Equal(new StorageCounts(Reads: 0, Writes: 0, Refused: 1), fixture.Storage.For(GrainId(grain)));
+        Assert.Equal(ClaimOutcome.Acquired, (await grain.ClaimAsync(Claim())).Outcome);
     }
 
     private static GrainId GrainId(IIdempotencyGrain grain) => ((GrainReference)grain).GrainId;

@@ -3,6 +3,7 @@ using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging.Abstractions;
 using Npgsql;
 using OrleansIdempotency.Grains;
+using Orleans.Storage;
 using OrleansIdempotency.Silo.Storage;
 
 namespace OrleansIdempotency.Silo.Tests;
@@ -93,9 +94,13 @@ public sealed class PostgresStorageTests(ServersFixture servers)
             var key = NewKey();
             var a = first.Grains.GetIdempotencyGrain(key);
             var b = second.Grains.GetIdempotencyGrain(key);
-            // Both activations read the key as absent before either claims.
-            Assert.Equal(IdempotencyStatus.None, (await a.GetAsync()).Status);
-            Assert.Equal(IdempotencyStatus.None, (await b.GetAsync()).Status);
+            // Both activations know the key as absent before either claims: in even rounds they read it, in odd rounds
+            // they have never read it and each writes its claim as a create.
+            if (round % 2 == 0)
+            {
+                Assert.Equal(IdempotencyStatus.None, (await a.GetAsync()).Status);
+                Assert.Equal(IdempotencyStatus.None, (await b.GetAsync()).Status);
+            }
 
             var results = await Task.WhenAll(a.ClaimAsync(Claim()), b.ClaimAsync(Claim()));
             var firstVersion = await VersionAsync(settings, key);
@@ -114,6 +119,41 @@ public sealed class PostgresStorageTests(ServersFixture servers)
             AssertReplays(await winner.ClaimAsync(Claim()));
             Assert.Equal(1, await VersionAsync(settings, key) - firstVersion);
         }
+    }
+
+    [Fact]
+    public async Task ClaimReachingTheStoreAfterItsLeaseEnded_IsRefused_AndTheKeyStaysFree()
+    {
+        var settings = await TestClusterSettings.CreateAsync(servers, redis: false);
+        await using var silo = await TestSilo.StartAsync(settings);
+        var storage = silo.Host.Services.GetRequiredKeyedService<IGrainStorage>(IdempotencyGrain.StorageName);
+        var key = NewKey();
+        var grainId = ((GrainReference)silo.Grains.GetIdempotencyGrain(key)).GrainId;
+        var now = DateTimeOffset.UtcNow;
+        IdempotencyRecord Claimed(TimeSpan leaseLeft) => new()
+        {
+            Status = IdempotencyStatus.InProgress, Fingerprint = Request, AttemptId = Guid.NewGuid(), FencingToken = 1,
+            LeaseExpiresAt = now + leaseLeft, CreatedAt = now, ExpiresAt = now + TimeSpan.FromHours(1), Retention = TimeSpan.FromHours(1),
+        };
+
+        // A claim whose lease is over by the time it lands (it waited out a partition): refused, nothing stored.
+        var late = new GrainState<IdempotencyRecord>(Claimed(TimeSpan.FromSeconds(-1)));
+        await Assert.ThrowsAsync<InconsistentStateException>(() => storage.WriteStateAsync(IdempotencyGrain.StateName, grainId, late));
+        var read = new GrainState<IdempotencyRecord>();
+        await storage.ReadStateAsync(IdempotencyGrain.StateName, grainId, read);
+        Assert.False(read.RecordExists);
+
+        // On time: stored. A late claim over it (a renewal or re-claim that waited too long) is refused as well.
+        var onTime = new GrainState<IdempotencyRecord>(Claimed(TimeSpan.FromMinutes(1)));
+        await storage.WriteStateAsync(IdempotencyGrain.StateName, grainId, onTime);
+        var lateUpdate = new GrainState<IdempotencyRecord>(Claimed(TimeSpan.FromSeconds(-1)), onTime.ETag);
+        await Assert.ThrowsAsync<InconsistentStateException>(() => storage.WriteStateAsync(IdempotencyGrain.StateName, grainId, lateUpdate));
+
+        // Any other record lands whenever it arrives: a completion is the outcome, however late.
+        var completed = new GrainState<IdempotencyRecord>(
+            onTime.State! with { Status = IdempotencyStatus.Completed, Response = Created, LeaseExpiresAt = now - TimeSpan.FromMinutes(5) }, onTime.ETag);
+        await storage.WriteStateAsync(IdempotencyGrain.StateName, grainId, completed);
+        AssertReplays(await silo.Grains.GetIdempotencyGrain(key).ClaimAsync(Claim()));
     }
 
     [Fact]

@@ -8,20 +8,31 @@ namespace OrleansIdempotency.Silo.Storage;
 
 /// <summary>
 /// Stores grain state with Orleans' own binary serializer (version-tolerant through <c>[Id]</c>s, and far cheaper
-/// than JSON), behind an 8-byte header: the record's expiry as big-endian Unix milliseconds. PostgreSQL reads the
-/// header into the indexed <c>ExpiresAt</c> column (see <c>PostgresSchema.sql</c>) so expired rows can be purged
-/// without decoding payloads.
+/// than JSON), behind a 16-byte header of two big-endian Unix-millisecond times that PostgreSQL reads (see
+/// <c>PostgresSchema.sql</c>): the record's expiry, into the indexed <c>ExpiresAt</c> column so expired rows can be
+/// purged without decoding payloads; and the time after which the write must not land at all.
 /// </summary>
+/// <remarks>
+/// A write can reach PostgreSQL long after the grain sent it: queued behind a network partition, or retransmitted
+/// by TCP once the partition heals. For a claim that is harmful: its caller gave up long ago (and was told nothing
+/// ran), yet the claim would land and, its lease already over, leave the key "outcome unknown" although the
+/// action never ran. So a claim is valid only until its lease ends, and PostgreSQL refuses it after that (the
+/// grain then sees a version conflict). Other records are valid whenever they land.
+/// </remarks>
 public sealed class IdempotencyStorageSerializer(Serializer serializer) : IGrainStorageSerializer
 {
-    /// <summary>The length of the expiry header.</summary>
-    public const int HeaderLength = sizeof(long);
+    /// <summary>The length of the header: the expiry, then the time the write is valid until.</summary>
+    public const int HeaderLength = 2 * sizeof(long);
 
     public BinaryData Serialize<T>(T? input)
     {
-        var expiresAt = input is IdempotencyRecord record ? record.ExpiresAt : DateTimeOffset.MaxValue;
+        var (expiresAt, validUntil) = input is IdempotencyRecord record
+            ? (record.ExpiresAt, record.Status == IdempotencyStatus.InProgress ? record.LeaseExpiresAt : DateTimeOffset.MaxValue)
+            : (DateTimeOffset.MaxValue, DateTimeOffset.MaxValue);
         var buffer = new ArrayBufferWriter<byte>(256);
-        BinaryPrimitives.WriteInt64BigEndian(buffer.GetSpan(HeaderLength), expiresAt.ToUnixTimeMilliseconds());
+        var header = buffer.GetSpan(HeaderLength);
+        BinaryPrimitives.WriteInt64BigEndian(header, expiresAt.ToUnixTimeMilliseconds());
+        BinaryPrimitives.WriteInt64BigEndian(header[sizeof(long)..], validUntil.ToUnixTimeMilliseconds());
         buffer.Advance(HeaderLength);
         serializer.Serialize(input, buffer);
         return new BinaryData(buffer.WrittenMemory);

@@ -13,6 +13,8 @@
 --    can be purged with an index range scan and storage stays bounded;
 --  * a new row starts at a random version, not 1: after a purge deletes a row and another activation inserts it
 --    again, a stale activation still holding the old row's ETag cannot match the new row by chance (ABA);
+--  * a write is refused (as a version conflict) once the time in its payload header has passed: a claim that
+--    reaches the server after its lease ended, its caller long gone, must not land (see below);
 --  * no stored procedure: each query is one statement that Npgsql can prepare.
 --
 -- Needs Orleans 10.2.2 or later, whose provider treats "no row returned" as a version conflict. The queries carry
@@ -46,12 +48,22 @@ CREATE TABLE IF NOT EXISTS OrleansStorage
 
 CREATE INDEX IF NOT EXISTS OrleansStorage_ExpiresAt ON OrleansStorage (ExpiresAt);
 
--- The payload starts with its expiry as big-endian milliseconds since the Unix epoch.
+-- The payload starts with two big-endian times in milliseconds since the Unix epoch (IdempotencyStorageSerializer):
+-- the record's expiry, and the time after which the write must not land (a claim's lease end: a claim that reaches
+-- the server after its caller gave up is refused instead of leaving the key "outcome unknown").
 CREATE OR REPLACE FUNCTION OrleansStorage_PayloadExpiresAt(payload bytea) RETURNS timestamptz
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
     SELECT CASE
         WHEN length(payload) < 8 THEN 'infinity'::timestamptz
         ELSE to_timestamp((('x' || encode(substring(payload FROM 1 FOR 8), 'hex'))::bit(64)::bigint) / 1000.0)
+    END
+$$;
+
+CREATE OR REPLACE FUNCTION OrleansStorage_PayloadValidUntil(payload bytea) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN length(payload) < 16 THEN 'infinity'::timestamptz
+        ELSE to_timestamp((('x' || encode(substring(payload FROM 9 FOR 8), 'hex'))::bit(64)::bigint) / 1000.0)
     END
 $$;
 
@@ -64,6 +76,7 @@ WITH updated AS (
         ModifiedOn = now(),
         ExpiresAt = OrleansStorage_PayloadExpiresAt(@PayloadBinary)
     WHERE @GrainStateVersion::integer IS NOT NULL
+      AND OrleansStorage_PayloadValidUntil(@PayloadBinary) > now()
       AND GrainIdHash = @GrainIdHash AND GrainTypeHash = @GrainTypeHash
       AND ServiceId = @ServiceId AND GrainTypeString = @GrainTypeString
       AND GrainIdN0 = @GrainIdN0 AND GrainIdN1 = @GrainIdN1
@@ -77,6 +90,7 @@ WITH updated AS (
            coalesce(@GrainIdExtensionString::text, ''''), @PayloadBinary, (floor(random() * 1000000000))::integer + 1, now(),
            OrleansStorage_PayloadExpiresAt(@PayloadBinary)
     WHERE @GrainStateVersion::integer IS NULL
+      AND OrleansStorage_PayloadValidUntil(@PayloadBinary) > now()
     ON CONFLICT ON CONSTRAINT OrleansStorage_Key DO NOTHING
     RETURNING Version
 )
