@@ -35,4 +35,26 @@ public sealed class IdempotencyDatabaseTests
         Assert.Equal(0, settings.MaxAutoPrepare);
         Assert.False(settings.NoResetOnClose);
     }
+
+    [Theory]
+    [InlineData("MaxPoolSize=50")]
+    [InlineData("Maximum Pool Size=50")]
+    public async Task PoolSize_IsKept_HoweverItIsSpelled(string setting)
+    {
+        await using var database = new IdempotencyDatabase("Host=127.0.0.1;Username=postgres;" + setting);
+
+        Assert.Equal(50, new NpgsqlConnectionStringBuilder(database.DataSource.ConnectionString).MaxPoolSize);
+    }
+
+    [Fact]
+    public async Task Maintenance_HasItsOwnSmallUnmultiplexedPool()
+    {
+        await using var database = new IdempotencyDatabase("Host=127.0.0.1;Username=postgres;Timeout=9");
+
+        var settings = new NpgsqlConnectionStringBuilder(database.MaintenanceDataSource.ConnectionString);
+
+        Assert.False(settings.Multiplexing);
+        Assert.Equal(2, settings.MaxPoolSize);
+        Assert.Equal(9, settings.Timeout);
+    }
 }

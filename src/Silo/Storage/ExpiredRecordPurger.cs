@@ -31,7 +31,7 @@ public sealed partial class ExpiredRecordPurger(
         int deleted;
         do
         {
-            await using var command = database.DataSource.CreateCommand(DeleteBatch);
+            await using var command = database.MaintenanceDataSource.CreateCommand(DeleteBatch);
             command.Parameters.AddWithValue("cutoff", cutoff);
             command.Parameters.AddWithValue("batch", batch);
             deleted = await command.ExecuteNonQueryAsync(cancellationToken);

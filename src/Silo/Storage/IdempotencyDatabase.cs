@@ -3,7 +3,10 @@ using Npgsql;
 
 namespace OrleansIdempotency.Silo.Storage;
 
-/// <summary>The PostgreSQL database that holds idempotency records: one pooled data source per process.</summary>
+/// <summary>
+/// The PostgreSQL database that holds idempotency records: per process, one data source for the grains' records
+/// and a small one of its own for maintenance (the schema, the purge), so a long purge never queues record writes.
+/// </summary>
 public sealed class IdempotencyDatabase(string connectionString) : IAsyncDisposable
 {
     /// <summary>
@@ -17,22 +20,28 @@ public sealed class IdempotencyDatabase(string connectionString) : IAsyncDisposa
     /// <summary>Connections per process when the connection string leaves multiplexing and the pool size unset.</summary>
     public const int MultiplexedConnections = 8;
 
-    /// <summary>Opens connections to the database.</summary>
-    public NpgsqlDataSource DataSource { get; } = NpgsqlDataSource.Create(WithDefaults(connectionString));
+    /// <summary>Opens connections for the grains' record reads and writes.</summary>
+    public NpgsqlDataSource DataSource { get; } = NpgsqlDataSource.Create(ForRecords(connectionString));
 
-    public ValueTask DisposeAsync() => DataSource.DisposeAsync();
+    /// <summary>Opens connections for the schema installer and the purge: not multiplexed, at most two.</summary>
+    public NpgsqlDataSource MaintenanceDataSource { get; } = NpgsqlDataSource.Create(ForMaintenance(connectionString));
 
-    private static string WithDefaults(string connectionString)
+    public async ValueTask DisposeAsync()
     {
-        // A plain DbConnectionStringBuilder holds only the keys that were written, so we can tell "unset" from "set".
-        var given = new DbConnectionStringBuilder { ConnectionString = connectionString };
+        await DataSource.DisposeAsync();
+        await MaintenanceDataSource.DisposeAsync();
+    }
+
+    private static string ForRecords(string connectionString)
+    {
+        var given = Given(connectionString);
         var builder = new NpgsqlConnectionStringBuilder(connectionString);
-        if (!given.ContainsKey("Timeout"))
+        if (!given.Contains("timeout"))
         {
             builder.Timeout = DefaultTimeoutSeconds;
         }
 
-        if (!given.ContainsKey("Command Timeout") && !given.ContainsKey("CommandTimeout"))
+        if (!given.Contains("commandtimeout"))
         {
             builder.CommandTimeout = DefaultTimeoutSeconds;
         }
@@ -40,13 +49,13 @@ public sealed class IdempotencyDatabase(string connectionString) : IAsyncDisposa
         // The provider sends the same few statements all day: prepared once per connection, PostgreSQL skips parsing
         // and planning them. The pool is ours alone and nothing changes session state, so the reset Npgsql would
         // otherwise run on every return to the pool (SET SESSION AUTHORIZATION, RESET ALL, ...) is pure cost.
-        if (!given.ContainsKey("Max Auto Prepare"))
+        if (!given.Contains("maxautoprepare"))
         {
             builder.MaxAutoPrepare = 16;
             builder.AutoPrepareMinUsages = 2;
         }
 
-        if (!given.ContainsKey("No Reset On Close"))
+        if (!given.Contains("noresetonclose"))
         {
             builder.NoResetOnClose = true;
         }
@@ -54,15 +63,32 @@ public sealed class IdempotencyDatabase(string connectionString) : IAsyncDisposa
         // Every grain write is one short statement of its own: multiplexed, many of them share a few connections
         // and go out in one network write, and PostgreSQL runs a few busy backends instead of one per concurrent
         // write (measured here: 8 connections cost PostgreSQL about 25 % less CPU per key than a pool of 50).
-        if (!given.ContainsKey("Multiplexing"))
+        // A write queued while PostgreSQL is unreachable may land late; a claim that lands after its lease ended is
+        // refused by the write query itself (see PostgresSchema.sql).
+        if (!given.Contains("multiplexing"))
         {
             builder.Multiplexing = true;
-            if (!given.ContainsKey("Maximum Pool Size") && !given.ContainsKey("Max Pool Size"))
+            if (!given.Contains("maxpoolsize") && !given.Contains("maximumpoolsize"))
             {
                 builder.MaxPoolSize = MultiplexedConnections;
             }
         }
 
         return builder.ConnectionString;
+    }
+
+    private static string ForMaintenance(string connectionString) => new NpgsqlConnectionStringBuilder(connectionString)
+    {
+        Multiplexing = false,
+        MaxPoolSize = 2,
+        MinPoolSize = 0,
+    }.ConnectionString;
+
+    /// <summary>The keys the connection string sets, lower case and without spaces ("Max Pool Size" = "MaxPoolSize").</summary>
+    private static HashSet<string> Given(string connectionString)
+    {
+        // A plain DbConnectionStringBuilder holds only the keys that were written, so we can tell "unset" from "set".
+        var given = new DbConnectionStringBuilder { ConnectionString = connectionString };
+        return given.Keys.Cast<string>().Select(k => k.Replace(" ", "", StringComparison.Ordinal).ToLowerInvariant()).ToHashSet();
     }
 }

@@ -45,7 +45,7 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
 
     private async Task ApplyAsync(CancellationToken cancellationToken)
     {
-        await using var connection = await database.DataSource.OpenConnectionAsync(cancellationToken);
+        await using var connection = await database.MaintenanceDataSource.OpenConnectionAsync(cancellationToken);
         await using var transaction = await connection.BeginTransactionAsync(cancellationToken);
         await using (var command = new NpgsqlCommand("SELECT pg_advisory_xact_lock(@key)", connection, transaction))
         {
