@@ -14,8 +14,12 @@ builder.AddDemo();
 builder.Services.AddOpenApi(options => options.AddIdempotency());
 
 var app = builder.Build();
-// Outside the idempotency middleware: it sees an action's exception first (and releases the key).
-app.UseExceptionHandler();
+// Outside the idempotency middleware: it sees an action's exception first (and releases the key). Kestrel's own
+// verdicts on a malformed request (a broken chunked body, one that arrives too slowly) keep their 4xx status.
+app.UseExceptionHandler(new ExceptionHandlerOptions
+{
+    StatusCodeSelector = exception => exception is BadHttpRequestException bad ? bad.StatusCode : StatusCodes.Status500InternalServerError,
+});
 app.UseAuthentication();
 app.UseAuthorization();
 app.UseIdempotency();

@@ -8,7 +8,9 @@ namespace OrleansIdempotency.Api.Demo;
 /// <summary>
 /// Answers 503 with <c>Retry-After</c> when an action's own database fails transiently (PostgreSQL restarting, a
 /// connection refused), as the layer does for its store. By the time this runs, the idempotency middleware has
-/// released the key (the action threw), so the retry it invites runs the action again under the same key.
+/// released the key (the action threw; <see cref="AspNetCore.IdempotencyPolicy.ReleasesOnException"/>), so the retry it
+/// invites runs the action again under the same key. (A connection lost after the action's commit was sent is
+/// ambiguous; an endpoint whose side effect must never repeat keeps such keys in doubt through that policy.)
 /// Other exceptions are left to the default handler (500 problem details).
 /// </summary>
 internal sealed class DemoStoreUnavailableHandler(IProblemDetailsService problems) : IExceptionHandler
@@ -30,7 +32,7 @@ internal sealed class DemoStoreUnavailableHandler(IProblemDetailsService problem
             {
                 Status = StatusCodes.Status503ServiceUnavailable,
                 Title = "Demo database unavailable",
-                Detail = "The action's database could not be reached; the action did not complete. Retry with the same key.",
+                Detail = "The action's database could not be reached. Retry with the same key.",
             },
         });
     }

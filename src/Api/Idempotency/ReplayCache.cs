@@ -7,15 +7,16 @@ namespace OrleansIdempotency.AspNetCore;
 /// <summary>
 /// Completed responses this process has replayed, so that the next replay of the same key and request skips the
 /// grain. Sound because a completed record is final until its retention ends: nothing the grain could answer later
-/// differs from what it answered once (DESIGN §2). Entries end with the record's retention by this process's clock
-/// (a replay a moment after the silo's clock says the record expired is still a faithful one: retention is a
-/// minimum), and the oldest go first when the entries' bytes exceed <see cref="IdempotencyOptions.ReplayCacheBytes"/>.
+/// differs from what it answered once (DESIGN §2). Entries end a few seconds before the record's retention by this
+/// process's clock (allowing for skew against the silo's), and the oldest go first when the entries' bytes exceed <see cref="IdempotencyOptions.ReplayCacheBytes"/>.
 /// A request whose fingerprint differs is never answered here: the grain decides it.
 /// </summary>
 internal sealed class ReplayCache(IOptions<IdempotencyOptions> options, TimeProvider time)
 {
     // What an entry costs beyond its body and headers: the key, the fingerprint, the objects around them.
     private const int EntryOverheadBytes = 256;
+
+    private static readonly TimeSpan ClockSkewAllowance = TimeSpan.FromSeconds(5);
 
     private readonly ConcurrentDictionary<IdempotencyKey, Entry> entries = new();
 
@@ -52,7 +53,8 @@ internal sealed class ReplayCache(IOptions<IdempotencyOptions> options, TimeProv
             return;
         }
 
-        var size = EntryOverheadBytes + fingerprint.Length + response.Body.Length + response.Headers.Sum(h => (h.Name.Length + h.Value.Length) * sizeof(char));
+        var size = EntryOverheadBytes + fingerprint.Length + response.Body.Length + ((key.Scope.Length + key.Key.Length) * sizeof(char))
+            + response.Headers.Sum(h => EntryOverheadBytes / 8 + ((h.Name.Length + h.Value.Length) * sizeof(char)));
         var budget = options.Value.ReplayCacheBytes;
         if (size > budget / 16)
         {
@@ -60,7 +62,13 @@ internal sealed class ReplayCache(IOptions<IdempotencyOptions> options, TimeProv
             return;
         }
 
-        var entry = new Entry(fingerprint, response, expiresAt, size);
+        // The silo's clock set the expiry; this process's clock reads it. Stop a little early rather than replay a
+        // record the silo already considers gone (and another node may already have run again).
+        var entry = new Entry(fingerprint, response, expiresAt - ClockSkewAllowance, size);
+        if (entry.ExpiresAt <= time.GetUtcNow())
+        {
+            return;
+        }
         if (!entries.TryAdd(key, entry))
         {
             return;

@@ -116,6 +116,26 @@ public sealed class HostileInputTests(EndToEndFixture fixture)
         }
     }
 
+    [Fact]
+    public async Task MalformedChunkedBody_Answers400ProblemNot500_AndRunsNothing()
+    {
+        var recordsBefore = await CountAsync("SELECT count(*) FROM OrleansStorage");
+        var ordersBefore = await CountAsync("SELECT count(*) FROM demo_orders");
+        var headers = new[]
+        {
+            ("Authorization", Alice), ("Content-Type", "application/json"), ("Idempotency-Key", Guid.NewGuid().ToString()),
+            ("Transfer-Encoding", "chunked"),
+        };
+
+        // Kestrel finds the broken chunk size only when the layer reads the body to fingerprint it.
+        var response = await RawHttp.SendAsync(fixture.Api.BaseAddress, "POST", "/orders", headers, "4\r\n{\"a\"\r\nzz\r\n"u8.ToArray());
+
+        Assert.Equal(400, response.Status);
+        Assert.StartsWith("application/problem+json", response.ContentType, StringComparison.Ordinal);
+        Assert.Equal(ordersBefore, await CountAsync("SELECT count(*) FROM demo_orders"));
+        Assert.Equal(recordsBefore, await CountAsync("SELECT count(*) FROM OrleansStorage"));
+    }
+
     [Theory]
     [InlineData("\"'; DROP TABLE OrleansStorage; --\"", "'; DROP TABLE OrleansStorage; --")]
     [InlineData("../../etc/passwd", "../../etc/passwd")]

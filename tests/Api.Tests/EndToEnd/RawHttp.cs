@@ -16,6 +16,7 @@ internal static class RawHttp
         public string? ContentType => Headers.GetValueOrDefault("content-type");
     }
 
+    /// <remarks>Sends <c>Content-Length</c> unless <paramref name="headers"/> name a <c>Transfer-Encoding</c>.</remarks>
     public static async Task<Response> SendAsync(Uri server, string method, string target, IEnumerable<(string Name, string Value)> headers, byte[] body)
     {
         using var client = new TcpClient();
@@ -25,7 +26,11 @@ internal static class RawHttp
         head.Append(method).Append(' ').Append(target).Append(" HTTP/1.1\r\n");
         head.Append("Host: ").Append(server.Authority).Append("\r\n");
         head.Append("Connection: close\r\n");
-        head.Append("Content-Length: ").Append(body.Length).Append("\r\n");
+        if (!headers.Any(h => h.Name.Equals("Transfer-Encoding", StringComparison.OrdinalIgnoreCase)))
+        {
+            head.Append("Content-Length: ").Append(body.Length).Append("\r\n");
+        }
+
         foreach (var (name, value) in headers)
         {
             head.Append(name).Append(": ").Append(value).Append("\r\n");
