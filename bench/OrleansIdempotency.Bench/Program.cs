@@ -249,6 +249,8 @@ async Task WarmUpAsync(NodeProcess api, string run)
 {
     await Wrk.RunAsync(api.BaseAddress!, "plain", "/bench/plain", Connections, TimeSpan.FromSeconds(3));
     await Wrk.RunAsync(api.BaseAddress!, "new", "/bench/idempotent", Connections, TimeSpan.FromSeconds(8), run: run, source: Path.Combine(counts, run));
+    // Let the garbage collection that follows a burst of new keys finish before the next measurement.
+    await Task.Delay(TimeSpan.FromSeconds(3));
 }
 
 static NodeProcess Start(string name, Dictionary<string, string> settings)
