@@ -45,7 +45,9 @@ public sealed class StoreFailureTests(ITestOutputHelper output)
     private async Task<(Workload Workload, Verdict Verdict)> RunThroughOutageAsync(FaultCluster cluster, string scenario, string prefix, Func<Task> stop, Func<Task> start)
     {
         var workload = new Workload(cluster.Apis.Select(a => a.BaseAddress!).ToList());
-        var options = new WorkloadOptions(prefix, Keys: 3000, DuplicatesPerKey: 3, Deadline: TimeSpan.FromMinutes(3)) { KeysInFlight = 8 };
+        // The actions' sleeps alone (3,000 keys, 8 at a time, 50 ms each) keep the load going for about 19 s, well past
+        // the outage, however fast the servers are.
+        var options = new WorkloadOptions(prefix, Keys: 3000, DuplicatesPerKey: 3, Deadline: TimeSpan.FromMinutes(3)) { KeysInFlight = 8, ActionDelayMs = 50 };
 
         var run = workload.RunAsync(options);
         await Task.Delay(TimeSpan.FromSeconds(2));
