@@ -413,16 +413,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         await harness.SendAsync(key);
         // The record is now only in storage, and storage is down: only this process's memory can answer.
         await fixture.Cluster.DeactivateAsync(harness.Grain(key));
-        fixture.Store.Down = true;
-        HttpContext replay;
-        try
-        {
-            replay = await harness.SendAsync(key);
-        }
-        finally
-        {
-            fixture.Store.Down = false;
-        }
+        var replay = await fixture.WhileStoreDownAsync(() => harness.SendAsync(key));
 
         Assert.Equal(201, replay.Response.StatusCode);
         Assert.Equal(first.BodyBytes(), replay.BodyBytes());
@@ -465,16 +456,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     {
         var harness = Harness();
         var key = MiddlewareHarness.NewKey();
-        fixture.Store.Down = true;
-        HttpContext context;
-        try
-        {
-            context = await harness.SendAsync(key);
-        }
-        finally
-        {
-            fixture.Store.Down = false;
-        }
+        var context = await fixture.WhileStoreDownAsync(() => harness.SendAsync(key));
 
         Assert.Equal(503, context.Response.StatusCode);
         Assert.Equal("1", context.Response.Headers.RetryAfter);

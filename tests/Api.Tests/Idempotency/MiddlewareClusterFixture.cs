@@ -20,6 +20,20 @@ public sealed class MiddlewareClusterFixture : IAsyncLifetime
 
     public IGrainFactory Grains => Cluster.Client;
 
+    /// <summary>Runs <paramref name="action"/> with the store down, and brings it back up whatever happens.</summary>
+    public async Task<T> WhileStoreDownAsync<T>(Func<Task<T>> action)
+    {
+        Store.Down = true;
+        try
+        {
+            return await action();
+        }
+        finally
+        {
+            Store.Down = false;
+        }
+    }
+
     public async Task InitializeAsync()
     {
         var builder = new InProcessTestClusterBuilder(initialSilosCount: 1);
