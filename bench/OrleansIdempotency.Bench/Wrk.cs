@@ -13,12 +13,34 @@ public static partial class Wrk
     /// <summary>
     /// The request generator. <c>mode</c>: <c>plain</c> (no key), <c>new</c> (a fresh key per request),
     /// <c>hot</c> (cycles over keys hot-1..hot-N, completed and active), <c>replay</c> (each thread replays the keys
-    /// it created in the <c>new</c> run named by <c>source</c>, once each, then stops), <c>dup</c> (a new key every
+    /// it created in the <c>new</c> run named by <c>source</c>, once each, then stops; the rate is then taken over the
+    /// time until the last thread stopped), <c>dup</c> (a new key every
     /// <c>D</c> requests per thread: duplicates of keys still in flight).
     /// </summary>
     private const string Script = """
         -- Globals, so the main state can read them from each thread in done().
         mode, path, run, count, source, dup = "plain", "/bench/plain", "r", 0, "", 8
+        started, stopped = 0, 0
+
+        -- A monotonic clock in milliseconds: a thread that stops by itself (it ran out of keys) stops early, but wrk
+        -- divides by the whole duration; done() reports how long the threads actually ran.
+        local ffi = require("ffi")
+        ffi.cdef[[
+        typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
+        int clock_gettime(int clock, bench_timespec *time);
+        ]]
+        local clock = ffi.new("bench_timespec")
+        local function now_ms()
+          ffi.C.clock_gettime(1, clock)
+          return tonumber(clock.tv_sec) * 1000 + tonumber(clock.tv_nsec) / 1e6
+        end
+
+        local function stop()
+          if stopped == 0 then
+            stopped = now_ms()
+          end
+          wrk.thread:stop()
+        end
         local threads = {}
         local body = '{"amount":5.00,"currency":"EUR"}'
         local headers = { ["Authorization"] = "Bearer demo-alice", ["Content-Type"] = "application/json" }
@@ -42,12 +64,15 @@ public static partial class Wrk
 
         function request()
           counter = counter + 1
+          if counter == 1 then
+            started = now_ms()
+          end
           if mode == "plain" then
             headers["Idempotency-Key"] = nil
           elseif mode == "new" then
             headers["Idempotency-Key"] = run .. "-" .. id .. "-" .. counter
             if count > 0 and counter >= count then
-              wrk.thread:stop()
+              stop()
             end
           elseif mode == "hot" then
             headers["Idempotency-Key"] = "hot-" .. ((counter * 7 + id) % count + 1)
@@ -61,17 +86,24 @@ public static partial class Wrk
 
         function response(status, headers, body)
           if mode == "replay" and counter >= limit then
-            wrk.thread:stop()
+            stop()
           end
         end
 
         function done(summary, latency, requests)
+          local first, last, all_stopped = math.huge, 0, true
           for _, thread in ipairs(threads) do
             if thread:get("mode") == "new" then
               local file = io.open(thread:get("source") .. "." .. thread:get("id"), "w")
               file:write(thread:get("counter"))
               file:close()
             end
+            first = math.min(first, thread:get("started"))
+            last = math.max(last, thread:get("stopped"))
+            all_stopped = all_stopped and thread:get("stopped") > 0
+          end
+          if all_stopped then
+            io.write(string.format("All threads stopped by themselves after: %.1f ms\n", last - first))
           end
         end
         """;
@@ -107,8 +139,11 @@ public static partial class Wrk
 
     private static WrkResult Parse(string output)
     {
-        var rate = double.Parse(Rate().Match(output).Groups[1].Value, CultureInfo.InvariantCulture);
         var requests = long.Parse(Total().Match(output).Groups[1].Value, CultureInfo.InvariantCulture);
+        // wrk's own rate divides by the whole duration, also when every thread stopped early.
+        var rate = StoppedEarly().Match(output) is { Success: true } early
+            ? requests / (double.Parse(early.Groups[1].Value, CultureInfo.InvariantCulture) / 1000)
+            : double.Parse(Rate().Match(output).Groups[1].Value, CultureInfo.InvariantCulture);
         var non2xx = Non2xx().Match(output) is { Success: true } m ? long.Parse(m.Groups[1].Value, CultureInfo.InvariantCulture) : 0;
         var socket = SocketErrors().Match(output) is { Success: true } s
             ? s.Groups.Values.Skip(1).Sum(g => long.Parse(g.Value, CultureInfo.InvariantCulture))
@@ -132,6 +167,9 @@ public static partial class Wrk
 
     [GeneratedRegex(@"Requests/sec:\s+([\d.]+)")]
     private static partial Regex Rate();
+
+    [GeneratedRegex(@"All threads stopped by themselves after: ([\d.]+) ms")]
+    private static partial Regex StoppedEarly();
 
     [GeneratedRegex(@"(\d+) requests in")]
     private static partial Regex Total();
