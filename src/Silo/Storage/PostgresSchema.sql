@@ -15,8 +15,8 @@
 --    again, a stale activation still holding the old row's ETag cannot match the new row by chance (ABA);
 --  * a write is refused (as a version conflict) once the time in its payload header has passed: a claim that
 --    reaches the server after its lease ended, its caller long gone, must not land (see below);
---  * the write is one PL/pgSQL function (OrleansStorage_Write, below), the other queries one statement each; all are
---    short texts that Npgsql prepares.
+--  * the write is one PL/pgSQL function (OrleansStorage_Write, below), the other queries one statement each; Npgsql
+--    prepares them all.
 --
 -- Needs Orleans 10.2.2 or later, whose provider treats "no row" and NULL as a version conflict. The queries carry
 -- the marker OrleansIdempotency so that the installer can tell them from another application's.
