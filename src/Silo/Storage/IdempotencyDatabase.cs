@@ -84,7 +84,7 @@ public sealed class IdempotencyDatabase(string connectionString) : IAsyncDisposa
         MinPoolSize = 0,
     }.ConnectionString;
 
-    /// <summary>The keys the connection string sets, lower case and without spaces ("Max Pool Size" = "MaxPoolSize").</summary>
+    /// <summary>The keys the connection string sets, lower case and without spaces ("Maximum Pool Size" = "MaximumPoolSize").</summary>
     private static HashSet<string> Given(string connectionString)
     {
         // A plain DbConnectionStringBuilder holds only the keys that were written, so we can tell "unset" from "set".
