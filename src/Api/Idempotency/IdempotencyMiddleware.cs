@@ -1,5 +1,6 @@
 using System.Collections.Concurrent;
 using System.Globalization;
+using Microsoft.AspNetCore.Authentication;
 using Microsoft.AspNetCore.Http.Features;
 using Microsoft.Extensions.Options;
 using OrleansIdempotency.Grains;
@@ -59,7 +60,7 @@ internal sealed partial class IdempotencyMiddleware(
         var scope = policy.Scope(context);
         if (scope is null && !policy.AllowAnonymous)
         {
-            await RejectAsync(context, IdempotencyProblem.ScopeRequired, "Idempotency keys on this endpoint belong to a caller: authenticate.", key);
+            await RefuseAnonymousAsync(context, key);
             return;
         }
 
@@ -225,6 +226,25 @@ internal sealed partial class IdempotencyMiddleware(
             // The client left mid-replay; nothing to undo.
             context.Abort();
         }
+    }
+
+    private async Task RefuseAnonymousAsync(HttpContext context, string key)
+    {
+        // A 401 must carry a challenge (RFC 9110 §15.5.2), and only the application's authentication knows its scheme:
+        // it challenges first; our problem explains the refusal unless the challenge already answered in its own words
+        // (or as something else than a 401, a redirect to a login page, say).
+        if (context.RequestServices?.GetService<IAuthenticationSchemeProvider>() is { } schemes
+            && await schemes.GetDefaultChallengeSchemeAsync() is not null)
+        {
+            await context.ChallengeAsync();
+            if (context.Response.HasStarted || context.Response.StatusCode != StatusCodes.Status401Unauthorized)
+            {
+                metrics.Record(IdempotencyResults.Rejected);
+                return;
+            }
+        }
+
+        await RejectAsync(context, IdempotencyProblem.ScopeRequired, "Idempotency keys on this endpoint belong to a caller: authenticate.", key);
     }
 
     private async Task RejectAsync(HttpContext context, IdempotencyProblem problem, string detail, string? key, TimeSpan? retryAfter = null)

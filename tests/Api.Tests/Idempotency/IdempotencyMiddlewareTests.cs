@@ -1,8 +1,12 @@
 using System.Collections.Frozen;
 using System.Text;
+using System.Text.Encodings.Web;
+using Microsoft.AspNetCore.Authentication;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Http;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Options;
 using OrleansIdempotency.Grains;
 
 namespace OrleansIdempotency.AspNetCore.Tests;
@@ -243,6 +247,38 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         Assert.Equal(401, refused.Response.StatusCode);
         Assert.EndsWith("/scope-required", refused.Problem().GetProperty("type").GetString());
         Assert.Equal(0, forbidden.Executions);
+    }
+
+    [Fact]
+    public async Task AnonymousCallerRefused_CarriesTheApplicationsChallenge_AndOurProblem()
+    {
+        var services = new ServiceCollection().AddLogging()
+            .AddAuthentication("test").AddScheme<AuthenticationSchemeOptions, HeaderOnlyChallenge>("test", null).Services
+            .BuildServiceProvider();
+        var forbidden = Harness(policy: IdempotencyPolicy.Default with { AllowAnonymous = false });
+
+        var refused = await forbidden.SendAsync(MiddlewareHarness.Request(MiddlewareHarness.NewKey(), user: "", configure: c => c.RequestServices = services));
+
+        Assert.Equal(401, refused.Response.StatusCode);
+        Assert.Equal(HeaderOnlyChallenge.Challenge, refused.Response.Headers.WWWAuthenticate.ToString());
+        Assert.EndsWith("/scope-required", refused.Problem().GetProperty("type").GetString());
+        Assert.Equal(0, forbidden.Executions);
+    }
+
+    /// <summary>A scheme whose challenge, like JWT bearer's, sets the status and the header and writes no body.</summary>
+    private sealed class HeaderOnlyChallenge(IOptionsMonitor<AuthenticationSchemeOptions> options, ILoggerFactory logger, UrlEncoder encoder)
+        : AuthenticationHandler<AuthenticationSchemeOptions>(options, logger, encoder)
+    {
+        public const string Challenge = "Bearer realm=\"orders\"";
+
+        protected override Task<AuthenticateResult> HandleAuthenticateAsync() => Task.FromResult(AuthenticateResult.NoResult());
+
+        protected override Task HandleChallengeAsync(AuthenticationProperties properties)
+        {
+            Response.StatusCode = StatusCodes.Status401Unauthorized;
+            Response.Headers.WWWAuthenticate = Challenge;
+            return Task.CompletedTask;
+        }
     }
 
     [Fact]
