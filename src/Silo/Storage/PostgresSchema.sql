@@ -81,7 +81,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     written integer;
 BEGIN
-    IF NOT OrleansStorage_PayloadValidNow(payload) THEN
+    -- IS NOT TRUE, not NOT: a NULL payload is refused, as the statement this replaces refused it.
+    IF OrleansStorage_PayloadValidNow(payload) IS NOT TRUE THEN
         RETURN NULL;
     END IF;
 
