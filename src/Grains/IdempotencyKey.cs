@@ -1,4 +1,5 @@
 using System.Globalization;
+using System.Runtime.CompilerServices;
 
 namespace OrleansIdempotency.Grains;
 
@@ -17,7 +18,24 @@ public readonly record struct IdempotencyKey(string Scope, string Key)
 /// <summary>Finds the grain of an <see cref="IdempotencyKey"/>.</summary>
 public static class IdempotencyGrainFactoryExtensions
 {
+    // GetGrain<T>(string) resolves T's grain type by reflection (its attributes, its formatted name) on every call:
+    // a measurable share of a replay. The answer never changes for a factory, so it is resolved once per factory.
+    private static readonly ConditionalWeakTable<IGrainFactory, GrainTypes> TypesByFactory = new();
+
     /// <summary>The grain that owns <paramref name="key"/>.</summary>
-    public static IIdempotencyGrain GetIdempotencyGrain(this IGrainFactory grains, IdempotencyKey key) =>
-        grains.GetGrain<IIdempotencyGrain>(key.ToGrainKey());
+    public static IIdempotencyGrain GetIdempotencyGrain(this IGrainFactory grains, IdempotencyKey key)
+    {
+        var types = TypesByFactory.GetValue(grains, GrainTypes.Resolve);
+        return (IIdempotencyGrain)grains.GetGrain(GrainId.Create(types.Grain, key.ToGrainKey()), types.Interface);
+    }
+
+    private sealed record GrainTypes(GrainType Grain, GrainInterfaceType Interface)
+    {
+        public static GrainTypes Resolve(IGrainFactory grains)
+        {
+            // Any key will do: only the types of the reference are kept.
+            var reference = (GrainReference)grains.GetGrain<IIdempotencyGrain>("0:");
+            return new(reference.GrainId.Type, reference.InterfaceType);
+        }
+    }
 }
