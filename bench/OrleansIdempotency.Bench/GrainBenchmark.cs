@@ -4,6 +4,7 @@ using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 using OrleansIdempotency.Grains;
+using OrleansIdempotency.Silo.Hosting;
 using OrleansIdempotency.Testing;
 
 namespace OrleansIdempotency.Bench;
@@ -20,7 +21,7 @@ public static class GrainBenchmark
         builder.Logging.SetMinimumLevel(LogLevel.Warning);
         builder.UseOrleans(silo => silo
             .UseLocalhostClustering(FreePort.Next(), FreePort.Next())
-            .AddMemoryGrainStorage(IdempotencyGrain.StorageName));
+            .AddIdempotencyMemoryStorage());
         builder.Services.AddSingleton(TimeProvider.System);
         using var host = builder.Build();
         await host.StartAsync();

@@ -45,7 +45,7 @@ public static class IdempotencySiloBuilderExtensions
         }
         else
         {
-            silo.AddMemoryGrainStorage(IdempotencyGrain.StorageName);
+            silo.AddIdempotencyMemoryStorage();
             silo.Services.AddHostedService<InMemoryStorageWarning>();
         }
 
@@ -62,6 +62,15 @@ public static class IdempotencySiloBuilderExtensions
         silo.Services.TryAddSingleton(TimeProvider.System);
         return silo;
     }
+
+    /// <summary>
+    /// Keeps idempotency records in the cluster's memory (the embedded default): lost when the silo holding them stops.
+    /// Records are serialized as in PostgreSQL, with Orleans' binary serializer: the memory provider's default,
+    /// JSON, took about a tenth of the CPU of each new key.
+    /// </summary>
+    public static ISiloBuilder AddIdempotencyMemoryStorage(this ISiloBuilder silo) =>
+        silo.AddMemoryGrainStorage(IdempotencyGrain.StorageName, (OptionsBuilder<MemoryGrainStorageOptions> options) =>
+            options.Configure<Serializer>((o, serializer) => o.GrainStorageSerializer = new IdempotencyStorageSerializer(serializer)));
 
     /// <summary>Keeps idempotency records in PostgreSQL, applying the schema on start and purging expired records.</summary>
     public static ISiloBuilder AddIdempotencyPostgresStorage(this ISiloBuilder silo, string connectionString) =>
