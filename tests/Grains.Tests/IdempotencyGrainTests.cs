@@ -34,20 +34,6 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
     }
 
     [Fact]
-    public void GrainOfAKey_IsTheGrainOrleansNamesForItsStringKey()
-    {
-        // Records are stored under the grain id: a key must keep naming the grain (and so the record) it always named.
-        var key = NewKey();
-        var expected = (GrainReference)fixture.Grains.GetGrain<IIdempotencyGrain>(key.ToGrainKey());
-
-        var grain = (GrainReference)Grain(key);
-
-        Assert.Equal(expected.GrainId, grain.GrainId);
-        Assert.Equal(expected.InterfaceType, grain.InterfaceType);
-        Assert.NotEqual(grain.GrainId, ((GrainReference)Grain(NewKey())).GrainId);
-    }
-
-    [Fact]
     public async Task Claim_SameAttemptAskingAgain_GetsItsClaimBack()
     {
         var grain = Grain(NewKey());

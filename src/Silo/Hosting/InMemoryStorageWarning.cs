@@ -16,7 +16,7 @@ internal sealed partial class InMemoryStorageWarning(ILogger<InMemoryStorageWarn
 
     [LoggerMessage(Level = LogLevel.Warning, Message =
         "Idempotency records are kept in memory: keys do not survive a restart, are not shared with other processes, " +
-        "and are never freed, expired or not (about 1 KB each). " +
+        "and are never freed, expired or not (about 1 KB each, plus the stored response). " +
         "Set ConnectionStrings__Postgres (and ConnectionStrings__Redis for several silos) for durable idempotency.")]
     private static partial void LogInMemory(ILogger logger);
 }

@@ -6,7 +6,7 @@ using OrleansIdempotency.Silo.Storage;
 
 namespace OrleansIdempotency.Silo.Tests;
 
-public sealed class MemoryStorageTests
+public sealed class IdempotencySiloBuilderExtensionsTests
 {
     [Fact]
     public async Task EmbeddedDefault_StoresRecordsInOrleansBinary_AndReplaysThemAfterDeactivation()

@@ -1,0 +1,30 @@
+namespace OrleansIdempotency.Grains.Tests;
+
+[Collection(ClusterCollection.Name)]
+public sealed class IdempotencyKeyTests(ClusterFixture fixture)
+{
+    [Fact]
+    public void GrainOfAKey_IsTheGrainOrleansNamesForItsStringKey()
+    {
+        // Records are stored under the grain id: a key must keep naming the grain (and so the record) it always named.
+        var key = new IdempotencyKey("alice", Guid.NewGuid().ToString("N"));
+        var expected = (GrainReference)fixture.Grains.GetGrain<IIdempotencyGrain>(key.ToGrainKey());
+
+        var grain = (GrainReference)fixture.Grains.GetIdempotencyGrain(key);
+
+        Assert.Equal(expected.GrainId, grain.GrainId);
+        Assert.Equal(expected.InterfaceType, grain.InterfaceType);
+        Assert.NotEqual(grain.GrainId, ((GrainReference)fixture.Grains.GetIdempotencyGrain(key with { Scope = "bob" })).GrainId);
+    }
+
+    [Theory]
+    [InlineData("a:b", "c", "a", "b:c")]
+    [InlineData("1:a", "b", "1", "a:b")]
+    [InlineData("", "3:a:b", ":3", "a:b")]
+    public void GrainKey_OfOneScopeAndKey_IsNeverThatOfAnother(string scope, string key, string otherScope, string otherKey)
+    {
+        Assert.Equal(scope + ":" + key, otherScope + ":" + otherKey);
+
+        Assert.NotEqual(new IdempotencyKey(scope, key).ToGrainKey(), new IdempotencyKey(otherScope, otherKey).ToGrainKey());
+    }
+}
