@@ -1,6 +1,5 @@
 using Microsoft.Extensions.DependencyInjection;
-using Microsoft.Extensions.Options;
-using Orleans.Configuration;
+using Orleans.Storage;
 using OrleansIdempotency.Grains;
 using OrleansIdempotency.Silo.Storage;
 
@@ -9,12 +8,11 @@ namespace OrleansIdempotency.Silo.Tests;
 public sealed class IdempotencySiloBuilderExtensionsTests
 {
     [Fact]
-    public async Task EmbeddedDefault_StoresRecordsInOrleansBinary_AndReplaysThemAfterDeactivation()
+    public async Task EmbeddedDefault_KeepsRecordsInThisSilosMemory_AndReplaysThemAfterDeactivation()
     {
         var created = new StoredResponse(201, [new("Location", "/orders/7")], "{\"id\":7}"u8.ToArray(), false, 8);
         await using var silo = await TestSilo.StartAsync(new Dictionary<string, string?>());
-        var options = silo.Host.Services.GetRequiredService<IOptionsMonitor<MemoryGrainStorageOptions>>().Get(IdempotencyGrain.StorageName);
-        Assert.IsType<IdempotencyStorageSerializer>(options.GrainStorageSerializer);
+        Assert.IsType<InMemoryRecordStorage>(silo.Host.Services.GetRequiredKeyedService<IGrainStorage>(IdempotencyGrain.StorageName));
 
         var grain = silo.Grains.GetIdempotencyGrain(new IdempotencyKey("alice", Guid.NewGuid().ToString("N")));
         var claim = await grain.ClaimAsync(new ClaimRequest(Guid.NewGuid(), [4, 2], TimeSpan.FromMinutes(1), TimeSpan.FromHours(1)));
@@ -28,5 +26,16 @@ public sealed class IdempotencySiloBuilderExtensionsTests
         Assert.Equal(ClaimOutcome.Completed, replay.Outcome);
         Assert.Equal(created.Body, replay.Response!.Body);
         Assert.Equal(created.Headers, replay.Response.Headers);
+    }
+
+    [Fact]
+    public async Task ClusterWithoutPostgres_IsRefused_AtStart()
+    {
+        var error = await Assert.ThrowsAsync<InvalidOperationException>(() => TestSilo.StartAsync(new Dictionary<string, string?>
+        {
+            ["ConnectionStrings:Redis"] = "127.0.0.1:1",
+        }));
+
+        Assert.Contains("ConnectionStrings:Postgres", error.Message, StringComparison.Ordinal);
     }
 }

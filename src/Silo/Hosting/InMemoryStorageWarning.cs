@@ -15,8 +15,8 @@ internal sealed partial class InMemoryStorageWarning(ILogger<InMemoryStorageWarn
     public Task StopAsync(CancellationToken cancellationToken) => Task.CompletedTask;
 
     [LoggerMessage(Level = LogLevel.Warning, Message =
-        "Idempotency records are kept in memory: keys do not survive a restart, are not shared with other processes, " +
-        "and are never freed, expired or not (about 1 KB each, plus the stored response). " +
+        "Idempotency records are kept in this process's memory until they expire: keys do not survive a restart and are " +
+        "not shared with other processes. " +
         "Set ConnectionStrings__Postgres (and ConnectionStrings__Redis for several silos) for durable idempotency.")]
     private static partial void LogInMemory(ILogger logger);
 }

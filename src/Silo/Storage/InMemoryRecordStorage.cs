@@ -1,0 +1,126 @@
+using System.Collections.Concurrent;
+using System.Globalization;
+using Orleans.Storage;
+using OrleansIdempotency.Grains;
+
+namespace OrleansIdempotency.Silo.Storage;
+
+/// <summary>
+/// The embedded default's records: in this silo's memory, with the same contract as PostgreSQL (a write without an
+/// ETag creates and never overwrites, a write with one changes only that version) and the same purge: a record
+/// past its expiry is dropped, so memory holds only the records still within their retention.
+/// </summary>
+/// <remarks>
+/// Each record is kept as its serialized bytes, so no grain ever shares an object with the store. ETags come from
+/// one counter and are never reused: an activation still holding the ETag of a purged record cannot match the
+/// record created after it. Per process: several silos would each hold their own records, so the hosting refuses a
+/// cluster (Redis) without PostgreSQL.
+/// </remarks>
+public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
+{
+    /// <summary>How often expired records are dropped.</summary>
+    public static readonly TimeSpan PurgeInterval = TimeSpan.FromMinutes(1);
+
+    private readonly ConcurrentDictionary<(string StateName, GrainId GrainId), Entry> records = new();
+    private readonly IGrainStorageSerializer serializer;
+    private readonly TimeProvider time;
+    private readonly ITimer purge;
+    private long lastETag;
+
+    public InMemoryRecordStorage(IGrainStorageSerializer serializer, TimeProvider time)
+    {
+        this.serializer = serializer;
+        this.time = time;
+        purge = time.CreateTimer(_ => Purge(), null, PurgeInterval, PurgeInterval);
+    }
+
+    /// <summary>How many records are held, expired or not.</summary>
+    public int Count => records.Count;
+
+    public Task ReadStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
+    {
+        if (records.TryGetValue((stateName, grainId), out var entry))
+        {
+            grainState.State = serializer.Deserialize<T>(entry.Payload);
+            grainState.ETag = entry.ETag;
+            grainState.RecordExists = true;
+        }
+        else
+        {
+            grainState.State = Activator.CreateInstance<T>();
+            grainState.ETag = null;
+            grainState.RecordExists = false;
+        }
+
+        return Task.CompletedTask;
+    }
+
+    public Task WriteStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
+    {
+        var key = (stateName, grainId);
+        var next = new Entry(
+            serializer.Serialize(grainState.State),
+            Interlocked.Increment(ref lastETag).ToString(CultureInfo.InvariantCulture),
+            grainState.State is IdempotencyRecord record ? record.ExpiresAt : DateTimeOffset.MaxValue);
+        var written = grainState.ETag is null
+            ? records.TryAdd(key, next)
+            : records.TryGetValue(key, out var current) && current.ETag == grainState.ETag && records.TryUpdate(key, next, current);
+        if (!written)
+        {
+            throw Conflict("write", grainId, grainState.ETag);
+        }
+
+        grainState.ETag = next.ETag;
+        grainState.RecordExists = true;
+        return Task.CompletedTask;
+    }
+
+    public Task ClearStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
+    {
+        var key = (stateName, grainId);
+        if (grainState.ETag is not null)
+        {
+            if (!records.TryGetValue(key, out var current) || current.ETag != grainState.ETag || !records.TryRemove(KeyValuePair.Create(key, current)))
+            {
+                throw Conflict("clear", grainId, grainState.ETag);
+            }
+        }
+        else if (records.ContainsKey(key))
+        {
+            throw Conflict("clear", grainId, grainState.ETag);
+        }
+
+        grainState.State = Activator.CreateInstance<T>();
+        grainState.ETag = null;
+        grainState.RecordExists = false;
+        return Task.CompletedTask;
+    }
+
+    public void Dispose() => purge.Dispose();
+
+    /// <summary>Drops every record past its expiry; a record rewritten meanwhile is kept.</summary>
+    public void Purge()
+    {
+        var now = time.GetUtcNow();
+        foreach (var pair in records)
+        {
+            if (pair.Value.ExpiresAt <= now)
+            {
+                records.TryRemove(pair);
+            }
+        }
+    }
+
+    private static InconsistentStateException Conflict(string operation, GrainId grainId, string? etag) =>
+        new($"The {operation} of {grainId} expected version {etag ?? "(none)"}, which is not the stored one.");
+
+    // A class, not a record: a conditional update or removal must compare the very entry that was read.
+    private sealed class Entry(BinaryData payload, string etag, DateTimeOffset expiresAt)
+    {
+        public BinaryData Payload { get; } = payload;
+
+        public string ETag { get; } = etag;
+
+        public DateTimeOffset ExpiresAt { get; } = expiresAt;
+    }
+}

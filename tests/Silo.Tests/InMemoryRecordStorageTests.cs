@@ -1,0 +1,146 @@
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Time.Testing;
+using Orleans.Serialization;
+using Orleans.Storage;
+using OrleansIdempotency.Grains;
+using OrleansIdempotency.Silo.Storage;
+
+namespace OrleansIdempotency.Silo.Tests;
+
+public sealed class InMemoryRecordStorageTests : IDisposable
+{
+    private const string State = IdempotencyGrain.StateName;
+
+    private static readonly Serializer Serializer = new ServiceCollection()
+        .AddSerializer(builder => builder.AddAssembly(typeof(IdempotencyRecord).Assembly))
+        .BuildServiceProvider()
+        .GetRequiredService<Serializer>();
+
+    private readonly FakeTimeProvider time = new(new DateTimeOffset(2026, 1, 1, 0, 0, 0, TimeSpan.Zero));
+    private readonly InMemoryRecordStorage storage;
+
+    public InMemoryRecordStorageTests() => storage = new InMemoryRecordStorage(new IdempotencyStorageSerializer(Serializer), time);
+
+    public void Dispose() => storage.Dispose();
+
+    private static GrainId Key() => GrainId.Create("idempotency", Guid.NewGuid().ToString("N"));
+
+    private IdempotencyRecord Record(TimeSpan expiresIn, byte[]? body = null) => new()
+    {
+        Status = IdempotencyStatus.Completed,
+        ExpiresAt = time.GetUtcNow() + expiresIn,
+        Response = new StoredResponse(201, [], body ?? [1, 2, 3], false, (body ?? [1, 2, 3]).Length),
+    };
+
+    private async Task<GrainState<IdempotencyRecord>> ReadAsync(GrainId key)
+    {
+        var state = new GrainState<IdempotencyRecord>();
+        await storage.ReadStateAsync(State, key, state);
+        return state;
+    }
+
+    [Fact]
+    public async Task Create_OfAKeyThatExists_IsRefused_AndTheRecordStays()
+    {
+        var key = Key();
+        await storage.WriteStateAsync(State, key, new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1), [1])));
+
+        await Assert.ThrowsAsync<InconsistentStateException>(() =>
+            storage.WriteStateAsync(State, key, new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1), [2]))));
+
+        Assert.Equal([1], (await ReadAsync(key)).State!.Response!.Body);
+    }
+
+    [Fact]
+    public async Task Update_WithTheStoredETag_Lands_WithAStaleOne_IsRefused()
+    {
+        var key = Key();
+        var first = new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1), [1]));
+        await storage.WriteStateAsync(State, key, first);
+        var stale = first.ETag;
+        first.State = Record(TimeSpan.FromHours(1), [2]);
+        await storage.WriteStateAsync(State, key, first);
+
+        var late = new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1), [3])) { ETag = stale };
+        await Assert.ThrowsAsync<InconsistentStateException>(() => storage.WriteStateAsync(State, key, late));
+
+        var read = await ReadAsync(key);
+        Assert.True(read.RecordExists);
+        Assert.Equal(first.ETag, read.ETag);
+        Assert.Equal([2], read.State!.Response!.Body);
+    }
+
+    [Fact]
+    public async Task Read_ReturnsACopy_ThatNoWriterOrReaderShares()
+    {
+        var key = Key();
+        var body = new byte[] { 1, 2, 3 };
+        await storage.WriteStateAsync(State, key, new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1), body)));
+        body[0] = 9;
+        (await ReadAsync(key)).State!.Response!.Body[1] = 9;
+
+        Assert.Equal([1, 2, 3], (await ReadAsync(key)).State!.Response!.Body);
+    }
+
+    [Fact]
+    public async Task ParallelCreatesOfOneKey_ExactlyOneLands_Repeatedly()
+    {
+        for (var round = 0; round < 50; round++)
+        {
+            var key = Key();
+            using var start = new ManualResetEventSlim();
+            var writes = Enumerable.Range(0, 16).Select(i => Task.Run(async () =>
+            {
+                start.Wait();
+                try
+                {
+                    await storage.WriteStateAsync(State, key, new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1), [(byte)i])));
+                    return (byte?)i;
+                }
+                catch (InconsistentStateException)
+                {
+                    return null;
+                }
+            })).ToArray();
+            start.Set();
+            var landed = (await Task.WhenAll(writes)).Where(w => w is not null).ToArray();
+
+            Assert.Single(landed);
+            Assert.Equal([landed[0]!.Value], (await ReadAsync(key)).State!.Response!.Body);
+        }
+    }
+
+    [Fact]
+    public async Task Purge_DropsExpiredRecords_KeepsLiveOnes_AndAHolderOfAPurgedRecordCannotWriteOverIt()
+    {
+        var expiring = Key();
+        var living = Key();
+        var holder = new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1)));
+        await storage.WriteStateAsync(State, expiring, holder);
+        await storage.WriteStateAsync(State, living, new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(3))));
+
+        time.Advance(TimeSpan.FromHours(2));
+
+        Assert.False((await ReadAsync(expiring)).RecordExists);
+        Assert.True((await ReadAsync(living)).RecordExists);
+        Assert.Equal(1, storage.Count);
+        await Assert.ThrowsAsync<InconsistentStateException>(() => storage.WriteStateAsync(State, expiring, holder));
+        await storage.WriteStateAsync(State, expiring, new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1))));
+        Assert.True((await ReadAsync(expiring)).RecordExists);
+    }
+
+    [Fact]
+    public async Task Clear_WithTheStoredETag_Removes_WithAStaleOne_IsRefused()
+    {
+        var key = Key();
+        var state = new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1)));
+        await storage.WriteStateAsync(State, key, state);
+        var stale = new GrainState<IdempotencyRecord>(state.State) { ETag = "stale" };
+
+        await Assert.ThrowsAsync<InconsistentStateException>(() => storage.ClearStateAsync(State, key, stale));
+        await storage.ClearStateAsync(State, key, state);
+
+        Assert.False((await ReadAsync(key)).RecordExists);
+        Assert.Null(state.ETag);
+    }
+}
