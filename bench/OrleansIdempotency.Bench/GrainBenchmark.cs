@@ -28,7 +28,7 @@ public static class GrainBenchmark
         var grains = host.Services.GetRequiredService<IGrainFactory>();
         var response = new StoredResponse(201, [new("Content-Type", "application/json")], new byte[200], false, 200);
 
-        // Warm-up: JIT and the storage grains.
+        // Warm-up: the JIT.
         await CyclesAsync(grains, "warmup", 2_000, 64, response);
 
         var sequential = await CyclesAsync(grains, "seq", 5_000, 1, response);

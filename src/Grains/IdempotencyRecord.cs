@@ -47,6 +47,13 @@ public sealed record IdempotencyRecord
             ? new IdempotencyRecord { FencingToken = FencingToken }
             : this;
 
+    /// <summary>
+    /// When storage may drop the record: its expiry, or the end of a live lease that outlasts it (as in
+    /// <see cref="AsOf"/>, a claim must not vanish under its action).
+    /// </summary>
+    public DateTimeOffset PurgeableAt =>
+        Status == IdempotencyStatus.InProgress && LeaseExpiresAt > ExpiresAt ? LeaseExpiresAt : ExpiresAt;
+
     /// <summary>True when <paramref name="fingerprint"/> is the request that claimed the key.</summary>
     public bool Matches(ReadOnlySpan<byte> fingerprint) => Fingerprint.AsSpan().SequenceEqual(fingerprint);
 

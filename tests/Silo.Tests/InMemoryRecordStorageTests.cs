@@ -39,6 +39,27 @@ public sealed class InMemoryRecordStorageTests : IDisposable
         return state;
     }
 
+    /// <summary>Starts <paramref name="count"/> writes at once; returns the numbers of those that landed.</summary>
+    private static async Task<int[]> InParallelAsync(int count, Func<int, Task> write)
+    {
+        using var start = new ManualResetEventSlim();
+        var writes = Enumerable.Range(0, count).Select(i => Task.Run(async () =>
+        {
+            start.Wait();
+            try
+            {
+                await write(i);
+                return i;
+            }
+            catch (InconsistentStateException)
+            {
+                return -1;
+            }
+        })).ToArray();
+        start.Set();
+        return (await Task.WhenAll(writes)).Where(i => i >= 0).ToArray();
+    }
+
     [Fact]
     public async Task Create_OfAKeyThatExists_IsRefused_AndTheRecordStays()
     {
@@ -88,25 +109,11 @@ public sealed class InMemoryRecordStorageTests : IDisposable
         for (var round = 0; round < 50; round++)
         {
             var key = Key();
-            using var start = new ManualResetEventSlim();
-            var writes = Enumerable.Range(0, 16).Select(i => Task.Run(async () =>
-            {
-                start.Wait();
-                try
-                {
-                    await storage.WriteStateAsync(State, key, new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1), [(byte)i])));
-                    return (byte?)i;
-                }
-                catch (InconsistentStateException)
-                {
-                    return null;
-                }
-            })).ToArray();
-            start.Set();
-            var landed = (await Task.WhenAll(writes)).Where(w => w is not null).ToArray();
+            var landed = await InParallelAsync(16, i => storage.WriteStateAsync(State, key,
+                new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1), [(byte)i]))));
 
             Assert.Single(landed);
-            Assert.Equal([landed[0]!.Value], (await ReadAsync(key)).State!.Response!.Body);
+            Assert.Equal([(byte)landed[0]], (await ReadAsync(key)).State!.Response!.Body);
         }
     }
 
@@ -124,9 +131,90 @@ public sealed class InMemoryRecordStorageTests : IDisposable
         Assert.False((await ReadAsync(expiring)).RecordExists);
         Assert.True((await ReadAsync(living)).RecordExists);
         Assert.Equal(1, storage.Count);
+        var successor = new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1), [7]));
+        await storage.WriteStateAsync(State, expiring, successor);
         await Assert.ThrowsAsync<InconsistentStateException>(() => storage.WriteStateAsync(State, expiring, holder));
-        await storage.WriteStateAsync(State, expiring, new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1))));
-        Assert.True((await ReadAsync(expiring)).RecordExists);
+        var read = await ReadAsync(expiring);
+        Assert.Equal(successor.ETag, read.ETag);
+        Assert.Equal([7], read.State!.Response!.Body);
+    }
+
+    [Fact]
+    public async Task Purge_KeepsAClaimWhoseLeaseOutlastsItsExpiry_UntilTheLeaseEnds()
+    {
+        var key = Key();
+        var claim = new IdempotencyRecord
+        {
+            Status = IdempotencyStatus.InProgress,
+            ExpiresAt = time.GetUtcNow() + TimeSpan.FromHours(1),
+            LeaseExpiresAt = time.GetUtcNow() + TimeSpan.FromHours(3),
+        };
+        await storage.WriteStateAsync(State, key, new GrainState<IdempotencyRecord>(claim));
+
+        time.Advance(TimeSpan.FromHours(2));
+        Assert.True((await ReadAsync(key)).RecordExists);
+
+        time.Advance(TimeSpan.FromHours(2));
+        Assert.False((await ReadAsync(key)).RecordExists);
+    }
+
+    [Fact]
+    public async Task Read_OfAKeyNeverWritten_IsAbsent_WithAFreshState()
+    {
+        var read = await ReadAsync(Key());
+
+        Assert.False(read.RecordExists);
+        Assert.Null(read.ETag);
+        Assert.Equal(IdempotencyStatus.None, read.State!.Status);
+    }
+
+    [Fact]
+    public async Task ParallelUpdatesFromOneVersion_ExactlyOneLands_Repeatedly()
+    {
+        for (var round = 0; round < 50; round++)
+        {
+            var key = Key();
+            var first = new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1)));
+            await storage.WriteStateAsync(State, key, first);
+            var landed = await InParallelAsync(16, i => storage.WriteStateAsync(State, key,
+                new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1), [(byte)i])) { ETag = first.ETag }));
+
+            Assert.Single(landed);
+            Assert.Equal([(byte)landed[0]], (await ReadAsync(key)).State!.Response!.Body);
+        }
+    }
+
+    [Fact]
+    public async Task PurgeRacingARewrite_NeverDropsTheRewrittenRecord()
+    {
+        for (var round = 0; round < 5_000; round++)
+        {
+            var key = Key();
+            // Expired when written; the clock stands still, so only the explicit purge below runs.
+            var state = new GrainState<IdempotencyRecord>(Record(-TimeSpan.FromSeconds(1)));
+            await storage.WriteStateAsync(State, key, state);
+            state.State = Record(TimeSpan.FromHours(1), [5]);
+            using var start = new ManualResetEventSlim();
+            var purge = Task.Run(() => { start.Wait(); storage.Purge(); });
+            var rewrite = Task.Run(async () =>
+            {
+                start.Wait();
+                try
+                {
+                    await storage.WriteStateAsync(State, key, state);
+                    return true;
+                }
+                catch (InconsistentStateException)
+                {
+                    return false;
+                }
+            });
+            start.Set();
+            await purge;
+
+            // Either the purge came first (the rewrite is refused) or the rewrite did (and it stays).
+            Assert.Equal(await rewrite, (await ReadAsync(key)).RecordExists);
+        }
     }
 
     [Fact]

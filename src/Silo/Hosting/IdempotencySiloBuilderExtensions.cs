@@ -73,7 +73,7 @@ public static class IdempotencySiloBuilderExtensions
 
     /// <summary>
     /// Keeps idempotency records in this silo's memory (the embedded default, <see cref="InMemoryRecordStorage"/>):
-    /// lost when the silo stops, dropped once expired.
+    /// lost when the silo stops, dropped once expired. For a single silo only: each silo would hold its own records.
     /// </summary>
     public static ISiloBuilder AddIdempotencyMemoryStorage(this ISiloBuilder silo)
     {

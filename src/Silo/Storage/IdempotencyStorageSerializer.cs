@@ -27,7 +27,7 @@ public sealed class IdempotencyStorageSerializer(Serializer serializer) : IGrain
     public BinaryData Serialize<T>(T? input)
     {
         var (expiresAt, validUntil) = input is IdempotencyRecord record
-            ? (record.ExpiresAt, record.Status == IdempotencyStatus.InProgress ? record.LeaseExpiresAt : DateTimeOffset.MaxValue)
+            ? (record.PurgeableAt, record.Status == IdempotencyStatus.InProgress ? record.LeaseExpiresAt : DateTimeOffset.MaxValue)
             : (DateTimeOffset.MaxValue, DateTimeOffset.MaxValue);
         var buffer = new ArrayBufferWriter<byte>(256);
         var header = buffer.GetSpan(HeaderLength);

@@ -6,15 +6,17 @@ using OrleansIdempotency.Grains;
 namespace OrleansIdempotency.Silo.Storage;
 
 /// <summary>
-/// The embedded default's records: in this silo's memory, with the same contract as PostgreSQL (a write without an
-/// ETag creates and never overwrites, a write with one changes only that version) and the same purge: a record
-/// past its expiry is dropped, so memory holds only the records still within their retention.
+/// The embedded default's records: in this silo's memory, with the ETag contract of PostgreSQL's (a write without an
+/// ETag creates and never overwrites, a write with one changes only that version) and its purge: a record is
+/// dropped at <see cref="IdempotencyRecord.PurgeableAt"/>, so memory holds only records within their retention.
+/// Unlike PostgreSQL it has no late-write check: a write here lands within the grain's turn or not at all.
 /// </summary>
 /// <remarks>
 /// Each record is kept as its serialized bytes, so no grain ever shares an object with the store. ETags come from
 /// one counter and are never reused: an activation still holding the ETag of a purged record cannot match the
 /// record created after it. Per process: several silos would each hold their own records, so the hosting refuses a
-/// cluster (Redis) without PostgreSQL.
+/// cluster (Redis) without PostgreSQL; <see cref="Hosting.IdempotencySiloBuilderExtensions.AddIdempotencyMemoryStorage"/>
+/// is for a single silo only.
 /// </remarks>
 public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
 {
@@ -58,10 +60,11 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
     public Task WriteStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
     {
         var key = (stateName, grainId);
+        // An exact-size copy: the serializer's buffer may be twice the record, and the record stays for its retention.
         var next = new Entry(
-            serializer.Serialize(grainState.State),
+            BinaryData.FromBytes(serializer.Serialize(grainState.State).ToArray()),
             Interlocked.Increment(ref lastETag).ToString(CultureInfo.InvariantCulture),
-            grainState.State is IdempotencyRecord record ? record.ExpiresAt : DateTimeOffset.MaxValue);
+            grainState.State is IdempotencyRecord record ? record.PurgeableAt : DateTimeOffset.MaxValue);
         var written = grainState.ETag is null
             ? records.TryAdd(key, next)
             : records.TryGetValue(key, out var current) && current.ETag == grainState.ETag && records.TryUpdate(key, next, current);
@@ -98,7 +101,7 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
 
     public void Dispose() => purge.Dispose();
 
-    /// <summary>Drops every record past its expiry; a record rewritten meanwhile is kept.</summary>
+    /// <summary>Drops every record past <see cref="IdempotencyRecord.PurgeableAt"/>; a record rewritten meanwhile is kept.</summary>
     public void Purge()
     {
         var now = time.GetUtcNow();

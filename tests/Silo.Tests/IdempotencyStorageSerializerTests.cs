@@ -1,0 +1,60 @@
+using System.Buffers.Binary;
+using Microsoft.Extensions.DependencyInjection;
+using Orleans.Serialization;
+using OrleansIdempotency.Grains;
+using OrleansIdempotency.Silo.Storage;
+
+namespace OrleansIdempotency.Silo.Tests;
+
+public sealed class IdempotencyStorageSerializerTests
+{
+    private static readonly DateTimeOffset Now = new(2026, 1, 1, 0, 0, 0, TimeSpan.Zero);
+
+    private static readonly IdempotencyStorageSerializer Serializer = new(new ServiceCollection()
+        .AddSerializer(builder => builder.AddAssembly(typeof(IdempotencyRecord).Assembly))
+        .BuildServiceProvider()
+        .GetRequiredService<Serializer>());
+
+    private static (DateTimeOffset PurgeableAt, DateTimeOffset ValidUntil) Header(IdempotencyRecord record)
+    {
+        var bytes = Serializer.Serialize(record).ToMemory().Span;
+        return (DateTimeOffset.FromUnixTimeMilliseconds(BinaryPrimitives.ReadInt64BigEndian(bytes)),
+            DateTimeOffset.FromUnixTimeMilliseconds(BinaryPrimitives.ReadInt64BigEndian(bytes[sizeof(long)..])));
+    }
+
+    [Fact]
+    public void Header_OfAClaimWhoseLeaseOutlastsItsRetention_KeepsTheRowUntilTheLeaseEnds()
+    {
+        var claim = new IdempotencyRecord { Status = IdempotencyStatus.InProgress, ExpiresAt = Now.AddHours(1), LeaseExpiresAt = Now.AddHours(3) };
+
+        Assert.Equal((Now.AddHours(3), Now.AddHours(3)), Header(claim));
+    }
+
+    [Fact]
+    public void Header_OfACompletedRecord_IsItsExpiry_AndItMayLandAnyTime()
+    {
+        var completed = new IdempotencyRecord { Status = IdempotencyStatus.Completed, ExpiresAt = Now.AddHours(24), LeaseExpiresAt = Now.AddHours(30) };
+
+        var (purgeableAt, validUntil) = Header(completed);
+
+        Assert.Equal(Now.AddHours(24), purgeableAt);
+        Assert.True(validUntil > Now.AddYears(1000));
+    }
+
+    [Fact]
+    public void Record_RoundTripsBehindTheHeader()
+    {
+        var record = new IdempotencyRecord
+        {
+            Status = IdempotencyStatus.Completed,
+            ExpiresAt = Now.AddHours(24),
+            Response = new StoredResponse(201, [new("Location", "/orders/7")], [1, 2, 3], false, 3),
+        };
+
+        var read = Serializer.Deserialize<IdempotencyRecord>(Serializer.Serialize(record));
+
+        Assert.Equal(record.ExpiresAt, read.ExpiresAt);
+        Assert.Equal(record.Response.Body, read.Response!.Body);
+        Assert.Equal(record.Response.Headers, read.Response.Headers);
+    }
+}
