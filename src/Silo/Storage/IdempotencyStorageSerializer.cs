@@ -9,8 +9,9 @@ namespace OrleansIdempotency.Silo.Storage;
 /// <summary>
 /// Stores grain state with Orleans' own binary serializer (version-tolerant through <c>[Id]</c>s, and far cheaper
 /// than JSON), behind a 16-byte header of two big-endian Unix-millisecond times that PostgreSQL reads (see
-/// <c>PostgresSchema.sql</c>): the record's expiry, into the indexed <c>ExpiresAt</c> column so expired rows can be
-/// purged without decoding payloads; and the time after which the write must not land at all.
+/// <c>PostgresSchema.sql</c>): when the record may be purged (<see cref="IdempotencyRecord.PurgeableAt"/>), into the
+/// indexed <c>ExpiresAt</c> column so expired rows can be purged without decoding payloads; and the time after which
+/// the write must not land at all.
 /// </summary>
 /// <remarks>
 /// A write can reach PostgreSQL long after the grain sent it: queued behind a network partition, or retransmitted
