@@ -22,7 +22,6 @@ public static class GrainBenchmark
         builder.UseOrleans(silo => silo
             .UseLocalhostClustering(FreePort.Next(), FreePort.Next())
             .AddIdempotencyMemoryStorage());
-        builder.Services.AddSingleton(TimeProvider.System);
         using var host = builder.Build();
         await host.StartAsync();
         var grains = host.Services.GetRequiredService<IGrainFactory>();

@@ -7,6 +7,8 @@ namespace OrleansIdempotency.Silo.Tests;
 
 public sealed class IdempotencySiloBuilderExtensionsTests
 {
+    private static ClaimRequest Claim() => new(Guid.NewGuid(), [4, 2], TimeSpan.FromMinutes(1), TimeSpan.FromHours(1));
+
     [Fact]
     public async Task EmbeddedDefault_KeepsRecordsInThisSilosMemory_AndReplaysThemAfterDeactivation()
     {
@@ -15,13 +17,13 @@ public sealed class IdempotencySiloBuilderExtensionsTests
         Assert.IsType<InMemoryRecordStorage>(silo.Host.Services.GetRequiredKeyedService<IGrainStorage>(IdempotencyGrain.StorageName));
 
         var grain = silo.Grains.GetIdempotencyGrain(new IdempotencyKey("alice", Guid.NewGuid().ToString("N")));
-        var claim = await grain.ClaimAsync(new ClaimRequest(Guid.NewGuid(), [4, 2], TimeSpan.FromMinutes(1), TimeSpan.FromHours(1)));
+        var claim = await grain.ClaimAsync(Claim());
         Assert.True(await grain.CompleteAsync(claim.Token!.Value, created));
         var management = silo.Grains.GetGrain<IManagementGrain>(0);
         await management.ForceActivationCollection(TimeSpan.Zero);
         Assert.Equal(0, await management.GetGrainActivationCount((GrainReference)grain));
 
-        var replay = await grain.ClaimAsync(new ClaimRequest(Guid.NewGuid(), [4, 2], TimeSpan.FromMinutes(1), TimeSpan.FromHours(1)));
+        var replay = await grain.ClaimAsync(Claim());
 
         Assert.Equal(ClaimOutcome.Completed, replay.Outcome);
         Assert.Equal(created.Body, replay.Response!.Body);

@@ -1,6 +1,4 @@
 using System.Buffers.Binary;
-using Microsoft.Extensions.DependencyInjection;
-using Orleans.Serialization;
 using OrleansIdempotency.Grains;
 using OrleansIdempotency.Silo.Storage;
 
@@ -10,10 +8,7 @@ public sealed class IdempotencyStorageSerializerTests
 {
     private static readonly DateTimeOffset Now = new(2026, 1, 1, 0, 0, 0, TimeSpan.Zero);
 
-    private static readonly IdempotencyStorageSerializer Serializer = new(new ServiceCollection()
-        .AddSerializer(builder => builder.AddAssembly(typeof(IdempotencyRecord).Assembly))
-        .BuildServiceProvider()
-        .GetRequiredService<Serializer>());
+    private static readonly IdempotencyStorageSerializer Serializer = TestSerializer.Storage;
 
     private static (DateTimeOffset PurgeableAt, DateTimeOffset ValidUntil) Header(IdempotencyRecord record)
     {

@@ -1,6 +1,4 @@
-using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Time.Testing;
-using Orleans.Serialization;
 using Orleans.Storage;
 using OrleansIdempotency.Grains;
 using OrleansIdempotency.Silo.Storage;
@@ -11,15 +9,10 @@ public sealed class InMemoryRecordStorageTests : IDisposable
 {
     private const string State = IdempotencyGrain.StateName;
 
-    private static readonly Serializer Serializer = new ServiceCollection()
-        .AddSerializer(builder => builder.AddAssembly(typeof(IdempotencyRecord).Assembly))
-        .BuildServiceProvider()
-        .GetRequiredService<Serializer>();
-
     private readonly FakeTimeProvider time = new(new DateTimeOffset(2026, 1, 1, 0, 0, 0, TimeSpan.Zero));
     private readonly InMemoryRecordStorage storage;
 
-    public InMemoryRecordStorageTests() => storage = new InMemoryRecordStorage(new IdempotencyStorageSerializer(Serializer), time);
+    public InMemoryRecordStorageTests() => storage = new InMemoryRecordStorage(TestSerializer.Storage, time);
 
     public void Dispose() => storage.Dispose();
 

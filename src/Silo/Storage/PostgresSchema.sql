@@ -50,8 +50,9 @@ CREATE TABLE IF NOT EXISTS OrleansStorage
 CREATE INDEX IF NOT EXISTS OrleansStorage_ExpiresAt ON OrleansStorage (ExpiresAt);
 
 -- The payload starts with two big-endian times in milliseconds since the Unix epoch (IdempotencyStorageSerializer):
--- when the record may be purged (its expiry, or a longer claim's lease end), and the time after which the write must not land (a claim's lease end: a claim that reaches
--- the server after its caller gave up is refused instead of leaving the key "outcome unknown").
+-- when the record may be purged (its expiry, or a longer claim's lease end), and the time after which the write must
+-- not land (a claim's lease end: a claim that reaches the server after its caller gave up is refused instead of
+-- leaving the key "outcome unknown").
 CREATE OR REPLACE FUNCTION OrleansStorage_PayloadExpiresAt(payload bytea) RETURNS timestamptz
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE
