@@ -249,6 +249,34 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
     }
 
     [Fact]
+    public async Task Completion_OfAKeyNobodyElseAskedFor_FreesItsActivation()
+    {
+        var grain = Grain(NewKey());
+        var first = await grain.ClaimAsync(Claim());
+        await grain.CompleteAsync(first.Token!.Value, Created);
+
+        // Its replay then reads the record: ExistingKey_OnAFreshActivation_IsReadNotOverwritten.
+        await WaitUntilAsync(async () => await ActivationsOf(grain) == 0);
+    }
+
+    [Fact]
+    public async Task Completion_OfAKeyWhoseDuplicateArrivedWhileItRan_KeepsItsActivationForTheRetries()
+    {
+        var grain = Grain(NewKey());
+        var first = await grain.ClaimAsync(Claim());
+        Assert.Equal(ClaimOutcome.InProgress, (await grain.ClaimAsync(Claim())).Outcome);
+        await grain.CompleteAsync(first.Token!.Value, Created);
+
+        // Long enough for a deactivation requested on completion to have happened (the other test sees it in ms).
+        await Task.Delay(TimeSpan.FromSeconds(1));
+        var replay = await grain.ClaimAsync(Claim());
+
+        Assert.Equal(ClaimOutcome.Completed, replay.Outcome);
+        Assert.Equal(1, await ActivationsOf(grain));
+        Assert.Equal(new StorageCounts(Reads: 0, Writes: 2, Refused: 0), fixture.Storage.For(GrainId(grain)));
+    }
+
+    [Fact]
     public async Task InProgressKey_OnAFreshActivation_IsNotClaimedAgain()
     {
         var grain = Grain(NewKey());
@@ -278,6 +306,17 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
     }
 
     private static GrainId GrainId(IIdempotencyGrain grain) => ((GrainReference)grain).GrainId;
+
+    private Task<int> ActivationsOf(IIdempotencyGrain grain) =>
+        fixture.Grains.GetGrain<IManagementGrain>(0).GetGrainActivationCount((GrainReference)grain);
+
+    private static async Task WaitUntilAsync(Func<Task<bool>> condition)
+    {
+        for (var deadline = DateTime.UtcNow.AddSeconds(10); !await condition(); await Task.Delay(20))
+        {
+            Assert.True(DateTime.UtcNow < deadline, "The condition did not hold within 10 s.");
+        }
+    }
 
     private async Task AdvanceUntilAsync(Task task, TimeSpan step, int maxSteps = 100)
     {
