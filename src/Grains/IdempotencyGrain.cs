@@ -65,8 +65,8 @@ public sealed class IdempotencyGrain(
         {
             // Most keys are asked for once. Keeping their activations until the collection age (minutes, at thousands
             // of keys a second) held hundreds of thousands of them, and the garbage collector took a third of all CPU
-            // samples (perf, embedded new keys). A later replay reads the record from storage; a key whose duplicates
-            // arrived while it ran stays, because its retries are still coming.
+            // samples (perf, embedded new keys). A later replay reads the record from storage; a key that a duplicate
+            // found in progress stays, because its retries are still coming.
             DeactivateOnIdle();
         }
 

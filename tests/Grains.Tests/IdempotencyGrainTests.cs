@@ -269,11 +269,50 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
 
         // Long enough for a deactivation requested on completion to have happened (the other test sees it in ms).
         await Task.Delay(TimeSpan.FromSeconds(1));
+        Assert.Equal(1, await ActivationsOf(grain));
         var replay = await grain.ClaimAsync(Claim());
 
         Assert.Equal(ClaimOutcome.Completed, replay.Outcome);
-        Assert.Equal(1, await ActivationsOf(grain));
         Assert.Equal(new StorageCounts(Reads: 0, Writes: 2, Refused: 0), fixture.Storage.For(GrainId(grain)));
+    }
+
+    [Fact]
+    public async Task Duplicate_QueuedBehindTheCompletionWrite_GetsTheReplay()
+    {
+        var grain = Grain(NewKey());
+        var first = await grain.ClaimAsync(Claim());
+        var writing = new TaskCompletionSource();
+        var release = new TaskCompletionSource();
+        fixture.Storage.BeforeNextWrite(GrainId(grain), async () =>
+        {
+            writing.SetResult();
+            await release.Task;
+        });
+
+        var completion = grain.CompleteAsync(first.Token!.Value, Created);
+        await writing.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        // Queued behind the completion: its answer comes from this activation or, once it is gone, the next one.
+        var duplicate = grain.ClaimAsync(Claim());
+        release.SetResult();
+
+        Assert.True(await completion);
+        var replay = await duplicate;
+        Assert.Equal(ClaimOutcome.Completed, replay.Outcome);
+        Assert.Equal(Created.Body, replay.Response!.Body);
+    }
+
+    [Fact]
+    public async Task Completion_AskedAgainAfterItsActivationWasFreed_IsAcknowledgedWithoutAnotherWrite()
+    {
+        var grain = Grain(NewKey());
+        var first = await grain.ClaimAsync(Claim());
+        Assert.True(await grain.CompleteAsync(first.Token!.Value, Created));
+        await WaitUntilAsync(async () => await ActivationsOf(grain) == 0);
+
+        // The caller lost the first answer and asks again with the same claim.
+        Assert.True(await grain.CompleteAsync(first.Token!.Value, Created));
+
+        Assert.Equal(new StorageCounts(Reads: 1, Writes: 2, Refused: 0), fixture.Storage.For(GrainId(grain)));
     }
 
     [Fact]

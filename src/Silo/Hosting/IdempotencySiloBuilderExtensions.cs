@@ -62,8 +62,8 @@ public static class IdempotencySiloBuilderExtensions
         silo.Services.Configure<ClusterMembershipOptions>(configuration.GetSection("Orleans:Membership"));
         // Likewise how long idle activations stay in memory. A key's activation is collected after 2 minutes idle
         // (Orleans' default is 15): retries come within seconds, every idle activation holds its stored response,
-        // and the record stays in storage for the whole retention anyway. A key completed without duplicates does
-        // not wait for this: its activation is freed at once (IdempotencyGrain.CompleteAsync).
+        // and the record stays in storage for the whole retention anyway. The activation that completes a key no
+        // duplicate found in progress does not wait for this: it is freed at once (IdempotencyGrain.CompleteAsync).
         var collection = configuration.GetSection("Orleans:Collection");
         silo.Services.Configure<GrainCollectionOptions>(collection);
         silo.Services.Configure<GrainCollectionOptions>(options => options.ClassSpecificCollectionAge[typeof(IdempotencyGrain).FullName!] =
