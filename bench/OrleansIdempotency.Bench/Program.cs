@@ -240,7 +240,7 @@ async Task<WrkResult> Measure(Shape shape, string scenario, string path, int con
     results.Add((shape.Name, scenario, connections, result, ratio, apiCpu, postgresCpu));
     Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
         $"{shape.Name,-9} {scenario,-36} c={connections,-3} {result.RequestsPerSecond,10:N0}/s p50 {result.P50Ms,7:0.00} ms p99 {result.P99Ms,7:0.00} ms " +
-        $"cpu/req api {apiCpu,5:0} us pg {postgresCpu,5:0} us errors {result.Errors}"));
+        $"cpu/req api {apiCpu,5:0} us pg {postgresCpu,5:0} us errors {result.Errors} {result.ErrorKinds}"));
     return result;
 }
 

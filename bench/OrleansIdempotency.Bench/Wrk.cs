@@ -4,8 +4,11 @@ using System.Text.RegularExpressions;
 
 namespace OrleansIdempotency.Bench;
 
-/// <summary>One wrk run's result: throughput and latency percentiles.</summary>
-public sealed record WrkResult(double RequestsPerSecond, double P50Ms, double P99Ms, long Requests, long Errors);
+/// <summary>
+/// One wrk run's result: throughput, latency percentiles, and the errors (answers other than 2xx, and socket errors),
+/// with what they were in <c>ErrorKinds</c>, e.g. <c>409 x3, timeout x1</c>.
+/// </summary>
+public sealed record WrkResult(double RequestsPerSecond, double P50Ms, double P99Ms, long Requests, long Errors, string ErrorKinds);
 
 /// <summary>Drives HTTP load with wrk, whose Lua scripts make each request's <c>Idempotency-Key</c>.</summary>
 public static partial class Wrk
@@ -84,15 +87,23 @@ public static partial class Wrk
           return wrk.format("POST", path, headers, body)
         end
 
+        statuses = {}
+
         function response(status, headers, body)
+          if status >= 300 then
+            statuses[status] = (statuses[status] or 0) + 1
+          end
           if mode == "replay" and counter >= limit then
             stop()
           end
         end
 
         function done(summary, latency, requests)
-          local first, last, all_stopped = math.huge, 0, true
+          local first, last, all_stopped, codes = math.huge, 0, true, {}
           for _, thread in ipairs(threads) do
+            for status, n in pairs(thread:get("statuses")) do
+              codes[status] = (codes[status] or 0) + n
+            end
             if thread:get("mode") == "new" then
               local file = io.open(thread:get("source") .. "." .. thread:get("id"), "w")
               file:write(thread:get("counter"))
@@ -105,10 +116,15 @@ public static partial class Wrk
           if all_stopped then
             io.write(string.format("All threads stopped by themselves after: %.1f ms\n", last - first))
           end
+          for status, n in pairs(codes) do
+            io.write(string.format("Status %d: %d\n", status, n))
+          end
         end
         """;
 
     private static readonly string ScriptPath = WriteScript();
+
+    private static readonly string[] SocketErrorKinds = ["connect", "read", "write", "timeout"];
 
     /// <summary>Runs wrk against <paramref name="server"/> and reads its summary.</summary>
     public static async Task<WrkResult> RunAsync(Uri server, string mode, string path, int connections, TimeSpan duration,
@@ -145,10 +161,14 @@ public static partial class Wrk
             ? requests / (double.Parse(early.Groups[1].Value, CultureInfo.InvariantCulture) / 1000)
             : double.Parse(Rate().Match(output).Groups[1].Value, CultureInfo.InvariantCulture);
         var non2xx = Non2xx().Match(output) is { Success: true } m ? long.Parse(m.Groups[1].Value, CultureInfo.InvariantCulture) : 0;
-        var socket = SocketErrors().Match(output) is { Success: true } s
-            ? s.Groups.Values.Skip(1).Sum(g => long.Parse(g.Value, CultureInfo.InvariantCulture))
-            : 0;
-        return new WrkResult(rate, Percentile(output, "50%"), Percentile(output, "99%"), requests, non2xx + socket);
+        var socketErrors = SocketErrors().Match(output);
+        var socket = socketErrors.Success ? socketErrors.Groups.Values.Skip(1).Sum(g => long.Parse(g.Value, CultureInfo.InvariantCulture)) : 0;
+        var kinds = Statuses().Matches(output).Select(c => $"{c.Groups[1].Value} x{c.Groups[2].Value}")
+            .Concat(socketErrors.Success
+                ? SocketErrorKinds.Zip(socketErrors.Groups.Values.Skip(1))
+                    .Where(k => k.Second.Value != "0").Select(k => $"{k.First} x{k.Second.Value}")
+                : []);
+        return new WrkResult(rate, Percentile(output, "50%"), Percentile(output, "99%"), requests, non2xx + socket, string.Join(", ", kinds));
     }
 
     private static double Percentile(string output, string label)
@@ -173,6 +193,9 @@ public static partial class Wrk
 
     [GeneratedRegex(@"(\d+) requests in")]
     private static partial Regex Total();
+
+    [GeneratedRegex(@"^Status (\d+): (\d+)$", RegexOptions.Multiline)]
+    private static partial Regex Statuses();
 
     [GeneratedRegex(@"Non-2xx or 3xx responses: (\d+)")]
     private static partial Regex Non2xx();
