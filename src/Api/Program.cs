@@ -15,10 +15,12 @@ builder.Services.AddOpenApi(options => options.AddIdempotency());
 
 var app = builder.Build();
 // Outside the idempotency middleware: it sees an action's exception first (and releases the key). Kestrel's own
-// verdicts on a malformed request (a broken chunked body, one that arrives too slowly) keep their 4xx status.
+// verdicts on a malformed request (a broken chunked body, one that arrives too slowly, a client that hangs up mid-body)
+// keep their 4xx status, and are not logged as errors of this server: they are the client's.
 app.UseExceptionHandler(new ExceptionHandlerOptions
 {
     StatusCodeSelector = exception => exception is BadHttpRequestException bad ? bad.StatusCode : StatusCodes.Status500InternalServerError,
+    SuppressDiagnosticsCallback = context => context.Exception is BadHttpRequestException,
 });
 app.UseAuthentication();
 app.UseAuthorization();

@@ -2,6 +2,7 @@ using System.Globalization;
 using System.Net.Http.Headers;
 using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Mvc.Testing;
+using Microsoft.Extensions.Logging;
 using OrleansIdempotency.Testing;
 
 namespace OrleansIdempotency.Api.Tests.EndToEnd;
@@ -12,6 +13,9 @@ public sealed class ApiServer(IReadOnlyDictionary<string, string?> settings) : W
     public int Port { get; } = FreePort.Next();
 
     public Uri BaseAddress => new($"http://127.0.0.1:{Port.ToString(CultureInfo.InvariantCulture)}");
+
+    /// <summary>What the API logged as errors.</summary>
+    public ErrorLog Errors { get; } = new();
 
     public static Task<ApiServer> StartAsync(IReadOnlyDictionary<string, string?> settings)
     {
@@ -36,6 +40,7 @@ public sealed class ApiServer(IReadOnlyDictionary<string, string?> settings) : W
     protected override void ConfigureWebHost(IWebHostBuilder builder)
     {
         builder.UseEnvironment("Development");
+        builder.ConfigureLogging(logging => logging.AddProvider(Errors));
         foreach (var (key, value) in settings)
         {
             builder.UseSetting(key, value);
