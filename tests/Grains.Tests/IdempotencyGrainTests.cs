@@ -256,7 +256,7 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
         await grain.CompleteAsync(first.Token!.Value, Created);
 
         // Its replay then reads the record: ExistingKey_OnAFreshActivation_IsReadNotOverwritten.
-        await WaitUntilAsync(async () => await ActivationsOf(grain) == 0);
+        await WaitUntilNotActivatedAsync(grain);
     }
 
     [Fact]
@@ -307,7 +307,7 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
         var grain = Grain(NewKey());
         var first = await grain.ClaimAsync(Claim());
         Assert.True(await grain.CompleteAsync(first.Token!.Value, Created));
-        await WaitUntilAsync(async () => await ActivationsOf(grain) == 0);
+        await WaitUntilNotActivatedAsync(grain);
 
         // The caller lost the first answer and asks again with the same claim.
         Assert.True(await grain.CompleteAsync(first.Token!.Value, Created));
@@ -349,11 +349,11 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
     private Task<int> ActivationsOf(IIdempotencyGrain grain) =>
         fixture.Grains.GetGrain<IManagementGrain>(0).GetGrainActivationCount((GrainReference)grain);
 
-    private static async Task WaitUntilAsync(Func<Task<bool>> condition)
+    private async Task WaitUntilNotActivatedAsync(IIdempotencyGrain grain)
     {
-        for (var deadline = DateTime.UtcNow.AddSeconds(10); !await condition(); await Task.Delay(20))
+        for (var deadline = DateTime.UtcNow.AddSeconds(10); await ActivationsOf(grain) != 0; await Task.Delay(20))
         {
-            Assert.True(DateTime.UtcNow < deadline, "The condition did not hold within 10 s.");
+            Assert.True(DateTime.UtcNow < deadline, "The key was still activated after 10 s.");
         }
     }
 
