@@ -84,6 +84,24 @@ public sealed class InMemoryRecordStorageTests : IDisposable
         Assert.Equal([2], read.State!.Response!.Body);
     }
 
+    [Theory]
+    [InlineData("not-a-version")]
+    [InlineData("")]
+    [InlineData("-1")]
+    [InlineData(" 1")]
+    public async Task UpdateOrClear_WithAnETagThisStoreNeverIssued_IsRefused_AndTheRecordStays(string foreign)
+    {
+        var key = Key();
+        await storage.WriteStateAsync(State, key, new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1), [1])));
+
+        await Assert.ThrowsAsync<InconsistentStateException>(() =>
+            storage.WriteStateAsync(State, key, new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1), [2])) { ETag = foreign }));
+        await Assert.ThrowsAsync<InconsistentStateException>(() =>
+            storage.ClearStateAsync(State, key, new GrainState<IdempotencyRecord> { ETag = foreign }));
+
+        Assert.Equal([1], (await ReadAsync(key)).State!.Response!.Body);
+    }
+
     [Fact]
     public async Task Read_ReturnsACopy_ThatNoWriterOrReaderShares()
     {
