@@ -1,6 +1,10 @@
+using System.Diagnostics.Metrics;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Options;
+using Orleans.Configuration;
 using Orleans.Storage;
 using OrleansIdempotency.Grains;
+using OrleansIdempotency.Silo.Hosting;
 using OrleansIdempotency.Silo.Storage;
 
 namespace OrleansIdempotency.Silo.Tests;
@@ -31,6 +35,38 @@ public sealed class IdempotencySiloBuilderExtensionsTests
     }
 
     [Fact]
+    public async Task DirectoryCache_HoldsNoMoreThanItsBound_HoweverManyKeysWereCompleted()
+    {
+        const int bound = 40;
+        await using var silo = await TestSilo.StartAsync(new Dictionary<string, string?>
+        {
+            ["Orleans:DirectoryCacheSize"] = bound.ToString(System.Globalization.CultureInfo.InvariantCulture),
+        });
+        var response = new StoredResponse(200, [], [], false, 0);
+
+        await Parallel.ForEachAsync(Enumerable.Range(0, 10 * bound), new ParallelOptions { MaxDegreeOfParallelism = 16 }, async (i, _) =>
+        {
+            var grain = silo.Grains.GetIdempotencyGrain(new IdempotencyKey("alice", $"cache-{i}"));
+            var claim = await grain.ClaimAsync(Claim());
+            Assert.True(await grain.CompleteAsync(claim.Token!.Value, response));
+        });
+
+        var cached = DirectoryCacheSize(silo);
+        Assert.InRange(cached, 1, bound);
+    }
+
+    [Fact]
+    public async Task DirectoryCache_IsBoundedByDefault_FarBelowOrleansMillion()
+    {
+        await using var silo = await TestSilo.StartAsync(new Dictionary<string, string?>());
+
+        var options = silo.Host.Services.GetRequiredService<IOptions<GrainDirectoryOptions>>().Value;
+
+        Assert.Equal(IdempotencySiloBuilderExtensions.DirectoryCacheSize, options.CacheSize);
+        Assert.True(options.CacheSize < GrainDirectoryOptions.DEFAULT_CACHE_SIZE);
+    }
+
+    [Fact]
     public async Task ClusterWithoutPostgres_IsRefused_AtStart()
     {
         var error = await Assert.ThrowsAsync<InvalidOperationException>(() => TestSilo.StartAsync(new Dictionary<string, string?>
@@ -39,5 +75,28 @@ public sealed class IdempotencySiloBuilderExtensionsTests
         }));
 
         Assert.Contains("ConnectionStrings:Postgres", error.Message, StringComparison.Ordinal);
+    }
+
+    /// <summary>
+    /// The entries in this silo's grain-directory cache, as Orleans reports them (the <c>orleans-directory-cache-size</c>
+    /// gauge of the meters this silo created; other silos in this test process have meters of their own).
+    /// </summary>
+    private static long DirectoryCacheSize(TestSilo silo)
+    {
+        var meters = silo.Host.Services.GetRequiredService<IMeterFactory>();
+        long? size = null;
+        using var listener = new MeterListener();
+        listener.InstrumentPublished = (instrument, l) =>
+        {
+            if (instrument.Name == "orleans-directory-cache-size" && ReferenceEquals(instrument.Meter.Scope, meters))
+            {
+                l.EnableMeasurementEvents(instrument);
+            }
+        };
+        listener.SetMeasurementEventCallback<int>((_, value, _, _) => size = (size ?? 0) + value);
+        listener.SetMeasurementEventCallback<long>((_, value, _, _) => size = (size ?? 0) + value);
+        listener.Start();
+        listener.RecordObservableInstruments();
+        return size ?? throw new InvalidOperationException("This silo published no orleans-directory-cache-size gauge.");
     }
 }
