@@ -89,6 +89,7 @@ public sealed class InMemoryRecordStorageTests : IDisposable
     [InlineData("")]
     [InlineData("-1")]
     [InlineData(" 1")]
+    [InlineData("01")]
     public async Task UpdateOrClear_WithAnETagThisStoreNeverIssued_IsRefused_AndTheRecordStays(string foreign)
     {
         var key = Key();

@@ -122,7 +122,12 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
     // update or removal compares the entry that was read by value; its ETag is never reused, so equal means the same.
     private readonly record struct Entry(byte[] Payload, long ETag, long ExpiresAtUtcTicks)
     {
-        public bool Matches(string? etag) =>
-            long.TryParse(etag, NumberStyles.None, CultureInfo.InvariantCulture, out var expected) && expected == ETag;
+        // Compared as the text this store issued, so that no other spelling of the number ("01") matches.
+        public bool Matches(string? etag)
+        {
+            Span<char> issued = stackalloc char[20];
+            return etag is not null && ETag.TryFormat(issued, out var length, provider: CultureInfo.InvariantCulture)
+                && issued[..length].SequenceEqual(etag);
+        }
     }
 }
