@@ -20,12 +20,9 @@ public static class GrainBenchmark
     {
         var builder = Host.CreateApplicationBuilder(new HostApplicationBuilderSettings { DisableDefaults = true });
         builder.Logging.SetMinimumLevel(LogLevel.Warning);
-        // The embedded default as the demo API configures it, on free ports.
-        builder.Configuration.AddInMemoryCollection(new Dictionary<string, string?>
-        {
-            ["Orleans:Endpoints:SiloPort"] = FreePort.Next().ToString(CultureInfo.InvariantCulture),
-            ["Orleans:Endpoints:GatewayPort"] = FreePort.Next().ToString(CultureInfo.InvariantCulture),
-        });
+        // Through the same hosting as the demo API, so that what is measured runs with its silo settings (the activation
+        // collection age, the directory-cache bound). Its warning about in-memory records is logged once per run.
+        builder.Configuration.AddInMemoryCollection(FreePort.SiloEndpoints());
         builder.UseOrleans(silo => silo.UseIdempotency(builder.Configuration));
         using var host = builder.Build();
         await host.StartAsync();

@@ -4,7 +4,6 @@ using Microsoft.Extensions.Options;
 using Orleans.Configuration;
 using Orleans.Storage;
 using OrleansIdempotency.Grains;
-using OrleansIdempotency.Silo.Hosting;
 using OrleansIdempotency.Silo.Storage;
 
 namespace OrleansIdempotency.Silo.Tests;
@@ -51,8 +50,9 @@ public sealed class IdempotencySiloBuilderExtensionsTests
             Assert.True(await grain.CompleteAsync(claim.Token!.Value, response));
         });
 
-        var cached = DirectoryCacheSize(silo);
-        Assert.InRange(cached, 1, bound);
+        // Orleans' LRU cache trims after an add, so concurrent adds may overshoot it for a moment; unbounded it held 400.
+        var cached = CachedGrainLocations(silo);
+        Assert.InRange(cached, 1, bound + 16);
     }
 
     [Fact]
@@ -62,8 +62,7 @@ public sealed class IdempotencySiloBuilderExtensionsTests
 
         var options = silo.Host.Services.GetRequiredService<IOptions<GrainDirectoryOptions>>().Value;
 
-        Assert.Equal(IdempotencySiloBuilderExtensions.DirectoryCacheSize, options.CacheSize);
-        Assert.True(options.CacheSize < GrainDirectoryOptions.DEFAULT_CACHE_SIZE);
+        Assert.Equal(100_000, options.CacheSize);
     }
 
     [Fact]
@@ -81,7 +80,7 @@ public sealed class IdempotencySiloBuilderExtensionsTests
     /// The entries in this silo's grain-directory cache, as Orleans reports them (the <c>orleans-directory-cache-size</c>
     /// gauge of the meters this silo created; other silos in this test process have meters of their own).
     /// </summary>
-    private static long DirectoryCacheSize(TestSilo silo)
+    private static long CachedGrainLocations(TestSilo silo)
     {
         var meters = silo.Host.Services.GetRequiredService<IMeterFactory>();
         long? size = null;

@@ -22,10 +22,9 @@ public sealed class TestSilo : IAsyncDisposable
     public static async Task<TestSilo> StartAsync(IDictionary<string, string?> settings, Action<ISiloBuilder>? configure = null)
     {
         var builder = Microsoft.Extensions.Hosting.Host.CreateApplicationBuilder(new HostApplicationBuilderSettings { DisableDefaults = true });
+        builder.Configuration.AddInMemoryCollection(FreePort.SiloEndpoints());
         builder.Configuration.AddInMemoryCollection(new Dictionary<string, string?>
         {
-            ["Orleans:Endpoints:SiloPort"] = FreePort.Next().ToString(System.Globalization.CultureInfo.InvariantCulture),
-            ["Orleans:Endpoints:GatewayPort"] = FreePort.Next().ToString(System.Globalization.CultureInfo.InvariantCulture),
             // Fail over in seconds, not the production default's tens of seconds.
             ["Orleans:Membership:ProbeTimeout"] = "00:00:01",
             ["Orleans:Membership:NumMissedProbesLimit"] = "2",

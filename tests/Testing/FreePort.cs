@@ -13,4 +13,11 @@ public static class FreePort
         listener.Start();
         return ((IPEndPoint)listener.LocalEndpoint).Port;
     }
+
+    /// <summary>Configuration that puts a silo's silo and gateway endpoints on free ports.</summary>
+    public static Dictionary<string, string?> SiloEndpoints() => new()
+    {
+        ["Orleans:Endpoints:SiloPort"] = Next().ToString(System.Globalization.CultureInfo.InvariantCulture),
+        ["Orleans:Endpoints:GatewayPort"] = Next().ToString(System.Globalization.CultureInfo.InvariantCulture),
+    };
 }

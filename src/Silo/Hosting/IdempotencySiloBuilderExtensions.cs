@@ -16,8 +16,8 @@ namespace OrleansIdempotency.Silo.Hosting;
 /// <summary>Hosts the idempotency grains in a silo: the one place clustering and storage are chosen.</summary>
 public static class IdempotencySiloBuilderExtensions
 {
-    /// <summary>How many grain locations each silo caches unless <c>Orleans:DirectoryCacheSize</c> says otherwise.</summary>
-    public const int DirectoryCacheSize = 100_000;
+    /// <summary>How many grain locations each silo caches unless <c>Orleans:DirectoryCacheSize</c> says otherwise (0: none).</summary>
+    public const int DefaultDirectoryCacheSize = 100_000;
 
     /// <summary>
     /// Configures the silo from <paramref name="configuration"/> (see <see cref="IdempotencyClusterSettings"/>):
@@ -71,12 +71,13 @@ public static class IdempotencySiloBuilderExtensions
         silo.Services.Configure<GrainCollectionOptions>(collection);
         silo.Services.Configure<GrainCollectionOptions>(options => options.ClassSpecificCollectionAge[typeof(IdempotencyGrain).FullName!] =
             collection.GetValue("IdempotencyGrainAge", TimeSpan.FromMinutes(2)));
-        // Orleans caches where each grain it placed or looked up lives, a million entries by default, and keeps an entry
-        // after its activation is gone. With a grain per key that held about 300 bytes and three objects for each of the
-        // last million keys, all of it work for every full garbage collection. The calls that use the entry come within
-        // seconds of the placement (the completion, the retries); a miss costs one directory lookup.
+        // Orleans caches where each grain it placed or looked up lives, up to a million entries for 4 minutes by default,
+        // and keeps an entry after its activation is gone. With a grain per key that held about 300 bytes and three
+        // objects for each of the keys of the last 4 minutes (a million at these rates), all of it work for every full
+        // garbage collection. The calls that use the entry come within seconds of the placement (the completion, the
+        // retries); a miss costs one directory lookup.
         silo.Services.Configure<GrainDirectoryOptions>(options =>
-            options.CacheSize = configuration.GetValue("Orleans:DirectoryCacheSize", DirectoryCacheSize));
+            options.CacheSize = configuration.GetValue("Orleans:DirectoryCacheSize", DefaultDirectoryCacheSize));
         silo.Services.TryAddSingleton(TimeProvider.System);
         return silo;
     }
