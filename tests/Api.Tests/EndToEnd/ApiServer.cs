@@ -63,13 +63,11 @@ public sealed class EndToEndFixture : IAsyncLifetime
     {
         await servers.InitializeAsync();
         Postgres = await servers.Postgres.CreateDatabaseAsync();
-        Api = await ApiServer.StartAsync(new Dictionary<string, string?>
+        Api = await ApiServer.StartAsync(new Dictionary<string, string?>(FreePort.SiloEndpoints())
         {
             ["ConnectionStrings:Postgres"] = Postgres,
             ["ConnectionStrings:Redis"] = servers.Redis.ConnectionString,
             ["Orleans:ClusterId"] = "e2e-" + Guid.NewGuid().ToString("N")[..8],
-            ["Orleans:Endpoints:SiloPort"] = FreePort.Next().ToString(CultureInfo.InvariantCulture),
-            ["Orleans:Endpoints:GatewayPort"] = FreePort.Next().ToString(CultureInfo.InvariantCulture),
             ["Logging:LogLevel:Default"] = "Error",
         });
     }

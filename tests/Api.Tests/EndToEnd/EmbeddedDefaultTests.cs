@@ -1,4 +1,3 @@
-using System.Globalization;
 using System.Net;
 using System.Net.Http.Json;
 using OrleansIdempotency.Testing;
@@ -17,10 +16,8 @@ public sealed class EmbeddedDefaultTests : IAsyncLifetime
     private ApiServer api = null!;
 
     public async Task InitializeAsync() =>
-        api = await ApiServer.StartAsync(new Dictionary<string, string?>
+        api = await ApiServer.StartAsync(new Dictionary<string, string?>(FreePort.SiloEndpoints())
         {
-            ["Orleans:Endpoints:SiloPort"] = FreePort.Next().ToString(CultureInfo.InvariantCulture),
-            ["Orleans:Endpoints:GatewayPort"] = FreePort.Next().ToString(CultureInfo.InvariantCulture),
             ["Logging:LogLevel:Default"] = "Error",
         });
 
