@@ -5,7 +5,8 @@ using OrleansIdempotency.Bench;
 using OrleansIdempotency.Testing;
 
 // The benchmark: the demo API's /bench/plain and /bench/idempotent endpoints under wrk, in the embedded default and
-// in the durable shape (PostgreSQL with fsync on, Redis), interleaved round by round; medians of the rounds.
+// in the durable shape (PostgreSQL with fsync on, reached through its Unix socket as on its own host, and Redis),
+// interleaved round by round; medians of the rounds. New keys are also measured with PostgreSQL over TCP loopback.
 //   scripts/bench.sh [--rounds N] [--seconds S] [--scale] [--memory]
 // --scale adds new-key and cold-replay latency with 10,000 and 1,000,000 records stored; --memory adds the API's
 // memory after 200,000 keys and after their activations are collected.
@@ -19,14 +20,20 @@ await using var postgres = await PostgresServer.StartAsync(durable: true);
 await using var redis = await RedisServer.StartAsync();
 var durableSettings = new Dictionary<string, string>
 {
-    ["ConnectionStrings__Postgres"] = await postgres.CreateDatabaseAsync(),
+    ["ConnectionStrings__Postgres"] = postgres.OverUnixSocket(await postgres.CreateDatabaseAsync()),
     ["ConnectionStrings__Redis"] = redis.ConnectionString,
     ["Orleans__ClusterId"] = "bench",
+};
+var overTcpSettings = new Dictionary<string, string>(durableSettings)
+{
+    ["ConnectionStrings__Postgres"] = await postgres.CreateDatabaseAsync(),
+    ["Orleans__ClusterId"] = "bench-tcp",
 };
 var shapes = new[]
 {
     new Shape("embedded", Start("embedded", new Dictionary<string, string>())),
     new Shape("durable", Start("durable", durableSettings)),
+    new Shape("durable, PostgreSQL over TCP", Start("durable-tcp", overTcpSettings), NewKeysOnly: true),
 };
 var counts = Directory.CreateTempSubdirectory("orleans-idempotency-bench-").FullName;
 var results = new List<(string Shape, string Scenario, int Connections, WrkResult Result, double Ratio, double ApiCpuUs, double PostgresCpuUs)>();
@@ -62,6 +69,11 @@ try
             await WarmUpAsync(shape.Api, $"warm{round}{shape.Name}");
             var plain = await Measure(shape, "plain", "/bench/plain", Connections, null);
             await Measure(shape, "new keys", "/bench/idempotent", Connections, plain, "new", run: name, source: Path.Combine(counts, name));
+            if (shape.NewKeysOnly)
+            {
+                continue;
+            }
+
             await Measure(shape, "replay, hot keys", "/bench/idempotent", Connections, plain, "hot", count: HotKeys);
             await Measure(shape, "duplicates in flight (8 per key)", "/bench/idempotent", Connections, plain, "dup", run: $"dup{round}{shape.Name}");
             var plainOne = await Measure(shape, "plain", "/bench/plain", 1, null);
@@ -124,7 +136,11 @@ return 0;
 async Task ScaleAsync()
 {
     var database = await postgres.CreateDatabaseAsync();
-    var api = Start("scale", new Dictionary<string, string>(durableSettings) { ["ConnectionStrings__Postgres"] = database, ["Orleans__ClusterId"] = "bench-scale" });
+    var api = Start("scale", new Dictionary<string, string>(durableSettings)
+    {
+        ["ConnectionStrings__Postgres"] = postgres.OverUnixSocket(database),
+        ["Orleans__ClusterId"] = "bench-scale",
+    });
     try
     {
         await WaitForHealthAsync(api);
@@ -178,7 +194,7 @@ async Task MemoryAsync()
     const int Keys = 200_000;
     var api = Start("memory", new Dictionary<string, string>(durableSettings)
     {
-        ["ConnectionStrings__Postgres"] = await postgres.CreateDatabaseAsync(),
+        ["ConnectionStrings__Postgres"] = postgres.OverUnixSocket(await postgres.CreateDatabaseAsync()),
         ["Orleans__ClusterId"] = "bench-memory",
         ["Orleans__Collection__IdempotencyGrainAge"] = "00:00:30",
         ["Orleans__Collection__CollectionQuantum"] = "00:00:10",
@@ -318,4 +334,5 @@ static int Option(string[] args, string name, int fallback)
     return index >= 0 && index + 1 < args.Length ? int.Parse(args[index + 1], CultureInfo.InvariantCulture) : fallback;
 }
 
-internal sealed record Shape(string Name, NodeProcess Api);
+// NewKeysOnly: measured for plain and new keys at 64 connections only.
+internal sealed record Shape(string Name, NodeProcess Api, bool NewKeysOnly = false);

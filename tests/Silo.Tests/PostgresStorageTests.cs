@@ -80,6 +80,31 @@ public sealed class PostgresStorageTests(ServersFixture servers)
     }
 
     [Fact]
+    public async Task ThroughPostgresUnixSocket_KeysAreClaimedStoredAndReplayedAfterARestart()
+    {
+        var settings = await TestClusterSettings.CreateAsync(servers, redis: false);
+        settings["ConnectionStrings:Postgres"] = servers.Postgres.OverUnixSocket(settings["ConnectionStrings:Postgres"]!);
+        var key = NewKey();
+        await using (var silo = await TestSilo.StartAsync(settings))
+        {
+            var grain = silo.Grains.GetIdempotencyGrain(key);
+            var claim = await grain.ClaimAsync(Claim());
+            Assert.True(await grain.CompleteAsync(claim.Token!.Value, Created));
+        }
+
+        await using (var restarted = await TestSilo.StartAsync(settings))
+        {
+            AssertReplays(await restarted.Grains.GetIdempotencyGrain(key).ClaimAsync(Claim()));
+        }
+
+        // inet_server_addr() is NULL only on a Unix-socket connection: the silo did not fall back to TCP.
+        await using var socket = new NpgsqlConnection(settings["ConnectionStrings:Postgres"]);
+        await socket.OpenAsync();
+        await using var address = new NpgsqlCommand("SELECT inet_server_addr() IS NULL", socket);
+        Assert.Equal(true, await address.ExecuteScalarAsync());
+    }
+
+    [Fact]
     public async Task SecondActivationOfTheSameKey_LosesTheETagCheck_AndIsNotGivenTheClaim()
     {
         // Two clusters on one database: each hosts its own activation of every key, as two activations can briefly

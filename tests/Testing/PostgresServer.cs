@@ -4,8 +4,9 @@ using Npgsql;
 namespace OrleansIdempotency.Testing;
 
 /// <summary>
-/// A real PostgreSQL server on a free loopback port, in a fresh data directory, run as the <c>postgres</c> user when
-/// the tests run as root (PostgreSQL refuses root). It can be stopped, crashed and started again on the same data.
+/// A real PostgreSQL server on a free loopback port and a Unix socket, in a fresh data directory, run as the
+/// <c>postgres</c> user when the tests run as root (PostgreSQL refuses root). It can be stopped, crashed and started
+/// again on the same data.
 /// </summary>
 public sealed class PostgresServer : IAsyncDisposable
 {
@@ -24,6 +25,9 @@ public sealed class PostgresServer : IAsyncDisposable
 
     /// <summary>The loopback port the server listens on.</summary>
     public int Port { get; }
+
+    /// <summary>The directory of the server's Unix socket: the data directory's parent, which the server's user owns.</summary>
+    private string SocketDirectory => Path.GetDirectoryName(dataDirectory)!;
 
     /// <summary>The postmaster's id and its children's (the backends, WAL writer, checkpointer, ...).</summary>
     public IReadOnlyList<int> ProcessIds => process is null ? [] : [process.Id, .. ProcessCpu.ChildrenOf(process.Id)];
@@ -61,6 +65,13 @@ public sealed class PostgresServer : IAsyncDisposable
             }
         }
     }
+
+    /// <summary>
+    /// <paramref name="connectionString"/> (one of this server's) through the server's Unix socket instead of TCP, as
+    /// an application on the database's own host would connect.
+    /// </summary>
+    public string OverUnixSocket(string connectionString) =>
+        new NpgsqlConnectionStringBuilder(connectionString) { Host = SocketDirectory }.ConnectionString;
 
     /// <summary>Connection string for <paramref name="database"/>.</summary>
     public string ConnectionStringFor(string database) =>
@@ -108,7 +119,7 @@ public sealed class PostgresServer : IAsyncDisposable
         process = ServerProcess.Start(Path.Combine(binDirectory, "postgres"),
             [
                 "-D", dataDirectory, "-p", Port.ToString(CultureInfo.InvariantCulture),
-                "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", "-c", "max_connections=300",
+                "-c", "listen_addresses=127.0.0.1", "-c", $"unix_socket_directories={SocketDirectory}", "-c", "max_connections=300",
                 .. settings,
             ],
             user: "postgres");
