@@ -65,8 +65,8 @@ try
                 }
             }
 
-            var name = $"new{round}{shape.Name}";
-            await WarmUpAsync(shape.Api, $"warm{round}{shape.Name}");
+            var name = $"new{round}{shape.Api.Name}";
+            await WarmUpAsync(shape.Api, $"warm{round}{shape.Api.Name}");
             var plain = await Measure(shape, "plain", "/bench/plain", Connections, null);
             await Measure(shape, "new keys", "/bench/idempotent", Connections, plain, "new", run: name, source: Path.Combine(counts, name));
             if (shape.NewKeysOnly)
@@ -75,7 +75,7 @@ try
             }
 
             await Measure(shape, "replay, hot keys", "/bench/idempotent", Connections, plain, "hot", count: HotKeys);
-            await Measure(shape, "duplicates in flight (8 per key)", "/bench/idempotent", Connections, plain, "dup", run: $"dup{round}{shape.Name}");
+            await Measure(shape, "duplicates in flight (8 per key)", "/bench/idempotent", Connections, plain, "dup", run: $"dup{round}{shape.Api.Name}");
             var plainOne = await Measure(shape, "plain", "/bench/plain", 1, null);
             await Measure(shape, "new keys", "/bench/idempotent", 1, plainOne, "new", run: name + "c1", source: Path.Combine(counts, name + "c1"));
             if (shape.Name == "durable")
@@ -86,7 +86,7 @@ try
                 shape.Api.Start();
                 await WaitForHealthAsync(shape.Api);
                 await WarmUpAsync(shape.Api, $"warmcold{round}");
-                await Wrk.RunAsync(shape.Api.BaseAddress!, "replay", "/bench/idempotent", Connections, seconds, source: Path.Combine(counts, $"warm{round}{shape.Name}"));
+                await Wrk.RunAsync(shape.Api.BaseAddress!, "replay", "/bench/idempotent", Connections, seconds, source: Path.Combine(counts, $"warm{round}{shape.Api.Name}"));
                 await Measure(shape, "replay, cold keys (not activated)", "/bench/idempotent", Connections, plain, "replay", source: Path.Combine(counts, name));
             }
         }
