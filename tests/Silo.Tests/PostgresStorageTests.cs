@@ -90,18 +90,31 @@ public sealed class PostgresStorageTests(ServersFixture servers)
             var grain = silo.Grains.GetIdempotencyGrain(key);
             var claim = await grain.ClaimAsync(Claim());
             Assert.True(await grain.CompleteAsync(claim.Token!.Value, Created));
+
+            // The silo's own connections to this database, seen from a TCP connection: a Unix-socket backend has no
+            // client address. None over TCP means the silo did not fall back to it.
+            var (viaSocket, viaTcp) = await SiloBackendsAsync(new NpgsqlConnectionStringBuilder(settings["ConnectionStrings:Postgres"]!).Database!);
+            Assert.True(viaSocket > 0);
+            Assert.Equal(0, viaTcp);
         }
 
         await using (var restarted = await TestSilo.StartAsync(settings))
         {
             AssertReplays(await restarted.Grains.GetIdempotencyGrain(key).ClaimAsync(Claim()));
         }
+    }
 
-        // inet_server_addr() is NULL only on a Unix-socket connection: the silo did not fall back to TCP.
-        await using var socket = new NpgsqlConnection(settings["ConnectionStrings:Postgres"]);
-        await socket.OpenAsync();
-        await using var address = new NpgsqlCommand("SELECT inet_server_addr() IS NULL", socket);
-        Assert.Equal(true, await address.ExecuteScalarAsync());
+    private async Task<(long ViaSocket, long ViaTcp)> SiloBackendsAsync(string database)
+    {
+        await using var connection = new NpgsqlConnection(servers.Postgres.ConnectionString + ";Pooling=false");
+        await connection.OpenAsync();
+        await using var count = new NpgsqlCommand(
+            "SELECT count(*) FILTER (WHERE client_addr IS NULL), count(*) FILTER (WHERE client_addr IS NOT NULL) " +
+            "FROM pg_stat_activity WHERE datname = @database AND backend_type = 'client backend'", connection);
+        count.Parameters.AddWithValue("database", database);
+        await using var reader = await count.ExecuteReaderAsync();
+        await reader.ReadAsync();
+        return (reader.GetInt64(0), reader.GetInt64(1));
     }
 
     [Fact]

@@ -1,4 +1,5 @@
 using System.Globalization;
+using System.Text;
 using Npgsql;
 
 namespace OrleansIdempotency.Testing;
@@ -39,7 +40,13 @@ public sealed class PostgresServer : IAsyncDisposable
     public static async Task<PostgresServer> StartAsync(bool durable = false)
     {
         var bin = FindBinDirectory();
-        var root = Path.Combine(Path.GetTempPath(), "orleans-idempotency-pg", Guid.NewGuid().ToString("N"));
+        // Short, because the server's Unix socket lives here and a socket path may not exceed 107 bytes.
+        var root = Path.Combine(Path.GetTempPath(), "oipg-" + Guid.NewGuid().ToString("N")[..12]);
+        if (Encoding.UTF8.GetByteCount(Path.Combine(root, ".s.PGSQL.65535")) > 107 || root.Contains(',', StringComparison.Ordinal))
+        {
+            throw new InvalidOperationException($"The temp directory {Path.GetTempPath()} is too long (or has a comma) for a PostgreSQL Unix socket; set TMPDIR to a short path.");
+        }
+
         var data = Path.Combine(root, "data");
         Directory.CreateDirectory(root);
         if (Environment.UserName == "root")
