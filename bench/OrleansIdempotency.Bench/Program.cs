@@ -49,9 +49,12 @@ try
 
     for (var round = 1; round <= rounds; round++)
     {
-        foreach (var shape in shapes)
+        // Each round starts with the next shape, so that none always follows another's PostgreSQL writes (whose
+        // checkpoints and vacuums count as PostgreSQL CPU of whatever is measured next).
+        var start = (round - 1) % shapes.Length;
+        foreach (var shape in shapes[start..].Concat(shapes[..start]))
         {
-            // The other shape's process is frozen (SIGSTOP) while this one is measured: its background work
+            // The other shapes' processes are frozen (SIGSTOP) while this one is measured: their background work
             // (collecting idle activations, garbage collection) would otherwise take the cores from this one.
             foreach (var other in shapes)
             {
@@ -115,7 +118,7 @@ foreach (var group in results.GroupBy(r => (r.Shape, r.Scenario, r.Connections))
 }
 
 Console.WriteLine();
-Console.WriteLine($"Medians of {rounds} interleaved rounds of {seconds.TotalSeconds:0} s each; ratios are per round, against plain in the same round and shape; the other shape's process is frozen meanwhile.");
+Console.WriteLine($"Medians of {rounds} interleaved rounds of {seconds.TotalSeconds:0} s each; ratios are per round, against plain in the same round and shape; the other shapes' processes are frozen meanwhile; each round starts with the next shape.");
 
 Console.WriteLine();
 Console.WriteLine("| part | measure | value | note |");
@@ -255,7 +258,7 @@ async Task<WrkResult> Measure(Shape shape, string scenario, string path, int con
     var ratio = plain is null ? 0 : result.RequestsPerSecond / plain.RequestsPerSecond;
     results.Add((shape.Name, scenario, connections, result, ratio, apiCpu, postgresCpu));
     Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-        $"{shape.Name,-9} {scenario,-36} c={connections,-3} {result.RequestsPerSecond,10:N0}/s p50 {result.P50Ms,7:0.00} ms p99 {result.P99Ms,7:0.00} ms " +
+        $"{shape.Name,-28} {scenario,-36} c={connections,-3} {result.RequestsPerSecond,10:N0}/s p50 {result.P50Ms,7:0.00} ms p99 {result.P99Ms,7:0.00} ms " +
         $"cpu/req api {apiCpu,5:0} us pg {postgresCpu,5:0} us errors {result.Errors} {result.ErrorKinds}"));
     return result;
 }
