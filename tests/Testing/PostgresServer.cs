@@ -27,8 +27,8 @@ public sealed class PostgresServer : IAsyncDisposable
     /// <summary>The loopback port the server listens on.</summary>
     public int Port { get; }
 
-    /// <summary>The directory of the server's Unix socket: the data directory's parent, which the server's user owns.</summary>
-    private string SocketDirectory => Path.GetDirectoryName(dataDirectory)!;
+    /// <summary>The data directory's parent, which the server's user owns: it holds the server's Unix socket.</summary>
+    private string RootDirectory => Path.GetDirectoryName(dataDirectory)!;
 
     /// <summary>The postmaster's id and its children's (the backends, WAL writer, checkpointer, ...).</summary>
     public IReadOnlyList<int> ProcessIds => process is null ? [] : [process.Id, .. ProcessCpu.ChildrenOf(process.Id)];
@@ -78,7 +78,7 @@ public sealed class PostgresServer : IAsyncDisposable
     /// an application on the database's own host would connect.
     /// </summary>
     public string OverUnixSocket(string connectionString) =>
-        new NpgsqlConnectionStringBuilder(connectionString) { Host = SocketDirectory }.ConnectionString;
+        new NpgsqlConnectionStringBuilder(connectionString) { Host = RootDirectory }.ConnectionString;
 
     /// <summary>Connection string for <paramref name="database"/>.</summary>
     public string ConnectionStringFor(string database) =>
@@ -126,7 +126,7 @@ public sealed class PostgresServer : IAsyncDisposable
         process = ServerProcess.Start(Path.Combine(binDirectory, "postgres"),
             [
                 "-D", dataDirectory, "-p", Port.ToString(CultureInfo.InvariantCulture),
-                "-c", "listen_addresses=127.0.0.1", "-c", $"unix_socket_directories={SocketDirectory}", "-c", "max_connections=300",
+                "-c", "listen_addresses=127.0.0.1", "-c", $"unix_socket_directories={RootDirectory}", "-c", "max_connections=300",
                 .. settings,
             ],
             user: "postgres");
@@ -144,7 +144,7 @@ public sealed class PostgresServer : IAsyncDisposable
         await StopAsync();
         try
         {
-            Directory.Delete(Path.GetDirectoryName(dataDirectory)!, recursive: true);
+            Directory.Delete(RootDirectory, recursive: true);
         }
         catch (IOException)
         {
