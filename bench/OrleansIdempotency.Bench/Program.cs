@@ -3,19 +3,27 @@ using System.Net.Http.Headers;
 using System.Text;
 using OrleansIdempotency.Bench;
 using OrleansIdempotency.Testing;
+using static OrleansIdempotency.Bench.Statistics;
 
 // The benchmark: the demo API's /bench/plain and /bench/idempotent endpoints under wrk, in the embedded default and
 // in the durable shape (PostgreSQL with fsync on, reached through its Unix socket as on its own host, and Redis),
 // interleaved round by round; medians of the rounds. New keys are also measured with PostgreSQL over TCP loopback.
-//   scripts/bench.sh [--rounds N] [--seconds S] [--scale] [--memory]
+//   scripts/bench.sh [--rounds N] [--seconds S] [--scale] [--memory] | --grain
 // --scale adds new-key and cold-replay latency with 10,000 and 1,000,000 records stored; --memory adds the API's
-// memory after 200,000 keys and after their activations are collected.
+// memory after 200,000 keys and after their activations are collected; --grain runs the in-process grain benchmark alone.
 var rounds = Option(args, "--rounds", 3);
 var seconds = TimeSpan.FromSeconds(Option(args, "--seconds", 5));
 const int Connections = 64;
 const int HotKeys = 256;
 
 Console.WriteLine($"Machine: {Environment.ProcessorCount} cores, {Math.Round(GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / 1e9)} GB; .NET {Environment.Version}; wrk and the server share the cores.");
+if (args.Contains("--grain"))
+{
+    // The grain benchmark alone: in-process, no servers, about a minute.
+    await PartsAsync();
+    return 0;
+}
+
 await using var postgres = await PostgresServer.StartAsync(durable: true);
 await using var redis = await RedisServer.StartAsync();
 var durableSettings = new Dictionary<string, string>
@@ -120,10 +128,7 @@ foreach (var group in results.GroupBy(r => (r.Shape, r.Scenario, r.Connections))
 Console.WriteLine();
 Console.WriteLine($"Medians of {rounds} interleaved rounds of {seconds.TotalSeconds:0} s each; ratios are per round, against plain in the same round and shape; the other shapes' processes are frozen meanwhile; each round starts with the next shape.");
 
-Console.WriteLine();
-Console.WriteLine("| part | measure | value | note |");
-Console.WriteLine("| --- | --- | ---: | --- |");
-await GrainBenchmark.RunAsync(keys: 100_000);
+await PartsAsync();
 if (args.Contains("--scale"))
 {
     await ScaleAsync();
@@ -325,10 +330,12 @@ static async Task CreateHotKeysAsync(Uri server)
     }
 }
 
-static double Median(IEnumerable<double> values)
+static async Task PartsAsync()
 {
-    var sorted = values.Order().ToArray();
-    return sorted.Length % 2 == 1 ? sorted[sorted.Length / 2] : (sorted[(sorted.Length / 2) - 1] + sorted[sorted.Length / 2]) / 2;
+    Console.WriteLine();
+    Console.WriteLine("| part | measure | value | note |");
+    Console.WriteLine("| --- | --- | ---: | --- |");
+    await GrainBenchmark.RunAsync(keys: 100_000);
 }
 
 static int Option(string[] args, string name, int fallback)
