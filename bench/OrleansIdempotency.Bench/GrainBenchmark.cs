@@ -60,10 +60,20 @@ public static class GrainBenchmark
         var ratios = new List<double>();
         for (var pair = -6; pair < 10; pair++)
         {
-            var floorFirst = pair % 2 != 0;
-            var floorCpu = floorFirst ? await CpuPerKeyAsync($"floor{pair}", 20_000, key => FloorAsync(grains, key, response)) : 0;
-            var newKeyCpu = await CpuPerKeyAsync($"new{pair}", 20_000, key => NewKeyAsync(grains, key, response));
-            floorCpu = floorFirst ? floorCpu : await CpuPerKeyAsync($"floor{pair}", 20_000, key => FloorAsync(grains, key, response));
+            Task<double> NewKeys() => CpuPerKeyAsync($"new{pair}", 20_000, key => NewKeyAsync(grains, key, response));
+            Task<double> Floor() => CpuPerKeyAsync($"floor{pair}", 20_000, key => FloorAsync(grains, key, response));
+            double newKeyCpu, floorCpu;
+            if (pair % 2 == 0)
+            {
+                newKeyCpu = await NewKeys();
+                floorCpu = await Floor();
+            }
+            else
+            {
+                floorCpu = await Floor();
+                newKeyCpu = await NewKeys();
+            }
+
             if (pair >= 0)
             {
                 newKeys.Add(newKeyCpu);
