@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark: one command, one table. Installs what is missing (PostgreSQL, Redis, wrk), builds in Release,
 # starts PostgreSQL (fsync on) and Redis on free loopback ports, runs the demo API in the embedded and the durable
-# shape, drives it with wrk and prints the table. Extra arguments go to the benchmark (--rounds N, --seconds S).
+# shape, drives it with wrk and prints the table. Extra arguments go to the benchmark (--rounds N, --seconds S,
+# --scale, --memory; --grain for the in-process grain benchmark alone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-servers.sh --with-wrk

@@ -19,7 +19,7 @@ const int HotKeys = 256;
 Console.WriteLine($"Machine: {Environment.ProcessorCount} cores, {Math.Round(GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / 1e9)} GB; .NET {Environment.Version}; wrk and the server share the cores.");
 if (args.Contains("--grain"))
 {
-    // The grain benchmark alone: in-process, no servers, about a minute.
+    // The grain benchmark alone: in-process, no servers, under a minute.
     await PartsAsync();
     return 0;
 }
