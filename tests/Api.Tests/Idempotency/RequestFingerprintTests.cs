@@ -1,0 +1,126 @@
+using System.Buffers.Binary;
+using System.Security.Cryptography;
+using System.Text;
+using Microsoft.AspNetCore.Http;
+
+namespace OrleansIdempotency.AspNetCore.Tests;
+
+public sealed class RequestFingerprintTests
+{
+    // The framing every stored fingerprint was made with: a record written by one version of the layer must match the
+    // same request sent to the next, so this is spelled out here independently of the implementation.
+    private static byte[] Expected(string method, string path, string query, byte[] body)
+    {
+        var framed = new List<byte>();
+        foreach (var part in new[] { method, path, query })
+        {
+            var bytes = Encoding.UTF8.GetBytes(part);
+            var length = new byte[sizeof(int)];
+            BinaryPrimitives.WriteInt32BigEndian(length, bytes.Length);
+            framed.AddRange(length);
+            framed.AddRange(bytes);
+        }
+
+        framed.AddRange(body);
+        var bodyLength = new byte[sizeof(long)];
+        BinaryPrimitives.WriteInt64BigEndian(bodyLength, body.Length);
+        framed.AddRange(bodyLength);
+        return SHA256.HashData(framed.ToArray());
+    }
+
+    private static HttpRequest Request(string method, string path, string query, byte[] body, int maxBytesPerRead = int.MaxValue, bool announceLength = true)
+    {
+        var context = new DefaultHttpContext();
+        context.Request.Method = method;
+        context.Request.Path = path;
+        context.Request.QueryString = new QueryString(query.Length == 0 ? "" : "?" + query);
+        context.Request.Body = new TrickleStream(body, maxBytesPerRead);
+        context.Request.ContentLength = announceLength ? body.Length : null;
+        return context.Request;
+    }
+
+    [Theory]
+    [InlineData(0)]
+    [InlineData(48)]
+    [InlineData(16 * 1024)]
+    [InlineData(100_000)]
+    public async Task Fingerprint_IsSha256OfTheLengthPrefixedMethodPathQueryAndBody(int bodyBytes)
+    {
+        var body = RandomNumberGenerator.GetBytes(bodyBytes);
+
+        var fingerprint = await RequestFingerprint.ComputeAsync(Request("POST", "/orders/ü", "a=1&b=%C3%A9", body), long.MaxValue, CancellationToken.None);
+
+        Assert.Equal(Expected("POST", "/orders/ü", "a=1&b=%C3%A9", body), fingerprint);
+    }
+
+    [Fact]
+    public async Task Fingerprint_DoesNotDependOnHowTheBodyArrives()
+    {
+        var body = RandomNumberGenerator.GetBytes(70_000);
+
+        var whole = await RequestFingerprint.ComputeAsync(Request("PUT", "/a", "", body), long.MaxValue, CancellationToken.None);
+        var trickled = await RequestFingerprint.ComputeAsync(Request("PUT", "/a", "", body, maxBytesPerRead: 7, announceLength: false), long.MaxValue, CancellationToken.None);
+
+        Assert.Equal(Expected("PUT", "/a", "", body), whole);
+        Assert.Equal(whole, trickled);
+    }
+
+    [Fact]
+    public async Task Fingerprint_OfAQueryLongerThanABuffer_IsFramedTheSame()
+    {
+        var value = new string('q', 40_000);
+
+        var fingerprint = await RequestFingerprint.ComputeAsync(Request("POST", "/a", "long=" + value, [1, 2, 3]), long.MaxValue, CancellationToken.None);
+
+        Assert.Equal(Expected("POST", "/a", "long=" + value, [1, 2, 3]), fingerprint);
+    }
+
+    [Fact]
+    public async Task Fingerprint_LeavesTheBodyToBeReadWholeFromTheStart()
+    {
+        var body = RandomNumberGenerator.GetBytes(20_000);
+        var request = Request("POST", "/a", "", body, maxBytesPerRead: 1000);
+
+        await RequestFingerprint.ComputeAsync(request, long.MaxValue, CancellationToken.None);
+        using var read = new MemoryStream();
+        await request.Body.CopyToAsync(read);
+
+        Assert.Equal(body, read.ToArray());
+    }
+
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public async Task Fingerprint_IsNull_ForABodyPastTheLimit_AnnouncedOrNot(bool announceLength)
+    {
+        var body = new byte[20_001];
+
+        var fingerprint = await RequestFingerprint.ComputeAsync(Request("POST", "/a", "", body, maxBytesPerRead: 4096, announceLength), 20_000, CancellationToken.None);
+
+        Assert.Null(fingerprint);
+    }
+
+    [Fact]
+    public async Task Fingerprint_OfABodyExactlyAtTheLimit_IsComputed()
+    {
+        var body = new byte[20_000];
+
+        var fingerprint = await RequestFingerprint.ComputeAsync(Request("POST", "/a", "", body, maxBytesPerRead: 4096, announceLength: false), 20_000, CancellationToken.None);
+
+        Assert.Equal(Expected("POST", "/a", "", body), fingerprint);
+    }
+
+    /// <summary>A request body that hands out at most a few bytes per read, as a slow client's would arrive.</summary>
+    private sealed class TrickleStream(byte[] data, int maxBytesPerRead) : MemoryStream(data, writable: false)
+    {
+        public override int Read(byte[] buffer, int offset, int count) => base.Read(buffer, offset, Math.Min(count, maxBytesPerRead));
+
+        public override int Read(Span<byte> buffer) => base.Read(buffer[..Math.Min(buffer.Length, maxBytesPerRead)]);
+
+        public override Task<int> ReadAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken) =>
+            base.ReadAsync(buffer, offset, Math.Min(count, maxBytesPerRead), cancellationToken);
+
+        public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default) =>
+            base.ReadAsync(buffer[..Math.Min(buffer.Length, maxBytesPerRead)], cancellationToken);
+    }
+}
