@@ -65,6 +65,27 @@ public sealed class RequestFingerprintTests
         Assert.Equal(whole, trickled);
     }
 
+    // "POST /a" without a query frames to 18 bytes before the body; the implementation gathers into 16 KB and hashes
+    // what it has gathered once less than 4 KB is left: these sizes fill it to just below, at and past both edges.
+    [Theory]
+    [InlineData(12_269)]
+    [InlineData(12_270)]
+    [InlineData(12_271)]
+    [InlineData(16_365)]
+    [InlineData(16_366)]
+    [InlineData(16_367)]
+    [InlineData(32_750)]
+    public async Task Fingerprint_OfBodiesAtTheBufferEdges_IsFramedTheSame(int bodyBytes)
+    {
+        var body = RandomNumberGenerator.GetBytes(bodyBytes);
+
+        var whole = await RequestFingerprint.ComputeAsync(Request("POST", "/a", "", body), long.MaxValue, CancellationToken.None);
+        var inReads = await RequestFingerprint.ComputeAsync(Request("POST", "/a", "", body, maxBytesPerRead: 4096), long.MaxValue, CancellationToken.None);
+
+        Assert.Equal(Expected("POST", "/a", "", body), whole);
+        Assert.Equal(whole, inReads);
+    }
+
     [Fact]
     public async Task Fingerprint_OfAQueryLongerThanABuffer_IsFramedTheSame()
     {
