@@ -1,5 +1,5 @@
-using System.Collections.Concurrent;
 using System.Globalization;
+using System.Text;
 using Orleans.Storage;
 using OrleansIdempotency.Grains;
 
@@ -12,22 +12,21 @@ namespace OrleansIdempotency.Silo.Storage;
 /// Unlike PostgreSQL it has no late-write check: a write here lands within the grain's turn or not at all.
 /// </summary>
 /// <remarks>
-/// Each record is kept as its serialized bytes, so no grain ever shares an object with the store. ETags come from
-/// one counter and are never reused: an activation still holding the ETag of a purged record cannot match the
-/// record created after it. Per process: several silos would each hold their own records, so the hosting refuses a
-/// cluster (Redis) without PostgreSQL; <see cref="Hosting.IdempotencySiloBuilderExtensions.AddIdempotencyMemoryStorage"/>
-/// is for a single silo only.
+/// Each record is kept as its serialized bytes (in a <see cref="RecordTable"/>), so no grain ever shares an object
+/// with the store. ETags are the table's versions, never reused: an activation still holding the ETag of a purged
+/// record cannot match the record created after it. Per process: several silos would each hold their own records,
+/// so the hosting refuses a cluster (Redis) without PostgreSQL;
+/// <see cref="Hosting.IdempotencySiloBuilderExtensions.AddIdempotencyMemoryStorage"/> is for a single silo only.
 /// </remarks>
 public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
 {
     /// <summary>How often expired records are dropped.</summary>
     public static readonly TimeSpan PurgeInterval = TimeSpan.FromMinutes(1);
 
-    private readonly ConcurrentDictionary<(string StateName, GrainId GrainId), Entry> records = new();
+    private readonly RecordTable records = new();
     private readonly IGrainStorageSerializer serializer;
     private readonly TimeProvider time;
     private readonly ITimer purge;
-    private long lastETag;
 
     public InMemoryRecordStorage(IGrainStorageSerializer serializer, TimeProvider time)
     {
@@ -41,10 +40,10 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
 
     public Task ReadStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
     {
-        if (records.TryGetValue((stateName, grainId), out var entry))
+        if (records.TryRead(KeyOf(stateName, grainId), out var payload, out var version))
         {
-            grainState.State = serializer.Deserialize<T>(new BinaryData(entry.Payload));
-            grainState.ETag = entry.ETag.ToString(CultureInfo.InvariantCulture);
+            grainState.State = serializer.Deserialize<T>(new BinaryData(payload));
+            grainState.ETag = version.ToString(CultureInfo.InvariantCulture);
             grainState.RecordExists = true;
         }
         else
@@ -59,36 +58,32 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
 
     public Task WriteStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
     {
-        var key = (stateName, grainId);
-        // An exact-size copy: the serializer's buffer may be twice the record, and the record stays for its retention.
-        var next = new Entry(
-            serializer.Serialize(grainState.State).ToArray(),
-            Interlocked.Increment(ref lastETag),
-            (grainState.State is IdempotencyRecord record ? record.PurgeableAt : DateTimeOffset.MaxValue).UtcTicks);
+        var key = KeyOf(stateName, grainId);
+        var payload = serializer.Serialize(grainState.State).ToMemory().Span;
+        var record = grainState.State as IdempotencyRecord;
+        var expiresAt = (record?.PurgeableAt ?? DateTimeOffset.MaxValue).UtcTicks;
+        var claim = record?.Status == IdempotencyStatus.InProgress;
+        long version = 0;
         var written = grainState.ETag is null
-            ? records.TryAdd(key, next)
-            : records.TryGetValue(key, out var current) && current.Matches(grainState.ETag) && records.TryUpdate(key, next, current);
+            ? records.TryAdd(key, payload, expiresAt, claim, out version)
+            : TryParseIssued(grainState.ETag, out var expected) && records.TryReplace(key, expected, payload, expiresAt, claim, out version);
         if (!written)
         {
             throw Conflict("write", grainId, grainState.ETag);
         }
 
-        grainState.ETag = next.ETag.ToString(CultureInfo.InvariantCulture);
+        grainState.ETag = version.ToString(CultureInfo.InvariantCulture);
         grainState.RecordExists = true;
         return Task.CompletedTask;
     }
 
     public Task ClearStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
     {
-        var key = (stateName, grainId);
-        if (grainState.ETag is not null)
-        {
-            if (!records.TryGetValue(key, out var current) || !current.Matches(grainState.ETag) || !records.TryRemove(KeyValuePair.Create(key, current)))
-            {
-                throw Conflict("clear", grainId, grainState.ETag);
-            }
-        }
-        else if (records.ContainsKey(key))
+        var key = KeyOf(stateName, grainId);
+        var cleared = grainState.ETag is null
+            ? !records.Contains(key)
+            : TryParseIssued(grainState.ETag, out var expected) && records.TryRemove(key, expected);
+        if (!cleared)
         {
             throw Conflict("clear", grainId, grainState.ETag);
         }
@@ -102,32 +97,29 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
     public void Dispose() => purge.Dispose();
 
     /// <summary>Drops every record past <see cref="IdempotencyRecord.PurgeableAt"/>; a record rewritten meanwhile is kept.</summary>
-    public void Purge()
+    public void Purge() => records.Purge(time.GetUtcNow().UtcTicks);
+
+    // The state name and the grain type, each after its length, then the grain's own key: no two (state, grain)
+    // pairs share the bytes.
+    private static byte[] KeyOf(string stateName, GrainId grainId)
     {
-        var now = time.GetUtcNow().UtcTicks;
-        foreach (var pair in records)
-        {
-            if (pair.Value.ExpiresAtUtcTicks <= now)
-            {
-                records.TryRemove(pair);
-            }
-        }
+        var type = grainId.Type.AsSpan();
+        var id = grainId.Key.AsSpan();
+        var nameLength = Encoding.UTF8.GetByteCount(stateName);
+        var key = new byte[(2 * sizeof(int)) + nameLength + type.Length + id.Length];
+        var rest = key.AsSpan();
+        BitConverter.TryWriteBytes(rest, nameLength);
+        rest = rest[(sizeof(int) + Encoding.UTF8.GetBytes(stateName, rest[sizeof(int)..]))..];
+        BitConverter.TryWriteBytes(rest, type.Length);
+        type.CopyTo(rest[sizeof(int)..]);
+        id.CopyTo(rest[(sizeof(int) + type.Length)..]);
+        return key;
     }
+
+    // Only the text this store issued matches: a version's digits, nothing else ("01", " 1", "-1" are not 1).
+    private static bool TryParseIssued(string etag, out long version) =>
+        long.TryParse(etag, NumberStyles.None, CultureInfo.InvariantCulture, out version) && version > 0 && etag[0] != '0';
 
     private static InconsistentStateException Conflict(string operation, GrainId grainId, string? etag) =>
         new($"The {operation} of {grainId} expected version {etag ?? "(none)"}, which is not the stored one.");
-
-    // A struct of one array and two numbers: millions of records are held, and every object among them is work for
-    // each full garbage collection (a class, BinaryData and a string ETag per record tripled that). A conditional
-    // update or removal compares the entry that was read by value; its ETag is never reused, so equal means the same.
-    private readonly record struct Entry(byte[] Payload, long ETag, long ExpiresAtUtcTicks)
-    {
-        // Compared as the text this store issued, so that no other spelling of the number ("01") matches.
-        public bool Matches(string? etag)
-        {
-            Span<char> issued = stackalloc char[20];
-            return etag is not null && ETag.TryFormat(issued, out var length, provider: CultureInfo.InvariantCulture)
-                && issued[..length].SequenceEqual(etag);
-        }
-    }
 }

@@ -1,0 +1,214 @@
+using System.Text;
+using OrleansIdempotency.Silo.Storage;
+
+namespace OrleansIdempotency.Silo.Tests;
+
+public sealed class RecordTableTests
+{
+    private const long Never = long.MaxValue;
+    private const int Segment = RecordTable.SegmentSize;
+
+    private static byte[] Key(int i) => Encoding.UTF8.GetBytes($"key-{i}");
+
+    // Each record's payload names its key and a generation, so a record read back under the wrong key is caught.
+    private static byte[] Payload(int i, int generation, int length = 100)
+    {
+        var payload = new byte[length];
+        Random.Shared.NextBytes(payload);
+        BitConverter.TryWriteBytes(payload, i);
+        BitConverter.TryWriteBytes(payload.AsSpan(sizeof(int)), generation);
+        return payload;
+    }
+
+    private static long Add(RecordTable table, int i, byte[] payload, long expiresAt = Never, bool shortLived = false)
+    {
+        Assert.True(table.TryAdd(Key(i), payload, expiresAt, shortLived, out var version));
+        return version;
+    }
+
+    private static void AssertHolds(RecordTable table, int i, byte[] payload, long version)
+    {
+        Assert.True(table.TryRead(Key(i), out var read, out var readVersion), $"key {i} is missing");
+        Assert.Equal(payload, read);
+        Assert.Equal(version, readVersion);
+    }
+
+    [Fact]
+    public void HundredThousandRecords_AllReadBack_AcrossTheTablesGrowth()
+    {
+        var table = new RecordTable();
+        var payloads = Enumerable.Range(0, 100_000).Select(i => Payload(i, 0, 50 + (i % 200))).ToArray();
+        var versions = payloads.Select((payload, i) => Add(table, i, payload)).ToArray();
+
+        Assert.Equal(100_000, table.Count);
+        Assert.True(table.Capacity >= 100_000 * 10 / 7);
+        for (var i = 0; i < payloads.Length; i++)
+        {
+            AssertHolds(table, i, payloads[i], versions[i]);
+        }
+
+        Assert.False(table.TryRead(Key(100_000), out _, out _));
+    }
+
+    [Fact]
+    public void KeysThatAllCollide_AreKeptApart_ThroughReplaceRemoveAndReAdd()
+    {
+        // One hash for every key: each lookup walks one probe sequence, past removed slots, comparing key bytes.
+        var table = new RecordTable(_ => 42);
+        var payloads = new Dictionary<int, (byte[] Payload, long Version)>();
+        for (var i = 0; i < 300; i++)
+        {
+            var payload = Payload(i, 0);
+            payloads[i] = (payload, Add(table, i, payload));
+        }
+
+        for (var i = 0; i < 300; i += 3)
+        {
+            Assert.True(table.TryRemove(Key(i), payloads[i].Version));
+            payloads.Remove(i);
+        }
+
+        for (var i = 1; i < 300; i += 3)
+        {
+            var payload = Payload(i, 1);
+            Assert.True(table.TryReplace(Key(i), payloads[i].Version, payload, Never, shortLived: false, out var version));
+            payloads[i] = (payload, version);
+        }
+
+        for (var i = 0; i < 300; i += 6)
+        {
+            var payload = Payload(i, 2);
+            payloads[i] = (payload, Add(table, i, payload));
+        }
+
+        Assert.Equal(payloads.Count, table.Count);
+        for (var i = 0; i < 300; i++)
+        {
+            if (payloads.TryGetValue(i, out var expected))
+            {
+                AssertHolds(table, i, expected.Payload, expected.Version);
+            }
+            else
+            {
+                Assert.False(table.Contains(Key(i)));
+            }
+        }
+    }
+
+    [Fact]
+    public void Versions_AreNeverReused_AcrossRemovalsAndPurges()
+    {
+        var table = new RecordTable();
+        var seen = new HashSet<long>();
+        for (var round = 0; round < 3; round++)
+        {
+            for (var i = 0; i < 1_000; i++)
+            {
+                var version = Add(table, i, Payload(i, round), expiresAt: round);
+                Assert.True(seen.Add(version));
+                Assert.True(table.TryReplace(Key(i), version, Payload(i, round), round, shortLived: false, out var replaced));
+                Assert.True(seen.Add(replaced));
+                Assert.False(table.TryRemove(Key(i), version));
+            }
+
+            table.Purge(nowUtcTicks: round);
+            Assert.Equal(0, table.Count);
+        }
+    }
+
+    [Fact]
+    public void Purge_MovesTheFewLiveRecordsOutOfMostlyDeadSegments_KeepingTheirVersions()
+    {
+        var table = new RecordTable();
+        var living = new Dictionary<int, (byte[] Payload, long Version)>();
+        // Eight segments' worth of 1 KB records, one in ten of them still alive after the purge.
+        for (var i = 0; i < 8 * Segment / 1_000; i++)
+        {
+            var payload = Payload(i, 0, 1_000);
+            var version = Add(table, i, payload, expiresAt: i % 10 == 0 ? Never : 1);
+            if (i % 10 == 0)
+            {
+                living[i] = (payload, version);
+            }
+        }
+
+        Assert.True(table.SegmentBytes >= 8L * Segment);
+
+        table.Purge(nowUtcTicks: 1);
+
+        // A tenth of eight segments fits in one, plus the segment being appended to when the purge began.
+        Assert.True(table.SegmentBytes <= 2L * Segment, $"{table.SegmentBytes} bytes of segments left");
+        Assert.Equal(living.Count, table.Count);
+        foreach (var (i, (payload, version)) in living)
+        {
+            AssertHolds(table, i, payload, version);
+            Assert.True(table.TryReplace(Key(i), version, Payload(i, 1), Never, shortLived: false, out _));
+        }
+    }
+
+    [Fact]
+    public void ClaimsReplacedByTheirCompletions_LeaveNoSegmentsBehind()
+    {
+        var table = new RecordTable();
+        const int Keys = 20_000;
+        const int InFlight = 64;
+        var claims = new long[Keys];
+        long liveBytes = 0;
+        // As under load: a key is claimed while the 64 claimed before it are still running, then completed.
+        for (var i = 0; i < Keys + InFlight; i++)
+        {
+            if (i < Keys)
+            {
+                claims[i] = Add(table, i, Payload(i, 0, 150), shortLived: true);
+            }
+
+            var done = i - InFlight;
+            if (done >= 0)
+            {
+                var completion = Payload(done, 1, 450);
+                Assert.True(table.TryReplace(Key(done), claims[done], completion, Never, shortLived: false, out _));
+                liveBytes += Key(done).Length + completion.Length;
+            }
+        }
+
+        // The completions fill their segments; the claims' segments are let go once their last claim is replaced
+        // (all but the one still being appended to). Mixed in one stream, the dead claims would take a fifth of each.
+        var liveSegments = (liveBytes + Segment - 1) / Segment;
+        Assert.True(table.SegmentBytes <= (liveSegments + 1) * Segment, $"{table.SegmentBytes} bytes of segments for {liveBytes} live bytes");
+    }
+
+    [Fact]
+    public void ARecordLargerThanAQuarterSegment_HasASegmentOfItsOwn_LetGoWhenReplaced()
+    {
+        var table = new RecordTable();
+        var large = Payload(1, 0, 3 * Segment / 2);
+        var version = Add(table, 1, large);
+        Add(table, 2, Payload(2, 0));
+        var withLarge = table.SegmentBytes;
+        AssertHolds(table, 1, large, version);
+
+        Assert.True(table.TryReplace(Key(1), version, Payload(1, 1), Never, shortLived: false, out _));
+
+        Assert.Equal(withLarge - Key(1).Length - large.Length, table.SegmentBytes);
+    }
+
+    [Fact]
+    public void Purge_ShrinksATableLeftMostlyEmpty_AndItStillWorks()
+    {
+        var table = new RecordTable();
+        for (var i = 0; i < 50_000; i++)
+        {
+            Add(table, i, Payload(i, 0), expiresAt: i < 49_000 ? 1 : Never);
+        }
+
+        var grown = table.Capacity;
+        table.Purge(nowUtcTicks: 1);
+
+        Assert.Equal(1_000, table.Count);
+        Assert.True(table.Capacity <= grown / 8, $"{table.Capacity} slots left of {grown}");
+        Assert.True(table.Contains(Key(49_500)));
+        Assert.False(table.Contains(Key(10)));
+        var version = Add(table, 10, Payload(10, 1));
+        Assert.True(table.TryRemove(Key(10), version));
+    }
+}
