@@ -243,4 +243,38 @@ public sealed class InMemoryRecordStorageTests : IDisposable
         Assert.False((await ReadAsync(key)).RecordExists);
         Assert.Null(state.ETag);
     }
+
+    [Fact]
+    public async Task AKeyLongerThanTheStackBuffer_IsWrittenReadUpdatedAndCleared()
+    {
+        var key = GrainId.Create("idempotency", new string('k', 2_000));
+        var state = new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1), [1]));
+        await storage.WriteStateAsync(State, key, state);
+        state.State = Record(TimeSpan.FromHours(1), [2]);
+        await storage.WriteStateAsync(State, key, state);
+
+        Assert.Equal([2], (await ReadAsync(key)).State!.Response!.Body);
+        Assert.False((await ReadAsync(GrainId.Create("idempotency", new string('k', 1_999)))).RecordExists);
+        await storage.ClearStateAsync(State, key, state);
+        Assert.False((await ReadAsync(key)).RecordExists);
+    }
+
+    [Fact]
+    public async Task RecordsOfEverySize_ReadBackWhole_WhateverWasWrittenBeforeThem()
+    {
+        // Each write serializes into a buffer reused by its thread: a small record after a large one must not
+        // carry the large one's tail, and a record past the buffer's kept size is whole too.
+        var sizes = new[] { 3, 200_000, 10, 70_000, 0, 1_000_000, 5 };
+        var keys = sizes.Select(_ => Key()).ToArray();
+        var bodies = sizes.Select(size => Enumerable.Range(0, size).Select(i => (byte)(i * 7)).ToArray()).ToArray();
+        for (var i = 0; i < sizes.Length; i++)
+        {
+            await storage.WriteStateAsync(State, keys[i], new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1), bodies[i])));
+        }
+
+        for (var i = 0; i < sizes.Length; i++)
+        {
+            Assert.Equal(bodies[i], (await ReadAsync(keys[i])).State!.Response!.Body);
+        }
+    }
 }

@@ -27,16 +27,22 @@ public sealed class IdempotencyStorageSerializer(Serializer serializer) : IGrain
 
     public BinaryData Serialize<T>(T? input)
     {
+        var buffer = new ArrayBufferWriter<byte>(256);
+        Serialize(input, buffer);
+        return new BinaryData(buffer.WrittenMemory);
+    }
+
+    /// <summary>Writes what <see cref="Serialize{T}(T)"/> returns into <paramref name="output"/>.</summary>
+    public void Serialize<T>(T? input, IBufferWriter<byte> output)
+    {
         var (expiresAt, validUntil) = input is IdempotencyRecord record
             ? (record.PurgeableAt, record.Status == IdempotencyStatus.InProgress ? record.LeaseExpiresAt : DateTimeOffset.MaxValue)
             : (DateTimeOffset.MaxValue, DateTimeOffset.MaxValue);
-        var buffer = new ArrayBufferWriter<byte>(256);
-        var header = buffer.GetSpan(HeaderLength);
+        var header = output.GetSpan(HeaderLength);
         BinaryPrimitives.WriteInt64BigEndian(header, expiresAt.ToUnixTimeMilliseconds());
         BinaryPrimitives.WriteInt64BigEndian(header[sizeof(long)..], validUntil.ToUnixTimeMilliseconds());
-        buffer.Advance(HeaderLength);
-        serializer.Serialize(input, buffer);
-        return new BinaryData(buffer.WrittenMemory);
+        output.Advance(HeaderLength);
+        serializer.Serialize(input, output);
     }
 
     public T Deserialize<T>(BinaryData input) =>

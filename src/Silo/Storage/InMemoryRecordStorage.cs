@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.Globalization;
 using System.Text;
 using Orleans.Storage;
@@ -23,12 +24,22 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
     /// <summary>How often expired records are dropped.</summary>
     public static readonly TimeSpan PurgeInterval = TimeSpan.FromMinutes(1);
 
+    // Keys longer than this (long idempotency keys in long scopes) are built on the heap instead of the stack.
+    private const int StackKeyLength = 256;
+
+    // A serialized record is copied into the table at once, so each thread serializes into one buffer of its own;
+    // a buffer grown past this by a large response is let go rather than kept for the thread's life.
+    private const int KeptBufferCapacity = 64 * 1024;
+
+    [ThreadStatic]
+    private static ArrayBufferWriter<byte>? serializeBuffer;
+
     private readonly RecordTable records = new();
-    private readonly IGrainStorageSerializer serializer;
+    private readonly IdempotencyStorageSerializer serializer;
     private readonly TimeProvider time;
     private readonly ITimer purge;
 
-    public InMemoryRecordStorage(IGrainStorageSerializer serializer, TimeProvider time)
+    public InMemoryRecordStorage(IdempotencyStorageSerializer serializer, TimeProvider time)
     {
         this.serializer = serializer;
         this.time = time;
@@ -40,7 +51,7 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
 
     public Task ReadStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
     {
-        if (records.TryRead(KeyOf(stateName, grainId), out var payload, out var version))
+        if (records.TryRead(WriteKey(stateName, grainId, stackalloc byte[StackKeyLength]), out var payload, out var version))
         {
             grainState.State = serializer.Deserialize<T>(new BinaryData(payload));
             grainState.ETag = version.ToString(CultureInfo.InvariantCulture);
@@ -58,8 +69,11 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
 
     public Task WriteStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
     {
-        var key = KeyOf(stateName, grainId);
-        var payload = serializer.Serialize(grainState.State).ToMemory().Span;
+        var key = WriteKey(stateName, grainId, stackalloc byte[StackKeyLength]);
+        var buffer = serializeBuffer ??= new ArrayBufferWriter<byte>(1024);
+        buffer.ResetWrittenCount();
+        serializer.Serialize(grainState.State, buffer);
+        var payload = buffer.WrittenSpan;
         var record = grainState.State as IdempotencyRecord;
         var expiresAt = (record?.PurgeableAt ?? DateTimeOffset.MaxValue).UtcTicks;
         var claim = record?.Status == IdempotencyStatus.InProgress;
@@ -67,6 +81,11 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
         var written = grainState.ETag is null
             ? records.TryAdd(key, payload, expiresAt, claim, out version)
             : TryParseIssued(grainState.ETag, out var expected) && records.TryReplace(key, expected, payload, expiresAt, claim, out version);
+        if (buffer.Capacity > KeptBufferCapacity)
+        {
+            serializeBuffer = null;
+        }
+
         if (!written)
         {
             throw Conflict("write", grainId, grainState.ETag);
@@ -79,7 +98,7 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
 
     public Task ClearStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
     {
-        var key = KeyOf(stateName, grainId);
+        var key = WriteKey(stateName, grainId, stackalloc byte[StackKeyLength]);
         var cleared = grainState.ETag is null
             ? !records.Contains(key)
             : TryParseIssued(grainState.ETag, out var expected) && records.TryRemove(key, expected);
@@ -100,14 +119,15 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
     public void Purge() => records.Purge(time.GetUtcNow().UtcTicks);
 
     // The state name and the grain type, each after its length, then the grain's own key: no two (state, grain)
-    // pairs share the bytes.
-    private static byte[] KeyOf(string stateName, GrainId grainId)
+    // pairs share the bytes. Written into the destination, or into a new array if it is too short.
+    private static ReadOnlySpan<byte> WriteKey(string stateName, GrainId grainId, Span<byte> destination)
     {
         var type = grainId.Type.AsSpan();
         var id = grainId.Key.AsSpan();
         var nameLength = Encoding.UTF8.GetByteCount(stateName);
-        var key = new byte[(2 * sizeof(int)) + nameLength + type.Length + id.Length];
-        var rest = key.AsSpan();
+        var length = (2 * sizeof(int)) + nameLength + type.Length + id.Length;
+        var key = length <= destination.Length ? destination[..length] : new byte[length];
+        var rest = key;
         BitConverter.TryWriteBytes(rest, nameLength);
         rest = rest[(sizeof(int) + Encoding.UTF8.GetBytes(stateName, rest[sizeof(int)..]))..];
         BitConverter.TryWriteBytes(rest, type.Length);
