@@ -80,7 +80,7 @@ internal sealed partial class IdempotencyMiddleware(
         }
 
         var grain = calls.Grain(idempotencyKey);
-        var request = new ClaimRequest(Guid.NewGuid(), fingerprint, policy.Lease, policy.Retention, policy.OnLapsedLease);
+        var request = new ClaimRequest(AttemptId.New(), fingerprint, policy.Lease, policy.Retention, policy.OnLapsedLease);
         var waitUntil = time.GetUtcNow() + policy.WaitTimeout;
         while (true)
         {
