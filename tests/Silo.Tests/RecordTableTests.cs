@@ -6,7 +6,7 @@ namespace OrleansIdempotency.Silo.Tests;
 public sealed class RecordTableTests
 {
     private const long Never = long.MaxValue;
-    private const int Segment = RecordTable.SegmentSize;
+    private const int Segment = RecordSegments.SegmentSize;
 
     private static byte[] Key(int i) => Encoding.UTF8.GetBytes($"key-{i}");
 
@@ -210,5 +210,60 @@ public sealed class RecordTableTests
         Assert.False(table.Contains(Key(10)));
         var version = Add(table, 10, Payload(10, 1));
         Assert.True(table.TryRemove(Key(10), version));
+    }
+
+    [Fact]
+    public async Task ParallelWritersAndPurges_LeaveEveryRecordAsItsLastWriteLeftIt()
+    {
+        var table = new RecordTable();
+        const int Writers = 8;
+        const int KeysEach = 10_000;
+        using var done = new CancellationTokenSource();
+        // Purges run throughout: dropping the expired records, moving records out of the segments they leave sparse.
+        var purger = Task.Run(() =>
+        {
+            while (!done.IsCancellationRequested)
+            {
+                table.Purge(nowUtcTicks: 1);
+            }
+        });
+        var expected = await Task.WhenAll(Enumerable.Range(0, Writers).Select(writer => Task.Run(() =>
+        {
+            var last = new Dictionary<int, byte[]?>();
+            for (var n = 0; n < KeysEach; n++)
+            {
+                var i = (writer * KeysEach) + n;
+                var claim = Add(table, i, Payload(i, 0, 150), shortLived: true);
+                var completion = Payload(i, 1, 300 + (n % 500));
+                // Every third completion expires at once: the purger drops it, and its neighbours' segments thin out.
+                Assert.True(table.TryReplace(Key(i), claim, completion, n % 3 == 0 ? 1 : Never, shortLived: false, out var version));
+                last[i] = n % 3 == 0 ? null : completion;
+                if (n % 7 == 0 && n % 3 != 0)
+                {
+                    Assert.True(table.TryRemove(Key(i), version));
+                    last[i] = null;
+                }
+            }
+
+            return last;
+        })));
+        await done.CancelAsync();
+        await purger;
+        table.Purge(nowUtcTicks: 1);
+
+        foreach (var (i, payload) in expected.SelectMany(last => last))
+        {
+            if (payload is null)
+            {
+                Assert.False(table.Contains(Key(i)), $"key {i} should be gone");
+            }
+            else
+            {
+                Assert.True(table.TryRead(Key(i), out var read, out _), $"key {i} is missing");
+                Assert.Equal(payload, read);
+            }
+        }
+
+        Assert.Equal(expected.Sum(last => last.Values.Count(payload => payload is not null)), table.Count);
     }
 }

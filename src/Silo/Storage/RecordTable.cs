@@ -4,9 +4,9 @@ using System.Numerics;
 namespace OrleansIdempotency.Silo.Storage;
 
 /// <summary>
-/// The in-memory store's records, without an object per record: each record's bytes (its key, then its payload) are
-/// packed into large shared segments, and one open-addressing array of plain structs finds them by key. Neither holds
-/// a reference, so a garbage collection neither walks nor copies what they hold.
+/// The in-memory store's records, without an object per record: their bytes packed into large shared segments
+/// (<see cref="RecordSegments"/>), found by key through open-addressing arrays of plain structs. Neither holds a
+/// reference, so a garbage collection neither walks nor copies what they hold.
 /// </summary>
 /// <remarks>
 /// <para>
@@ -15,39 +15,26 @@ namespace OrleansIdempotency.Silo.Storage;
 /// the embedded default added to a new key beyond Orleans' own work (README, "Performance").
 /// </para>
 /// <para>
-/// Thread-safe under one lock; every operation is one probe and a copy of at most one record. A record rewritten or
-/// removed leaves its old bytes dead in their segment; a segment without live bytes is let go, and
-/// <see cref="Purge"/> moves the few live records out of a mostly dead one, so that one long-lived record cannot
-/// hold a whole segment. Keys come from clients, so the hash is seeded per table: nobody can choose keys that all
-/// land in one probe sequence.
+/// The keys are split over 64 shards by their hash, each with its own lock and slots, so that growing a shard holds
+/// up only its own keys, for a 64th of the time one table of millions would (150 ms at 1.5 million records, measured).
+/// Every operation is one probe in one shard and a copy of at most one record. <see cref="Purge"/> also moves the
+/// few live records out of mostly dead segments, so that one long-lived record cannot hold a whole segment. Keys
+/// come from clients, so the hash is seeded per table: nobody can choose keys that all land in one probe sequence.
 /// </para>
 /// </remarks>
 internal sealed class RecordTable
 {
-    /// <summary>The size of a shared segment. A record larger than a quarter of it gets a segment of its own.</summary>
-    public const int SegmentSize = 1 << 20;
+    // The shard is the hash's top bits, the slot within it the low bits.
+    private const int ShardBits = 6;
 
-    private const int LargeRecord = SegmentSize / 4;
-
-    // Purge moves the records out of a shared segment whose live bytes fell below this.
-    private const int SparseSegment = SegmentSize / 4;
-
+    // Purge holds a shard's lock for this many slots at a time: a scan of millions must not hold up requests.
     private const int PurgeChunk = 16 * 1024;
 
-    private const int MinimumCapacity = 1024;
+    private const int MinimumCapacity = 64;
 
-    private readonly Lock gate = new();
     private readonly KeyHash hash;
-    private readonly List<byte[]?> segments = [];
-    private readonly List<int> segmentLiveBytes = [];
-    private readonly Stack<int> unusedSegments = new();
-    private Slot[] slots = new Slot[MinimumCapacity];
-    private int used;
-    private int removed;
-    // Claims are replaced by their completion within moments, the rest stays for its retention: written to segments
-    // of their own, claims die a segment at a time instead of leaving a quarter of every segment dead.
-    private readonly AppendPoint longLivedAppend = new();
-    private readonly AppendPoint shortLivedAppend = new();
+    private readonly RecordSegments segments = new();
+    private readonly Shard[] shards;
     private long lastVersion;
 
     public RecordTable()
@@ -56,11 +43,13 @@ internal sealed class RecordTable
     }
 
     /// <summary>A table with the given hash: for tests that make keys collide.</summary>
-    internal RecordTable(KeyHash hash) => this.hash = hash;
+    internal RecordTable(KeyHash hash)
+    {
+        this.hash = hash;
+        shards = Enumerable.Range(0, 1 << ShardBits).Select(_ => new Shard()).ToArray();
+    }
 
     internal delegate ulong KeyHash(ReadOnlySpan<byte> key);
-
-    private delegate void RecordAction(ref Slot slot);
 
     private enum SlotState : byte
     {
@@ -71,47 +60,27 @@ internal sealed class RecordTable
     }
 
     /// <summary>How many records are held.</summary>
-    public int Count
-    {
-        get
-        {
-            lock (gate)
-            {
-                return used;
-            }
-        }
-    }
+    public int Count => shards.Sum(shard => Volatile.Read(ref shard.Used));
 
     /// <summary>How many bytes the segments take, live or dead.</summary>
-    public long SegmentBytes
-    {
-        get
-        {
-            lock (gate)
-            {
-                return segments.Sum(segment => (long)(segment?.Length ?? 0));
-            }
-        }
-    }
+    public long SegmentBytes => segments.Bytes;
 
-    /// <summary>How many slots the table has (for tests of its growth and shrinking).</summary>
-    internal int Capacity
+    /// <summary>How many slots the shards have together (for tests of their growth and shrinking).</summary>
+    internal int Capacity => shards.Sum(shard =>
     {
-        get
+        lock (shard.Gate)
         {
-            lock (gate)
-            {
-                return slots.Length;
-            }
+            return shard.Slots.Length;
         }
-    }
+    });
 
     public bool Contains(ReadOnlySpan<byte> key)
     {
         var keyHash = hash(key);
-        lock (gate)
+        var shard = ShardOf(keyHash);
+        lock (shard.Gate)
         {
-            return Find(key, keyHash, out _) >= 0;
+            return Find(shard, key, keyHash, out _) >= 0;
         }
     }
 
@@ -119,17 +88,18 @@ internal sealed class RecordTable
     public bool TryRead(ReadOnlySpan<byte> key, out byte[] payload, out long version)
     {
         var keyHash = hash(key);
-        lock (gate)
+        var shard = ShardOf(keyHash);
+        lock (shard.Gate)
         {
-            var index = Find(key, keyHash, out _);
+            var index = Find(shard, key, keyHash, out _);
             if (index < 0)
             {
                 (payload, version) = ([], 0);
                 return false;
             }
 
-            ref var slot = ref slots[index];
-            payload = segments[slot.Segment]!.AsSpan(slot.Offset + slot.KeyLength, slot.PayloadLength).ToArray();
+            ref var slot = ref shard.Slots[index];
+            payload = segments.Read(slot.Segment, slot.Offset + slot.KeyLength, slot.PayloadLength).ToArray();
             version = slot.Version;
             return true;
         }
@@ -142,27 +112,28 @@ internal sealed class RecordTable
     public bool TryAdd(ReadOnlySpan<byte> key, ReadOnlySpan<byte> payload, long expiresAtUtcTicks, bool shortLived, out long version)
     {
         var keyHash = hash(key);
-        lock (gate)
+        var shard = ShardOf(keyHash);
+        lock (shard.Gate)
         {
-            if (Find(key, keyHash, out var free) >= 0)
+            if (Find(shard, key, keyHash, out var free) >= 0)
             {
                 version = 0;
                 return false;
             }
 
-            if ((used + removed + 1) * 10 > slots.Length * 7)
+            if ((shard.Used + shard.Removed + 1) * 10 > shard.Slots.Length * 7)
             {
-                Resize(CapacityFor(used + 1));
-                Find(key, keyHash, out free);
+                Resize(shard, CapacityFor(shard.Used + 1));
+                Find(shard, key, keyHash, out free);
             }
 
-            if (slots[free].State == SlotState.Removed)
+            ref var slot = ref shard.Slots[free];
+            if (slot.State == SlotState.Removed)
             {
-                removed--;
+                shard.Removed--;
             }
 
-            used++;
-            ref var slot = ref slots[free];
+            Volatile.Write(ref shard.Used, shard.Used + 1);
             slot = new Slot { State = SlotState.Used, Hash = keyHash, KeyLength = key.Length };
             Store(ref slot, key, payload, expiresAtUtcTicks, shortLived);
             version = slot.Version;
@@ -177,16 +148,17 @@ internal sealed class RecordTable
     public bool TryReplace(ReadOnlySpan<byte> key, long expectedVersion, ReadOnlySpan<byte> payload, long expiresAtUtcTicks, bool shortLived, out long version)
     {
         var keyHash = hash(key);
-        lock (gate)
+        var shard = ShardOf(keyHash);
+        lock (shard.Gate)
         {
-            var index = Find(key, keyHash, out _);
-            if (index < 0 || slots[index].Version != expectedVersion)
+            var index = Find(shard, key, keyHash, out _);
+            if (index < 0 || shard.Slots[index].Version != expectedVersion)
             {
                 version = 0;
                 return false;
             }
 
-            ref var slot = ref slots[index];
+            ref var slot = ref shard.Slots[index];
             Release(slot);
             Store(ref slot, key, payload, expiresAtUtcTicks, shortLived);
             version = slot.Version;
@@ -198,82 +170,53 @@ internal sealed class RecordTable
     public bool TryRemove(ReadOnlySpan<byte> key, long expectedVersion)
     {
         var keyHash = hash(key);
-        lock (gate)
+        var shard = ShardOf(keyHash);
+        lock (shard.Gate)
         {
-            var index = Find(key, keyHash, out _);
-            if (index < 0 || slots[index].Version != expectedVersion)
+            var index = Find(shard, key, keyHash, out _);
+            if (index < 0 || shard.Slots[index].Version != expectedVersion)
             {
                 return false;
             }
 
-            Remove(ref slots[index]);
+            Remove(shard, ref shard.Slots[index]);
             return true;
         }
     }
 
     /// <summary>
     /// Drops every record that expires at or before <paramref name="nowUtcTicks"/>, then moves the live records out of
-    /// mostly dead segments, and shrinks the table if it is mostly empty.
+    /// mostly dead segments, and shrinks the shards left mostly empty.
     /// </summary>
     public void Purge(long nowUtcTicks)
     {
-        ForEachRecord((ref slot) =>
+        ForEachRecord((Shard shard, ref Slot slot) =>
         {
             if (slot.ExpiresAtUtcTicks <= nowUtcTicks)
             {
-                Remove(ref slot);
+                Remove(shard, ref slot);
             }
         });
 
-        HashSet<int> sparse;
-        lock (gate)
-        {
-            sparse = Enumerable.Range(0, segments.Count)
-                .Where(s => !IsAppendedTo(s) && segments[s]?.Length == SegmentSize && segmentLiveBytes[s] < SparseSegment)
-                .ToHashSet();
-        }
-
+        var sparse = segments.Sparse();
         if (sparse.Count > 0)
         {
-            ForEachRecord((ref slot) =>
+            ForEachRecord((Shard _, ref Slot slot) =>
             {
-                // A sparse segment's number may have gone to a new segment since it was let go; that one stays.
-                if (sparse.Contains(slot.Segment) && !IsAppendedTo(slot.Segment) && segments[slot.Segment]!.Length == SegmentSize)
+                if (sparse.Contains(slot.Segment) && segments.IsSparse(slot.Segment))
                 {
                     Move(ref slot);
                 }
             });
         }
 
-        lock (gate)
+        foreach (var shard in shards)
         {
-            if (slots.Length > MinimumCapacity && used * 8 < slots.Length)
+            lock (shard.Gate)
             {
-                Resize(CapacityFor(used));
-            }
-        }
-    }
-
-    // Holds the lock a chunk of slots at a time: a scan of millions must not hold up requests. A table resized
-    // between chunks is scanned on from the same index: a record missed is seen by the next purge, one seen twice
-    // is judged twice the same way.
-    private void ForEachRecord(RecordAction action)
-    {
-        for (var start = 0; ; start += PurgeChunk)
-        {
-            lock (gate)
-            {
-                if (start >= slots.Length)
+                if (shard.Slots.Length > MinimumCapacity && shard.Used * 8 < shard.Slots.Length)
                 {
-                    return;
-                }
-
-                for (var index = start; index < Math.Min(start + PurgeChunk, slots.Length); index++)
-                {
-                    if (slots[index].State == SlotState.Used)
-                    {
-                        action(ref slots[index]);
-                    }
+                    Resize(shard, CapacityFor(shard.Used));
                 }
             }
         }
@@ -285,15 +228,18 @@ internal sealed class RecordTable
         return key => XxHash3.HashToUInt64(key, seed);
     }
 
-    // A power of two at which the records fill at most half the slots; the table resizes when 70 % are used or
+    // A power of two at which the records fill at most half the slots; a shard resizes when 70 % are used or
     // removed. Linear probing stays short below that with a good hash, and a slot is 48 bytes a record pays for.
     private static int CapacityFor(int records) =>
         Math.Max(MinimumCapacity, checked((int)BitOperations.RoundUpToPowerOf2((uint)records * 2)));
 
+    private Shard ShardOf(ulong keyHash) => shards[(int)(keyHash >> (64 - ShardBits))];
+
     /// <returns>The index of the key's slot, or -1 with <paramref name="free"/> the slot an insertion would take.</returns>
-    private int Find(ReadOnlySpan<byte> key, ulong keyHash, out int free)
+    private int Find(Shard shard, ReadOnlySpan<byte> key, ulong keyHash, out int free)
     {
         free = -1;
+        var slots = shard.Slots;
         var mask = slots.Length - 1;
         // At most 70 % of the slots are used or removed (see TryAdd), so every probe reaches an empty one.
         for (var index = (int)(keyHash & (ulong)mask); ; index = (index + 1) & mask)
@@ -308,7 +254,7 @@ internal sealed class RecordTable
                     free = free < 0 ? index : free;
                     break;
                 default:
-                    if (slot.Hash == keyHash && segments[slot.Segment]!.AsSpan(slot.Offset, slot.KeyLength).SequenceEqual(key))
+                    if (slot.Hash == keyHash && segments.Read(slot.Segment, slot.Offset, slot.KeyLength).SequenceEqual(key))
                     {
                         return index;
                     }
@@ -318,12 +264,11 @@ internal sealed class RecordTable
         }
     }
 
-    private void Resize(int capacity)
+    private static void Resize(Shard shard, int capacity)
     {
-        var old = slots;
-        slots = new Slot[capacity];
+        var slots = new Slot[capacity];
         var mask = capacity - 1;
-        foreach (var slot in old)
+        foreach (var slot in shard.Slots)
         {
             if (slot.State == SlotState.Used)
             {
@@ -337,101 +282,73 @@ internal sealed class RecordTable
             }
         }
 
-        removed = 0;
+        shard.Slots = slots;
+        shard.Removed = 0;
+    }
+
+    // Holds a shard's lock a chunk of slots at a time. A shard resized between chunks is scanned on from the same
+    // index: a record missed is seen by the next purge, one seen twice is judged twice the same way.
+    private void ForEachRecord(RecordAction action)
+    {
+        foreach (var shard in shards)
+        {
+            for (var start = 0; ; start += PurgeChunk)
+            {
+                lock (shard.Gate)
+                {
+                    if (start >= shard.Slots.Length)
+                    {
+                        break;
+                    }
+
+                    for (var index = start; index < Math.Min(start + PurgeChunk, shard.Slots.Length); index++)
+                    {
+                        if (shard.Slots[index].State == SlotState.Used)
+                        {
+                            action(shard, ref shard.Slots[index]);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     private void Store(ref Slot slot, ReadOnlySpan<byte> key, ReadOnlySpan<byte> payload, long expiresAtUtcTicks, bool shortLived)
     {
-        (slot.Segment, slot.Offset) = Append(key, payload, shortLived ? shortLivedAppend : longLivedAppend);
+        (slot.Segment, slot.Offset) = segments.Append(key, payload, shortLived);
         slot.PayloadLength = payload.Length;
         slot.ExpiresAtUtcTicks = expiresAtUtcTicks;
-        slot.Version = ++lastVersion;
+        slot.Version = Interlocked.Increment(ref lastVersion);
     }
 
-    private void Remove(ref Slot slot)
+    private void Remove(Shard shard, ref Slot slot)
     {
         Release(slot);
         slot = new Slot { State = SlotState.Removed };
-        used--;
-        removed++;
+        Volatile.Write(ref shard.Used, shard.Used - 1);
+        shard.Removed++;
     }
 
     // A record keeps its version where it moves: the move changes where it is, not what it is. What is still there
     // when its segment is mostly dead has outlived its neighbours, so it goes among the long-lived.
     private void Move(ref Slot slot)
     {
-        var record = segments[slot.Segment]!.AsSpan(slot.Offset, slot.KeyLength + slot.PayloadLength);
-        var (segment, offset) = Append(record[..slot.KeyLength], record[slot.KeyLength..], longLivedAppend);
+        var record = segments.Read(slot.Segment, slot.Offset, slot.KeyLength + slot.PayloadLength);
+        var (segment, offset) = segments.Append(record[..slot.KeyLength], record[slot.KeyLength..], isShortLived: false);
         Release(slot);
         (slot.Segment, slot.Offset) = (segment, offset);
     }
 
-    private (int Segment, int Offset) Append(ReadOnlySpan<byte> key, ReadOnlySpan<byte> payload, AppendPoint at)
+    private void Release(in Slot slot) => segments.Release(slot.Segment, slot.KeyLength + slot.PayloadLength);
+
+    private delegate void RecordAction(Shard shard, ref Slot slot);
+
+    private sealed class Shard
     {
-        var length = key.Length + payload.Length;
-        int segment, offset;
-        if (length > LargeRecord)
-        {
-            (segment, offset) = (NewSegment(length), 0);
-        }
-        else
-        {
-            if (at.Segment < 0 || at.Offset + length > SegmentSize)
-            {
-                var full = at.Segment;
-                (at.Segment, at.Offset) = (NewSegment(SegmentSize), 0);
-                if (full >= 0 && segmentLiveBytes[full] == 0)
-                {
-                    FreeSegment(full);
-                }
-            }
-
-            (segment, offset) = (at.Segment, at.Offset);
-            at.Offset += length;
-        }
-
-        var bytes = segments[segment]!.AsSpan(offset, length);
-        key.CopyTo(bytes);
-        payload.CopyTo(bytes[key.Length..]);
-        segmentLiveBytes[segment] += length;
-        return (segment, offset);
-    }
-
-    private bool IsAppendedTo(int segment) => segment == longLivedAppend.Segment || segment == shortLivedAppend.Segment;
-
-    private void Release(in Slot slot)
-    {
-        if ((segmentLiveBytes[slot.Segment] -= slot.KeyLength + slot.PayloadLength) == 0 && !IsAppendedTo(slot.Segment))
-        {
-            FreeSegment(slot.Segment);
-        }
-    }
-
-    private int NewSegment(int size)
-    {
-        // Uninitialized: every byte of it is written before it is read.
-        var bytes = GC.AllocateUninitializedArray<byte>(size);
-        if (unusedSegments.TryPop(out var segment))
-        {
-            segments[segment] = bytes;
-            return segment;
-        }
-
-        segments.Add(bytes);
-        segmentLiveBytes.Add(0);
-        return segments.Count - 1;
-    }
-
-    private void FreeSegment(int segment)
-    {
-        segments[segment] = null;
-        unusedSegments.Push(segment);
-    }
-
-    private sealed class AppendPoint
-    {
-        public int Segment = -1;
-        public int Offset;
+        public readonly Lock Gate = new();
+        public Slot[] Slots = new Slot[MinimumCapacity];
+        public int Used;
+        public int Removed;
     }
 
     private struct Slot
