@@ -47,7 +47,7 @@ internal sealed class RecordSegments
     }
 
     /// <summary>The bytes of a live record, as <see cref="Append"/> placed them.</summary>
-    public Span<byte> Read(int segment, int offset, int length) => segments[segment]!.AsSpan(offset, length);
+    public ReadOnlySpan<byte> Read(int segment, int offset, int length) => segments[segment]!.AsSpan(offset, length);
 
     /// <summary>Copies a record in; <paramref name="isShortLived"/> for one that will be replaced within moments.</summary>
     public (int Segment, int Offset) Append(ReadOnlySpan<byte> key, ReadOnlySpan<byte> payload, bool isShortLived)
