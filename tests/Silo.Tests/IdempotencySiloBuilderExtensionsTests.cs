@@ -55,6 +55,20 @@ public sealed class IdempotencySiloBuilderExtensionsTests
         Assert.InRange(cached, 1, bound + 16);
     }
 
+    [Theory]
+    [InlineData("0")]
+    [InlineData("2")]
+    [InlineData("-1")]
+    public async Task DirectoryCacheSize_BelowOrleansSmallestCache_IsRefusedAtStart_NamingTheSetting(string size)
+    {
+        var error = await Assert.ThrowsAsync<InvalidOperationException>(() => TestSilo.StartAsync(new Dictionary<string, string?>
+        {
+            ["Orleans:DirectoryCacheSize"] = size,
+        }));
+
+        Assert.Contains("Orleans:DirectoryCacheSize", error.Message, StringComparison.Ordinal);
+    }
+
     [Fact]
     public async Task DirectoryCache_IsBoundedByDefault_FarBelowOrleansMillion()
     {

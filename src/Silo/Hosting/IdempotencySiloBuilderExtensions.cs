@@ -16,8 +16,12 @@ namespace OrleansIdempotency.Silo.Hosting;
 /// <summary>Hosts the idempotency grains in a silo: the one place clustering and storage are chosen.</summary>
 public static class IdempotencySiloBuilderExtensions
 {
-    /// <summary>How many grain locations each silo caches unless <c>Orleans:DirectoryCacheSize</c> says otherwise (0: none).</summary>
+    /// <summary>How many grain locations each silo caches unless <c>Orleans:DirectoryCacheSize</c> says otherwise.</summary>
     public const int DefaultDirectoryCacheSize = 100_000;
+
+    // Orleans' LRU cache splits its capacity in three parts and refuses fewer entries, failing the silo's start with an
+    // error that names neither the setting nor the cause; a size of 0 does not turn the cache off in this Orleans.
+    private const int SmallestDirectoryCacheSize = 3;
 
     /// <summary>
     /// Configures the silo from <paramref name="configuration"/> (see <see cref="IdempotencyClusterSettings"/>):
@@ -76,8 +80,14 @@ public static class IdempotencySiloBuilderExtensions
         // objects for each of the keys of the last 4 minutes (a million at these rates), all of it work for every full
         // garbage collection. The calls that use the entry come within seconds of the placement (the completion, the
         // retries); a miss costs one directory lookup.
-        silo.Services.Configure<GrainDirectoryOptions>(options =>
-            options.CacheSize = configuration.GetValue("Orleans:DirectoryCacheSize", DefaultDirectoryCacheSize));
+        var directoryCacheSize = configuration.GetValue("Orleans:DirectoryCacheSize", DefaultDirectoryCacheSize);
+        if (directoryCacheSize < SmallestDirectoryCacheSize)
+        {
+            throw new InvalidOperationException(
+                $"Orleans:DirectoryCacheSize is {directoryCacheSize}: Orleans caches at least {SmallestDirectoryCacheSize} grain locations.");
+        }
+
+        silo.Services.Configure<GrainDirectoryOptions>(options => options.CacheSize = directoryCacheSize);
         silo.Services.TryAddSingleton(TimeProvider.System);
         return silo;
     }
