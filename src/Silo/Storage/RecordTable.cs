@@ -12,7 +12,7 @@ namespace OrleansIdempotency.Silo.Storage;
 /// <para>
 /// Why: held as a dictionary node, a key array and a payload array, hundreds of thousands of records were three
 /// objects each that every collection promoted and every full collection walked; measured, that was most of what
-/// the embedded default added to a new key beyond Orleans' own work (README, "Performance").
+/// the embedded default added to a new key beyond Orleans' own work (docs/performance.md, "Embedded").
 /// </para>
 /// <para>
 /// The keys are split over 64 shards by their hash, each with its own lock and slots, so that growing a shard holds
