@@ -11,6 +11,13 @@ using static OrleansIdempotency.Bench.Statistics;
 //   scripts/bench.sh [--rounds N] [--seconds S] [--scale] [--memory] | --grain
 // --scale adds new-key and cold-replay latency with 10,000 and 1,000,000 records stored; --memory adds the API's
 // memory after 200,000 keys and after their activations are collected; --grain runs the in-process grain benchmark alone.
+// A fourth process measures Orleans alone (FloorHost): the same hosting with an empty grain per key and no layer.
+if (args.Contains(FloorHost.Argument))
+{
+    await FloorHost.RunAsync();
+    return 0;
+}
+
 var rounds = Option(args, "--rounds", 3);
 var seconds = TimeSpan.FromSeconds(Option(args, "--seconds", 5));
 const int Connections = 64;
@@ -42,6 +49,8 @@ var shapes = new[]
     new Shape("embedded", Start("embedded", new Dictionary<string, string>())),
     new Shape("durable", Start("durable", durableSettings)),
     new Shape("durable, PostgreSQL over TCP", Start("durable-tcp", overTcpSettings), NewKeysOnly: true),
+    new Shape("embedded, Orleans alone (empty grain per key)", Start("floor", new Dictionary<string, string>(), FloorHost.Argument), NewKeysOnly: true,
+        NewKeyPath: FloorHost.FloorPath),
 };
 var counts = Directory.CreateTempSubdirectory("orleans-idempotency-bench-").FullName;
 var results = new List<(string Shape, string Scenario, int Connections, WrkResult Result, double Ratio, double ApiCpuUs, double PostgresCpuUs)>();
@@ -50,9 +59,13 @@ try
     foreach (var shape in shapes)
     {
         await WaitForHealthAsync(shape.Api);
-        await CreateHotKeysAsync(shape.Api.BaseAddress!);
+        if (!shape.NewKeysOnly)
+        {
+            await CreateHotKeysAsync(shape.Api.BaseAddress!);
+        }
+
         await Wrk.RunAsync(shape.Api.BaseAddress!, "plain", "/bench/plain", Connections, TimeSpan.FromSeconds(3));
-        await Wrk.RunAsync(shape.Api.BaseAddress!, "new", "/bench/idempotent", Connections, TimeSpan.FromSeconds(3), run: "warmup", source: Path.Combine(counts, "warmup"));
+        await Wrk.RunAsync(shape.Api.BaseAddress!, "new", shape.NewKeyPath, Connections, TimeSpan.FromSeconds(3), run: "warmup", source: Path.Combine(counts, "warmup"));
     }
 
     for (var round = 1; round <= rounds; round++)
@@ -77,9 +90,9 @@ try
             }
 
             var name = $"new{round}{shape.Api.Name}";
-            await WarmUpAsync(shape.Api, $"warm{round}{shape.Api.Name}");
+            await WarmUpAsync(shape.Api, $"warm{round}{shape.Api.Name}", shape.NewKeyPath);
             var plain = await Measure(shape, "plain", "/bench/plain", Connections, null);
-            await Measure(shape, "new keys", "/bench/idempotent", Connections, plain, "new", run: name, source: Path.Combine(counts, name));
+            await Measure(shape, "new keys", shape.NewKeyPath, Connections, plain, "new", run: name, source: Path.Combine(counts, name));
             if (shape.NewKeysOnly)
             {
                 continue;
@@ -273,15 +286,15 @@ async Task<WrkResult> Measure(Shape shape, string scenario, string path, int con
 
 // A fresh process runs tier-0 code until the JIT has seen enough calls (measured here: about 20 s of load before
 // the API's CPU per new key settles): warm it on other keys before measuring.
-async Task WarmUpAsync(NodeProcess api, string run)
+async Task WarmUpAsync(NodeProcess api, string run, string newKeyPath = "/bench/idempotent")
 {
     await Wrk.RunAsync(api.BaseAddress!, "plain", "/bench/plain", Connections, TimeSpan.FromSeconds(3));
-    await Wrk.RunAsync(api.BaseAddress!, "new", "/bench/idempotent", Connections, TimeSpan.FromSeconds(8), run: run, source: Path.Combine(counts, run));
+    await Wrk.RunAsync(api.BaseAddress!, "new", newKeyPath, Connections, TimeSpan.FromSeconds(8), run: run, source: Path.Combine(counts, run));
     // Let the garbage collection that follows a burst of new keys finish before the next measurement.
     await Task.Delay(TimeSpan.FromSeconds(3));
 }
 
-static NodeProcess Start(string name, Dictionary<string, string> settings)
+static NodeProcess Start(string name, Dictionary<string, string> settings, string? floor = null)
 {
     var environment = new Dictionary<string, string>(settings)
     {
@@ -290,7 +303,16 @@ static NodeProcess Start(string name, Dictionary<string, string> settings)
         ["Logging__LogLevel__Default"] = "Warning",
         ["DOTNET_gcServer"] = "1",
     };
-    var api = NodeProcess.Api(name, environment, new Dictionary<string, string> { ["Orleans__Role"] = "Silo" });
+    if (floor is not null)
+    {
+        // The API's own runtime setting (its project file), which this benchmark's runtimeconfig does not carry.
+        environment["DOTNET_ThreadPool_UnfairSemaphoreSpinLimit"] = "0";
+    }
+
+    var role = new Dictionary<string, string> { ["Orleans__Role"] = "Silo" };
+    var api = floor is null
+        ? NodeProcess.Api(name, environment, role)
+        : NodeProcess.Web(name, typeof(FloorHost).Assembly.Location, [floor], environment, role);
     api.Start();
     return api;
 }
@@ -347,5 +369,5 @@ static int Option(string[] args, string name, int fallback)
     return index >= 0 && index + 1 < args.Length ? int.Parse(args[index + 1], CultureInfo.InvariantCulture) : fallback;
 }
 
-// NewKeysOnly: measured for plain and new keys at 64 connections only.
-internal sealed record Shape(string Name, NodeProcess Api, bool NewKeysOnly = false);
+// NewKeysOnly: measured for plain and new keys at 64 connections only; NewKeyPath: where its new keys go.
+internal sealed record Shape(string Name, NodeProcess Api, bool NewKeysOnly = false, string NewKeyPath = "/bench/idempotent");

@@ -10,12 +10,15 @@ public sealed class NodeProcess
     private readonly Dictionary<string, string> environment;
     private ServerProcess? process;
 
-    private NodeProcess(string name, string assembly, Dictionary<string, string> environment, int? httpPort)
+    private readonly string[] arguments;
+
+    private NodeProcess(string name, string assembly, Dictionary<string, string> environment, int? httpPort, string[]? arguments = null)
     {
         Name = name;
         this.assembly = assembly;
         this.environment = environment;
         HttpPort = httpPort;
+        this.arguments = arguments ?? [];
     }
 
     public string Name { get; }
@@ -42,7 +45,12 @@ public sealed class NodeProcess
         return new NodeProcess(name, Binaries.Silo, environment, httpPort: null);
     }
 
-    public static NodeProcess Api(string name, IReadOnlyDictionary<string, string> cluster, IReadOnlyDictionary<string, string>? settings = null)
+    public static NodeProcess Api(string name, IReadOnlyDictionary<string, string> cluster, IReadOnlyDictionary<string, string>? settings = null) =>
+        Web(name, Binaries.Api, [], cluster, settings);
+
+    /// <summary>Any ASP.NET Core program, configured and started the way <see cref="Api"/> is.</summary>
+    public static NodeProcess Web(string name, string assembly, string[] arguments, IReadOnlyDictionary<string, string> cluster,
+        IReadOnlyDictionary<string, string>? settings = null)
     {
         var port = FreePort.Next();
         var environment = new Dictionary<string, string>(cluster)
@@ -56,7 +64,7 @@ public sealed class NodeProcess
             environment[key] = value;
         }
 
-        return new NodeProcess(name, Binaries.Api, environment, port);
+        return new NodeProcess(name, assembly, environment, port, arguments);
     }
 
     public void Start()
@@ -67,7 +75,7 @@ public sealed class NodeProcess
         }
 
         // From its own directory, so it finds its appsettings*.json as it does when deployed.
-        process = ServerProcess.Start("dotnet", [assembly], environment: environment, workingDirectory: Path.GetDirectoryName(assembly));
+        process = ServerProcess.Start("dotnet", [assembly, .. arguments], environment: environment, workingDirectory: Path.GetDirectoryName(assembly));
     }
 
     /// <summary>kill -9: no shutdown, no goodbye to the cluster.</summary>
