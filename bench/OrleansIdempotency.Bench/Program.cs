@@ -22,6 +22,7 @@ var rounds = Option(args, "--rounds", 3);
 var seconds = TimeSpan.FromSeconds(Option(args, "--seconds", 5));
 const int Connections = 64;
 const int HotKeys = 256;
+const string OrleansAlone = "embedded, Orleans alone (empty grain per key)";
 
 Console.WriteLine($"Machine: {Environment.ProcessorCount} cores, {Math.Round(GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / 1e9)} GB; .NET {Environment.Version}; wrk and the server share the cores.");
 if (args.Contains("--grain"))
@@ -49,8 +50,7 @@ var shapes = new[]
     new Shape("embedded", Start("embedded", new Dictionary<string, string>())),
     new Shape("durable", Start("durable", durableSettings)),
     new Shape("durable, PostgreSQL over TCP", Start("durable-tcp", overTcpSettings), NewKeysOnly: true),
-    new Shape("embedded, Orleans alone (empty grain per key)", Start("floor", new Dictionary<string, string>(), FloorHost.Argument), NewKeysOnly: true,
-        NewKeyPath: FloorHost.FloorPath),
+    new Shape(OrleansAlone, Start("floor", new Dictionary<string, string>(), FloorHost.Argument), NewKeysOnly: true, NewKeyPath: FloorHost.FloorPath),
 };
 var counts = Directory.CreateTempSubdirectory("orleans-idempotency-bench-").FullName;
 var results = new List<(string Shape, string Scenario, int Connections, WrkResult Result, double Ratio, double ApiCpuUs, double PostgresCpuUs)>();
@@ -139,6 +139,12 @@ foreach (var group in results.GroupBy(r => (r.Shape, r.Scenario, r.Connections))
 }
 
 Console.WriteLine();
+// Each process against its own plain in the same round, then the two ratios against each other: the load of the
+// machine moves both processes' plain as much as their new keys.
+double[] NewKeyRatios(string shape) => [.. results.Where(r => r.Shape == shape && r.Scenario == "new keys" && r.Connections == Connections).Select(r => r.Ratio)];
+var ofCeiling = NewKeyRatios("embedded").Zip(NewKeyRatios(OrleansAlone), (layer, alone) => layer / alone).ToArray();
+Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+    $"Embedded new keys reach {Median(ofCeiling):0.00}× Orleans alone's ratio to plain (rounds: {string.Join(", ", ofCeiling.Select(r => r.ToString("0.00", CultureInfo.InvariantCulture)))})."));
 Console.WriteLine($"Medians of {rounds} interleaved rounds of {seconds.TotalSeconds:0} s each; ratios are per round, against plain in the same round and shape; the other shapes' processes are frozen meanwhile; each round starts with the next shape.");
 
 await PartsAsync();
