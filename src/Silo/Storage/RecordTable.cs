@@ -65,6 +65,9 @@ internal sealed class RecordTable
     /// <summary>How many bytes the segments take, live or dead.</summary>
     public long SegmentBytes => segments.Bytes;
 
+    /// <summary>How many segments were allocated rather than reused (for tests of their reuse).</summary>
+    internal int SegmentsAllocated => segments.Allocated;
+
     /// <summary>How many slots the shards have together (for tests of their growth and shrinking).</summary>
     internal int Capacity => shards.Sum(shard =>
     {
