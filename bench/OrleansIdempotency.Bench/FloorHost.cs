@@ -2,6 +2,7 @@ using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Http;
 using OrleansIdempotency.Api;
 using OrleansIdempotency.Api.Demo;
+using OrleansIdempotency.AspNetCore;
 using OrleansIdempotency.Grains;
 using OrleansIdempotency.Silo.Hosting;
 
@@ -29,10 +30,14 @@ public static class FloorHost
     {
         var builder = WebApplication.CreateBuilder();
         builder.AddIdempotencyCluster();
+        builder.Services.AddIdempotency();
         builder.AddDemo();
         var app = builder.Build();
+        // The demo API's middleware, in its order (src/Api/Program.cs); the layer's passes both endpoints through.
+        app.UseExceptionHandler();
         app.UseAuthentication();
         app.UseAuthorization();
+        app.UseIdempotency();
         var bench = app.MapGroup("/bench").RequireAuthorization();
         bench.MapPost("/plain", EchoAsync);
         bench.MapPost("/floor", FloorAsync);

@@ -139,8 +139,8 @@ foreach (var group in results.GroupBy(r => (r.Shape, r.Scenario, r.Connections))
 }
 
 Console.WriteLine();
-// Each process against its own plain in the same round, then the two ratios against each other: the load of the
-// machine moves both processes' plain as much as their new keys.
+// Each process against its own plain in the same round, then the two ratios against each other: the machine's load
+// moves a process's plain as much as its new keys, measured seconds apart (the two processes may be a minute apart).
 double[] NewKeyRatios(string shape) => [.. results.Where(r => r.Shape == shape && r.Scenario == "new keys" && r.Connections == Connections).Select(r => r.Ratio)];
 var ofCeiling = NewKeyRatios("embedded").Zip(NewKeyRatios(OrleansAlone), (layer, alone) => layer / alone).ToArray();
 Console.WriteLine(string.Create(CultureInfo.InvariantCulture,

@@ -136,7 +136,8 @@ public sealed class RecordTableTests
 
         table.Purge(nowUtcTicks: 1);
 
-        // A tenth of eight segments fits in one, plus the segment being appended to when the purge began.
+        // A tenth of eight segments fits in the one being appended to when the purge began; the last segment let go is
+        // kept for reuse.
         Assert.True(table.SegmentBytes <= 2L * Segment, $"{table.SegmentBytes} bytes of segments left");
         Assert.Equal(living.Count, table.Count);
         foreach (var (i, (payload, version)) in living)
