@@ -52,6 +52,7 @@ var shapes = new[]
     new Shape("durable, PostgreSQL over TCP", Start("durable-tcp", overTcpSettings), NewKeysOnly: true),
     new Shape(OrleansAlone, Start("floor", new Dictionary<string, string>(), FloorHost.Argument), NewKeysOnly: true, NewKeyPath: FloorHost.FloorPath),
 };
+Shape[][] rotation = [[shapes[0], shapes[3]], [shapes[1]], [shapes[2]]];
 var counts = Directory.CreateTempSubdirectory("orleans-idempotency-bench-").FullName;
 var results = new List<(string Shape, string Scenario, int Connections, WrkResult Result, double Ratio, double ApiCpuUs, double PostgresCpuUs)>();
 try
@@ -71,9 +72,10 @@ try
     for (var round = 1; round <= rounds; round++)
     {
         // Each round starts with the next shape, so that none always follows another's PostgreSQL writes (whose
-        // checkpoints and vacuums count as PostgreSQL CPU of whatever is measured next).
-        var start = (round - 1) % shapes.Length;
-        foreach (var shape in shapes[start..].Concat(shapes[..start]))
+        // checkpoints and vacuums count as PostgreSQL CPU of whatever is measured next). The embedded process and
+        // Orleans alone go back to back, first one then the other, since their ratios are set against each other.
+        var start = (round - 1) % rotation.Length;
+        foreach (var shape in rotation[start..].Concat(rotation[..start]).SelectMany(unit => round % 2 == 0 ? unit.Reverse() : unit))
         {
             // The other shapes' processes are frozen (SIGSTOP) while this one is measured: their background work
             // (collecting idle activations, garbage collection) would otherwise take the cores from this one.
@@ -140,7 +142,7 @@ foreach (var group in results.GroupBy(r => (r.Shape, r.Scenario, r.Connections))
 
 Console.WriteLine();
 // Each process against its own plain in the same round, then the two ratios against each other: the machine's load
-// moves a process's plain as much as its new keys, measured seconds apart (the two processes may be a minute apart).
+// moves a process's plain as much as its new keys, measured seconds apart.
 double[] NewKeyRatios(string shape) => [.. results.Where(r => r.Shape == shape && r.Scenario == "new keys" && r.Connections == Connections).Select(r => r.Ratio)];
 var ofCeiling = NewKeyRatios("embedded").Zip(NewKeyRatios(OrleansAlone), (layer, alone) => layer / alone).ToArray();
 Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
