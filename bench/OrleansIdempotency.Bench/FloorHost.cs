@@ -39,7 +39,7 @@ public static class FloorHost
         app.UseAuthorization();
         app.UseIdempotency();
         var bench = app.MapGroup("/bench").RequireAuthorization();
-        bench.MapPost("/plain", EchoAsync);
+        bench.MapPost("/plain", DemoEndpoints.EchoAsync);
         bench.MapPost("/floor", FloorAsync);
         app.MapClusterHealth();
         await app.RunAsync();
@@ -49,14 +49,7 @@ public static class FloorHost
     {
         var grain = grains.GetGrain<IFloorGrain>(context.Request.Headers["Idempotency-Key"].ToString());
         var claim = await grain.ClaimAsync(Request);
-        await EchoAsync(context);
+        await DemoEndpoints.EchoAsync(context);
         await grain.CompleteAsync(claim.Token!.Value, Response);
-    }
-
-    // The demo's echo (DemoEndpoints), the handler both /bench endpoints of the API run.
-    private static async Task EchoAsync(HttpContext context)
-    {
-        context.Response.ContentType = "application/json";
-        await context.Request.Body.CopyToAsync(context.Response.Body, context.RequestAborted);
     }
 }

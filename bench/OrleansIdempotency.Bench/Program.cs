@@ -22,7 +22,6 @@ var rounds = Option(args, "--rounds", 3);
 var seconds = TimeSpan.FromSeconds(Option(args, "--seconds", 5));
 const int Connections = 64;
 const int HotKeys = 256;
-const string OrleansAlone = "embedded, Orleans alone (empty grain per key)";
 
 Console.WriteLine($"Machine: {Environment.ProcessorCount} cores, {Math.Round(GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / 1e9)} GB; .NET {Environment.Version}; wrk and the server share the cores.");
 if (args.Contains("--grain"))
@@ -45,14 +44,12 @@ var overTcpSettings = new Dictionary<string, string>(durableSettings)
     ["ConnectionStrings__Postgres"] = await postgres.CreateDatabaseAsync(),
     ["Orleans__ClusterId"] = "bench-tcp",
 };
-var shapes = new[]
-{
-    new Shape("embedded", Start("embedded", new Dictionary<string, string>())),
-    new Shape("durable", Start("durable", durableSettings)),
-    new Shape("durable, PostgreSQL over TCP", Start("durable-tcp", overTcpSettings), NewKeysOnly: true),
-    new Shape(OrleansAlone, Start("floor", new Dictionary<string, string>(), FloorHost.Argument), NewKeysOnly: true, NewKeyPath: FloorHost.FloorPath),
-};
-Shape[][] rotation = [[shapes[0], shapes[3]], [shapes[1]], [shapes[2]]];
+var embedded = new Shape("embedded", Start("embedded", new Dictionary<string, string>()));
+var durable = new Shape("durable", Start("durable", durableSettings));
+var overTcp = new Shape("durable, PostgreSQL over TCP", Start("durable-tcp", overTcpSettings), NewKeysOnly: true);
+var orleansAlone = new Shape("embedded, Orleans alone (empty grain per key)", Start("floor", new Dictionary<string, string>(), FloorHost.Argument), NewKeysOnly: true, NewKeyPath: FloorHost.FloorPath);
+var shapes = new[] { embedded, durable, overTcp, orleansAlone };
+Shape[][] rotation = [[embedded, orleansAlone], [durable], [overTcp]];
 var counts = Directory.CreateTempSubdirectory("orleans-idempotency-bench-").FullName;
 var results = new List<(string Shape, string Scenario, int Connections, WrkResult Result, double Ratio, double ApiCpuUs, double PostgresCpuUs)>();
 try
@@ -144,7 +141,7 @@ Console.WriteLine();
 // Each process against its own plain in the same round, then the two ratios against each other: the machine's load
 // moves a process's plain as much as its new keys, measured seconds apart.
 double[] NewKeyRatios(string shape) => [.. results.Where(r => r.Shape == shape && r.Scenario == "new keys" && r.Connections == Connections).Select(r => r.Ratio)];
-var ofCeiling = NewKeyRatios("embedded").Zip(NewKeyRatios(OrleansAlone), (layer, alone) => layer / alone).ToArray();
+var ofCeiling = NewKeyRatios(embedded.Name).Zip(NewKeyRatios(orleansAlone.Name), (layer, alone) => layer / alone).ToArray();
 Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
     $"Embedded new keys reach {Median(ofCeiling):0.00}× Orleans alone's ratio to plain (rounds: {string.Join(", ", ofCeiling.Select(r => r.ToString("0.00", CultureInfo.InvariantCulture)))})."));
 Console.WriteLine($"Medians of {rounds} interleaved rounds of {seconds.TotalSeconds:0} s each; ratios are per round, against plain in the same round and shape; the other shapes' processes are frozen meanwhile; each round starts with the next shape.");

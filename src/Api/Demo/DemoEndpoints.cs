@@ -45,7 +45,8 @@ public static class DemoEndpoints
         return TypedResults.Created($"/payments/{payment.Id}", payment);
     }
 
-    private static async Task EchoAsync(HttpContext context)
+    /// <summary>The benchmark endpoints' handler: echoes the request body as JSON, with no side effect.</summary>
+    public static async Task EchoAsync(HttpContext context)
     {
         context.Response.ContentType = "application/json";
         await context.Request.Body.CopyToAsync(context.Response.Body, context.RequestAborted);

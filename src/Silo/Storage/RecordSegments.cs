@@ -128,14 +128,15 @@ internal sealed class RecordSegments
 
     private int Add(int size)
     {
-        // Uninitialized, or reused as it was: every byte of it is written before it is read.
-        var bytes = spare?.Length == size ? spare : GC.AllocateUninitializedArray<byte>(size);
-        if (ReferenceEquals(bytes, spare))
+        // Reused as it was, or uninitialized: every byte of it is written before it is read.
+        byte[] bytes;
+        if (spare is { } kept && kept.Length == size)
         {
-            spare = null;
+            (bytes, spare) = (kept, null);
         }
         else
         {
+            bytes = GC.AllocateUninitializedArray<byte>(size);
             Allocated++;
         }
 
@@ -157,9 +158,9 @@ internal sealed class RecordSegments
 
     private void Free(int segment)
     {
-        if (segments[segment]!.Length == SegmentSize)
+        if (segments[segment] is { Length: SegmentSize } shared)
         {
-            spare = segments[segment];
+            spare = shared;
         }
 
         segments[segment] = null;
