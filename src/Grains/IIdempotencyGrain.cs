@@ -33,10 +33,13 @@ public interface IIdempotencyGrain : IGrainWithStringKey
 
     /// <summary>
     /// Gives the key back so the request may be retried under it: the action failed retryably, or the attempt gave
-    /// up before running it. False when <paramref name="attemptId"/> holds no claim (nothing changes then).
+    /// up before running it. False when <paramref name="attemptId"/> holds no claim; a claim of it still on its way
+    /// to storage is then fenced out, so that it cannot land afterwards (see <see cref="IdempotencyTransitions.Release"/>).
     /// </summary>
+    /// <param name="attemptId">The attempt that asked for the claim.</param>
+    /// <param name="lease">The lease that attempt asked for.</param>
     [Alias("Release"), ResponseTimeout(CallTimeout)]
-    Task<bool> ReleaseAsync(Guid attemptId);
+    Task<bool> ReleaseAsync(Guid attemptId, TimeSpan lease);
 
     /// <summary>
     /// Returns when the key leaves its current claim (completed, released, lapsed) or after

@@ -76,8 +76,8 @@ public sealed class IdempotencyGrain(
     public Task<bool> RenewAsync(ClaimToken token, TimeSpan lease) =>
         ApplyAsync((state, now) => IdempotencyTransitions.Renew(state, token, lease, now));
 
-    public Task<bool> ReleaseAsync(Guid attemptId) =>
-        ApplyAsync((state, now) => IdempotencyTransitions.Release(state, attemptId, now));
+    public Task<bool> ReleaseAsync(Guid attemptId, TimeSpan lease) =>
+        ApplyAsync((state, now) => IdempotencyTransitions.Release(state, attemptId, lease, now));
 
     public Task<bool> ResolveAsync(StoredResponse? outcome) =>
         ApplyAsync((state, now) => IdempotencyTransitions.Resolve(state, outcome, now));

@@ -84,16 +84,27 @@ public static class IdempotencyTransitions
 
     /// <summary>Gives the key back so that the request can be retried: the action failed retryably or never ran.</summary>
     /// <returns>True when the attempt's claim was released; false when it held none.</returns>
-    public static Transition<bool> Release(IdempotencyRecord stored, Guid attemptId, DateTimeOffset now)
+    /// <remarks>
+    /// An attempt that holds no claim may still have one on its way to storage: its caller gave up on a write that
+    /// failed or timed out, and such a write can still land (queued behind a partition, retransmitted). If it landed
+    /// after this release, the key would be held by an attempt that has given up, and lapse into an unknown outcome
+    /// although nothing ran. So, where that write could still land (the key is free, or its lease lapsed), the record
+    /// is written again unchanged: every write is checked against the version it was decided on, and this one moves
+    /// the version on. The row is kept for <paramref name="lease"/> (the lease the attempt asked for), after which
+    /// storage refuses its claim anyway.
+    /// </remarks>
+    public static Transition<bool> Release(IdempotencyRecord stored, Guid attemptId, TimeSpan lease, DateTimeOffset now)
     {
         var current = stored.AsOf(now);
-        if (current.Status != IdempotencyStatus.InProgress || current.AttemptId != attemptId)
+        if (current.Status == IdempotencyStatus.InProgress && current.AttemptId == attemptId)
         {
-            return new(false, null);
+            // The row stays until its retention ends so that fencing tokens keep rising.
+            return new(true, new IdempotencyRecord { FencingToken = current.FencingToken, ExpiresAt = current.ExpiresAt });
         }
 
-        // The row stays until its retention ends so that fencing tokens keep rising.
-        return new(true, new IdempotencyRecord { FencingToken = current.FencingToken, ExpiresAt = current.ExpiresAt });
+        var claimCouldLand = current.Status == IdempotencyStatus.None
+            || (current.Status == IdempotencyStatus.InProgress && now >= current.LeaseExpiresAt);
+        return new(false, claimCouldLand ? current with { ExpiresAt = Later(current.ExpiresAt, now + lease) } : null);
     }
 
     /// <summary>

@@ -15,6 +15,26 @@ public sealed class StorageCounter
     /// <summary>Runs <paramref name="action"/> before the next write of <paramref name="grain"/> reaches storage (it may throw instead).</summary>
     public void BeforeNextWrite(GrainId grain, Func<Task> action) => beforeNextWrite[grain] = action;
 
+    private readonly ConcurrentDictionary<GrainId, TaskCompletionSource<Func<Task>>> lostWrites = new();
+
+    /// <summary>
+    /// Fails the next write of <paramref name="grain"/> as a timed-out write fails, though it was sent: the task gives
+    /// the function that lands it later, as it was sent (the caller decides when).
+    /// </summary>
+    public Task<Func<Task>> LoseNextWrite(GrainId grain) =>
+        lostWrites.GetOrAdd(grain, _ => new TaskCompletionSource<Func<Task>>(TaskCreationOptions.RunContinuationsAsynchronously)).Task;
+
+    internal bool TryLoseWrite(GrainId grain, Func<Task> land)
+    {
+        if (!lostWrites.TryRemove(grain, out var lost))
+        {
+            return false;
+        }
+
+        lost.SetResult(land);
+        return true;
+    }
+
     internal Task BeforeWriteAsync(GrainId grain) => beforeNextWrite.TryRemove(grain, out var action) ? action() : Task.CompletedTask;
 
     internal void Add(GrainId grain, StorageCounts delta) => counts.AddOrUpdate(grain, delta,
@@ -36,6 +56,12 @@ public sealed class CountingStorage(IGrainStorage inner, StorageCounter counts) 
         try
         {
             await counts.BeforeWriteAsync(grainId);
+            var sent = new GrainState<T>(grainState.State) { ETag = grainState.ETag, RecordExists = grainState.RecordExists };
+            if (counts.TryLoseWrite(grainId, () => inner.WriteStateAsync(stateName, grainId, sent)))
+            {
+                throw new TimeoutException("The write timed out (test): it was sent, and may still land.");
+            }
+
             await inner.WriteStateAsync(stateName, grainId, grainState);
             counts.Add(grainId, new StorageCounts(0, 1, 0));
         }

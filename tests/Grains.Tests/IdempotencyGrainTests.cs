@@ -74,12 +74,28 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
         var grain = Grain(NewKey());
         var first = await grain.ClaimAsync(Claim());
 
-        Assert.True(await grain.ReleaseAsync(first.Token!.Value.AttemptId));
+        Assert.True(await grain.ReleaseAsync(first.Token!.Value.AttemptId, Lease));
         var retry = await grain.ClaimAsync(Claim());
 
         Assert.Equal(ClaimOutcome.Acquired, retry.Outcome);
         Assert.True(retry.Token!.Value.FencingToken > first.Token.Value.FencingToken);
         Assert.False(await grain.CompleteAsync(first.Token.Value, Created));
+    }
+
+    [Fact]
+    public async Task Release_AfterTheClaimsWriteWasLost_FencesThatWriteOut_SoItCannotHoldTheKeyWhenItLands()
+    {
+        var grain = Grain(NewKey());
+        var attempt = Guid.NewGuid();
+        var lostWrite = fixture.Storage.LoseNextWrite(GrainId(grain));
+        await Assert.ThrowsAsync<TimeoutException>(() => grain.ClaimAsync(Claim(attempt)));
+
+        // The caller gave up and released; the attempt holds no claim, but its write is still on its way.
+        Assert.False(await grain.ReleaseAsync(attempt, Lease));
+        var land = await lostWrite.WaitAsync(TimeSpan.FromSeconds(10));
+
+        await Assert.ThrowsAnyAsync<InconsistentStateException>(land);
+        Assert.Equal(ClaimOutcome.Acquired, (await grain.ClaimAsync(Claim())).Outcome);
     }
 
     [Fact]
@@ -148,7 +164,7 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
         var waiter = grain.WaitAsync(TimeSpan.FromSeconds(10));
         await Task.Delay(100);
 
-        await grain.ReleaseAsync(first.Token!.Value.AttemptId);
+        await grain.ReleaseAsync(first.Token!.Value.AttemptId, Lease);
 
         await waiter.WaitAsync(TimeSpan.FromSeconds(10));
         Assert.Equal(ClaimOutcome.Acquired, (await grain.ClaimAsync(Claim())).Outcome);

@@ -205,7 +205,7 @@ public sealed class IdempotencyTransitionsTests
         var request = Request();
         var (record, token) = Claimed(request);
 
-        var (released, next) = Release(record, request.AttemptId, T0 + TimeSpan.FromSeconds(1));
+        var (released, next) = Release(record, request.AttemptId, Lease, T0 + TimeSpan.FromSeconds(1));
         var reclaim = Claim(next!, Request(), T0 + TimeSpan.FromSeconds(2)).Result;
 
         Assert.True(released);
@@ -216,13 +216,43 @@ public sealed class IdempotencyTransitionsTests
     }
 
     [Fact]
-    public void Release_ByAnotherAttemptOrOfACompletedKey_ChangesNothing()
+    public void Release_ByAnotherAttemptOfALiveClaim_OrOfACompletedKey_ChangesNothing()
     {
         var (record, token) = Claimed();
         var completed = Complete(record, token, Created, T0).Next!;
 
-        Assert.Equal(new Transition<bool>(false, null), Release(record, Guid.NewGuid(), T0));
-        Assert.Equal(new Transition<bool>(false, null), Release(completed, token.AttemptId, T0));
+        Assert.Equal(new Transition<bool>(false, null), Release(record, Guid.NewGuid(), Lease, T0));
+        Assert.Equal(new Transition<bool>(false, null), Release(completed, token.AttemptId, Lease, T0));
+    }
+
+    [Fact]
+    public void Release_ByAnAttemptWithoutAClaim_OfAFreeKey_WritesTheRecordAgain_KeptForThatAttemptsLease()
+    {
+        var (record, token) = Claimed();
+        var freed = Release(record, token.AttemptId, Lease, T0).Next!;
+
+        foreach (var free in new[] { new IdempotencyRecord(), freed })
+        {
+            var (released, next) = Release(free, Guid.NewGuid(), Lease, T0 + TimeSpan.FromSeconds(1));
+
+            Assert.False(released);
+            Assert.NotNull(next);
+            Assert.Equal(IdempotencyStatus.None, next.Status);
+            Assert.Equal(free.FencingToken, next.FencingToken);
+            Assert.True(next.PurgeableAt >= T0 + TimeSpan.FromSeconds(1) + Lease);
+        }
+    }
+
+    [Fact]
+    public void Release_ByAnotherAttempt_OfALapsedClaim_WritesTheRecordAgainUnchanged()
+    {
+        var (record, token) = Claimed();
+
+        var (released, next) = Release(record, Guid.NewGuid(), Lease, T0 + Lease);
+
+        Assert.False(released);
+        Assert.Equal(record with { ExpiresAt = next!.ExpiresAt }, next);
+        Assert.Equal(token, next.Token);
     }
 
     [Fact]

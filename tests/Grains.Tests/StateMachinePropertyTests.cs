@@ -68,7 +68,7 @@ public sealed class StateMachinePropertyTests(ClusterFixture fixture)
                     0 => (object)await grain.ClaimAsync(model.Request(step)),
                     1 when model.Token(step) is { } token => await grain.CompleteAsync(token, Responses[step.Variant]),
                     2 when model.Token(step) is { } token => await grain.RenewAsync(token, Lease),
-                    3 => await grain.ReleaseAsync(Model.Attempts[step.Attempt]),
+                    3 => await grain.ReleaseAsync(Model.Attempts[step.Attempt], Lease),
                     _ => null,
                 };
                 Assert.Equal(Describe(expected), Describe(actual));
@@ -148,7 +148,7 @@ public sealed class StateMachinePropertyTests(ClusterFixture fixture)
                     record = renew.Next ?? record;
                     break;
                 case 3:
-                    var release = Release(record, Attempts[step.Attempt], Now);
+                    var release = Release(record, Attempts[step.Attempt], Lease, Now);
                     answer = release.Result;
                     if (release.Result)
                     {

@@ -63,7 +63,7 @@ internal sealed partial class IdempotencyGrainCalls(
     /// <paramref name="lease"/>, after which the lease has lapsed anyway.
     /// </summary>
     public Task ReleaseAsync(IIdempotencyGrain grain, Guid attemptId, TimeSpan lease) =>
-        UntilLeaseEndsAsync(grain, g => g.ReleaseAsync(attemptId), lease);
+        UntilLeaseEndsAsync(grain, g => g.ReleaseAsync(attemptId, lease), lease);
 
     /// <summary>
     /// Stores the action's response. If the store cannot be reached now, keeps trying in the background for up

@@ -106,7 +106,7 @@ internal sealed partial class IdempotencyMiddleware(
             switch (claim.Outcome)
             {
                 case ClaimOutcome.Acquired:
-                    await ExecuteAsync(context, policy, grain, claim.Token!.Value);
+                    await ExecuteAsync(context, policy, grain, claim);
                     return;
                 case ClaimOutcome.Completed:
                     replays.Add(idempotencyKey, fingerprint, claim);
@@ -142,12 +142,13 @@ internal sealed partial class IdempotencyMiddleware(
         }
     }
 
-    private async Task ExecuteAsync(HttpContext context, IdempotencyPolicy policy, IIdempotencyGrain grain, ClaimToken token)
+    private async Task ExecuteAsync(HttpContext context, IdempotencyPolicy policy, IIdempotencyGrain grain, ClaimResult claim)
     {
+        var token = claim.Token!.Value;
         var originalBody = context.Features.GetRequiredFeature<IHttpResponseBodyFeature>();
         using var capture = new ResponseCapture(originalBody.Stream, policy.MaxStoredResponseBytes);
         context.Features.Set<IHttpResponseBodyFeature>(new StreamResponseBodyFeature(capture, originalBody));
-        var renewal = new LeaseRenewal(grain, token, policy.Lease, time, logger);
+        var renewal = new LeaseRenewal(grain, token, claim.LeaseExpiresAt!.Value, policy.Lease, time, logger);
         try
         {
             await next(context);

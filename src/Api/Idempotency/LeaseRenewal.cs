@@ -9,6 +9,10 @@ internal sealed partial class IdempotencyMiddleware
     /// process loses it within one lease. A timer, not a loop: most actions end before the first tick, and then
     /// this costs one timer and no task or exception.
     /// </summary>
+    /// <remarks>
+    /// The first renewal comes sooner when the claim arrived with less than its lease left: a claim recovered after a
+    /// lost answer keeps the lease it was given when it was written, up to a retry budget earlier.
+    /// </remarks>
     private sealed class LeaseRenewal : IDisposable
     {
         private readonly IIdempotencyGrain grain;
@@ -18,13 +22,15 @@ internal sealed partial class IdempotencyMiddleware
         private readonly ITimer timer;
         private bool stopped;
 
-        public LeaseRenewal(IIdempotencyGrain grain, ClaimToken token, TimeSpan lease, TimeProvider time, ILogger logger)
+        public LeaseRenewal(IIdempotencyGrain grain, ClaimToken token, DateTimeOffset leaseExpiresAt, TimeSpan lease, TimeProvider time, ILogger logger)
         {
             this.grain = grain;
             this.token = token;
             this.lease = lease;
             this.logger = logger;
-            timer = time.CreateTimer(static state => ((LeaseRenewal)state!).Tick(), this, lease / 3, lease / 3);
+            var halfOfWhatIsLeft = (leaseExpiresAt - time.GetUtcNow()) / 2;
+            var first = TimeSpan.FromTicks(Math.Clamp(halfOfWhatIsLeft.Ticks, 0, (lease / 3).Ticks));
+            timer = time.CreateTimer(static state => ((LeaseRenewal)state!).Tick(), this, first, lease / 3);
         }
 
         public void Dispose()

@@ -7,6 +7,7 @@ using Microsoft.AspNetCore.Http;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Options;
+using Orleans.Storage;
 using OrleansIdempotency.Grains;
 
 namespace OrleansIdempotency.AspNetCore.Tests;
@@ -504,6 +505,29 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task ClaimThatLandsAfterItsCallerGot503_CannotHoldTheKey_SoTheRetryRuns()
+    {
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+        var lostWrite = fixture.Store.LoseNextWriteInAnOutage();
+        Assert.Equal(503, (await harness.SendAsync(key)).Response.StatusCode);
+
+        // The outage ends; the attempt's release, retried in the background, gets through.
+        var writes = fixture.Store.Writes;
+        fixture.Store.Down = false;
+        await WaitUntilAsync(() =>
+        {
+            fixture.Time.Advance(TimeSpan.FromMilliseconds(200));
+            return Task.FromResult(fixture.Store.Writes > writes);
+        });
+
+        // Only then does the claim written before the outage reach the store.
+        await Assert.ThrowsAnyAsync<InconsistentStateException>(await lostWrite);
+        Assert.Equal(201, (await harness.SendAsync(key)).Response.StatusCode);
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
     public async Task OversizedResponse_ReachesTheFirstCallerWhole_AndItsReplayIs409ResponseNotStored()
     {
         var big = new string('x', 5000);
@@ -589,6 +613,45 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
             await WaitUntilAsync(async () => (await harness.Grain(key).GetAsync()).LeaseExpiresAt > before);
         }
 
+        release.SetResult();
+        await first;
+
+        Assert.True(fixture.Time.GetUtcNow() > claimedUntil);
+        Assert.Equal("true", (await harness.SendAsync(key)).Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task ClaimAnsweredLate_IsRenewedBeforeWhatIsLeftOfItsLeaseRunsOut()
+    {
+        var writing = new TaskCompletionSource();
+        var answer = new TaskCompletionSource();
+        var started = new TaskCompletionSource();
+        var release = new TaskCompletionSource();
+        var harness = Harness(context =>
+        {
+            started.TrySetResult();
+            return MiddlewareHarness.CreatesAfter(release.Task)(context);
+        }, IdempotencyPolicy.Default with { Lease = TimeSpan.FromSeconds(30) });
+        var key = MiddlewareHarness.NewKey();
+        fixture.Store.BeforeWrite = async () =>
+        {
+            fixture.Store.BeforeWrite = null;
+            writing.TrySetResult();
+            await answer.Task;
+        };
+
+        var first = harness.SendAsync(key);
+        await writing.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        // The claim is written with a 30-second lease; its answer arrives 20 seconds later.
+        fixture.Time.Advance(TimeSpan.FromSeconds(20));
+        answer.SetResult();
+        await started.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        var claimedUntil = (await harness.Grain(key).GetAsync()).LeaseExpiresAt;
+
+        fixture.Time.Advance(TimeSpan.FromSeconds(5));
+        await WaitUntilAsync(async () => (await harness.Grain(key).GetAsync()).LeaseExpiresAt > claimedUntil);
+        fixture.Time.Advance(TimeSpan.FromSeconds(10));
         release.SetResult();
         await first;
 

@@ -58,13 +58,60 @@ public sealed class SwitchableStorage(IGrainStorage inner, SwitchableStorage.Swi
     public sealed class Switch
     {
         public bool Down { get; set; }
+
+        private TaskCompletionSource<Func<Task>>? lostWrite;
+        private int writes;
+
+        /// <summary>Runs before each write reaches the store, while set: a slow write, say.</summary>
+        public Func<Task>? BeforeWrite { get; set; }
+
+        /// <summary>The writes the store has taken.</summary>
+        public int Writes => Volatile.Read(ref writes);
+
+        /// <summary>
+        /// The next write fails as the store goes down, though it was sent: the task gives the function that lands it
+        /// later, as it was sent (a write queued behind a partition, or retransmitted once it heals).
+        /// </summary>
+        public Task<Func<Task>> LoseNextWriteInAnOutage()
+        {
+            lostWrite = new TaskCompletionSource<Func<Task>>(TaskCreationOptions.RunContinuationsAsynchronously);
+            return lostWrite.Task;
+        }
+
+        internal bool TryLose(Func<Task> land)
+        {
+            if (Interlocked.Exchange(ref lostWrite, null) is not { } lost)
+            {
+                return false;
+            }
+
+            Down = true;
+            lost.SetResult(land);
+            return true;
+        }
+
+        internal void Wrote() => Interlocked.Increment(ref writes);
     }
 
     public Task ReadStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState) =>
         state.Down ? Unavailable() : inner.ReadStateAsync(stateName, grainId, grainState);
 
-    public Task WriteStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState) =>
-        state.Down ? Unavailable() : inner.WriteStateAsync(stateName, grainId, grainState);
+    public async Task WriteStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
+    {
+        if (state.BeforeWrite is { } before)
+        {
+            await before();
+        }
+
+        var sent = new GrainState<T>(grainState.State) { ETag = grainState.ETag, RecordExists = grainState.RecordExists };
+        if (state.TryLose(() => inner.WriteStateAsync(stateName, grainId, sent)))
+        {
+            await Unavailable();
+        }
+
+        await (state.Down ? Unavailable() : inner.WriteStateAsync(stateName, grainId, grainState));
+        state.Wrote();
+    }
 
     public Task ClearStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState) =>
         state.Down ? Unavailable() : inner.ClearStateAsync(stateName, grainId, grainState);
