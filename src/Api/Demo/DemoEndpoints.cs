@@ -41,7 +41,7 @@ public static class DemoEndpoints
         }
 
         var payment = new Payment(Guid.CreateVersion7().ToString(), request.Amount, currency, time.GetUtcNow());
-        await store.AddPaymentAsync(UserId(context.User), context.Request.Headers[IdempotencyKeyHeader.Name], payment, context.RequestAborted);
+        await store.AddPaymentAsync(UserId(context.User), context.Request.Headers[IdempotencyKeyHeader.Name], payment, CancellationToken.None);
         return TypedResults.Created($"/payments/{payment.Id}", payment);
     }
 

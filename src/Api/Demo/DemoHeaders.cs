@@ -7,6 +7,11 @@ namespace OrleansIdempotency.Api.Demo;
 /// <c>X-Demo-Delay-Ms: N</c> (0–10000) makes the action sleep first, so concurrency can be observed;
 /// <c>X-Demo-Fail: 500</c> (any 5xx) makes it answer that status without side effects.
 /// </summary>
+/// <remarks>
+/// The demo's actions, this sleep included, do not stop when the client goes away (<c>RequestAborted</c>): a client
+/// that timed out retries, and an action that ran to its end has an outcome to replay. One cut off midway is in
+/// doubt (it may have taken effect), so the layer leaves its key to lapse into an unknown outcome instead.
+/// </remarks>
 internal static class DemoHeaders
 {
     public const string Delay = "X-Demo-Delay-Ms";
@@ -24,7 +29,7 @@ internal static class DemoHeaders
                 return Results.Problem(statusCode: 400, title: "Invalid demo header", detail: $"{Delay} must be a whole number from 0 to {MaxDelayMs}.");
             }
 
-            await Task.Delay(delay, context.RequestAborted);
+            await Task.Delay(delay);
         }
 
         if (headers.TryGetValue(Fail, out var failValue))

@@ -13,10 +13,13 @@ public sealed class OrdersController(IDemoStore store, TimeProvider time) : Cont
 {
     private string UserId => User.FindFirstValue(ClaimTypes.NameIdentifier)!;
 
-    /// <summary>Creates an order and charges it (the side effects that must happen once).</summary>
+    /// <summary>
+    /// Creates an order and charges it (the side effects that must happen once). It runs to its end even when the
+    /// client has gone (see <see cref="DemoHeaders"/>), so the client's retry gets its outcome.
+    /// </summary>
     [HttpPost]
     [Idempotent]
-    public async Task<IResult> CreateAsync(CreateOrderRequest request, CancellationToken cancellationToken)
+    public async Task<IResult> CreateAsync(CreateOrderRequest request)
     {
         if (await DemoHeaders.ApplyAsync(HttpContext) is { } early)
         {
@@ -24,7 +27,7 @@ public sealed class OrdersController(IDemoStore store, TimeProvider time) : Cont
         }
 
         var order = new Order(Guid.CreateVersion7().ToString(), request.CustomerId, request.Amount, request.Items, time.GetUtcNow());
-        await store.AddOrderAsync(UserId, Request.Headers[IdempotencyKeyHeader.Name], order, cancellationToken);
+        await store.AddOrderAsync(UserId, Request.Headers[IdempotencyKeyHeader.Name], order, CancellationToken.None);
         return TypedResults.Created($"/orders/{order.Id}", order);
     }
 

@@ -113,6 +113,24 @@ public sealed class HttpSemanticsTests(EndToEndFixture fixture)
     }
 
     [Fact]
+    public async Task ClientThatGaveUpMidAction_GetsItsOrderOnTheRetry_AndExactlyOneOrderExists()
+    {
+        var key = NewKey();
+        using (var impatient = new CancellationTokenSource(TimeSpan.FromMilliseconds(300)))
+        using (var request = Requests.Post("/orders", key, Requests.OrderBody, ("X-Demo-Delay-Ms", "1500")))
+        {
+            await Assert.ThrowsAnyAsync<OperationCanceledException>(() => alice.SendAsync(request, impatient.Token));
+        }
+
+        // The action runs on without its client; the retry waits for it (DESIGN §4) and gets its response.
+        var (retry, _) = await alice.SendAsync("/orders", key, Requests.OrderBody);
+
+        Assert.Equal(HttpStatusCode.Created, retry.StatusCode);
+        Assert.True(retry.IsReplay());
+        Assert.Equal(1, await fixture.CountAsync("demo_orders", key));
+    }
+
+    [Fact]
     public async Task ClientErrors_AreStoredAndReplayed()
     {
         var key = NewKey();
