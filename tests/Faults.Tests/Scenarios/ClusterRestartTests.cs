@@ -31,5 +31,6 @@ public sealed class ClusterRestartTests(ITestOutputHelper output)
         Assert.Equal(0, verdict.NotReplayed);
         Assert.Equal(0, verdict.Duplicates);
         Assert.Equal(0, verdict.Disagreements);
+        Assert.Equal(0, verdict.OutcomeUnknown);
     }
 }

@@ -24,6 +24,7 @@ public sealed class DuplicateStormTests(ITestOutputHelper output)
         Assert.Equal(0, verdict.Lost);
         Assert.Equal(0, verdict.NotReplayed);
         Assert.Equal(0, verdict.GaveUp);
+        Assert.Equal(0, verdict.OutcomeUnknown);
         Assert.Equal(0, verdict.ServerErrors);
         // Wait mode: every duplicate, in flight or late, got the original response.
         Assert.All(workload.Replies.Values.SelectMany(r => r), reply => Assert.Equal(201, reply.Status));

@@ -34,6 +34,7 @@ public sealed class SiloFailureTests(ITestOutputHelper output)
         Assert.Equal(0, verdict.Lost);
         Assert.Equal(0, verdict.NotReplayed);
         Assert.Equal(0, verdict.GaveUp);
+        Assert.Equal(0, verdict.OutcomeUnknown);
 
         // New work after the failure, with no operator in between.
         var after = new WorkloadOptions("silo-kill-after-", Keys: 50, DuplicatesPerKey: 2, Deadline: TimeSpan.FromMinutes(1));

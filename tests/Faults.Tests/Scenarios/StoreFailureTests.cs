@@ -22,6 +22,7 @@ public sealed class StoreFailureTests(ITestOutputHelper output)
         Assert.Equal(0, verdict.Disagreements);
         Assert.Equal(0, verdict.Lost);
         Assert.Equal(0, verdict.GaveUp);
+        Assert.Equal(0, verdict.OutcomeUnknown);
         Assert.Equal(0, await SideEffectsWithoutAClaimAsync(cluster, "pg-down-"));
         Assert.All(cluster.Silos.Concat(cluster.Apis), node => Assert.True(node.IsRunning, $"{node.Name} stopped"));
     }
@@ -37,6 +38,7 @@ public sealed class StoreFailureTests(ITestOutputHelper output)
         Assert.Equal(0, verdict.Lost);
         Assert.Equal(0, verdict.NotReplayed);
         Assert.Equal(0, verdict.GaveUp);
+        Assert.Equal(0, verdict.OutcomeUnknown);
         Assert.Equal(0, verdict.ServerErrors);
         Assert.All(cluster.Silos.Concat(cluster.Apis), node => Assert.True(node.IsRunning, $"{node.Name} stopped"));
     }
