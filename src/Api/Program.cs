@@ -16,7 +16,8 @@ builder.Services.AddOpenApi(options => options.AddIdempotency());
 var app = builder.Build();
 // Outside the idempotency middleware: it sees an action's exception first (and releases the key). Kestrel's own
 // verdicts on a malformed request (a broken chunked body, one that arrives too slowly, a client that hangs up mid-body)
-// keep their 4xx status, and are not logged as errors of this server: they are the client's.
+// keep their 4xx status, and are not logged as errors of this server: they are the client's. (On idempotent endpoints
+// the layer reads the body first and answers these itself.)
 app.UseExceptionHandler(new ExceptionHandlerOptions
 {
     StatusCodeSelector = exception => exception is BadHttpRequestException bad ? bad.StatusCode : StatusCodes.Status500InternalServerError,

@@ -64,7 +64,19 @@ internal sealed partial class IdempotencyMiddleware(
             return;
         }
 
-        var fingerprint = await RequestFingerprint.ComputeAsync(context.Request, policy.MaxRequestBodyBytes, context.RequestAborted);
+        byte[]? fingerprint;
+        try
+        {
+            fingerprint = await RequestFingerprint.ComputeAsync(context.Request, policy.MaxRequestBodyBytes, context.RequestAborted);
+        }
+        catch (BadHttpRequestException ex)
+        {
+            // The client's fault, found by Kestrel only now that the body is read: answered here, not left to the
+            // application's exception handler, which would make it a 500 unless told otherwise. Nothing was claimed.
+            await RejectAsync(context, IdempotencyProblem.BodyUnreadable(ex.StatusCode), ex.Message, key);
+            return;
+        }
+
         if (fingerprint is null)
         {
             await RejectAsync(context, IdempotencyProblem.BodyTooLarge,

@@ -32,6 +32,14 @@ public sealed record IdempotencyProblem(string Name, int Status, string Title, b
     /// <summary>The request body is larger than the layer fingerprints.</summary>
     public static readonly IdempotencyProblem BodyTooLarge = new("body-too-large", 413, "Request body too large", false);
 
+    /// <summary>
+    /// The server refused the request body while the layer read it (malformed chunking, too slow, over the server's
+    /// limit, cut off): Kestrel's verdict, with its status (400, 408, 413). Only a body that came too slowly may do
+    /// better when sent again.
+    /// </summary>
+    public static IdempotencyProblem BodyUnreadable(int status) =>
+        new("body-unreadable", status, "Request body could not be read", status == StatusCodes.Status408RequestTimeout);
+
     /// <summary>The endpoint requires a scope (an authenticated caller) and the request has none.</summary>
     public static readonly IdempotencyProblem ScopeRequired = new("scope-required", 401, "Authentication required for idempotent requests", false);
 

@@ -132,6 +132,7 @@ public sealed class HostileInputTests(EndToEndFixture fixture)
 
         Assert.Equal(400, response.Status);
         Assert.StartsWith("application/problem+json", response.ContentType, StringComparison.Ordinal);
+        Assert.Contains("/body-unreadable", Encoding.UTF8.GetString(response.Body), StringComparison.Ordinal);
         Assert.Equal(ordersBefore, await CountAsync("SELECT count(*) FROM demo_orders"));
         Assert.Equal(recordsBefore, await CountAsync("SELECT count(*) FROM OrleansStorage"));
         // The client's mistake (or a client that hung up mid-body): logged before the answer is written, if at all.

@@ -685,6 +685,47 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         Assert.Equal(0, harness.Executions);
     }
 
+    [Theory]
+    [InlineData(400, false)]
+    [InlineData(408, true)]
+    [InlineData(413, false)]
+    public async Task BodyTheServerRefusesWhileItIsRead_IsKestrelsStatusAsAProblem_AndNothingRunsOrIsClaimed(int status, bool retryable)
+    {
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+        var context = MiddlewareHarness.Request(key, configure: c => c.Request.Body = new RefusedBody(status));
+
+        await harness.SendAsync(context);
+
+        Assert.Equal(status, context.Response.StatusCode);
+        var problem = context.Problem();
+        Assert.EndsWith("/body-unreadable", problem.GetProperty("type").GetString());
+        Assert.Equal(retryable, problem.GetProperty("retryable").GetBoolean());
+        Assert.Equal(key, problem.GetProperty("idempotencyKey").GetString());
+        Assert.Equal(0, harness.Executions);
+        Assert.Equal(IdempotencyStatus.None, (await harness.Grain(key).GetAsync()).Status);
+    }
+
+    /// <summary>A request body Kestrel gives up on partway, as it does on a broken chunk or a body that comes too slowly.</summary>
+    private sealed class RefusedBody(int status) : MemoryStream("{\"amount\""u8.ToArray())
+    {
+        private bool started;
+
+        public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
+        {
+            if (started)
+            {
+                throw new BadHttpRequestException("The request body could not be read (test).", status);
+            }
+
+            started = true;
+            return base.ReadAsync(buffer, cancellationToken);
+        }
+
+        public override Task<int> ReadAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken) =>
+            ReadAsync(buffer.AsMemory(offset, count), cancellationToken).AsTask();
+    }
+
     [Fact]
     public async Task ActionCutOffByAClientDisconnect_LeavesTheKeyInDoubt_InsteadOfReleasingIt()
     {
