@@ -127,6 +127,30 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
     }
 
     [Fact]
+    public async Task Resolve_SettlesAKeyInDoubt_WithTheKnownResponse_OrByFreeingIt_AndNothingElse()
+    {
+        var completed = Grain(NewKey());
+        var freed = Grain(NewKey());
+        var live = Grain(NewKey());
+        await completed.ClaimAsync(Claim());
+        await freed.ClaimAsync(Claim());
+        fixture.Time.Advance(Lease);
+        Assert.Equal(ClaimOutcome.OutcomeUnknown, (await completed.ClaimAsync(Claim())).Outcome);
+        var held = await live.ClaimAsync(Claim());
+
+        Assert.True(await completed.ResolveAsync(Created));
+        Assert.True(await freed.ResolveAsync(null));
+        Assert.False(await live.ResolveAsync(Created));
+
+        var replay = await completed.ClaimAsync(Claim());
+        Assert.Equal(ClaimOutcome.Completed, replay.Outcome);
+        Assert.Equal(Created.Body, replay.Response!.Body);
+        Assert.Equal(ClaimOutcome.Acquired, (await freed.ClaimAsync(Claim())).Outcome);
+        Assert.Equal(ClaimOutcome.InProgress, (await live.ClaimAsync(Claim())).Outcome);
+        Assert.True(await live.CompleteAsync(held.Token!.Value, Created));
+    }
+
+    [Fact]
     public async Task Renew_KeepsALongActionsClaimAlive()
     {
         var grain = Grain(NewKey());

@@ -186,6 +186,29 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task NeverStoredHeaders_AreNotReplayed_EvenWhenTheEndpointNamesThem()
+    {
+        var never = IdempotencyPolicy.NeverStoredHeaders.ToArray();
+        var harness = Harness(async context =>
+        {
+            foreach (var name in never)
+            {
+                context.Response.Headers[name] = "from-the-action";
+            }
+
+            await MiddlewareHarness.Creates()(context);
+        }, IdempotencyPolicy.Default.WithStoredHeaders(never));
+        var key = MiddlewareHarness.NewKey();
+
+        await harness.SendAsync(key);
+        var replay = await harness.SendAsync(key);
+
+        Assert.All(never, name => Assert.NotEqual("from-the-action", replay.Response.Headers[name].ToString()));
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(replay.BodyBytes().Length, replay.Response.ContentLength);
+    }
+
+    [Fact]
     public async Task Replay_WithTheQueryInAnotherOrder_IsTheSameRequest()
     {
         var harness = Harness();
@@ -232,6 +255,48 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         Assert.Equal(201, bob.Response.StatusCode);
         Assert.NotEqual(alice.Body(), bob.Body());
         Assert.Equal(2, harness.Executions);
+    }
+
+    [Fact]
+    public async Task ClaimScope_MakesKeysTheTenants_SharedByItsUsers_AndApartFromOtherTenants()
+    {
+        var harness = Harness(policy: IdempotencyPolicy.Default with { Scope = IdempotencyScope.Claim("tenant") });
+        var key = MiddlewareHarness.NewKey();
+        HttpContext Send(string user, string tenant) => MiddlewareHarness.Request(key, user: "", configure: c => c.User =
+            new System.Security.Claims.ClaimsPrincipal(new System.Security.Claims.ClaimsIdentity(
+                [new(System.Security.Claims.ClaimTypes.NameIdentifier, user), new("tenant", tenant)], "test")));
+
+        var alice = await harness.SendAsync(Send("alice", "acme"));
+        var bob = await harness.SendAsync(Send("bob", "acme"));
+        var carol = await harness.SendAsync(Send("carol", "globex"));
+
+        Assert.Equal("true", bob.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(alice.Body(), bob.Body());
+        Assert.False(carol.Response.Headers.ContainsKey("Idempotent-Replayed"));
+        Assert.Equal(2, harness.Executions);
+        Assert.Equal(IdempotencyStatus.Completed, (await harness.Grain(key, "claim:tenant:acme").GetAsync()).Status);
+    }
+
+    [Fact]
+    public async Task HeaderScope_MakesKeysTheApiKeys_AndACallerWithoutOneIsAnonymous()
+    {
+        var harness = Harness(policy: IdempotencyPolicy.Default with { Scope = IdempotencyScope.Header("X-Api-Key") });
+        var key = MiddlewareHarness.NewKey();
+        HttpContext Send(string? apiKey) => MiddlewareHarness.Request(key, user: "",
+            configure: c => c.Request.Headers["X-Api-Key"] = apiKey is null ? default : new(apiKey));
+
+        var first = await harness.SendAsync(Send("k-1"));
+        var again = await harness.SendAsync(Send("k-1"));
+        var other = await harness.SendAsync(Send("k-2"));
+        var none = await harness.SendAsync(Send(null));
+
+        Assert.Equal(first.Body(), again.Body());
+        Assert.Equal("true", again.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(201, other.Response.StatusCode);
+        Assert.Equal(201, none.Response.StatusCode);
+        Assert.Equal(3, harness.Executions);
+        Assert.Equal(IdempotencyStatus.Completed, (await harness.Grain(key, "header:X-Api-Key:k-1").GetAsync()).Status);
+        Assert.Equal(IdempotencyStatus.Completed, (await harness.Grain(key, IdempotencyScope.Anonymous).GetAsync()).Status);
     }
 
     [Fact]
