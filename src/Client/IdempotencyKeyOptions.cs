@@ -1,0 +1,18 @@
+namespace OrleansIdempotency.Client;
+
+/// <summary>How <see cref="IdempotencyKeyHandler"/> keys requests and waits for ones in progress.</summary>
+public sealed class IdempotencyKeyOptions
+{
+    /// <summary>The methods that get a key: POST and PATCH, as the server's layer makes idempotent by default.</summary>
+    public ISet<HttpMethod> Methods { get; init; } = new HashSet<HttpMethod> { HttpMethod.Post, HttpMethod.Patch };
+
+    /// <summary>Makes a key for a new logical request. The default is a random UUID.</summary>
+    public Func<string> NewKey { get; init; } = static () => Guid.NewGuid().ToString();
+
+    /// <summary>
+    /// How long, in all, a request is sent again while the server says the first one with its key is still running
+    /// (409 with <c>Retry-After</c>); after that the 409 is returned to the caller. The default is 30 seconds, the
+    /// layer's default lease: a first request still running after that has lost its claim.
+    /// </summary>
+    public TimeSpan InProgressWait { get; init; } = TimeSpan.FromSeconds(30);
+}
