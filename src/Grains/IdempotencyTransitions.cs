@@ -86,12 +86,14 @@ public static class IdempotencyTransitions
     /// <returns>True when the attempt's claim was released; false when it held none.</returns>
     /// <remarks>
     /// An attempt that holds no claim may still have one on its way to storage: its caller gave up on a write that
-    /// failed or timed out, and such a write can still land (queued behind a partition, retransmitted). If it landed
-    /// after this release, the key would be held by an attempt that has given up, and lapse into an unknown outcome
-    /// although nothing ran. So, where that write could still land (the key is free, or its lease lapsed), the record
-    /// is written again unchanged: every write is checked against the version it was decided on, and this one moves
-    /// the version on. The row is kept for <paramref name="lease"/> (the lease the attempt asked for), after which
-    /// storage refuses its claim anyway.
+    /// failed or timed out, and such a write can still land (queued behind a partition, retransmitted). Landing after
+    /// this release, it would hold a free key for an attempt that has given up, which then lapses into an unknown
+    /// outcome although nothing ran. So a release that finds the key free writes its record again, with the same
+    /// content: every write is checked against the version it was decided on, and this one moves the version on, so
+    /// the late claim is refused. The row is kept for <paramref name="lease"/> (the lease the attempt asked for), after
+    /// which storage refuses that claim anyway. (A claim decided on a lapsed lease is not fenced: storage refuses a
+    /// claim record whose lease is over, which this rewrite would be; such a late re-claim can only re-run a key whose
+    /// endpoint asked for re-runs, after one more lease.)
     /// </remarks>
     public static Transition<bool> Release(IdempotencyRecord stored, Guid attemptId, TimeSpan lease, DateTimeOffset now)
     {
@@ -102,9 +104,7 @@ public static class IdempotencyTransitions
             return new(true, new IdempotencyRecord { FencingToken = current.FencingToken, ExpiresAt = current.ExpiresAt });
         }
 
-        var claimCouldLand = current.Status == IdempotencyStatus.None
-            || (current.Status == IdempotencyStatus.InProgress && now >= current.LeaseExpiresAt);
-        return new(false, claimCouldLand ? current with { ExpiresAt = Later(current.ExpiresAt, now + lease) } : null);
+        return new(false, current.Status == IdempotencyStatus.None ? current with { ExpiresAt = Later(current.ExpiresAt, now + lease) } : null);
     }
 
     /// <summary>

@@ -195,6 +195,29 @@ public sealed class PostgresStorageTests(ServersFixture servers)
     }
 
     [Fact]
+    public async Task ReleaseByAnAttemptWhoseClaimNeverAnswered_RefusesThatClaimWhenItLandsLater()
+    {
+        var settings = await TestClusterSettings.CreateAsync(servers, redis: false);
+        await using var silo = await TestSilo.StartAsync(settings);
+        var storage = silo.Host.Services.GetRequiredKeyedService<IGrainStorage>(IdempotencyGrain.StorageName);
+        var key = NewKey();
+        var grain = silo.Grains.GetIdempotencyGrain(key);
+        var attempt = Guid.NewGuid();
+        var now = DateTimeOffset.UtcNow;
+        // The claim as the grain sent it (a create, its lease live), held up in the network while its caller gave up.
+        var inFlight = new GrainState<IdempotencyRecord>(new IdempotencyRecord
+        {
+            Status = IdempotencyStatus.InProgress, Fingerprint = Request, AttemptId = attempt, FencingToken = 1,
+            LeaseExpiresAt = now + TimeSpan.FromMinutes(1), CreatedAt = now, ExpiresAt = now + TimeSpan.FromHours(1), Retention = TimeSpan.FromHours(1),
+        });
+
+        Assert.False(await grain.ReleaseAsync(attempt, TimeSpan.FromMinutes(1)));
+
+        await Assert.ThrowsAsync<InconsistentStateException>(() => storage.WriteStateAsync(IdempotencyGrain.StateName, ((GrainReference)grain).GrainId, inFlight));
+        Assert.Equal(ClaimOutcome.Acquired, (await grain.ClaimAsync(Claim())).Outcome);
+    }
+
+    [Fact]
     public async Task Purge_DeletesOnlyExpiredRows_AndExpiresAtFollowsTheRecord()
     {
         var settings = await TestClusterSettings.CreateAsync(servers, redis: false);

@@ -97,6 +97,8 @@ internal sealed partial class IdempotencyMiddleware(
         while (true)
         {
             ClaimResult claim;
+            // A claim this call gets was written after this moment: its lease ends no sooner than this plus the lease.
+            var askedAt = time.GetUtcNow();
             try
             {
                 claim = await calls.CallAsync(grain, g => g.ClaimAsync(request), context.RequestAborted);
@@ -118,7 +120,7 @@ internal sealed partial class IdempotencyMiddleware(
             switch (claim.Outcome)
             {
                 case ClaimOutcome.Acquired:
-                    await ExecuteAsync(context, policy, grain, claim);
+                    await ExecuteAsync(context, policy, grain, claim.Token!.Value, askedAt + policy.Lease);
                     return;
                 case ClaimOutcome.Completed:
                     replays.Add(idempotencyKey, fingerprint, claim);
@@ -154,13 +156,12 @@ internal sealed partial class IdempotencyMiddleware(
         }
     }
 
-    private async Task ExecuteAsync(HttpContext context, IdempotencyPolicy policy, IIdempotencyGrain grain, ClaimResult claim)
+    private async Task ExecuteAsync(HttpContext context, IdempotencyPolicy policy, IIdempotencyGrain grain, ClaimToken token, DateTimeOffset leaseEndsBy)
     {
-        var token = claim.Token!.Value;
         var originalBody = context.Features.GetRequiredFeature<IHttpResponseBodyFeature>();
         using var capture = new ResponseCapture(originalBody.Stream, policy.MaxStoredResponseBytes);
         context.Features.Set<IHttpResponseBodyFeature>(new StreamResponseBodyFeature(capture, originalBody));
-        var renewal = new LeaseRenewal(grain, token, claim.LeaseExpiresAt!.Value, policy.Lease, time, logger);
+        var renewal = new LeaseRenewal(grain, token, leaseEndsBy, policy.Lease, time, logger);
         try
         {
             await next(context);

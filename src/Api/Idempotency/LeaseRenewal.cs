@@ -5,32 +5,40 @@ namespace OrleansIdempotency.AspNetCore;
 internal sealed partial class IdempotencyMiddleware
 {
     /// <summary>
-    /// Renews a claim every third of its lease while the action runs, so a long action keeps its claim and a dead
-    /// process loses it within one lease. A timer, not a loop: most actions end before the first tick, and then
-    /// this costs one timer and no task or exception.
+    /// Renews a claim while the action runs, so a long action keeps its claim and a dead process loses it within one
+    /// lease. A timer, not a loop: most actions end before the first tick, and then this costs one timer and no task
+    /// or exception.
     /// </summary>
     /// <remarks>
-    /// The first renewal comes sooner when the claim arrived with less than its lease left: a claim recovered after a
-    /// lost answer keeps the lease it was given when it was written, up to a retry budget earlier.
+    /// Each renewal comes at half of what is left of the lease, at most a third of a lease after the last: a renewal
+    /// that fails leaves time for another, and a claim that arrived with less than its lease left (one recovered after
+    /// a lost answer keeps the lease it was written with) is renewed in time. What is left is reckoned on this
+    /// process's clock, from when the claim or renewal was asked for: never later than the grain's own reckoning.
     /// </remarks>
     private sealed class LeaseRenewal : IDisposable
     {
+        // Near the lease's end, half of what is left shrinks towards nothing: renewals that keep failing are not spun.
+        private static readonly TimeSpan ShortestWait = TimeSpan.FromMilliseconds(100);
+
         private readonly IIdempotencyGrain grain;
         private readonly ClaimToken token;
         private readonly TimeSpan lease;
+        private readonly TimeProvider time;
         private readonly ILogger logger;
         private readonly ITimer timer;
+        private DateTimeOffset leaseEndsBy;
         private bool stopped;
 
-        public LeaseRenewal(IIdempotencyGrain grain, ClaimToken token, DateTimeOffset leaseExpiresAt, TimeSpan lease, TimeProvider time, ILogger logger)
+        // leaseEndsBy: when the claim's lease ends at the earliest, as this process reckons it (asked for + lease).
+        public LeaseRenewal(IIdempotencyGrain grain, ClaimToken token, DateTimeOffset leaseEndsBy, TimeSpan lease, TimeProvider time, ILogger logger)
         {
             this.grain = grain;
             this.token = token;
             this.lease = lease;
+            this.time = time;
             this.logger = logger;
-            var halfOfWhatIsLeft = (leaseExpiresAt - time.GetUtcNow()) / 2;
-            var first = TimeSpan.FromTicks(Math.Clamp(halfOfWhatIsLeft.Ticks, 0, (lease / 3).Ticks));
-            timer = time.CreateTimer(static state => ((LeaseRenewal)state!).Tick(), this, first, lease / 3);
+            this.leaseEndsBy = leaseEndsBy;
+            timer = time.CreateTimer(static state => ((LeaseRenewal)state!).Tick(), this, UntilNextRenewal(), Timeout.InfiniteTimeSpan);
         }
 
         public void Dispose()
@@ -39,26 +47,49 @@ internal sealed partial class IdempotencyMiddleware
             timer.Dispose();
         }
 
+        private TimeSpan UntilNextRenewal()
+        {
+            var third = lease / 3;
+            var halfOfWhatIsLeft = (leaseEndsBy - time.GetUtcNow()) / 2;
+            return TimeSpan.FromTicks(Math.Clamp(halfOfWhatIsLeft.Ticks, Math.Min(ShortestWait.Ticks, third.Ticks), third.Ticks));
+        }
+
         private async void Tick()
         {
-            // Ticks may overlap only if a renewal takes longer than a third of the lease; two renewals of one claim
-            // are harmless (the grain applies them one after the other).
             if (Volatile.Read(ref stopped))
             {
                 return;
             }
 
+            var askedAt = time.GetUtcNow();
             try
             {
                 if (!await grain.RenewAsync(token, lease))
                 {
                     LogRenewalFailed(logger, grain.GetPrimaryKeyString(), "the claim is no longer held");
                     Dispose();
+                    return;
                 }
+
+                leaseEndsBy = askedAt + lease;
             }
             catch (Exception ex)
             {
                 LogRenewalFailed(logger, grain.GetPrimaryKeyString(), ex.GetType().Name);
+            }
+
+            if (time.GetUtcNow() >= leaseEndsBy || Volatile.Read(ref stopped))
+            {
+                return;
+            }
+
+            try
+            {
+                timer.Change(UntilNextRenewal(), Timeout.InfiniteTimeSpan);
+            }
+            catch (ObjectDisposedException)
+            {
+                // The action ended while this renewal was out.
             }
         }
     }

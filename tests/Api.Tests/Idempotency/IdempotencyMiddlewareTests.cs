@@ -574,16 +574,16 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     {
         var harness = Harness();
         var key = MiddlewareHarness.NewKey();
-        var lostWrite = fixture.Store.LoseNextWriteInAnOutage();
+        var grain = harness.Grain(key).GetGrainId();
+        var lostWrite = fixture.Store.LoseNextWriteInAnOutage(grain);
         Assert.Equal(503, (await harness.SendAsync(key)).Response.StatusCode);
 
         // The outage ends; the attempt's release, retried in the background, gets through.
-        var writes = fixture.Store.Writes;
         fixture.Store.Down = false;
         await WaitUntilAsync(() =>
         {
             fixture.Time.Advance(TimeSpan.FromMilliseconds(200));
-            return Task.FromResult(fixture.Store.Writes > writes);
+            return Task.FromResult(fixture.Store.WritesOf(grain) > 0);
         });
 
         // Only then does the claim written before the outage reach the store.
@@ -687,24 +687,25 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
-    public async Task ClaimAnsweredLate_IsRenewedBeforeWhatIsLeftOfItsLeaseRunsOut()
+    public async Task ClaimAnsweredLate_IsRenewedBeforeItsLeaseRunsOut_EvenWhenARenewalFails()
     {
         var writing = new TaskCompletionSource();
         var answer = new TaskCompletionSource();
         var started = new TaskCompletionSource();
         var release = new TaskCompletionSource();
+        var renewalFailed = new TaskCompletionSource();
         var harness = Harness(context =>
         {
             started.TrySetResult();
             return MiddlewareHarness.CreatesAfter(release.Task)(context);
         }, IdempotencyPolicy.Default with { Lease = TimeSpan.FromSeconds(30) });
         var key = MiddlewareHarness.NewKey();
-        fixture.Store.BeforeWrite = async () =>
+        var grain = harness.Grain(key).GetGrainId();
+        fixture.Store.BeforeNextWrite(grain, async () =>
         {
-            fixture.Store.BeforeWrite = null;
             writing.TrySetResult();
             await answer.Task;
-        };
+        });
 
         var first = harness.SendAsync(key);
         await writing.Task.WaitAsync(TimeSpan.FromSeconds(10));
@@ -714,13 +715,25 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         await started.Task.WaitAsync(TimeSpan.FromSeconds(10));
         var claimedUntil = (await harness.Grain(key).GetAsync()).LeaseExpiresAt;
 
+        // The first renewal comes at half of the 10 seconds left, and fails; the next comes before the lease ends.
+        fixture.Store.BeforeNextWrite(grain, () =>
+        {
+            renewalFailed.TrySetResult();
+            return Task.FromException(new IOException("The store failed this write (test)."));
+        });
         fixture.Time.Advance(TimeSpan.FromSeconds(5));
-        await WaitUntilAsync(async () => (await harness.Grain(key).GetAsync()).LeaseExpiresAt > claimedUntil);
-        fixture.Time.Advance(TimeSpan.FromSeconds(10));
+        await renewalFailed.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        await WaitUntilAsync(async () =>
+        {
+            fixture.Time.Advance(TimeSpan.FromMilliseconds(250));
+            return (await harness.Grain(key).GetAsync()).LeaseExpiresAt > claimedUntil;
+        });
+        Assert.True(fixture.Time.GetUtcNow() < claimedUntil, "Renewed only after the lease had ended.");
+
+        fixture.Time.Advance(claimedUntil - fixture.Time.GetUtcNow() + TimeSpan.FromSeconds(1));
         release.SetResult();
         await first;
 
-        Assert.True(fixture.Time.GetUtcNow() > claimedUntil);
         Assert.Equal("true", (await harness.SendAsync(key)).Response.Headers["Idempotent-Replayed"]);
         Assert.Equal(1, harness.Executions);
     }

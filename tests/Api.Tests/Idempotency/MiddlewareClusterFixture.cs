@@ -1,3 +1,4 @@
+using System.Collections.Concurrent;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Time.Testing;
 using Orleans.Storage;
@@ -59,28 +60,30 @@ public sealed class SwitchableStorage(IGrainStorage inner, SwitchableStorage.Swi
     {
         public bool Down { get; set; }
 
-        private TaskCompletionSource<Func<Task>>? lostWrite;
-        private int writes;
+        // Per key: a test's hook must not be taken by another test's key (background releases write at any time).
+        private readonly ConcurrentDictionary<GrainId, Func<Task>> beforeNextWrite = new();
+        private readonly ConcurrentDictionary<GrainId, TaskCompletionSource<Func<Task>>> lostWrites = new();
+        private readonly ConcurrentDictionary<GrainId, int> writes = new();
 
-        /// <summary>Runs before each write reaches the store, while set: a slow write, say.</summary>
-        public Func<Task>? BeforeWrite { get; set; }
+        /// <summary>Runs <paramref name="action"/> before the next write of <paramref name="grain"/> reaches the store: a slow write, say.</summary>
+        public void BeforeNextWrite(GrainId grain, Func<Task> action) => beforeNextWrite[grain] = action;
 
-        /// <summary>The writes the store has taken.</summary>
-        public int Writes => Volatile.Read(ref writes);
+        /// <summary>The writes of <paramref name="grain"/> the store has taken.</summary>
+        public int WritesOf(GrainId grain) => writes.GetValueOrDefault(grain);
 
         /// <summary>
-        /// The next write fails as the store goes down, though it was sent: the task gives the function that lands it
-        /// later, as it was sent (a write queued behind a partition, or retransmitted once it heals).
+        /// The next write of <paramref name="grain"/> fails as the store goes down, though it was sent: the task gives
+        /// the function that lands it later, as it was sent (a write queued behind a partition, or retransmitted once
+        /// it heals).
         /// </summary>
-        public Task<Func<Task>> LoseNextWriteInAnOutage()
-        {
-            lostWrite = new TaskCompletionSource<Func<Task>>(TaskCreationOptions.RunContinuationsAsynchronously);
-            return lostWrite.Task;
-        }
+        public Task<Func<Task>> LoseNextWriteInAnOutage(GrainId grain) =>
+            lostWrites.GetOrAdd(grain, _ => new TaskCompletionSource<Func<Task>>(TaskCreationOptions.RunContinuationsAsynchronously)).Task;
 
-        internal bool TryLose(Func<Task> land)
+        internal Task BeforeWriteAsync(GrainId grain) => beforeNextWrite.TryRemove(grain, out var action) ? action() : Task.CompletedTask;
+
+        internal bool TryLose(GrainId grain, Func<Task> land)
         {
-            if (Interlocked.Exchange(ref lostWrite, null) is not { } lost)
+            if (!lostWrites.TryRemove(grain, out var lost))
             {
                 return false;
             }
@@ -90,7 +93,7 @@ public sealed class SwitchableStorage(IGrainStorage inner, SwitchableStorage.Swi
             return true;
         }
 
-        internal void Wrote() => Interlocked.Increment(ref writes);
+        internal void Wrote(GrainId grain) => writes.AddOrUpdate(grain, 1, (_, n) => n + 1);
     }
 
     public Task ReadStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState) =>
@@ -98,19 +101,15 @@ public sealed class SwitchableStorage(IGrainStorage inner, SwitchableStorage.Swi
 
     public async Task WriteStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
     {
-        if (state.BeforeWrite is { } before)
-        {
-            await before();
-        }
-
+        await state.BeforeWriteAsync(grainId);
         var sent = new GrainState<T>(grainState.State) { ETag = grainState.ETag, RecordExists = grainState.RecordExists };
-        if (state.TryLose(() => inner.WriteStateAsync(stateName, grainId, sent)))
+        if (state.TryLose(grainId, () => inner.WriteStateAsync(stateName, grainId, sent)))
         {
             await Unavailable();
         }
 
         await (state.Down ? Unavailable() : inner.WriteStateAsync(stateName, grainId, grainState));
-        state.Wrote();
+        state.Wrote(grainId);
     }
 
     public Task ClearStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState) =>
