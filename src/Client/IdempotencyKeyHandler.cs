@@ -9,21 +9,38 @@ namespace OrleansIdempotency.Client;
 /// request again, with the same key, until it gets the outcome.
 /// </summary>
 /// <remarks>
-/// Add it before a retrying handler (<c>AddIdempotencyKeys().AddStandardResilienceHandler()</c>): the key is then
-/// on the request before the retries copy it, so every attempt carries the same key, and the server runs the action
+/// Add it before the resilience handler (<c>AddIdempotencyKeys().AddStandardResilienceHandler()</c>): the key is
+/// then on the request before any attempt is made, so every attempt carries it, retried or hedged (a hedging handler
+/// sends copies of the request, which would otherwise each get a key of their own), and the server runs the action
 /// once however many attempts reach it. A key already on the request (one the caller keeps across its own retries,
-/// say) is left as it is. A request is sent again only if its content can be read again (as string, byte-array and
-/// JSON content can).
+/// say) is left as it is. The content of a keyed request is buffered first, so the request can be sent again.
+/// A 409 with <c>Retry-After</c> is read as HTTP means it: the same request may succeed later.
 /// </remarks>
-public sealed class IdempotencyKeyHandler(IdempotencyKeyOptions options, TimeProvider time) : DelegatingHandler
+public sealed class IdempotencyKeyHandler : DelegatingHandler
 {
     /// <summary>The request header that carries the key.</summary>
     public const string HeaderName = "Idempotency-Key";
+
+    // A Retry-After of 0 or in the past must not turn the wait into a loop of requests.
+    private static readonly TimeSpan ShortestWait = TimeSpan.FromMilliseconds(100);
+
+    private readonly IdempotencyKeyOptions options;
+    private readonly TimeProvider time;
 
     /// <summary>Uses <paramref name="options"/> and the system clock.</summary>
     public IdempotencyKeyHandler(IdempotencyKeyOptions options)
         : this(options, TimeProvider.System)
     {
+    }
+
+    /// <summary>Uses <paramref name="options"/> (validated here) and <paramref name="time"/> for the waits.</summary>
+    public IdempotencyKeyHandler(IdempotencyKeyOptions options, TimeProvider time)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        ArgumentNullException.ThrowIfNull(time);
+        ArgumentOutOfRangeException.ThrowIfLessThan(options.InProgressWait, TimeSpan.Zero, nameof(options.InProgressWait));
+        this.options = options;
+        this.time = time;
     }
 
     protected override async Task<HttpResponseMessage> SendAsync(HttpRequestMessage request, CancellationToken cancellationToken)
@@ -33,16 +50,17 @@ public sealed class IdempotencyKeyHandler(IdempotencyKeyOptions options, TimePro
             return await base.SendAsync(request, cancellationToken);
         }
 
-        if (!request.Headers.Contains(HeaderName))
+        AddKey(request);
+        if (request.Content is { } content)
         {
-            request.Headers.Add(HeaderName, options.NewKey());
+            await content.LoadIntoBufferAsync(cancellationToken);
         }
 
         var giveUpAt = time.GetUtcNow() + options.InProgressWait;
         while (true)
         {
             var response = await base.SendAsync(request, cancellationToken);
-            if (response.StatusCode != HttpStatusCode.Conflict || RetryAfter(response) is not { } delay || time.GetUtcNow() + delay > giveUpAt)
+            if (WaitBeforeAskingAgain(response, giveUpAt) is not { } delay)
             {
                 return response;
             }
@@ -52,14 +70,63 @@ public sealed class IdempotencyKeyHandler(IdempotencyKeyOptions options, TimePro
         }
     }
 
-    /// <summary>
-    /// How long the server asks the client to wait. Of the layer's 409s only "in progress" carries it; a 409 without
-    /// it (an unknown outcome, a response too large to store) will not change by waiting.
-    /// </summary>
-    private TimeSpan? RetryAfter(HttpResponseMessage response) => response.Headers.RetryAfter switch
+    protected override HttpResponseMessage Send(HttpRequestMessage request, CancellationToken cancellationToken)
     {
-        { Delta: { } delta } => delta,
-        { Date: { } date } => date - time.GetUtcNow() is { Ticks: > 0 } left ? left : TimeSpan.Zero,
-        _ => null,
-    };
+        if (!options.Methods.Contains(request.Method))
+        {
+            return base.Send(request, cancellationToken);
+        }
+
+        AddKey(request);
+        // The synchronous path has no synchronous buffering; HttpClient.Send blocks on its own work the same way.
+        request.Content?.LoadIntoBufferAsync(cancellationToken).GetAwaiter().GetResult();
+        var giveUpAt = time.GetUtcNow() + options.InProgressWait;
+        while (true)
+        {
+            var response = base.Send(request, cancellationToken);
+            if (WaitBeforeAskingAgain(response, giveUpAt) is not { } delay)
+            {
+                return response;
+            }
+
+            response.Dispose();
+            Task.Delay(delay, time, cancellationToken).GetAwaiter().GetResult();
+        }
+    }
+
+    private void AddKey(HttpRequestMessage request)
+    {
+        if (!request.Headers.Contains(HeaderName))
+        {
+            request.Headers.Add(HeaderName, options.NewKey());
+        }
+    }
+
+    /// <summary>
+    /// How long to wait before sending the request again, or null to return <paramref name="response"/>. Of the
+    /// layer's 409s only "in progress" carries <c>Retry-After</c>; one without it (an unknown outcome, a response too
+    /// large to store) will not change by waiting.
+    /// </summary>
+    private TimeSpan? WaitBeforeAskingAgain(HttpResponseMessage response, DateTimeOffset giveUpAt)
+    {
+        if (response.StatusCode != HttpStatusCode.Conflict)
+        {
+            return null;
+        }
+
+        var now = time.GetUtcNow();
+        TimeSpan? asked = response.Headers.RetryAfter switch
+        {
+            { Delta: { } delta } => delta,
+            { Date: { } date } => date - now,
+            _ => null,
+        };
+        if (asked is not { } wait)
+        {
+            return null;
+        }
+
+        var delay = wait < ShortestWait ? ShortestWait : wait;
+        return now + delay <= giveUpAt ? delay : null;
+    }
 }

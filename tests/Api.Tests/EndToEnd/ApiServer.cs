@@ -3,6 +3,8 @@ using System.Net.Http.Headers;
 using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Mvc.Testing;
 using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.DependencyInjection;
+using OrleansIdempotency.Grains;
 using OrleansIdempotency.Testing;
 
 namespace OrleansIdempotency.Api.Tests.EndToEnd;
@@ -76,6 +78,18 @@ public sealed class EndToEndFixture : IAsyncLifetime
     {
         await Api.DisposeAsync();
         await servers.DisposeAsync();
+    }
+
+    /// <summary>Waits until alice's <paramref name="key"/> is claimed (its action running), asking its grain without claiming.</summary>
+    public async Task WaitUntilInProgressAsync(string key)
+    {
+        var grain = Api.Services.GetRequiredService<IGrainFactory>().GetIdempotencyGrain(new IdempotencyKey("user:alice", key));
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+        while ((await grain.GetAsync()).Status != IdempotencyStatus.InProgress)
+        {
+            Assert.True(DateTime.UtcNow < deadline, $"{key} was never seen in progress.");
+            await Task.Delay(10);
+        }
     }
 
     /// <summary>How many rows of <paramref name="table"/> the request with <paramref name="key"/> created.</summary>

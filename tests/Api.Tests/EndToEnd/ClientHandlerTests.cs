@@ -39,9 +39,8 @@ public sealed class ClientHandlerTests(EndToEndFixture fixture)
         var key = Guid.NewGuid().ToString();
         using var alice = fixture.Api.Client();
         // Payments reject a concurrent duplicate at once: 409 with Retry-After.
-        var running = alice.SendAsync("/payments", key, Requests.PaymentBody, ("X-Demo-Delay-Ms", "3000"));
-        // A probe would claim the key itself if it came first; the claim takes milliseconds, the action 3 s.
-        await Task.Delay(TimeSpan.FromSeconds(1));
+        var running = alice.SendAsync("/payments", key, Requests.PaymentBody, ("X-Demo-Delay-Ms", "1500"));
+        await fixture.WaitUntilInProgressAsync(key);
 
         using var patient = Services(new SeenByTheServer(loseFirstResponse: false));
         using var impatient = Services(new SeenByTheServer(loseFirstResponse: false), new IdempotencyKeyOptions { InProgressWait = TimeSpan.Zero });

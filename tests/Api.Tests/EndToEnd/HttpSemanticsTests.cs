@@ -116,18 +116,24 @@ public sealed class HttpSemanticsTests(EndToEndFixture fixture)
     public async Task ClientThatGaveUpMidAction_GetsItsOrderOnTheRetry_AndExactlyOneOrderExists()
     {
         var key = NewKey();
-        using (var impatient = new CancellationTokenSource(TimeSpan.FromMilliseconds(300)))
+        using (var impatient = new CancellationTokenSource())
         using (var request = Requests.Post("/orders", key, Requests.OrderBody, ("X-Demo-Delay-Ms", "1500")))
         {
-            await Assert.ThrowsAnyAsync<OperationCanceledException>(() => alice.SendAsync(request, impatient.Token));
+            var sending = alice.SendAsync(request, impatient.Token);
+            await fixture.WaitUntilInProgressAsync(key);
+            await impatient.CancelAsync();
+            await Assert.ThrowsAnyAsync<OperationCanceledException>(() => sending);
         }
 
-        // The action runs on without its client; the retry waits for it (DESIGN §4) and gets its response.
-        var (retry, _) = await alice.SendAsync("/orders", key, Requests.OrderBody);
+        // The action runs on without its client; the retry waits for it (DESIGN §4) and gets its whole response.
+        var (retry, body) = await alice.SendAsync("/orders", key, Requests.OrderBody);
 
         Assert.Equal(HttpStatusCode.Created, retry.StatusCode);
         Assert.True(retry.IsReplay());
         Assert.Equal(1, await fixture.CountAsync("demo_orders", key));
+        var id = JsonDocument.Parse(body).RootElement.GetProperty("id").GetString();
+        Assert.Equal($"/orders/{id}", retry.Headers.Location?.OriginalString);
+        Assert.Equal(HttpStatusCode.OK, (await alice.GetAsync(retry.Headers.Location)).StatusCode);
     }
 
     [Fact]

@@ -1,0 +1,219 @@
+using System.Net;
+using System.Net.Http.Headers;
+using System.Text;
+using Microsoft.Extensions.Time.Testing;
+
+namespace OrleansIdempotency.Client.Tests;
+
+public sealed class IdempotencyKeyHandlerTests
+{
+    private readonly FakeTimeProvider time = new(new DateTimeOffset(2026, 1, 1, 0, 0, 0, TimeSpan.Zero));
+
+    [Fact]
+    public async Task Post_WithoutAKey_GetsAFreshOne_AndTheNextRequestAnother()
+    {
+        var server = new Server(Created);
+        using var client = Client(server);
+
+        await client.PostAsync("/orders", Json());
+        await client.PostAsync("/orders", Json());
+
+        Assert.Equal(2, server.Attempts.Count);
+        Assert.All(server.Attempts, a => Assert.True(Guid.TryParse(a.Key, out _)));
+        Assert.NotEqual(server.Attempts[0].Key, server.Attempts[1].Key);
+    }
+
+    [Fact]
+    public async Task KeyTheCallerSet_IsKept_AndOtherMethodsGetNone()
+    {
+        var server = new Server(Created);
+        using var client = Client(server);
+        using var keyed = new HttpRequestMessage(HttpMethod.Post, "/orders") { Content = Json(), Headers = { { IdempotencyKeyHandler.HeaderName, "mine" } } };
+
+        await client.SendAsync(keyed);
+        await client.GetAsync("/orders");
+        await client.PutAsync("/orders/1", Json());
+
+        Assert.Equal(["mine", null, null], server.Attempts.Select(a => a.Key));
+    }
+
+    [Fact]
+    public async Task InProgress409_IsSentAgainAfterRetryAfter_WithTheSameKeyAndTheWholeBody_EvenFromAStream()
+    {
+        var server = new Server(InProgress(TimeSpan.FromSeconds(2)), Created);
+        using var client = Client(server);
+        using var body = new StreamContent(new OneWayStream("{\"amount\":5}"u8.ToArray()));
+
+        var sending = client.PostAsync("/orders", body);
+        Assert.True(await AdvanceUntilAttemptsAsync(server, 2) >= TimeSpan.FromSeconds(2));
+        using var response = await sending.WaitAsync(TimeSpan.FromSeconds(10));
+
+        Assert.Equal(HttpStatusCode.Created, response.StatusCode);
+        Assert.Equal(2, server.Attempts.Count);
+        Assert.Equal(server.Attempts[0].Key, server.Attempts[1].Key);
+        Assert.All(server.Attempts, a => Assert.Equal("{\"amount\":5}", a.Body));
+    }
+
+    [Fact]
+    public async Task RetryAfterAsADate_IsWaitedUntil()
+    {
+        var server = new Server(InProgressUntil(time.GetUtcNow() + TimeSpan.FromSeconds(3)), Created);
+        using var client = Client(server);
+
+        var sending = client.PostAsync("/orders", Json());
+        Assert.True(await AdvanceUntilAttemptsAsync(server, 2) >= TimeSpan.FromSeconds(3));
+
+        Assert.Equal(HttpStatusCode.Created, (await sending.WaitAsync(TimeSpan.FromSeconds(10))).StatusCode);
+    }
+
+    [Fact]
+    public async Task RetryAfterOfZero_StillWaitsAMoment_InsteadOfLoopingOnTheServer()
+    {
+        var server = new Server(InProgress(TimeSpan.Zero), Created);
+        using var client = Client(server);
+
+        var sending = client.PostAsync("/orders", Json());
+        Assert.True(await AdvanceUntilAttemptsAsync(server, 2) >= TimeSpan.FromMilliseconds(100));
+
+        Assert.Equal(HttpStatusCode.Created, (await sending.WaitAsync(TimeSpan.FromSeconds(10))).StatusCode);
+    }
+
+    [Fact]
+    public async Task ConflictWithoutRetryAfter_OrOnePastTheWait_IsReturnedAsItIs()
+    {
+        var unknown = new Server(_ => new HttpResponseMessage(HttpStatusCode.Conflict));
+        var tooLong = new Server(InProgress(TimeSpan.FromSeconds(31)));
+        using var unknownClient = Client(unknown);
+        using var tooLongClient = Client(tooLong);
+
+        Assert.Equal(HttpStatusCode.Conflict, (await unknownClient.PostAsync("/orders", Json())).StatusCode);
+        Assert.Equal(HttpStatusCode.Conflict, (await tooLongClient.PostAsync("/orders", Json())).StatusCode);
+        Assert.Single(unknown.Attempts);
+        Assert.Single(tooLong.Attempts);
+    }
+
+    [Fact]
+    public async Task CancellationWhileWaiting_EndsTheRequest()
+    {
+        var server = new Server(InProgress(TimeSpan.FromSeconds(5)));
+        using var client = Client(server);
+        using var cancel = new CancellationTokenSource();
+
+        var sending = client.PostAsync("/orders", Json(), cancel.Token);
+        await server.WaitForAttemptsAsync(1);
+        await cancel.CancelAsync();
+
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => sending.WaitAsync(TimeSpan.FromSeconds(10)));
+        Assert.Single(server.Attempts);
+    }
+
+    [Fact]
+    public async Task SynchronousSend_IsKeyedAndWaitsToo()
+    {
+        var server = new Server(InProgress(TimeSpan.FromSeconds(1)), Created);
+        using var client = Client(server);
+        using var request = new HttpRequestMessage(HttpMethod.Post, "/orders") { Content = Json() };
+
+        var sending = Task.Run(() => client.Send(request));
+        Assert.True(await AdvanceUntilAttemptsAsync(server, 2) >= TimeSpan.FromSeconds(1));
+        using var response = await sending.WaitAsync(TimeSpan.FromSeconds(10));
+
+        Assert.Equal(HttpStatusCode.Created, response.StatusCode);
+        Assert.Equal(server.Attempts[0].Key, server.Attempts[1].Key);
+        Assert.NotNull(server.Attempts[0].Key);
+    }
+
+    [Fact]
+    public void NegativeInProgressWait_IsRefused()
+    {
+        Assert.Throws<ArgumentOutOfRangeException>(() => new IdempotencyKeyHandler(new IdempotencyKeyOptions { InProgressWait = TimeSpan.FromSeconds(-1) }));
+    }
+
+    /// <summary>Moves the clock on in small steps until <paramref name="count"/> attempts arrived; returns how far it moved.</summary>
+    private async Task<TimeSpan> AdvanceUntilAttemptsAsync(Server server, int count)
+    {
+        var step = TimeSpan.FromMilliseconds(50);
+        var moved = TimeSpan.Zero;
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+        while (server.Count < count)
+        {
+            Assert.True(DateTime.UtcNow < deadline, "The attempts did not arrive.");
+            time.Advance(step);
+            moved += step;
+            await Task.Delay(5);
+        }
+
+        return moved;
+    }
+
+    private HttpClient Client(Server server) =>
+        new(new IdempotencyKeyHandler(new IdempotencyKeyOptions(), time) { InnerHandler = server }) { BaseAddress = new Uri("http://api.test") };
+
+    private static StringContent Json() => new("{\"amount\":5}", Encoding.UTF8, "application/json");
+
+    private static HttpResponseMessage Created(HttpRequestMessage request) => new(HttpStatusCode.Created);
+
+    private static Func<HttpRequestMessage, HttpResponseMessage> InProgress(TimeSpan retryAfter) =>
+        _ => new HttpResponseMessage(HttpStatusCode.Conflict) { Headers = { RetryAfter = new RetryConditionHeaderValue(retryAfter) } };
+
+    private static Func<HttpRequestMessage, HttpResponseMessage> InProgressUntil(DateTimeOffset date) =>
+        _ => new HttpResponseMessage(HttpStatusCode.Conflict) { Headers = { RetryAfter = new RetryConditionHeaderValue(date) } };
+
+    /// <summary>Answers attempts in turn with the given responses (the last one repeats), recording each attempt's key and body.</summary>
+    private sealed class Server(params Func<HttpRequestMessage, HttpResponseMessage>[] answers) : HttpMessageHandler
+    {
+        private readonly SemaphoreSlim arrived = new(0);
+
+        public List<(string? Key, string Body)> Attempts { get; } = [];
+
+        public int Count
+        {
+            get
+            {
+                lock (Attempts)
+                {
+                    return Attempts.Count;
+                }
+            }
+        }
+
+        public async Task WaitForAttemptsAsync(int count)
+        {
+            for (var i = 0; i < count; i++)
+            {
+                Assert.True(await arrived.WaitAsync(TimeSpan.FromSeconds(10)), "No attempt arrived.");
+            }
+        }
+
+        protected override async Task<HttpResponseMessage> SendAsync(HttpRequestMessage request, CancellationToken cancellationToken) =>
+            Answer(request, request.Content is null ? "" : await request.Content.ReadAsStringAsync(cancellationToken));
+
+        protected override HttpResponseMessage Send(HttpRequestMessage request, CancellationToken cancellationToken) =>
+            Answer(request, request.Content is null ? "" : new StreamReader(request.Content.ReadAsStream(cancellationToken)).ReadToEnd());
+
+        private HttpResponseMessage Answer(HttpRequestMessage request, string body)
+        {
+            lock (Attempts)
+            {
+                Attempts.Add((request.Headers.TryGetValues(IdempotencyKeyHandler.HeaderName, out var keys) ? keys.Single() : null, body));
+                var response = answers[Math.Min(Attempts.Count, answers.Length) - 1](request);
+                arrived.Release();
+                return response;
+            }
+        }
+    }
+
+    /// <summary>A body that can be read once, front to back, as a network stream can.</summary>
+    private sealed class OneWayStream(byte[] bytes) : MemoryStream(bytes)
+    {
+        public override bool CanSeek => false;
+
+        public override long Seek(long offset, SeekOrigin loc) => throw new NotSupportedException();
+
+        public override long Position
+        {
+            get => throw new NotSupportedException();
+            set => throw new NotSupportedException();
+        }
+    }
+}
