@@ -90,10 +90,10 @@ public static class IdempotencyTransitions
     /// this release, it would hold a free key for an attempt that has given up, which then lapses into an unknown
     /// outcome although nothing ran. So a release that finds the key free writes its record again (still free, its
     /// expiry pushed out if need be): every write is checked against the version it was decided on, and this one moves
-    /// the version on, so the late claim is refused. The row is kept for <paramref name="lease"/> (the lease the attempt asked for), after
-    /// which storage refuses that claim anyway. (A claim decided on a lapsed lease is not fenced: storage refuses a
-    /// claim record whose lease is over, which this rewrite would be; such a late re-claim can only re-run a key whose
-    /// endpoint asked for re-runs, after one more lease.)
+    /// the version on, so the late claim is refused. The row is kept for <paramref name="lease"/> (the lease the
+    /// attempt asked for), after which storage refuses that claim anyway. (A claim decided on a lapsed lease is not
+    /// fenced: storage refuses a claim record whose lease is over, which this rewrite would be; such a late re-claim
+    /// can only re-run a key whose endpoint asked for re-runs, after one more lease.)
     /// </remarks>
     public static Transition<bool> Release(IdempotencyRecord stored, Guid attemptId, TimeSpan lease, DateTimeOffset now)
     {
