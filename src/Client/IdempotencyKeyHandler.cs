@@ -70,29 +70,9 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
         }
     }
 
-    protected override HttpResponseMessage Send(HttpRequestMessage request, CancellationToken cancellationToken)
-    {
-        if (!options.Methods.Contains(request.Method))
-        {
-            return base.Send(request, cancellationToken);
-        }
-
-        AddKey(request);
-        // The synchronous path has no synchronous buffering; HttpClient.Send blocks on its own work the same way.
-        request.Content?.LoadIntoBufferAsync(cancellationToken).GetAwaiter().GetResult();
-        var giveUpAt = time.GetUtcNow() + options.InProgressWait;
-        while (true)
-        {
-            var response = base.Send(request, cancellationToken);
-            if (WaitBeforeAskingAgain(response, giveUpAt) is not { } delay)
-            {
-                return response;
-            }
-
-            response.Dispose();
-            Task.Delay(delay, time, cancellationToken).GetAwaiter().GetResult();
-        }
-    }
+    // The synchronous path blocks on the asynchronous one, keying and waiting alike, as HttpClient.Send blocks anyway.
+    protected override HttpResponseMessage Send(HttpRequestMessage request, CancellationToken cancellationToken) =>
+        SendAsync(request, cancellationToken).GetAwaiter().GetResult();
 
     private void AddKey(HttpRequestMessage request)
     {

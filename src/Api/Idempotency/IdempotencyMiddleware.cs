@@ -93,12 +93,12 @@ internal sealed partial class IdempotencyMiddleware(
 
         var grain = calls.Grain(idempotencyKey);
         var request = new ClaimRequest(AttemptId.New(), fingerprint, policy.Lease, policy.Retention, policy.OnLapsedLease);
-        var waitUntil = time.GetUtcNow() + policy.WaitTimeout;
+        // A claim the next call gets is written after askedAt: its lease ends no sooner than askedAt plus the lease.
+        var askedAt = time.GetUtcNow();
+        var waitUntil = askedAt + policy.WaitTimeout;
         while (true)
         {
             ClaimResult claim;
-            // A claim this call gets was written after this moment: its lease ends no sooner than this plus the lease.
-            var askedAt = time.GetUtcNow();
             try
             {
                 claim = await calls.CallAsync(grain, g => g.ClaimAsync(request), context.RequestAborted);
@@ -153,6 +153,8 @@ internal sealed partial class IdempotencyMiddleware(
                 await UnavailableAsync(context, ex, key);
                 return;
             }
+
+            askedAt = time.GetUtcNow();
         }
     }
 
