@@ -8,9 +8,9 @@ namespace OrleansIdempotency.Api.Demo;
 /// <c>X-Demo-Fail: 500</c> (any 5xx) makes it answer that status without side effects.
 /// </summary>
 /// <remarks>
-/// The demo's actions, this sleep included, do not stop when the client goes away (<c>RequestAborted</c>): a client
-/// that timed out retries, and an action that ran to its end has an outcome to replay. One cut off midway is in
-/// doubt (it may have taken effect), so the layer leaves its key to lapse into an unknown outcome instead.
+/// The demo's actions, this sleep included, do not stop when the client goes away: a client that timed out
+/// retries, and an action that ran to its end has an outcome to replay. Behind the layer they could not see the
+/// disconnect anyway (<c>DetachedRequestLifetime</c>); they do not depend on it.
 /// </remarks>
 internal static class DemoHeaders
 {

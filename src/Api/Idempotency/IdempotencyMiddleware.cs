@@ -160,13 +160,24 @@ internal sealed partial class IdempotencyMiddleware(
 
     private async Task ExecuteAsync(HttpContext context, IdempotencyPolicy policy, IIdempotencyGrain grain, ClaimToken token, DateTimeOffset leaseEndsBy)
     {
+        var clientGone = context.RequestAborted;
+        var lifetime = context.Features.GetRequiredFeature<IHttpRequestLifetimeFeature>();
         var originalBody = context.Features.GetRequiredFeature<IHttpResponseBodyFeature>();
-        using var capture = new ResponseCapture(originalBody.Stream, policy.MaxStoredResponseBytes);
+        using var capture = new ResponseCapture(originalBody.Stream, policy.MaxStoredResponseBytes, clientGone);
         context.Features.Set<IHttpResponseBodyFeature>(new StreamResponseBodyFeature(capture, originalBody));
+        context.Features.Set<IHttpRequestLifetimeFeature>(new DetachedRequestLifetime(lifetime));
         var renewal = new LeaseRenewal(grain, token, leaseEndsBy, policy.Lease, time, logger);
         try
         {
-            await next(context);
+            try
+            {
+                await next(context);
+            }
+            finally
+            {
+                context.Features.Set(originalBody);
+                context.Features.Set(lifetime);
+            }
         }
         catch (Exception exception)
         {
@@ -183,10 +194,6 @@ internal sealed partial class IdempotencyMiddleware(
             }
 
             throw;
-        }
-        finally
-        {
-            context.Features.Set(originalBody);
         }
 
         renewal.Dispose();

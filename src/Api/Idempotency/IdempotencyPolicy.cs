@@ -101,8 +101,10 @@ public sealed record IdempotencyPolicy
 
     /// <summary>
     /// Whether an exception from the action releases the key so the client may retry under it. The default
-    /// releases, unless the client had gone (<see cref="HttpContext.RequestAborted"/>): an action cut off by a
-    /// disconnect may have taken effect, so its key is left to lapse into an unknown outcome rather than run twice.
+    /// releases, unless the client had gone (the connection's <see cref="HttpContext.RequestAborted"/>, which the
+    /// action itself does not see: <see cref="DetachedRequestLifetime"/>): an action that failed once its client had
+    /// gone may have been cut off by it after taking effect, so its key is left to lapse into an unknown outcome
+    /// rather than run twice.
     /// </summary>
     public Func<Exception, HttpContext, bool> ReleasesOnException { get; init; } =
         static (_, context) => !context.RequestAborted.IsCancellationRequested;

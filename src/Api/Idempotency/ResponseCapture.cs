@@ -5,9 +5,11 @@ namespace OrleansIdempotency.AspNetCore;
 /// <summary>
 /// A write-through response stream: every write goes to the client as usual and is also copied, into a pooled
 /// buffer, until the copy would pass <see cref="Limit"/>; past that it stops copying (the client still gets every
-/// byte) and only counts.
+/// byte) and only counts. Once the client has gone (<paramref name="clientGone"/>) writes are only copied: the
+/// action runs on for the client's retry (<see cref="DetachedRequestLifetime"/>), and no server is asked to send
+/// to a closed connection.
 /// </summary>
-internal sealed class ResponseCapture(Stream inner, int limit) : Stream
+internal sealed class ResponseCapture(Stream inner, int limit, CancellationToken clientGone) : Stream
 {
     private byte[] buffer = [];
     private int copied;
@@ -41,30 +43,43 @@ internal sealed class ResponseCapture(Stream inner, int limit) : Stream
     public override void Write(byte[] buffer, int offset, int count)
     {
         Copy(buffer.AsSpan(offset, count));
-        inner.Write(buffer, offset, count);
+        if (!clientGone.IsCancellationRequested)
+        {
+            inner.Write(buffer, offset, count);
+        }
     }
 
     public override void Write(ReadOnlySpan<byte> buffer)
     {
         Copy(buffer);
-        inner.Write(buffer);
+        if (!clientGone.IsCancellationRequested)
+        {
+            inner.Write(buffer);
+        }
     }
 
     public override Task WriteAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken)
     {
         Copy(buffer.AsSpan(offset, count));
-        return inner.WriteAsync(buffer, offset, count, cancellationToken);
+        return clientGone.IsCancellationRequested ? Task.CompletedTask : inner.WriteAsync(buffer, offset, count, cancellationToken);
     }
 
     public override ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken = default)
     {
         Copy(buffer.Span);
-        return inner.WriteAsync(buffer, cancellationToken);
+        return clientGone.IsCancellationRequested ? ValueTask.CompletedTask : inner.WriteAsync(buffer, cancellationToken);
     }
 
-    public override void Flush() => inner.Flush();
+    public override void Flush()
+    {
+        if (!clientGone.IsCancellationRequested)
+        {
+            inner.Flush();
+        }
+    }
 
-    public override Task FlushAsync(CancellationToken cancellationToken) => inner.FlushAsync(cancellationToken);
+    public override Task FlushAsync(CancellationToken cancellationToken) =>
+        clientGone.IsCancellationRequested ? Task.CompletedTask : inner.FlushAsync(cancellationToken);
 
     public override int Read(byte[] buffer, int offset, int count) => throw new NotSupportedException();
 

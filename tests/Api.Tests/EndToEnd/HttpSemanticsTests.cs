@@ -137,6 +137,33 @@ public sealed class HttpSemanticsTests(EndToEndFixture fixture)
     }
 
     [Fact]
+    public async Task ClientThatGaveUpBeforeALargeResponse_GetsTheWholeBodyOnTheRetry_NotTheStartOfIt()
+    {
+        // ASP.NET Core's JSON writers stop at the next flush once the client has gone and swallow the cancellation;
+        // a body of many flushes would be stored cut short, as a 201, and replayed so for the key's retention.
+        var key = NewKey();
+        const int lines = 4_000;
+        var items = string.Join(',', Enumerable.Range(0, lines).Select(i => $"{{\"sku\":\"SKU-{i:D5}\",\"quantity\":{i % 9 + 1}}}"));
+        var order = $"{{\"customerId\":\"c-1\",\"amount\":12.50,\"items\":[{items}]}}";
+        using (var impatient = new CancellationTokenSource())
+        using (var request = Requests.Post("/orders", key, order, ("X-Demo-Delay-Ms", "1500")))
+        {
+            var sending = alice.SendAsync(request, impatient.Token);
+            await fixture.WaitUntilInProgressAsync(key);
+            await impatient.CancelAsync();
+            await Assert.ThrowsAnyAsync<OperationCanceledException>(() => sending);
+        }
+
+        var (retry, body) = await alice.SendAsync("/orders", key, order);
+
+        Assert.Equal(HttpStatusCode.Created, retry.StatusCode);
+        Assert.True(retry.IsReplay());
+        Assert.True(body.Length > 100_000, $"the replayed body has {body.Length} characters");
+        Assert.Equal(lines, JsonDocument.Parse(body).RootElement.GetProperty("items").GetArrayLength());
+        Assert.Equal(1, await fixture.CountAsync("demo_orders", key));
+    }
+
+    [Fact]
     public async Task ClientErrors_AreStoredAndReplayed()
     {
         var key = NewKey();

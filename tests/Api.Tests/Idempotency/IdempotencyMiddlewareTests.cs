@@ -805,13 +805,14 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
-    public async Task ActionCutOffByAClientDisconnect_LeavesTheKeyInDoubt_InsteadOfReleasingIt()
+    public async Task ActionThatFailsAfterItsClientLeft_LeavesTheKeyInDoubt_InsteadOfReleasingIt()
     {
         using var disconnect = new CancellationTokenSource();
         var harness = Harness(async context =>
         {
             await disconnect.CancelAsync();
-            context.RequestAborted.ThrowIfCancellationRequested();
+            // The connection's token reached the action some other way (an earlier middleware kept it, say).
+            disconnect.Token.ThrowIfCancellationRequested();
         });
         var key = MiddlewareHarness.NewKey();
         var context = MiddlewareHarness.Request(key, configure: c => c.RequestAborted = disconnect.Token);
@@ -822,6 +823,40 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         Assert.Equal(IdempotencyStatus.InProgress, (await harness.Grain(key).GetAsync()).Status);
         fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
         Assert.Equal(409, (await harness.SendAsync(key)).Response.StatusCode);
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task ClientThatLeavesMidResponse_IsHiddenFromTheAction_AndTheWholeResponseIsStored()
+    {
+        using var disconnect = new CancellationTokenSource();
+        var sawDisconnect = true;
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 201;
+            await context.Response.WriteAsync("first half,");
+            await disconnect.CancelAsync();
+            sawDisconnect = context.RequestAborted.IsCancellationRequested;
+            try
+            {
+                // What ASP.NET Core's JSON writers do: stop at the next flush once the client has gone, and say nothing.
+                await context.Response.WriteAsync("second half", context.RequestAborted);
+            }
+            catch (OperationCanceledException) when (context.RequestAborted.IsCancellationRequested)
+            {
+            }
+        });
+        var key = MiddlewareHarness.NewKey();
+        var context = MiddlewareHarness.Request(key, configure: c => c.RequestAborted = disconnect.Token);
+
+        await harness.SendAsync(context);
+        var replay = await harness.SendAsync(key);
+
+        Assert.False(sawDisconnect);
+        Assert.Equal("first half,", context.Body());
+        Assert.Equal(disconnect.Token, context.RequestAborted);
+        Assert.Equal(201, replay.Response.StatusCode);
+        Assert.Equal("first half,second half", replay.Body());
         Assert.Equal(1, harness.Executions);
     }
 

@@ -1,0 +1,20 @@
+using Microsoft.AspNetCore.Http.Features;
+
+namespace OrleansIdempotency.AspNetCore;
+
+/// <summary>
+/// The request lifetime an idempotent action sees: its <see cref="RequestAborted"/> does not fire when the client
+/// goes away, so the action runs to its end and its whole response is stored for the client's retry.
+/// </summary>
+/// <remarks>
+/// An action stopped by the disconnect leaves no outcome to replay (it may have taken effect, so its key would be
+/// left in doubt), and ASP.NET Core's JSON writers, which stop at their next flush once the client has gone and
+/// swallow the cancellation, would hand the layer the start of a body to store as the outcome. <see cref="Abort"/>
+/// still aborts the connection.
+/// </remarks>
+internal sealed class DetachedRequestLifetime(IHttpRequestLifetimeFeature connection) : IHttpRequestLifetimeFeature
+{
+    public CancellationToken RequestAborted { get; set; }
+
+    public void Abort() => connection.Abort();
+}
