@@ -1,5 +1,6 @@
 using OrleansIdempotency.Api;
 using OrleansIdempotency.Api.Demo;
+using OrleansIdempotency.Api.Gateway;
 using OrleansIdempotency.AspNetCore;
 using OrleansIdempotency.Silo.Hosting;
 
@@ -11,6 +12,7 @@ builder.Services.AddIdempotency(options =>
     options.AddPolicy(DemoEndpoints.PaymentsPolicy, policy => policy with { ConcurrentDuplicates = ConcurrentDuplicateHandling.Reject });
 });
 builder.AddDemo();
+var gateway = builder.AddGateway();
 builder.Services.AddOpenApi(options => options.AddIdempotency());
 
 var app = builder.Build();
@@ -29,6 +31,11 @@ app.UseIdempotency();
 app.MapControllers();
 app.MapDemoEndpoints();
 app.MapClusterHealth();
+if (gateway)
+{
+    app.MapGateway();
+}
+
 app.MapOpenApi();
 app.Run();
 

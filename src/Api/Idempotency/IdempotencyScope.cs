@@ -1,11 +1,13 @@
 using System.Security.Claims;
+using System.Security.Cryptography;
+using System.Text;
 
 namespace OrleansIdempotency.AspNetCore;
 
 /// <summary>
 /// Ready-made <see cref="IdempotencyPolicy.Scope"/> resolvers. Each names its kind (<c>user:</c>, <c>claim:</c>,
-/// <c>header:</c>), so a user whose id is <c>anonymous</c>, or a header value equal to a user id, never shares keys
-/// with another kind of caller.
+/// <c>header:</c>, <c>header-sha256:</c>), so a user whose id is <c>anonymous</c>, or a header value equal to a user
+/// id, never shares keys with another kind of caller.
 /// </summary>
 public static class IdempotencyScope
 {
@@ -22,6 +24,15 @@ public static class IdempotencyScope
     public static Func<HttpContext, string?> Claim(string type) =>
         context => context.User.Identity?.IsAuthenticated == true && context.User.FindFirst(type)?.Value is { } value
             ? $"claim:{type}:{value}"
+            : null;
+
+    /// <summary>
+    /// The SHA-256 digest of a request header's value, as <c>header-sha256:{name}:{digest}</c>: for credentials
+    /// (<c>Authorization</c>, say), which the scope would otherwise carry into grain ids, logs and the store.
+    /// </summary>
+    public static Func<HttpContext, string?> HeaderDigest(string name) =>
+        context => context.Request.Headers[name] is { Count: 1 } values && !string.IsNullOrEmpty(values[0])
+            ? $"header-sha256:{name}:{Convert.ToBase64String(SHA256.HashData(Encoding.UTF8.GetBytes(values[0]!)))}"
             : null;
 
     /// <summary>The value of a request header (an API key that identifies the caller, say), as <c>header:{name}:{value}</c>.</summary>

@@ -300,6 +300,28 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task HeaderDigestScope_SeparatesCallersByTheirCredentials_WithoutKeepingThem()
+    {
+        var harness = Harness(policy: IdempotencyPolicy.Default with { Scope = IdempotencyScope.HeaderDigest("Authorization") });
+        var key = MiddlewareHarness.NewKey();
+        HttpContext Send(string token) => MiddlewareHarness.Request(key, user: "",
+            configure: c => c.Request.Headers.Authorization = "Bearer " + token);
+
+        var first = await harness.SendAsync(Send("secret-1"));
+        var again = await harness.SendAsync(Send("secret-1"));
+        var other = await harness.SendAsync(Send("secret-2"));
+
+        Assert.Equal(first.Body(), again.Body());
+        Assert.Equal("true", again.Response.Headers["Idempotent-Replayed"]);
+        Assert.NotEqual(first.Body(), other.Body());
+        Assert.Equal(2, harness.Executions);
+        var scope = IdempotencyScope.HeaderDigest("Authorization")(Send("secret-1"))!;
+        Assert.StartsWith("header-sha256:Authorization:", scope, StringComparison.Ordinal);
+        Assert.DoesNotContain("secret", scope, StringComparison.Ordinal);
+        Assert.Equal(IdempotencyStatus.Completed, (await harness.Grain(key, scope).GetAsync()).Status);
+    }
+
+    [Fact]
     public async Task AnonymousCallers_ShareOneScope_OrAreRefusedWhenTheEndpointForbidsIt()
     {
         var shared = Harness();

@@ -1,0 +1,78 @@
+using OrleansIdempotency.AspNetCore;
+using Yarp.ReverseProxy.Configuration;
+
+namespace OrleansIdempotency.Api.Gateway;
+
+/// <summary>
+/// The gateway (DESIGN §5): this API as a reverse proxy (YARP, configured by its own <c>ReverseProxy</c> section)
+/// in front of an API written in any language, idempotent on the routes that ask for it in their metadata:
+/// <c>"Idempotency": "Default"</c> for the default policy, or the name of a policy.
+/// </summary>
+/// <remarks>
+/// Keys on a gateway route are scoped by a digest of the caller's <c>Authorization</c> header (the backend, not
+/// the gateway, knows who the caller is), or of the header the route names in <c>"IdempotencyScopeHeader"</c>.
+/// A caller without it shares the anonymous scope, as the policy's <c>AllowAnonymous</c> allows. A caller whose
+/// credentials change between attempts (a refreshed token) starts a new scope: its retry runs again.
+/// </remarks>
+public static class GatewayExtensions
+{
+    /// <summary>YARP's configuration section.</summary>
+    public const string Section = "ReverseProxy";
+
+    /// <summary>The route metadata that makes a route idempotent; its value names the policy.</summary>
+    public const string PolicyMetadata = "Idempotency";
+
+    /// <summary>The route metadata that names the header whose digest scopes the route's keys.</summary>
+    public const string ScopeHeaderMetadata = "IdempotencyScopeHeader";
+
+    /// <summary>The policy name that stands for the default policy.</summary>
+    public const string DefaultPolicyName = "Default";
+
+    /// <summary>The header whose digest scopes keys when the route names none.</summary>
+    public const string DefaultScopeHeader = "Authorization";
+
+    /// <summary>Adds the reverse proxy when the configuration has a <c>ReverseProxy</c> section; true if it did.</summary>
+    public static bool AddGateway(this WebApplicationBuilder builder)
+    {
+        var section = builder.Configuration.GetSection(Section);
+        if (!section.Exists())
+        {
+            return false;
+        }
+
+        builder.Services.AddReverseProxy().LoadFromConfig(section);
+        return true;
+    }
+
+    /// <summary>
+    /// Maps the proxy's routes, each idempotent as its metadata asks. A route naming a policy that does not exist
+    /// stops the application here rather than failing its requests.
+    /// </summary>
+    public static void MapGateway(this WebApplication app)
+    {
+        var options = app.Services.GetRequiredService<Microsoft.Extensions.Options.IOptions<IdempotencyOptions>>().Value;
+        foreach (var route in app.Configuration.GetSection(Section).GetSection("Routes").GetChildren())
+        {
+            if (route.GetSection("Metadata")[PolicyMetadata] is { } policy)
+            {
+                options.Resolve(Metadata(policy, route.GetSection("Metadata")[ScopeHeaderMetadata]));
+            }
+        }
+
+        app.MapReverseProxy().ConfigureEndpoints(static (endpoint, route) =>
+        {
+            if (route.Metadata?.GetValueOrDefault(PolicyMetadata) is { } policy)
+            {
+                endpoint.WithMetadata(Metadata(policy, route.Metadata.GetValueOrDefault(ScopeHeaderMetadata)));
+            }
+        });
+    }
+
+    private static IdempotencyMetadata Metadata(string policy, string? scopeHeader)
+    {
+        var scope = IdempotencyScope.HeaderDigest(string.IsNullOrEmpty(scopeHeader) ? DefaultScopeHeader : scopeHeader);
+        return new IdempotencyMetadata(
+            string.Equals(policy, DefaultPolicyName, StringComparison.OrdinalIgnoreCase) ? null : policy,
+            p => p with { Scope = scope });
+    }
+}

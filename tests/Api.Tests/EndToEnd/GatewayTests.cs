@@ -1,0 +1,245 @@
+using System.Collections.Concurrent;
+using System.Globalization;
+using System.Net;
+using System.Text.Json;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Hosting;
+using Microsoft.AspNetCore.Http;
+using OrleansIdempotency.Api.Gateway;
+using OrleansIdempotency.Testing;
+
+namespace OrleansIdempotency.Api.Tests.EndToEnd;
+
+/// <summary>
+/// The gateway (DESIGN §5): src/Api as a YARP reverse proxy, configured by its <c>ReverseProxy</c> section, in
+/// front of a backend it knows nothing about, over real Kestrel on both sides.
+/// </summary>
+public sealed class GatewayTests : IAsyncLifetime
+{
+    private readonly Backend backend = new();
+    private ApiServer gateway = null!;
+
+    public async Task InitializeAsync()
+    {
+        await backend.StartAsync();
+        gateway = await ApiServer.StartAsync(GatewaySettings(backend.Address, policy: GatewayExtensions.DefaultPolicyName));
+    }
+
+    public async Task DisposeAsync()
+    {
+        await gateway.DisposeAsync();
+        await backend.StopAsync();
+    }
+
+    /// <summary>The embedded default with four routes to <paramref name="backend"/>; <c>/charges</c> uses <paramref name="policy"/>.</summary>
+    internal static Dictionary<string, string?> GatewaySettings(Uri backend, string policy) => new(FreePort.SiloEndpoints())
+    {
+        ["Logging:LogLevel:Default"] = "Error",
+        ["ReverseProxy:Clusters:backend:Destinations:one:Address"] = backend.ToString(),
+        ["ReverseProxy:Routes:charges:ClusterId"] = "backend",
+        ["ReverseProxy:Routes:charges:Match:Path"] = "/charges",
+        ["ReverseProxy:Routes:charges:Metadata:Idempotency"] = policy,
+        ["ReverseProxy:Routes:strict:ClusterId"] = "backend",
+        ["ReverseProxy:Routes:strict:Match:Path"] = "/strict/{**rest}",
+        ["ReverseProxy:Routes:strict:Metadata:Idempotency"] = "payments",
+        ["ReverseProxy:Routes:keyed:ClusterId"] = "backend",
+        ["ReverseProxy:Routes:keyed:Match:Path"] = "/keyed/{**rest}",
+        ["ReverseProxy:Routes:keyed:Metadata:Idempotency"] = GatewayExtensions.DefaultPolicyName,
+        ["ReverseProxy:Routes:keyed:Metadata:IdempotencyScopeHeader"] = "X-Api-Key",
+        ["ReverseProxy:Routes:plain:ClusterId"] = "backend",
+        ["ReverseProxy:Routes:plain:Match:Path"] = "/plain/{**rest}",
+    };
+
+    [Fact]
+    public async Task IdempotentRoute_RunsARetryOnceAtTheBackend_AndReplaysItsBytes()
+    {
+        using var client = Client("Bearer caller-1");
+        var key = Guid.NewGuid().ToString();
+
+        var (first, firstBody) = await client.SendAsync("/charges", key, "{\"amount\":5}");
+        var (retry, retryBody) = await client.SendAsync("/charges", key, "{\"amount\":5}");
+
+        Assert.Equal(HttpStatusCode.Created, first.StatusCode);
+        Assert.False(first.IsReplay());
+        Assert.Equal(HttpStatusCode.Created, retry.StatusCode);
+        Assert.True(retry.IsReplay());
+        Assert.Equal(firstBody, retryBody);
+        Assert.Equal(first.Headers.Location, retry.Headers.Location);
+        Assert.Equal(1, backend.Runs(key));
+    }
+
+    [Fact]
+    public async Task IdempotentRoute_ParallelDuplicates_ReachTheBackendOnce_AndAllGetItsBytes()
+    {
+        using var client = Client("Bearer caller-1");
+        for (var round = 0; round < 3; round++)
+        {
+            var key = Guid.NewGuid().ToString();
+            var responses = await Task.WhenAll(Enumerable.Range(0, 30).Select(_ =>
+                Task.Run(() => client.SendAsync("/charges?delayMs=300", key, "{\"amount\":5}"))));
+
+            Assert.All(responses, r => Assert.Equal(HttpStatusCode.Created, r.Response.StatusCode));
+            Assert.Single(responses, r => !r.Response.IsReplay());
+            Assert.Single(responses.Select(r => Convert.ToBase64String(r.Body)).Distinct());
+            Assert.Equal(1, backend.Runs(key));
+        }
+    }
+
+    [Fact]
+    public async Task RouteWithoutIdempotencyMetadata_ForwardsEveryRequest()
+    {
+        using var client = Client("Bearer caller-1");
+        var key = Guid.NewGuid().ToString();
+
+        var (first, _) = await client.SendAsync("/plain/charges", key, "{\"amount\":5}");
+        var (second, _) = await client.SendAsync("/plain/charges", key, "{\"amount\":5}");
+
+        Assert.False(first.IsReplay());
+        Assert.False(second.IsReplay());
+        Assert.Equal(2, backend.Runs(key));
+    }
+
+    [Fact]
+    public async Task IdempotentRoute_WithoutAKey_Is400_AndNeverReachesTheBackend()
+    {
+        using var client = Client("Bearer caller-1");
+        var before = backend.TotalRuns;
+
+        var (response, body) = await client.SendAsync("/charges", null, "{\"amount\":5}");
+
+        Assert.Equal(HttpStatusCode.BadRequest, response.StatusCode);
+        Assert.Equal("application/problem+json", response.ContentType()?.MediaType);
+        Assert.EndsWith("key-missing", JsonDocument.Parse(body).RootElement.GetProperty("type").GetString());
+        Assert.Equal(before, backend.TotalRuns);
+    }
+
+    [Fact]
+    public async Task CallersWithDifferentCredentials_DoNotShareKeys_AndEachReplaysItsOwn()
+    {
+        using var one = Client("Bearer caller-1");
+        using var two = Client("Bearer caller-2");
+        var key = Guid.NewGuid().ToString();
+
+        var (_, oneBody) = await one.SendAsync("/charges", key, "{\"amount\":5}");
+        var (_, twoBody) = await two.SendAsync("/charges", key, "{\"amount\":5}");
+        var (oneAgain, oneAgainBody) = await one.SendAsync("/charges", key, "{\"amount\":5}");
+
+        Assert.Equal(2, backend.Runs(key));
+        Assert.NotEqual(oneBody, twoBody);
+        Assert.True(oneAgain.IsReplay());
+        Assert.Equal(oneBody, oneAgainBody);
+    }
+
+    [Fact]
+    public async Task RouteScopedByAnotherHeader_SeparatesCallersByIt()
+    {
+        using var client = Client(authorization: null);
+        var key = Guid.NewGuid().ToString();
+
+        var (first, _) = await client.SendAsync("/keyed/charges", key, "{\"amount\":5}", ("X-Api-Key", "tenant-a"));
+        var (again, _) = await client.SendAsync("/keyed/charges", key, "{\"amount\":5}", ("X-Api-Key", "tenant-a"));
+        var (other, _) = await client.SendAsync("/keyed/charges", key, "{\"amount\":5}", ("X-Api-Key", "tenant-b"));
+
+        Assert.False(first.IsReplay());
+        Assert.True(again.IsReplay());
+        Assert.False(other.IsReplay());
+        Assert.Equal(2, backend.Runs(key));
+    }
+
+    [Fact]
+    public async Task BackendAnswering5xx_ReleasesTheKey_SoTheRetryReachesTheBackendAgain()
+    {
+        using var client = Client("Bearer caller-1");
+        var key = Guid.NewGuid().ToString();
+
+        var (failed, _) = await client.SendAsync("/charges?failFirst=true", key, "{\"amount\":5}");
+        var (retry, _) = await client.SendAsync("/charges?failFirst=true", key, "{\"amount\":5}");
+        var (replay, _) = await client.SendAsync("/charges?failFirst=true", key, "{\"amount\":5}");
+
+        Assert.Equal(HttpStatusCode.ServiceUnavailable, failed.StatusCode);
+        Assert.Equal(HttpStatusCode.Created, retry.StatusCode);
+        Assert.False(retry.IsReplay());
+        Assert.True(replay.IsReplay());
+        Assert.Equal(2, backend.Runs(key));
+    }
+
+    [Fact]
+    public async Task RouteNamingAPolicy_GetsThatPolicy()
+    {
+        // The demo's "payments" policy rejects a duplicate of a key in flight instead of waiting for it.
+        using var client = Client("Bearer caller-1");
+        var key = Guid.NewGuid().ToString();
+
+        var responses = await Task.WhenAll(Enumerable.Range(0, 10).Select(_ =>
+            Task.Run(() => client.SendAsync("/strict/charges?delayMs=500", key, "{\"amount\":5}"))));
+
+        Assert.Single(responses, r => r.Response.StatusCode == HttpStatusCode.Created);
+        Assert.All(responses.Where(r => r.Response.StatusCode != HttpStatusCode.Created),
+            r => Assert.Equal(HttpStatusCode.Conflict, r.Response.StatusCode));
+        Assert.Equal(1, backend.Runs(key));
+    }
+
+    [Fact]
+    public async Task RouteNamingAnUnknownPolicy_StopsTheGatewayAtStart()
+    {
+        var failure = await Assert.ThrowsAnyAsync<Exception>(() => ApiServer.StartAsync(GatewaySettings(backend.Address, policy: "no-such-policy")));
+
+        Assert.Contains("no-such-policy", failure.ToString(), StringComparison.Ordinal);
+    }
+
+    private HttpClient Client(string? authorization)
+    {
+        var client = new HttpClient { BaseAddress = gateway.BaseAddress, Timeout = TimeSpan.FromSeconds(60) };
+        if (authorization is not null)
+        {
+            client.DefaultRequestHeaders.TryAddWithoutValidation("Authorization", authorization);
+        }
+
+        return client;
+    }
+
+    /// <summary>
+    /// An API the gateway knows nothing about: every POST counts a run under its <c>Idempotency-Key</c> and answers
+    /// 201 with a fresh id; <c>?delayMs=N</c> makes it slow, <c>?failFirst=true</c> answers 503 to a key's first run.
+    /// </summary>
+    private sealed class Backend
+    {
+        private readonly ConcurrentDictionary<string, int> runs = new();
+        private WebApplication app = null!;
+
+        public Uri Address { get; } = new($"http://127.0.0.1:{FreePort.Next().ToString(CultureInfo.InvariantCulture)}/");
+
+        public int TotalRuns => runs.Values.Sum();
+
+        public int Runs(string key) => runs.GetValueOrDefault(key);
+
+        public async Task StartAsync()
+        {
+            var builder = WebApplication.CreateSlimBuilder();
+            builder.WebHost.UseUrls(Address.ToString());
+            app = builder.Build();
+            app.MapPost("/{**path}", async context =>
+            {
+                var run = runs.AddOrUpdate(context.Request.Headers["Idempotency-Key"].ToString(), 1, (_, n) => n + 1);
+                if (int.TryParse(context.Request.Query["delayMs"], CultureInfo.InvariantCulture, out var delay))
+                {
+                    await Task.Delay(delay);
+                }
+
+                if (context.Request.Query["failFirst"] == "true" && run == 1)
+                {
+                    context.Response.StatusCode = StatusCodes.Status503ServiceUnavailable;
+                    return;
+                }
+
+                var id = Guid.NewGuid().ToString();
+                context.Response.StatusCode = StatusCodes.Status201Created;
+                context.Response.Headers.Location = "/charges/" + id;
+                await context.Response.WriteAsJsonAsync(new { id, path = context.Request.Path.Value, run });
+            });
+            await app.StartAsync();
+        }
+
+        public async Task StopAsync() => await app.DisposeAsync();
+    }
+}
