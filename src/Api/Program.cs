@@ -2,6 +2,7 @@ using OrleansIdempotency.Api;
 using OrleansIdempotency.Api.Demo;
 using OrleansIdempotency.Api.Gateway;
 using OrleansIdempotency.AspNetCore;
+using OrleansIdempotency.Once;
 using OrleansIdempotency.Silo.Hosting;
 
 var builder = WebApplication.CreateBuilder(args);
@@ -31,6 +32,7 @@ app.UseIdempotency();
 app.MapControllers();
 app.MapDemoEndpoints();
 app.MapClusterHealth();
+app.MapOnce().RequireAuthorization();
 if (gateway)
 {
     app.MapGateway();

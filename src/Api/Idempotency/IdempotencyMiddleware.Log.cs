@@ -10,7 +10,4 @@ internal sealed partial class IdempotencyMiddleware
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: the action ended with {Exception} after the client left; its claim is left to lapse, since the action may have taken effect.")]
     private static partial void LogLeftInDoubt(ILogger logger, string key, string exception);
-
-    [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: renewing the lease failed ({Reason}).")]
-    private static partial void LogRenewalFailed(ILogger logger, string key, string reason);
 }

@@ -43,6 +43,12 @@ public sealed record IdempotencyProblem(string Name, int Status, string Title, b
     /// <summary>The endpoint requires a scope (an authenticated caller) and the request has none.</summary>
     public static readonly IdempotencyProblem ScopeRequired = new("scope-required", 401, "Authentication required for idempotent requests", false);
 
+    /// <summary>A Once API call's token is not the key's live claim (released, lapsed, or another attempt's).</summary>
+    public static readonly IdempotencyProblem ClaimNotHeld = new("claim-not-held", 409, "The claim is not held", false);
+
+    /// <summary>A Once API call's key, token or body is malformed.</summary>
+    public static readonly IdempotencyProblem RequestInvalid = new("request-invalid", 400, "Request invalid", false);
+
     /// <summary>The store or the cluster cannot be reached: nothing ran.</summary>
     public static readonly IdempotencyProblem Unavailable = new("store-unavailable", 503, "Idempotency store unavailable", true);
 }

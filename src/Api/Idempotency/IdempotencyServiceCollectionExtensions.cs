@@ -21,6 +21,8 @@ public static class IdempotencyServiceCollectionExtensions
         services.TryAddSingleton<IdempotencyProblems>();
         services.TryAddSingleton<IdempotencyMetrics>();
         services.TryAddSingleton<ReplayCache>();
+        services.TryAddSingleton<Once.IOnceExecutor, Once.OnceExecutor>();
+        services.TryAddSingleton<Once.OnceHttp>();
         return services;
     }
 }

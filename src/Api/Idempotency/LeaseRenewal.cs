@@ -2,95 +2,95 @@ using OrleansIdempotency.Grains;
 
 namespace OrleansIdempotency.AspNetCore;
 
-internal sealed partial class IdempotencyMiddleware
+/// <summary>
+/// Renews a claim while the action runs, so a long action keeps its claim and a dead process loses it within one
+/// lease. A timer, not a loop: most actions end before the first tick, and then this costs one timer and no task
+/// or exception.
+/// </summary>
+/// <remarks>
+/// Each renewal comes at half of what is left of the lease, at most a third of a lease after the last: a renewal
+/// that fails leaves time for another, and a claim that arrived with less than its lease left (one recovered after
+/// a lost answer keeps the lease it was written with) is renewed in time. What is left is reckoned on this
+/// process's clock, from when the claim or renewal was asked for: never later than the grain's own reckoning.
+/// </remarks>
+internal sealed partial class LeaseRenewal : IDisposable
 {
-    /// <summary>
-    /// Renews a claim while the action runs, so a long action keeps its claim and a dead process loses it within one
-    /// lease. A timer, not a loop: most actions end before the first tick, and then this costs one timer and no task
-    /// or exception.
-    /// </summary>
-    /// <remarks>
-    /// Each renewal comes at half of what is left of the lease, at most a third of a lease after the last: a renewal
-    /// that fails leaves time for another, and a claim that arrived with less than its lease left (one recovered after
-    /// a lost answer keeps the lease it was written with) is renewed in time. What is left is reckoned on this
-    /// process's clock, from when the claim or renewal was asked for: never later than the grain's own reckoning.
-    /// </remarks>
-    private sealed class LeaseRenewal : IDisposable
+    // Near the lease's end, half of what is left shrinks towards nothing: renewals that keep failing are not spun.
+    private static readonly TimeSpan ShortestWait = TimeSpan.FromMilliseconds(100);
+
+    private readonly IIdempotencyGrain grain;
+    private readonly ClaimToken token;
+    private readonly TimeSpan lease;
+    private readonly TimeProvider time;
+    private readonly ILogger logger;
+    private readonly ITimer timer;
+    private DateTimeOffset leaseEndsBy;
+    private bool stopped;
+
+    // leaseEndsBy: when the claim's lease ends at the earliest, as this process reckons it (asked for + lease).
+    public LeaseRenewal(IIdempotencyGrain grain, ClaimToken token, DateTimeOffset leaseEndsBy, TimeSpan lease, TimeProvider time, ILogger logger)
     {
-        // Near the lease's end, half of what is left shrinks towards nothing: renewals that keep failing are not spun.
-        private static readonly TimeSpan ShortestWait = TimeSpan.FromMilliseconds(100);
+        this.grain = grain;
+        this.token = token;
+        this.lease = lease;
+        this.time = time;
+        this.logger = logger;
+        this.leaseEndsBy = leaseEndsBy;
+        timer = time.CreateTimer(static state => ((LeaseRenewal)state!).Tick(), this, UntilNextRenewal(), Timeout.InfiniteTimeSpan);
+    }
 
-        private readonly IIdempotencyGrain grain;
-        private readonly ClaimToken token;
-        private readonly TimeSpan lease;
-        private readonly TimeProvider time;
-        private readonly ILogger logger;
-        private readonly ITimer timer;
-        private DateTimeOffset leaseEndsBy;
-        private bool stopped;
+    public void Dispose()
+    {
+        Volatile.Write(ref stopped, true);
+        timer.Dispose();
+    }
 
-        // leaseEndsBy: when the claim's lease ends at the earliest, as this process reckons it (asked for + lease).
-        public LeaseRenewal(IIdempotencyGrain grain, ClaimToken token, DateTimeOffset leaseEndsBy, TimeSpan lease, TimeProvider time, ILogger logger)
+    private TimeSpan UntilNextRenewal()
+    {
+        var third = lease / 3;
+        var halfOfWhatIsLeft = (leaseEndsBy - time.GetUtcNow()) / 2;
+        return TimeSpan.FromTicks(Math.Clamp(halfOfWhatIsLeft.Ticks, Math.Min(ShortestWait.Ticks, third.Ticks), third.Ticks));
+    }
+
+    private async void Tick()
+    {
+        if (Volatile.Read(ref stopped))
         {
-            this.grain = grain;
-            this.token = token;
-            this.lease = lease;
-            this.time = time;
-            this.logger = logger;
-            this.leaseEndsBy = leaseEndsBy;
-            timer = time.CreateTimer(static state => ((LeaseRenewal)state!).Tick(), this, UntilNextRenewal(), Timeout.InfiniteTimeSpan);
+            return;
         }
 
-        public void Dispose()
+        var askedAt = time.GetUtcNow();
+        try
         {
-            Volatile.Write(ref stopped, true);
-            timer.Dispose();
-        }
-
-        private TimeSpan UntilNextRenewal()
-        {
-            var third = lease / 3;
-            var halfOfWhatIsLeft = (leaseEndsBy - time.GetUtcNow()) / 2;
-            return TimeSpan.FromTicks(Math.Clamp(halfOfWhatIsLeft.Ticks, Math.Min(ShortestWait.Ticks, third.Ticks), third.Ticks));
-        }
-
-        private async void Tick()
-        {
-            if (Volatile.Read(ref stopped))
+            if (!await grain.RenewAsync(token, lease))
             {
+                LogRenewalFailed(logger, grain.GetPrimaryKeyString(), "the claim is no longer held");
+                Dispose();
                 return;
             }
 
-            var askedAt = time.GetUtcNow();
-            try
-            {
-                if (!await grain.RenewAsync(token, lease))
-                {
-                    LogRenewalFailed(logger, grain.GetPrimaryKeyString(), "the claim is no longer held");
-                    Dispose();
-                    return;
-                }
+            leaseEndsBy = askedAt + lease;
+        }
+        catch (Exception ex)
+        {
+            LogRenewalFailed(logger, grain.GetPrimaryKeyString(), ex.GetType().Name);
+        }
 
-                leaseEndsBy = askedAt + lease;
-            }
-            catch (Exception ex)
-            {
-                LogRenewalFailed(logger, grain.GetPrimaryKeyString(), ex.GetType().Name);
-            }
+        if (time.GetUtcNow() >= leaseEndsBy || Volatile.Read(ref stopped))
+        {
+            return;
+        }
 
-            if (time.GetUtcNow() >= leaseEndsBy || Volatile.Read(ref stopped))
-            {
-                return;
-            }
-
-            try
-            {
-                timer.Change(UntilNextRenewal(), Timeout.InfiniteTimeSpan);
-            }
-            catch (ObjectDisposedException)
-            {
-                // The action ended while this renewal was out.
-            }
+        try
+        {
+            timer.Change(UntilNextRenewal(), Timeout.InfiniteTimeSpan);
+        }
+        catch (ObjectDisposedException)
+        {
+            // The action ended while this renewal was out.
         }
     }
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: renewing the lease failed ({Reason}).")]
+    private static partial void LogRenewalFailed(ILogger logger, string key, string reason);
 }

@@ -1,0 +1,295 @@
+using System.Text.Json;
+using System.Text.Json.Serialization;
+using Microsoft.Extensions.Options;
+using OrleansIdempotency.AspNetCore;
+using OrleansIdempotency.Grains;
+
+namespace OrleansIdempotency.Once;
+
+/// <summary>
+/// The Once API over HTTP/JSON (DESIGN §5), for workers and agents in any language: claim a key, complete it with a
+/// JSON result, renew or release the claim, read the key. Keys belong to the caller's scope (the default policy's
+/// <see cref="IdempotencyPolicy.Scope"/>), apart from the keys of idempotent endpoints. See the README.
+/// </summary>
+public static class OnceEndpoints
+{
+    /// <summary>Maps <c>POST {prefix}/{key}/claim|complete|renew|release</c> and <c>GET {prefix}/{key}</c>.</summary>
+    public static RouteGroupBuilder MapOnce(this IEndpointRouteBuilder endpoints, string prefix = "/once")
+    {
+        var group = endpoints.MapGroup(prefix);
+        group.MapPost("/{key}/claim", (HttpContext context, string key, OnceHttp once) => once.ClaimAsync(context, key));
+        group.MapPost("/{key}/complete", (HttpContext context, string key, OnceHttp once) => once.CompleteAsync(context, key));
+        group.MapPost("/{key}/renew", (HttpContext context, string key, OnceHttp once) => once.RenewAsync(context, key));
+        group.MapPost("/{key}/release", (HttpContext context, string key, OnceHttp once) => once.ReleaseAsync(context, key));
+        group.MapGet("/{key}", (HttpContext context, string key, OnceHttp once) => once.ReadAsync(context, key));
+        return group;
+    }
+}
+
+/// <summary>The body of <c>claim</c>: what the operation is asked to do, and the attempt asking.</summary>
+/// <param name="Input">Compared with the key's first input; another input is refused (422 <c>key-reused</c>).</param>
+/// <param name="Attempt">
+/// Names this attempt: a caller that lost the answer to a claim asks again with the same value and gets the same
+/// claim back, instead of finding its own claim in progress.
+/// </param>
+internal sealed record OnceClaimBody(string? Input, Guid? Attempt);
+
+/// <summary>The body of <c>complete</c>, <c>renew</c> and <c>release</c>.</summary>
+internal sealed record OnceTokenBody(string? Token, JsonElement? Result);
+
+/// <summary>What the Once API answers about a key.</summary>
+internal sealed record OnceState(
+    string Status,
+    string? Token = null,
+    DateTimeOffset? LeaseExpiresAt = null,
+    JsonElement? Result = null,
+    DateTimeOffset? ExpiresAt = null);
+
+internal sealed class OnceHttp(
+    IdempotencyGrainCalls calls,
+    IdempotencyProblems problems,
+    IOptions<IdempotencyOptions> options,
+    TimeProvider time)
+{
+    private const int MaxKeyLength = 255;
+
+    private static readonly JsonSerializerOptions Json = new(OnceExecutor.Json)
+    {
+        DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
+    };
+
+    private IdempotencyPolicy Policy => options.Value.DefaultPolicy;
+
+    public async Task ClaimAsync(HttpContext context, string key)
+    {
+        if (await BeginAsync<OnceClaimBody>(context, key, allowEmptyBody: true) is not var (grain, body))
+        {
+            return;
+        }
+
+        var policy = Policy;
+        var request = new ClaimRequest(body.Attempt ?? AttemptId.New(), OnceExecutor.Fingerprint(body.Input ?? ""), policy.Lease, policy.Retention, policy.OnLapsedLease);
+        ClaimResult claim;
+        try
+        {
+            claim = await calls.CallAsync(grain, g => g.ClaimAsync(request), context.RequestAborted);
+        }
+        catch (IdempotencyUnavailableException ex)
+        {
+            await UnavailableAsync(context, ex, key);
+            return;
+        }
+
+        switch (claim.Outcome)
+        {
+            case ClaimOutcome.Acquired:
+                await AnswerAsync(context, StatusCodes.Status201Created,
+                    new OnceState("acquired", OnceToken.Format(claim.Token!.Value), claim.LeaseExpiresAt));
+                return;
+            case ClaimOutcome.Completed:
+                await CompletedAsync(context, key, claim.Response!, claim.ExpiresAt);
+                return;
+            case ClaimOutcome.Mismatch:
+                await problems.WriteAsync(context, IdempotencyProblem.KeyReused, "This key was first claimed with a different input. Use a new key for a new operation.", key);
+                return;
+            case ClaimOutcome.OutcomeUnknown:
+                await problems.WriteAsync(context, IdempotencyProblem.OutcomeUnknown,
+                    "An earlier claim of this key lapsed without a completion; the operation may or may not have taken effect. It is not claimed again.", key);
+                return;
+            default:
+                await problems.WriteAsync(context, IdempotencyProblem.InProgress,
+                    "Another attempt holds this key. Ask again after the delay for its result.", key, TimeSpan.FromSeconds(1));
+                return;
+        }
+    }
+
+    public async Task CompleteAsync(HttpContext context, string key)
+    {
+        if (await BeginAsync<OnceTokenBody>(context, key, allowEmptyBody: false) is not var (grain, body)
+            || await TokenAsync(context, key, body) is not { } token)
+        {
+            return;
+        }
+
+        if (body.Result is not { } result)
+        {
+            await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid, "The body needs a \"result\": the operation's outcome, any JSON value.", key);
+            return;
+        }
+
+        var bytes = JsonSerializer.SerializeToUtf8Bytes(result, Json);
+        if (bytes.Length > Policy.MaxStoredResponseBytes)
+        {
+            await problems.WriteAsync(context, IdempotencyProblem.BodyTooLarge,
+                $"The result has {bytes.Length} bytes; at most {Policy.MaxStoredResponseBytes} are stored. The claim is still held: release it, or complete it with a smaller result.", key);
+            return;
+        }
+
+        var stored = new StoredResponse(OnceExecutor.ResultStatus, [], bytes, false, bytes.Length);
+        await TokenCallAsync(context, key, grain, g => g.CompleteAsync(token, stored), async () =>
+            await CompletedAsync(context, key, stored, null));
+    }
+
+    public async Task RenewAsync(HttpContext context, string key)
+    {
+        if (await BeginAsync<OnceTokenBody>(context, key, allowEmptyBody: false) is not var (grain, body)
+            || await TokenAsync(context, key, body) is not { } token)
+        {
+            return;
+        }
+
+        // Reckoned from before the call: the grain's lease ends no sooner than this.
+        var leaseEndsBy = time.GetUtcNow() + Policy.Lease;
+        await TokenCallAsync(context, key, grain, g => g.RenewAsync(token, Policy.Lease), () =>
+            AnswerAsync(context, StatusCodes.Status200OK, new OnceState("acquired", body.Token, leaseEndsBy)));
+    }
+
+    public async Task ReleaseAsync(HttpContext context, string key)
+    {
+        if (await BeginAsync<OnceTokenBody>(context, key, allowEmptyBody: false) is not var (grain, body)
+            || await TokenAsync(context, key, body) is not { } token)
+        {
+            return;
+        }
+
+        await TokenCallAsync(context, key, grain, g => g.ReleaseAsync(token.AttemptId, Policy.Lease), () =>
+        {
+            context.Response.StatusCode = StatusCodes.Status204NoContent;
+            return Task.CompletedTask;
+        });
+    }
+
+    public async Task ReadAsync(HttpContext context, string key)
+    {
+        if (await BeginAsync<OnceClaimBody>(context, key, allowEmptyBody: true) is not var (grain, _))
+        {
+            return;
+        }
+
+        IdempotencyRecord record;
+        try
+        {
+            record = await calls.CallAsync(grain, g => g.GetAsync(), context.RequestAborted);
+        }
+        catch (IdempotencyUnavailableException ex)
+        {
+            await UnavailableAsync(context, ex, key);
+            return;
+        }
+
+        switch (record.Status)
+        {
+            case IdempotencyStatus.Completed:
+                await CompletedAsync(context, key, record.Response!, record.ExpiresAt);
+                return;
+            case IdempotencyStatus.InProgress:
+                await AnswerAsync(context, StatusCodes.Status200OK, new OnceState("inProgress", LeaseExpiresAt: record.LeaseExpiresAt));
+                return;
+            case IdempotencyStatus.OutcomeUnknown:
+                await AnswerAsync(context, StatusCodes.Status200OK, new OnceState("outcomeUnknown"));
+                return;
+            default:
+                await AnswerAsync(context, StatusCodes.Status200OK, new OnceState("none"));
+                return;
+        }
+    }
+
+    // The key's grain and the request's body, or null once a problem has been answered.
+    private async Task<(IIdempotencyGrain Grain, T Body)?> BeginAsync<T>(HttpContext context, string key, bool allowEmptyBody)
+        where T : class
+    {
+        context.Response.Headers.CacheControl = "no-store";
+        if (key.Length > MaxKeyLength || key.Any(c => c is < '!' or > '~'))
+        {
+            await problems.WriteAsync(context, IdempotencyProblem.KeyInvalid, $"A key is 1 to {MaxKeyLength} visible ASCII characters.", null);
+            return null;
+        }
+
+        var policy = Policy;
+        var scope = policy.Scope(context);
+        if (scope is null && !policy.AllowAnonymous)
+        {
+            await problems.WriteAsync(context, IdempotencyProblem.ScopeRequired, "The Once API needs an authenticated caller.", key);
+            return null;
+        }
+
+        T? body;
+        try
+        {
+            using var buffer = new MemoryStream();
+            await context.Request.Body.CopyToAsync(buffer, context.RequestAborted);
+            body = buffer.Length == 0 && allowEmptyBody
+                ? JsonSerializer.Deserialize<T>("{}", Json)
+                : JsonSerializer.Deserialize<T>(buffer.GetBuffer().AsSpan(0, (int)buffer.Length), Json);
+        }
+        catch (JsonException ex)
+        {
+            await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid, $"The body is not the JSON object this call takes: {ex.Message}", key);
+            return null;
+        }
+
+        if (body is null)
+        {
+            await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid, "The body must be a JSON object.", key);
+            return null;
+        }
+
+        return (calls.Grain(OnceExecutor.GrainKey(scope ?? IdempotencyScope.Anonymous, key)), body);
+    }
+
+    private async Task<ClaimToken?> TokenAsync(HttpContext context, string key, OnceTokenBody body)
+    {
+        if (OnceToken.TryParse(body.Token, out var token))
+        {
+            return token;
+        }
+
+        await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid, "The body needs the \"token\" that claim answered with.", key);
+        return null;
+    }
+
+    private async Task TokenCallAsync(HttpContext context, string key, IIdempotencyGrain grain, Func<IIdempotencyGrain, Task<bool>> call, Func<Task> onHeld)
+    {
+        bool held;
+        try
+        {
+            held = await calls.CallAsync(grain, call, context.RequestAborted);
+        }
+        catch (IdempotencyUnavailableException ex)
+        {
+            await UnavailableAsync(context, ex, key);
+            return;
+        }
+
+        if (held)
+        {
+            await onHeld();
+            return;
+        }
+
+        await problems.WriteAsync(context, IdempotencyProblem.ClaimNotHeld,
+            "This token does not hold the key: it was released, its lease lapsed, or it belongs to another attempt.", key);
+    }
+
+    private async Task CompletedAsync(HttpContext context, string key, StoredResponse stored, DateTimeOffset? expiresAt)
+    {
+        if (stored.BodyOmitted)
+        {
+            await problems.WriteAsync(context, IdempotencyProblem.ResponseNotStored,
+                $"The key completed, but its {stored.BodyLength}-byte result was larger than the layer stores.", key);
+            return;
+        }
+
+        using var result = JsonDocument.Parse(stored.Body);
+        await AnswerAsync(context, StatusCodes.Status200OK, new OnceState("completed", Result: result.RootElement, ExpiresAt: expiresAt));
+    }
+
+    private Task UnavailableAsync(HttpContext context, IdempotencyUnavailableException ex, string key) =>
+        problems.WriteAsync(context, IdempotencyProblem.Unavailable, $"The idempotency store could not be reached ({ex.InnerException?.GetType().Name}); nothing was decided.", key, TimeSpan.FromSeconds(1));
+
+    private static Task AnswerAsync(HttpContext context, int status, OnceState state)
+    {
+        context.Response.StatusCode = status;
+        return context.Response.WriteAsJsonAsync(state, Json, context.RequestAborted);
+    }
+}

@@ -1,0 +1,129 @@
+using System.Security.Cryptography;
+using System.Text;
+using System.Text.Json;
+using Microsoft.Extensions.Options;
+using OrleansIdempotency.AspNetCore;
+using OrleansIdempotency.Grains;
+
+namespace OrleansIdempotency.Once;
+
+/// <summary>
+/// <see cref="IOnceExecutor"/> on the key grains: the same claim, lease renewal, completion and release as the HTTP
+/// layer, with a JSON result in place of a response.
+/// </summary>
+internal sealed partial class OnceExecutor(
+    IdempotencyGrainCalls calls,
+    IOptions<IdempotencyOptions> options,
+    TimeProvider time,
+    ILogger<OnceExecutor> logger) : IOnceExecutor
+{
+    /// <summary>The status a stored result carries, as an HTTP response would.</summary>
+    internal const int ResultStatus = 200;
+
+    /// <summary>How results are written and read, here and over HTTP.</summary>
+    internal static readonly JsonSerializerOptions Json = JsonSerializerOptions.Web;
+
+    /// <summary>The grain key of <paramref name="key"/>: its own kind of scope, apart from the HTTP layer's.</summary>
+    internal static IdempotencyKey GrainKey(string scope, string key) => new("once:" + scope, key);
+
+    /// <summary>SHA-256 of the input, the fingerprint a claim carries.</summary>
+    internal static byte[] Fingerprint(string input) => SHA256.HashData(Encoding.UTF8.GetBytes(input));
+
+    public async Task<T> ExecuteOnceAsync<T>(OnceKey key, Func<CancellationToken, Task<T>> action, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(key);
+        ArgumentException.ThrowIfNullOrEmpty(key.Key);
+        ArgumentException.ThrowIfNullOrEmpty(key.Scope);
+        ArgumentNullException.ThrowIfNull(action);
+        var policy = options.Value.DefaultPolicy;
+        var grain = calls.Grain(GrainKey(key.Scope, key.Key));
+        var request = new ClaimRequest(AttemptId.New(), Fingerprint(key.Input ?? ""), policy.Lease, policy.Retention, policy.OnLapsedLease);
+        var askedAt = time.GetUtcNow();
+        var waitUntil = askedAt + policy.WaitTimeout;
+        while (true)
+        {
+            ClaimResult claim;
+            try
+            {
+                claim = await calls.CallAsync(grain, g => g.ClaimAsync(request), cancellationToken);
+            }
+            catch (Exception ex) when (ex is IdempotencyUnavailableException || (ex is OperationCanceledException && cancellationToken.IsCancellationRequested))
+            {
+                // The claim may have been written before the failure: give it back, or its lease lapses.
+                _ = calls.ReleaseAsync(grain, request.AttemptId, policy.Lease);
+                throw;
+            }
+
+            switch (claim.Outcome)
+            {
+                case ClaimOutcome.Acquired:
+                    return await RunAsync(grain, claim.Token!.Value, askedAt + policy.Lease, policy, action, cancellationToken);
+                case ClaimOutcome.Completed:
+                    return Replay<T>(key.Key, claim.Response!);
+                case ClaimOutcome.Mismatch:
+                    throw new OnceRefusedException(OnceRefusal.KeyReused, key.Key, $"Key '{key.Key}' was first used with another input; nothing ran.");
+                case ClaimOutcome.OutcomeUnknown:
+                    throw new OnceRefusedException(OnceRefusal.OutcomeUnknown, key.Key,
+                        $"An earlier run of key '{key.Key}' stopped without its outcome; it may or may not have taken effect. It is not run again.");
+            }
+
+            var now = time.GetUtcNow();
+            if (now >= waitUntil)
+            {
+                throw new OnceRefusedException(OnceRefusal.InProgress, key.Key, $"Key '{key.Key}' is still running elsewhere; ask again later.");
+            }
+
+            await calls.CallAsync(grain, g => g.WaitAsync(waitUntil - now), cancellationToken);
+            askedAt = time.GetUtcNow();
+        }
+    }
+
+    private async Task<T> RunAsync<T>(IIdempotencyGrain grain, ClaimToken token, DateTimeOffset leaseEndsBy, IdempotencyPolicy policy,
+        Func<CancellationToken, Task<T>> action, CancellationToken cancellationToken)
+    {
+        T result;
+        using (new LeaseRenewal(grain, token, leaseEndsBy, policy.Lease, time, logger))
+        {
+            try
+            {
+                result = await action(cancellationToken);
+            }
+            catch (Exception ex)
+            {
+                if (ex is OperationCanceledException && cancellationToken.IsCancellationRequested)
+                {
+                    LogLeftInDoubt(logger, grain.GetPrimaryKeyString());
+                }
+                else
+                {
+                    await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease);
+                }
+
+                throw;
+            }
+        }
+
+        var body = JsonSerializer.SerializeToUtf8Bytes(result, Json);
+        var stored = body.Length <= policy.MaxStoredResponseBytes
+            ? new StoredResponse(ResultStatus, [], body, false, body.Length)
+            : new StoredResponse(ResultStatus, [], [], true, body.Length);
+        if (!await calls.CompleteAsync(grain, token, stored, policy.Lease))
+        {
+            LogCompletionRefused(logger, grain.GetPrimaryKeyString());
+        }
+
+        return result;
+    }
+
+    private static T Replay<T>(string key, StoredResponse stored) =>
+        stored.BodyOmitted
+            ? throw new OnceRefusedException(OnceRefusal.ResultNotStored, key,
+                $"Key '{key}' completed, but its {stored.BodyLength}-byte result was larger than the layer stores. It is not run again.")
+            : JsonSerializer.Deserialize<T>(stored.Body, Json)!;
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Once key {Key}: the action was cancelled midway; its claim is left to lapse, since it may have taken effect.")]
+    private static partial void LogLeftInDoubt(ILogger logger, string key);
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Once key {Key}: the claim's lease ran out before the result could be stored; later calls are refused as outcome-unknown.")]
+    private static partial void LogCompletionRefused(ILogger logger, string key);
+}

@@ -1,0 +1,33 @@
+using System.Buffers.Binary;
+using System.Buffers.Text;
+using OrleansIdempotency.Grains;
+
+namespace OrleansIdempotency.Once;
+
+/// <summary>A claim as the Once API's HTTP callers hold it: the attempt id and the fencing token, base64url.</summary>
+internal static class OnceToken
+{
+    private const int Length = 24;
+
+    public static string Format(ClaimToken token)
+    {
+        Span<byte> bytes = stackalloc byte[Length];
+        token.AttemptId.TryWriteBytes(bytes);
+        BinaryPrimitives.WriteInt64BigEndian(bytes[16..], token.FencingToken);
+        return Base64Url.EncodeToString(bytes);
+    }
+
+    public static bool TryParse(string? text, out ClaimToken token)
+    {
+        token = default;
+        Span<byte> bytes = stackalloc byte[Length];
+        if (text is null || text.Length != Base64Url.GetEncodedLength(Length)
+            || !Base64Url.TryDecodeFromChars(text, bytes, out var written) || written != Length)
+        {
+            return false;
+        }
+
+        token = new ClaimToken(new Guid(bytes[..16]), BinaryPrimitives.ReadInt64BigEndian(bytes[16..]));
+        return true;
+    }
+}

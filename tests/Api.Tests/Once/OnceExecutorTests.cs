@@ -1,0 +1,161 @@
+using Microsoft.Extensions.Logging.Abstractions;
+using Microsoft.Extensions.Options;
+using OrleansIdempotency.AspNetCore;
+using OrleansIdempotency.AspNetCore.Tests;
+using OrleansIdempotency.Grains;
+using OrleansIdempotency.Once;
+
+namespace OrleansIdempotency.Api.Tests.Once;
+
+/// <summary><see cref="IOnceExecutor"/> on an in-process cluster with a switchable store and a fake clock.</summary>
+[Collection(MiddlewareClusterCollection.Name)]
+public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
+{
+    private int runs;
+
+    private OnceExecutor Executor()
+    {
+        var options = Options.Create(new IdempotencyOptions { ClusterRetryBudget = TimeSpan.FromSeconds(2) });
+        return new OnceExecutor(
+            new IdempotencyGrainCalls(fixture.Grains, options, fixture.Time, NullLogger<IdempotencyGrainCalls>.Instance),
+            options,
+            fixture.Time,
+            NullLogger<OnceExecutor>.Instance);
+    }
+
+    private static string NewKey() => Guid.NewGuid().ToString();
+
+    private Task<Charge> ChargeAsync(CancellationToken _)
+    {
+        Interlocked.Increment(ref runs);
+        return Task.FromResult(new Charge(Guid.NewGuid(), 5.00m));
+    }
+
+    [Fact]
+    public async Task ExecuteOnce_RunsTheActionOnce_AndLaterCallsGetItsStoredResult()
+    {
+        var once = Executor();
+        var key = NewKey();
+
+        var first = await once.ExecuteOnceAsync(key, ChargeAsync);
+        var again = await once.ExecuteOnceAsync(key, ChargeAsync);
+
+        Assert.Equal(first, again);
+        Assert.Equal(1, runs);
+    }
+
+    [Fact]
+    public async Task ParallelCallsWithOneKey_RunTheActionOnce_AndAllGetItsResult()
+    {
+        var once = Executor();
+        for (var round = 0; round < 3; round++)
+        {
+            var key = NewKey();
+            var release = new TaskCompletionSource();
+            var calls = Enumerable.Range(0, 50).Select(_ => Task.Run(() => once.ExecuteOnceAsync(key, async ct =>
+            {
+                await release.Task;
+                return await ChargeAsync(ct);
+            }))).ToArray();
+            while (await fixture.Grains.GetIdempotencyGrain(OnceExecutor.GrainKey("default", key)).GetAsync() is { Status: not IdempotencyStatus.InProgress })
+            {
+                await Task.Delay(5);
+            }
+
+            release.SetResult();
+            var results = await Task.WhenAll(calls);
+
+            Assert.Single(results.Distinct());
+            Assert.Equal(round + 1, runs);
+        }
+    }
+
+    [Fact]
+    public async Task SameKeyWithAnotherInput_IsRefusedAsKeyReused_AndNothingRuns()
+    {
+        var once = Executor();
+        var key = NewKey();
+        await once.ExecuteOnceAsync(new OnceKey(key, Input: "{\"amount\":5}"), ChargeAsync);
+
+        var refused = await Assert.ThrowsAsync<OnceRefusedException>(() => once.ExecuteOnceAsync(new OnceKey(key, Input: "{\"amount\":6}"), ChargeAsync));
+
+        Assert.Equal(OnceRefusal.KeyReused, refused.Reason);
+        Assert.Equal(1, runs);
+    }
+
+    [Fact]
+    public async Task KeysOfDifferentScopes_NeverMeet_NorTheKeysOfIdempotentEndpoints()
+    {
+        var once = Executor();
+        var key = NewKey();
+
+        var a = await once.ExecuteOnceAsync(new OnceKey(key, "tenant-a"), ChargeAsync);
+        var b = await once.ExecuteOnceAsync(new OnceKey(key, "tenant-b"), ChargeAsync);
+
+        Assert.NotEqual(a, b);
+        Assert.Equal(2, runs);
+        Assert.NotEqual("user:alice", OnceExecutor.GrainKey("user:alice", key).Scope);
+    }
+
+    [Fact]
+    public async Task ActionThatThrows_ReleasesTheKey_SoTheNextCallRunsIt()
+    {
+        var once = Executor();
+        var key = NewKey();
+
+        await Assert.ThrowsAsync<TimeoutException>(() => once.ExecuteOnceAsync<Charge>(key, _ => throw new TimeoutException("downstream")));
+        var retried = await once.ExecuteOnceAsync(key, ChargeAsync);
+
+        Assert.Equal(1, runs);
+        Assert.Equal(retried, await once.ExecuteOnceAsync(key, ChargeAsync));
+    }
+
+    [Fact]
+    public async Task ActionCancelledByItsCaller_LeavesTheKeyInDoubt_AndItIsNeverRunAgain()
+    {
+        var once = Executor();
+        var key = NewKey();
+        using var cancel = new CancellationTokenSource();
+
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => once.ExecuteOnceAsync<Charge>(key, async ct =>
+        {
+            Interlocked.Increment(ref runs);
+            await cancel.CancelAsync();
+            ct.ThrowIfCancellationRequested();
+            return new Charge(Guid.NewGuid(), 1);
+        }, cancel.Token));
+        fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
+        var refused = await Assert.ThrowsAsync<OnceRefusedException>(() => once.ExecuteOnceAsync(key, ChargeAsync));
+
+        Assert.Equal(OnceRefusal.OutcomeUnknown, refused.Reason);
+        Assert.Equal(1, runs);
+    }
+
+    [Fact]
+    public async Task StoreDown_FailsClosed_AndTheActionDoesNotRun()
+    {
+        var once = Executor();
+        var key = NewKey();
+
+        await fixture.WhileStoreDownAsync(() => Assert.ThrowsAsync<IdempotencyUnavailableException>(() => once.ExecuteOnceAsync(key, ChargeAsync)));
+        var afterwards = await once.ExecuteOnceAsync(key, ChargeAsync);
+
+        Assert.Equal(1, runs);
+        Assert.NotEqual(Guid.Empty, afterwards.Id);
+    }
+
+    [Fact]
+    public async Task ResultLargerThanTheLayerStores_IsReturnedOnce_AndLaterCallsAreRefused()
+    {
+        var once = Executor();
+        var key = NewKey();
+        var large = new string('x', IdempotencyPolicy.Default.MaxStoredResponseBytes);
+
+        Assert.Equal(large, await once.ExecuteOnceAsync(key, _ => Task.FromResult(large)));
+        var refused = await Assert.ThrowsAsync<OnceRefusedException>(() => once.ExecuteOnceAsync(key, _ => Task.FromResult("again")));
+
+        Assert.Equal(OnceRefusal.ResultNotStored, refused.Reason);
+    }
+
+    private sealed record Charge(Guid Id, decimal Amount);
+}
