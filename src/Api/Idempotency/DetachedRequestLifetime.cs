@@ -16,5 +16,12 @@ internal sealed class DetachedRequestLifetime(IHttpRequestLifetimeFeature connec
 {
     public CancellationToken RequestAborted { get; set; }
 
-    public void Abort() => connection.Abort();
+    /// <summary>True once the action aborted the connection itself: what it wrote is not its whole response.</summary>
+    public bool Aborted { get; private set; }
+
+    public void Abort()
+    {
+        Aborted = true;
+        connection.Abort();
+    }
 }

@@ -3,6 +3,8 @@ using System.Globalization;
 using Microsoft.AspNetCore.Authentication;
 using Microsoft.AspNetCore.Http.Features;
 using Microsoft.Extensions.Options;
+using Microsoft.Extensions.Primitives;
+using Microsoft.Net.Http.Headers;
 using OrleansIdempotency.Grains;
 
 namespace OrleansIdempotency.AspNetCore;
@@ -161,42 +163,61 @@ internal sealed partial class IdempotencyMiddleware(
     private async Task ExecuteAsync(HttpContext context, IdempotencyPolicy policy, IIdempotencyGrain grain, ClaimToken token, DateTimeOffset leaseEndsBy)
     {
         var clientGone = context.RequestAborted;
-        var lifetime = context.Features.GetRequiredFeature<IHttpRequestLifetimeFeature>();
-        var originalBody = context.Features.GetRequiredFeature<IHttpResponseBodyFeature>();
-        using var capture = new ResponseCapture(originalBody.Stream, policy.MaxStoredResponseBytes, clientGone);
-        context.Features.Set<IHttpResponseBodyFeature>(new StreamResponseBodyFeature(capture, originalBody));
-        context.Features.Set<IHttpRequestLifetimeFeature>(new DetachedRequestLifetime(lifetime));
+        var connection = context.Features.GetRequiredFeature<IHttpRequestLifetimeFeature>();
+        var clientBody = context.Features.GetRequiredFeature<IHttpResponseBodyFeature>();
+        var capture = new ResponseCapture(clientBody, policy.MaxStoredResponseBytes, context.Response.Headers, clientGone);
+        var lifetime = new DetachedRequestLifetime(connection);
         var renewal = new LeaseRenewal(grain, token, leaseEndsBy, policy.Lease, time, logger);
         try
         {
             try
             {
+                context.Features.Set<IHttpResponseBodyFeature>(capture);
+                context.Features.Set<IHttpRequestLifetimeFeature>(lifetime);
                 await next(context);
+                await capture.FlushWriterAsync();
             }
-            finally
+            catch (Exception exception)
             {
-                context.Features.Set(originalBody);
-                context.Features.Set(lifetime);
+                renewal.Dispose();
+                context.Features.Set(clientBody);
+                context.Features.Set(connection);
+                // Once its response has begun the action has most likely taken effect, and its client may hold part of
+                // an answer: its key is left to lapse (outcome unknown) rather than run again.
+                if (capture.BytesWritten == 0 && !context.Response.HasStarted && policy.ReleasesOnException(exception, context))
+                {
+                    await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease);
+                    metrics.Record(IdempotencyResults.Released);
+                }
+                else
+                {
+                    LogLeftInDoubt(logger, grain.GetPrimaryKeyString(), exception.GetType().Name);
+                }
+
+                throw;
             }
-        }
-        catch (Exception exception)
-        {
+
             renewal.Dispose();
-            if (policy.ReleasesOnException(exception, context))
-            {
-                await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease);
-                metrics.Record(IdempotencyResults.Released);
-            }
-            else
-            {
-                // The action may have taken effect before it was cut off: leave the claim to lapse (outcome unknown).
-                LogLeftInDoubt(logger, grain.GetPrimaryKeyString(), exception.GetType().Name);
-            }
+            context.Features.Set(clientBody);
+            context.Features.Set(connection);
+            await SettleAsync(context, policy, grain, token, capture, lifetime);
+        }
+        finally
+        {
+            capture.ReturnBuffer();
+        }
+    }
 
-            throw;
+    private async Task SettleAsync(HttpContext context, IdempotencyPolicy policy, IIdempotencyGrain grain, ClaimToken token, ResponseCapture capture, DetachedRequestLifetime lifetime)
+    {
+        if (lifetime.Aborted)
+        {
+            // The action cut its own response off (as a proxy does when its backend fails mid-body): what it wrote is
+            // no outcome to replay, and it may have taken effect.
+            LogLeftInDoubt(logger, grain.GetPrimaryKeyString(), "an aborted response");
+            return;
         }
 
-        renewal.Dispose();
         var response = context.Response;
         if (policy.ReleasesKey(response.StatusCode))
         {
@@ -205,7 +226,7 @@ internal sealed partial class IdempotencyMiddleware(
             return;
         }
 
-        var stored = new StoredResponse(response.StatusCode, StoredHeaders(response.Headers, policy), capture.ToArray(), capture.Overflowed, capture.BytesWritten);
+        var stored = new StoredResponse(response.StatusCode, StoredHeaders(response.Headers, policy, capture.ArrivedEncoded), capture.ToArray(), capture.Overflowed, capture.BytesWritten);
         // The client may be gone; the outcome is stored regardless, for its retry.
         if (!await calls.CompleteAsync(grain, token, stored, policy.Lease))
         {
@@ -226,10 +247,7 @@ internal sealed partial class IdempotencyMiddleware(
 
         var response = context.Response;
         response.StatusCode = stored.StatusCode;
-        foreach (var header in stored.Headers)
-        {
-            response.Headers.Append(header.Name, header.Value);
-        }
+        SetStoredHeaders(response.Headers, stored.Headers);
 
         response.Headers[ReplayedHeader] = "true";
         metrics.Record(IdempotencyResults.Replayed);
@@ -284,12 +302,33 @@ internal sealed partial class IdempotencyMiddleware(
         metrics.Record(IdempotencyResults.Unavailable);
     }
 
-    private static List<StoredHeader> StoredHeaders(IHeaderDictionary headers, IdempotencyPolicy policy)
+    // Set, not appended: a header a middleware outside this one set before it ran is in the stored set already.
+    private static void SetStoredHeaders(IHeaderDictionary headers, IReadOnlyList<StoredHeader> stored)
+    {
+        for (var first = 0; first < stored.Count;)
+        {
+            var name = stored[first].Name;
+            var end = first + 1;
+            while (end < stored.Count && string.Equals(stored[end].Name, name, StringComparison.OrdinalIgnoreCase))
+            {
+                end++;
+            }
+
+            headers[name] = end == first + 1
+                ? new StringValues(stored[first].Value)
+                : new StringValues(stored.Skip(first).Take(end - first).Select(h => h.Value).ToArray());
+            first = end;
+        }
+    }
+
+    // Content-Encoding only when the body's bytes arrived encoded (ResponseCapture.ArrivedEncoded).
+    private static List<StoredHeader> StoredHeaders(IHeaderDictionary headers, IdempotencyPolicy policy, bool bodyEncoded)
     {
         var stored = new List<StoredHeader>();
         foreach (var (name, values) in headers)
         {
-            if (policy.StoredHeaders.Contains(name) && !IdempotencyPolicy.NeverStoredHeaders.Contains(name))
+            if (policy.StoredHeaders.Contains(name) && !IdempotencyPolicy.NeverStoredHeaders.Contains(name)
+                && (bodyEncoded || !string.Equals(name, HeaderNames.ContentEncoding, StringComparison.OrdinalIgnoreCase)))
             {
                 foreach (var value in values)
                 {

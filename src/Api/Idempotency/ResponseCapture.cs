@@ -1,18 +1,30 @@
 using System.Buffers;
+using System.IO.Pipelines;
+using Microsoft.AspNetCore.Http.Features;
+using Microsoft.Extensions.Primitives;
 
 namespace OrleansIdempotency.AspNetCore;
 
 /// <summary>
-/// A write-through response stream: every write goes to the client as usual and is also copied, into a pooled
-/// buffer, until the copy would pass <see cref="Limit"/>; past that it stops copying (the client still gets every
-/// byte) and only counts. Once the client has gone (<paramref name="clientGone"/>) writes are only copied: the
-/// action runs on for the client's retry (<see cref="DetachedRequestLifetime"/>), and no server is asked to send
-/// to a closed connection.
+/// The response body an idempotent action writes to, as a stream and as a pipe: every byte goes to the client as
+/// usual and is also copied, into a pooled buffer, until the copy would pass <see cref="Limit"/>; past that it stops
+/// copying (the client still gets every byte) and only counts. Once the client has gone
+/// (<paramref name="clientGone"/>) bytes are only copied: the action runs on for the client's retry
+/// (<see cref="DetachedRequestLifetime"/>), and no server is asked to send to a closed connection.
 /// </summary>
-internal sealed class ResponseCapture(Stream inner, int limit, CancellationToken clientGone) : Stream
+/// <remarks>
+/// The layer owns the copy: an action that disposes the stream (a <see cref="StreamWriter"/> without
+/// <c>leaveOpen</c>) changes nothing, and <see cref="ReturnBuffer"/> gives the buffer back once it is stored.
+/// </remarks>
+internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit, IHeaderDictionary headers, CancellationToken clientGone)
+    : Stream, IHttpResponseBodyFeature
 {
+    private readonly Stream inner = client.Stream;
     private byte[] buffer = [];
     private int copied;
+    private PipeWriter? writer;
+    private bool writerCompleted;
+    private bool encodingNoted;
 
     /// <summary>The most bytes kept.</summary>
     public int Limit { get; } = limit;
@@ -22,6 +34,14 @@ internal sealed class ResponseCapture(Stream inner, int limit, CancellationToken
 
     /// <summary>True when the body was larger than <see cref="Limit"/>, so the copy is incomplete.</summary>
     public bool Overflowed { get; private set; }
+
+    /// <summary>
+    /// True when the action had set a <c>Content-Encoding</c> by the time it started its response or wrote its first
+    /// byte: the copy is encoded, and the header describes it. Set later, by a layer outside this one that encodes
+    /// what passes through it (response compression), the header describes only what that client got; such a layer
+    /// encodes a replay afresh.
+    /// </summary>
+    public bool ArrivedEncoded { get; private set; }
 
     public override bool CanRead => false;
 
@@ -37,17 +57,35 @@ internal sealed class ResponseCapture(Stream inner, int limit, CancellationToken
         set => throw new NotSupportedException();
     }
 
+    Stream IHttpResponseBodyFeature.Stream => this;
+
+    PipeWriter IHttpResponseBodyFeature.Writer => writer ??= PipeWriter.Create(this, new StreamPipeWriterOptions(leaveOpen: true));
+
     /// <summary>The copied body; valid when not <see cref="Overflowed"/>.</summary>
     public byte[] ToArray() => Overflowed ? [] : buffer.AsSpan(0, copied).ToArray();
 
-    public override void Write(byte[] buffer, int offset, int count)
+    /// <summary>Passes on what the action left in the body's pipe without flushing it, as a server would at its end.</summary>
+    public async Task FlushWriterAsync()
     {
-        Copy(buffer.AsSpan(offset, count));
-        if (!clientGone.IsCancellationRequested)
+        if (writer is not null && !writerCompleted)
         {
-            inner.Write(buffer, offset, count);
+            writerCompleted = true;
+            await writer.CompleteAsync();
         }
     }
+
+    /// <summary>Gives the copy's buffer back to the pool; the copy is gone after this.</summary>
+    public void ReturnBuffer()
+    {
+        if (buffer.Length > 0)
+        {
+            ArrayPool<byte>.Shared.Return(buffer);
+            buffer = [];
+            copied = 0;
+        }
+    }
+
+    public override void Write(byte[] buffer, int offset, int count) => Write(buffer.AsSpan(offset, count));
 
     public override void Write(ReadOnlySpan<byte> buffer)
     {
@@ -58,11 +96,8 @@ internal sealed class ResponseCapture(Stream inner, int limit, CancellationToken
         }
     }
 
-    public override Task WriteAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken)
-    {
-        Copy(buffer.AsSpan(offset, count));
-        return clientGone.IsCancellationRequested ? Task.CompletedTask : inner.WriteAsync(buffer, offset, count, cancellationToken);
-    }
+    public override Task WriteAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken) =>
+        WriteAsync(buffer.AsMemory(offset, count), cancellationToken).AsTask();
 
     public override ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken = default)
     {
@@ -72,14 +107,18 @@ internal sealed class ResponseCapture(Stream inner, int limit, CancellationToken
 
     public override void Flush()
     {
+        NoteEncoding();
         if (!clientGone.IsCancellationRequested)
         {
             inner.Flush();
         }
     }
 
-    public override Task FlushAsync(CancellationToken cancellationToken) =>
-        clientGone.IsCancellationRequested ? Task.CompletedTask : inner.FlushAsync(cancellationToken);
+    public override Task FlushAsync(CancellationToken cancellationToken)
+    {
+        NoteEncoding();
+        return clientGone.IsCancellationRequested ? Task.CompletedTask : inner.FlushAsync(cancellationToken);
+    }
 
     public override int Read(byte[] buffer, int offset, int count) => throw new NotSupportedException();
 
@@ -87,19 +126,47 @@ internal sealed class ResponseCapture(Stream inner, int limit, CancellationToken
 
     public override void SetLength(long value) => throw new NotSupportedException();
 
-    protected override void Dispose(bool disposing)
-    {
-        if (disposing && buffer.Length > 0)
-        {
-            ArrayPool<byte>.Shared.Return(buffer);
-            buffer = [];
-        }
+    void IHttpResponseBodyFeature.DisableBuffering() => client.DisableBuffering();
 
-        base.Dispose(disposing);
+    Task IHttpResponseBodyFeature.StartAsync(CancellationToken cancellationToken)
+    {
+        NoteEncoding();
+        return clientGone.IsCancellationRequested ? Task.CompletedTask : client.StartAsync(cancellationToken);
+    }
+
+    Task IHttpResponseBodyFeature.SendFileAsync(string path, long offset, long? count, CancellationToken cancellationToken) =>
+        SendFileFallback.SendFileAsync(this, path, offset, count, cancellationToken);
+
+    async Task IHttpResponseBodyFeature.CompleteAsync()
+    {
+        NoteEncoding();
+        await FlushWriterAsync();
+        if (!clientGone.IsCancellationRequested)
+        {
+            await client.CompleteAsync();
+        }
+    }
+
+    // The action's to call, not to act on: the layer still needs the copy (ReturnBuffer), and writes keep working.
+    protected override void Dispose(bool disposing) => base.Dispose(disposing);
+
+    // Before anything is passed on: starting the response is where an outer encoder sets its header.
+    private void NoteEncoding()
+    {
+        if (!encodingNoted)
+        {
+            encodingNoted = true;
+            ArrivedEncoded = !StringValues.IsNullOrEmpty(headers.ContentEncoding);
+        }
     }
 
     private void Copy(ReadOnlySpan<byte> data)
     {
+        if (data.Length > 0)
+        {
+            NoteEncoding();
+        }
+
         BytesWritten += data.Length;
         if (Overflowed)
         {

@@ -89,6 +89,18 @@ internal sealed class MiddlewareHarness
 
     public IIdempotencyGrain Grain(string key, string scope = "user:alice") => fixture.Grains.GetIdempotencyGrain(new IdempotencyKey(scope, key));
 
+    /// <summary>
+    /// Asserts that <paramref name="key"/>'s one run may have taken effect: its claim is left in progress, lapses
+    /// into outcome-unknown (409), and the action never runs again.
+    /// </summary>
+    public async Task AssertLeftInDoubtAsync(string key)
+    {
+        Assert.Equal(IdempotencyStatus.InProgress, (await Grain(key).GetAsync()).Status);
+        fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
+        Assert.Equal(409, (await SendAsync(key)).Response.StatusCode);
+        Assert.Equal(1, Executions);
+    }
+
     /// <summary>Like <see cref="Creates"/>, once <paramref name="released"/> completes: keeps a request in flight.</summary>
     public static RequestDelegate CreatesAfter(Task released) => async context =>
     {

@@ -1,0 +1,196 @@
+using System.Buffers;
+using System.IO.Compression;
+using System.Text;
+using Microsoft.AspNetCore.Http;
+using Microsoft.AspNetCore.Http.Features;
+using Microsoft.AspNetCore.ResponseCompression;
+using Microsoft.Extensions.DependencyInjection;
+using OrleansIdempotency.Grains;
+
+namespace OrleansIdempotency.AspNetCore.Tests;
+
+/// <summary>
+/// What an action does to its response, and what the layer stores of it: every way of writing a body ends up stored
+/// whole or not at all, and a replay is the response the first caller got.
+/// </summary>
+[Collection(MiddlewareClusterCollection.Name)]
+public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
+{
+    private const string Json = "{\"id\":\"order-1\",\"items\":[\"a\",\"b\",\"c\",\"a\",\"b\",\"c\",\"a\",\"b\",\"c\"]}";
+
+    private MiddlewareHarness Harness(RequestDelegate endpoint) => new(fixture, endpoint);
+
+    private static RequestDelegate Writes(string body) => async context =>
+    {
+        context.Response.StatusCode = 201;
+        context.Response.ContentType = "application/json";
+        await context.Response.WriteAsync(body);
+    };
+
+    [Fact]
+    public async Task BehindResponseCompression_EachReplayIsEncodedForItsOwnClient_FromTheSameBytes()
+    {
+        var harness = Harness(Writes(Json));
+        var provider = new ResponseCompressionProvider(new ServiceCollection().AddOptions().AddLogging().BuildServiceProvider(),
+            Microsoft.Extensions.Options.Options.Create(new ResponseCompressionOptions { EnableForHttps = true }));
+        var compression = new ResponseCompressionMiddleware(async context => await harness.SendAsync(context), provider);
+        var key = MiddlewareHarness.NewKey();
+        HttpContext Request(string? acceptEncoding) => MiddlewareHarness.Request(key, configure: c =>
+        {
+            if (acceptEncoding is not null)
+            {
+                c.Request.Headers.AcceptEncoding = acceptEncoding;
+            }
+        });
+
+        var first = Request("gzip");
+        await compression.Invoke(first);
+        var gzipReplay = Request("gzip");
+        await compression.Invoke(gzipReplay);
+        var plainReplay = Request(null);
+        await compression.Invoke(plainReplay);
+
+        Assert.Equal("gzip", first.Response.Headers.ContentEncoding);
+        Assert.Equal(Json, Gunzip(first.BodyBytes()));
+        Assert.Equal("true", gzipReplay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal("gzip", gzipReplay.Response.Headers.ContentEncoding);
+        Assert.Equal(Json, Gunzip(gzipReplay.BodyBytes()));
+        Assert.Equal("true", plainReplay.Response.Headers["Idempotent-Replayed"]);
+        Assert.True(string.IsNullOrEmpty(plainReplay.Response.Headers.ContentEncoding));
+        Assert.Equal(Json, plainReplay.Body());
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task ActionThatEncodesItsOwnBody_IsReplayedWithItsContentEncoding()
+    {
+        var gzipped = Gzip(Json);
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 201;
+            context.Response.ContentType = "application/json";
+            context.Response.Headers.ContentEncoding = "gzip";
+            await context.Response.Body.WriteAsync(gzipped);
+        });
+        var key = MiddlewareHarness.NewKey();
+
+        await harness.SendAsync(key);
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal("gzip", replay.Response.Headers.ContentEncoding);
+        Assert.Equal(gzipped, replay.BodyBytes());
+    }
+
+    [Fact]
+    public async Task HeaderAnOuterMiddlewareSetsFirst_IsReplayedOnce_NotTwice()
+    {
+        var harness = Harness(Writes(Json));
+        var key = MiddlewareHarness.NewKey();
+        HttpContext Request() => MiddlewareHarness.Request(key, configure: c => c.Response.Headers.CacheControl = "no-store");
+
+        var first = await harness.SendAsync(Request());
+        var replay = await harness.SendAsync(Request());
+
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(first.Response.Headers.CacheControl.ToArray(), replay.Response.Headers.CacheControl.ToArray());
+    }
+
+    [Fact]
+    public async Task BodyWriterBytesTheActionNeverFlushed_AreSentAndStored()
+    {
+        var harness = Harness(context =>
+        {
+            context.Response.StatusCode = 201;
+            context.Response.BodyWriter.Write(Encoding.UTF8.GetBytes(Json));
+            return Task.CompletedTask;
+        });
+        var key = MiddlewareHarness.NewKey();
+
+        var first = await harness.SendAsync(key);
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal(Json, first.Body());
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(Json, replay.Body());
+    }
+
+    [Fact]
+    public async Task ActionThatDisposesTheResponseStream_IsStoredAndReplayed()
+    {
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 201;
+            await using var writer = new StreamWriter(context.Response.Body);
+            await writer.WriteAsync(Json);
+        });
+        var key = MiddlewareHarness.NewKey();
+
+        var first = await harness.SendAsync(key);
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal(Json, first.Body());
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(Json, replay.Body());
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task ActionThatAbortsTheConnectionMidResponse_LeavesTheKeyInDoubt_NotItsPartialBodyStored()
+    {
+        // What YARP does when the backend fails mid-body: abort the client's connection and return.
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 201;
+            await context.Response.WriteAsync("{\"id\":\"order-1\",\"ite");
+            context.Abort();
+        });
+        var key = MiddlewareHarness.NewKey();
+        using var connection = new CancellationTokenSource();
+
+        await harness.SendAsync(MiddlewareHarness.Request(key, configure: c => c.Features.Set<IHttpRequestLifetimeFeature>(new Connection(connection))));
+
+        await harness.AssertLeftInDoubtAsync(key);
+    }
+
+    [Fact]
+    public async Task ActionThatThrowsAfterItsResponseBegan_LeavesTheKeyInDoubt_InsteadOfReleasingIt()
+    {
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 201;
+            await context.Response.WriteAsync("{\"id\":\"order-1\",");
+            throw new InvalidOperationException("the serializer failed halfway");
+        });
+        var key = MiddlewareHarness.NewKey();
+
+        await Assert.ThrowsAsync<InvalidOperationException>(() => harness.SendAsync(key));
+
+        await harness.AssertLeftInDoubtAsync(key);
+    }
+
+    private static byte[] Gzip(string text)
+    {
+        using var output = new MemoryStream();
+        using (var gzip = new GZipStream(output, CompressionLevel.Fastest))
+        {
+            gzip.Write(Encoding.UTF8.GetBytes(text));
+        }
+
+        return output.ToArray();
+    }
+
+    private static string Gunzip(byte[] bytes)
+    {
+        using var gzip = new GZipStream(new MemoryStream(bytes), CompressionMode.Decompress);
+        using var reader = new StreamReader(gzip);
+        return reader.ReadToEnd();
+    }
+
+    /// <summary>A connection whose <see cref="Abort"/> closes it, as Kestrel's does.</summary>
+    private sealed class Connection(CancellationTokenSource closed) : IHttpRequestLifetimeFeature
+    {
+        public CancellationToken RequestAborted { get; set; } = closed.Token;
+
+        public void Abort() => closed.Cancel();
+    }
+}
