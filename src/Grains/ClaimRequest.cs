@@ -22,13 +22,20 @@ public enum LapsedLeasePolicy
 /// <param name="Lease">How long the claim holds without completion or renewal.</param>
 /// <param name="Retention">How long the key is remembered after it is claimed or completed.</param>
 /// <param name="OnLapsedLease">What a lapsed lease turns into.</param>
+/// <param name="AsksAgainOnlyUnanswered">
+/// True when the caller asks again with <paramref name="AttemptId"/> only while it has had no answer (this layer's
+/// own attempts): a lapsed claim of it never ran, and is given again. False for attempt ids chosen by callers outside
+/// (the Once API over HTTP), which may ask again after running: a lapsed claim of theirs is in doubt like any other.
+/// Read as false from a caller that predates it.
+/// </param>
 [GenerateSerializer, Immutable, Alias("OrleansIdempotency.ClaimRequest")]
 public sealed record ClaimRequest(
     [property: Id(0)] Guid AttemptId,
     [property: Id(1)] byte[] Fingerprint,
     [property: Id(2)] TimeSpan Lease,
     [property: Id(3)] TimeSpan Retention,
-    [property: Id(4)] LapsedLeasePolicy OnLapsedLease = LapsedLeasePolicy.OutcomeUnknown);
+    [property: Id(4)] LapsedLeasePolicy OnLapsedLease = LapsedLeasePolicy.OutcomeUnknown,
+    [property: Id(5)] bool AsksAgainOnlyUnanswered = true);
 
 /// <summary>Proof of a claim: the attempt that holds it and the fencing token it was given.</summary>
 [GenerateSerializer, Immutable, Alias("OrleansIdempotency.ClaimToken")]

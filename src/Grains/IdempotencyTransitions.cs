@@ -36,9 +36,9 @@ public static class IdempotencyTransitions
                 return current.AttemptId == request.AttemptId
                     ? new(new ClaimResult(ClaimOutcome.Acquired, current.Token, current.LeaseExpiresAt), null)
                     : new(new ClaimResult(ClaimOutcome.InProgress, LeaseExpiresAt: current.LeaseExpiresAt), null);
-            case IdempotencyStatus.InProgress when current.AttemptId == request.AttemptId:
-                // An attempt asks again only while it has no answer, so it has not run the action: its lapsed claim
-                // is given again, under a new token (a failover can outlast a short lease).
+            case IdempotencyStatus.InProgress when current.AttemptId == request.AttemptId && request.AsksAgainOnlyUnanswered:
+                // An attempt that asks again only while it has no answer has not run the action: its lapsed claim is
+                // given again, under a new token (a failover can outlast a short lease).
                 return Acquire(current, request, now);
             default:
                 // The lease lapsed: the holder may have run the action, or died before it could.

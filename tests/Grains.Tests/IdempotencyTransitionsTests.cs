@@ -161,6 +161,21 @@ public sealed class IdempotencyTransitionsTests
     }
 
     [Fact]
+    public void Claim_SameOutsideAttemptAfterItsLeaseLapsed_IsInDoubt_NotGivenAgain()
+    {
+        // An attempt id chosen outside the layer may ask again after it ran the action (a worker that restarted).
+        var request = Request() with { AsksAgainOnlyUnanswered = false };
+        var (record, token) = Claimed(request);
+
+        Assert.Equal(ClaimOutcome.Acquired, Claim(record, request, T0 + Lease / 2).Result.Outcome);
+        var (result, next) = Claim(record, request, T0 + Lease);
+
+        Assert.Equal(ClaimOutcome.OutcomeUnknown, result.Outcome);
+        Assert.Equal(IdempotencyStatus.OutcomeUnknown, next!.Status);
+        Assert.False(Complete(next, token, Created, T0 + Lease).Result);
+    }
+
+    [Fact]
     public void InProgressRecord_WithALiveLease_OutlivesItsRetention_AndRenewalPushesTheRetentionOut()
     {
         var (renewed, token) = Claimed();

@@ -11,8 +11,10 @@ namespace OrleansIdempotency.Api.Gateway;
 /// <remarks>
 /// Keys on a gateway route are scoped by a digest of the caller's <c>Authorization</c> header (the backend, not
 /// the gateway, knows who the caller is), or of the header the route names in <c>"IdempotencyScopeHeader"</c>.
-/// A caller without it shares the anonymous scope, as the policy's <c>AllowAnonymous</c> allows. A caller whose
-/// credentials change between attempts (a refreshed token) starts a new scope: its retry runs again.
+/// A request without that header is refused (401 <c>scope-required</c>): callers the gateway cannot tell apart must
+/// not share keys. A caller whose credentials change between attempts (a refreshed token) starts a new scope: its
+/// retry runs again. The digest is not salted: low-entropy credentials (Basic passwords) are better scoped by
+/// another header.
 /// </remarks>
 public static class GatewayExtensions
 {
@@ -73,6 +75,6 @@ public static class GatewayExtensions
         var scope = IdempotencyScope.HeaderDigest(string.IsNullOrEmpty(scopeHeader) ? DefaultScopeHeader : scopeHeader);
         return new IdempotencyMetadata(
             string.Equals(policy, DefaultPolicyName, StringComparison.OrdinalIgnoreCase) ? null : policy,
-            p => p with { Scope = scope });
+            p => p with { Scope = scope, AllowAnonymous = false });
     }
 }

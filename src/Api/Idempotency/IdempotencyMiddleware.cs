@@ -164,9 +164,10 @@ internal sealed partial class IdempotencyMiddleware(
     {
         var clientGone = context.RequestAborted;
         var connection = context.Features.GetRequiredFeature<IHttpRequestLifetimeFeature>();
+        var stream = context.Features.Get<IHttpResetFeature>();
         var clientBody = context.Features.GetRequiredFeature<IHttpResponseBodyFeature>();
-        var capture = new ResponseCapture(clientBody, policy.MaxStoredResponseBytes, context.Response.Headers, clientGone);
-        var lifetime = new DetachedRequestLifetime(connection);
+        var capture = new ResponseCapture(clientBody, policy.MaxStoredResponseBytes, context.Response, clientGone);
+        var lifetime = new DetachedRequestLifetime(connection, stream);
         var renewal = new LeaseRenewal(grain, token, leaseEndsBy, policy.Lease, time, logger);
         try
         {
@@ -174,17 +175,21 @@ internal sealed partial class IdempotencyMiddleware(
             {
                 context.Features.Set<IHttpResponseBodyFeature>(capture);
                 context.Features.Set<IHttpRequestLifetimeFeature>(lifetime);
+                if (stream is not null)
+                {
+                    context.Features.Set<IHttpResetFeature>(lifetime);
+                }
+
                 await next(context);
                 await capture.FlushWriterAsync();
             }
             catch (Exception exception)
             {
                 renewal.Dispose();
-                context.Features.Set(clientBody);
-                context.Features.Set(connection);
+                Restore(context.Features, clientBody, connection, stream);
                 // Once its response has begun the action has most likely taken effect, and its client may hold part of
                 // an answer: its key is left to lapse (outcome unknown) rather than run again.
-                if (capture.BytesWritten == 0 && !context.Response.HasStarted && policy.ReleasesOnException(exception, context))
+                if (!capture.Started && !context.Response.HasStarted && policy.ReleasesOnException(exception, context))
                 {
                     await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease);
                     metrics.Record(IdempotencyResults.Released);
@@ -198,8 +203,7 @@ internal sealed partial class IdempotencyMiddleware(
             }
 
             renewal.Dispose();
-            context.Features.Set(clientBody);
-            context.Features.Set(connection);
+            Restore(context.Features, clientBody, connection, stream);
             await SettleAsync(context, policy, grain, token, capture, lifetime);
         }
         finally
@@ -208,17 +212,28 @@ internal sealed partial class IdempotencyMiddleware(
         }
     }
 
+    private static void Restore(IFeatureCollection features, IHttpResponseBodyFeature clientBody, IHttpRequestLifetimeFeature connection, IHttpResetFeature? stream)
+    {
+        features.Set(clientBody);
+        features.Set(connection);
+        if (stream is not null)
+        {
+            features.Set(stream);
+        }
+    }
+
     private async Task SettleAsync(HttpContext context, IdempotencyPolicy policy, IIdempotencyGrain grain, ClaimToken token, ResponseCapture capture, DetachedRequestLifetime lifetime)
     {
-        if (lifetime.Aborted)
+        var response = context.Response;
+        if (lifetime.Aborted || (capture.Started && capture.StatusAtStart != response.StatusCode))
         {
-            // The action cut its own response off (as a proxy does when its backend fails mid-body): what it wrote is
-            // no outcome to replay, and it may have taken effect.
-            LogLeftInDoubt(logger, grain.GetPrimaryKeyString(), "an aborted response");
+            // The action cut its own response off, or replaced it once begun (as a proxy does when its backend fails
+            // mid-body: it aborts the client, or answers 502 to one that has gone): what it wrote is no outcome to
+            // replay, and it may have taken effect.
+            LogLeftInDoubt(logger, grain.GetPrimaryKeyString(), lifetime.Aborted ? "an aborted response" : "a response replaced once begun");
             return;
         }
 
-        var response = context.Response;
         if (policy.ReleasesKey(response.StatusCode))
         {
             await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease);

@@ -16,7 +16,7 @@ namespace OrleansIdempotency.AspNetCore;
 /// The layer owns the copy: an action that disposes the stream (a <see cref="StreamWriter"/> without
 /// <c>leaveOpen</c>) changes nothing, and <see cref="ReturnBuffer"/> gives the buffer back once it is stored.
 /// </remarks>
-internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit, IHeaderDictionary headers, CancellationToken clientGone)
+internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit, HttpResponse response, CancellationToken clientGone)
     : Stream, IHttpResponseBodyFeature
 {
     private readonly Stream inner = client.Stream;
@@ -24,7 +24,6 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     private int copied;
     private PipeWriter? writer;
     private bool writerCompleted;
-    private bool encodingNoted;
 
     /// <summary>The most bytes kept.</summary>
     public int Limit { get; } = limit;
@@ -42,6 +41,12 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     /// encodes a replay afresh.
     /// </summary>
     public bool ArrivedEncoded { get; private set; }
+
+    /// <summary>True once the action started its response, flushed it, or wrote a byte of it.</summary>
+    public bool Started { get; private set; }
+
+    /// <summary>The status the response had when it <see cref="Started"/>: once begun, its outcome is that one.</summary>
+    public int StatusAtStart { get; private set; }
 
     public override bool CanRead => false;
 
@@ -107,7 +112,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
 
     public override void Flush()
     {
-        NoteEncoding();
+        NoteStart();
         if (!clientGone.IsCancellationRequested)
         {
             inner.Flush();
@@ -116,7 +121,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
 
     public override Task FlushAsync(CancellationToken cancellationToken)
     {
-        NoteEncoding();
+        NoteStart();
         return clientGone.IsCancellationRequested ? Task.CompletedTask : inner.FlushAsync(cancellationToken);
     }
 
@@ -130,7 +135,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
 
     Task IHttpResponseBodyFeature.StartAsync(CancellationToken cancellationToken)
     {
-        NoteEncoding();
+        NoteStart();
         return clientGone.IsCancellationRequested ? Task.CompletedTask : client.StartAsync(cancellationToken);
     }
 
@@ -139,7 +144,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
 
     async Task IHttpResponseBodyFeature.CompleteAsync()
     {
-        NoteEncoding();
+        NoteStart();
         await FlushWriterAsync();
         if (!clientGone.IsCancellationRequested)
         {
@@ -151,12 +156,13 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     protected override void Dispose(bool disposing) => base.Dispose(disposing);
 
     // Before anything is passed on: starting the response is where an outer encoder sets its header.
-    private void NoteEncoding()
+    private void NoteStart()
     {
-        if (!encodingNoted)
+        if (!Started)
         {
-            encodingNoted = true;
-            ArrivedEncoded = !StringValues.IsNullOrEmpty(headers.ContentEncoding);
+            Started = true;
+            StatusAtStart = response.StatusCode;
+            ArrivedEncoded = !StringValues.IsNullOrEmpty(response.Headers.ContentEncoding);
         }
     }
 
@@ -164,7 +170,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     {
         if (data.Length > 0)
         {
-            NoteEncoding();
+            NoteStart();
         }
 
         BytesWritten += data.Length;

@@ -68,16 +68,25 @@ internal sealed class OnceHttp(
         }
 
         var policy = Policy;
-        var request = new ClaimRequest(body.Attempt ?? AttemptId.New(), OnceExecutor.Fingerprint(body.Input ?? ""), policy.Lease, policy.Retention, policy.OnLapsedLease);
+        // The caller's own attempt id may come back after the caller ran the operation: never given a lapsed claim.
+        var request = new ClaimRequest(body.Attempt ?? AttemptId.New(), OnceExecutor.Fingerprint(body.Input ?? ""), policy.Lease, policy.Retention,
+            policy.OnLapsedLease, AsksAgainOnlyUnanswered: false);
         ClaimResult claim;
         try
         {
             claim = await calls.CallAsync(grain, g => g.ClaimAsync(request), context.RequestAborted);
         }
-        catch (IdempotencyUnavailableException ex)
+        catch (Exception ex) when (ex is IdempotencyUnavailableException || (ex is OperationCanceledException && context.RequestAborted.IsCancellationRequested))
         {
-            await UnavailableAsync(context, ex, key);
-            return;
+            // The claim may have been written though its answer never came: give it back, or its lease lapses.
+            _ = calls.ReleaseAsync(grain, request.AttemptId, policy.Lease);
+            if (ex is IdempotencyUnavailableException unavailable)
+            {
+                await UnavailableAsync(context, unavailable, key);
+                return;
+            }
+
+            throw;
         }
 
         switch (claim.Outcome)
@@ -125,9 +134,10 @@ internal sealed class OnceHttp(
             return;
         }
 
+        // Answered without the result: a completion asked again with another result keeps the first one.
         var stored = new StoredResponse(OnceExecutor.ResultStatus, [], bytes, false, bytes.Length);
-        await TokenCallAsync(context, key, grain, g => g.CompleteAsync(token, stored), async () =>
-            await CompletedAsync(context, key, stored, null));
+        await TokenCallAsync(context, key, grain, g => g.CompleteAsync(token, stored), () =>
+            AnswerAsync(context, StatusCodes.Status200OK, new OnceState("completed")));
     }
 
     public async Task RenewAsync(HttpContext context, string key)
@@ -183,7 +193,9 @@ internal sealed class OnceHttp(
                 await CompletedAsync(context, key, record.Response!, record.ExpiresAt);
                 return;
             case IdempotencyStatus.InProgress:
-                await AnswerAsync(context, StatusCodes.Status200OK, new OnceState("inProgress", LeaseExpiresAt: record.LeaseExpiresAt));
+                // A lapsed lease turns into the policy's answer only when the key is next claimed.
+                await AnswerAsync(context, StatusCodes.Status200OK,
+                    new OnceState(record.LeaseExpiresAt > time.GetUtcNow() ? "inProgress" : "lapsed", LeaseExpiresAt: record.LeaseExpiresAt));
                 return;
             case IdempotencyStatus.OutcomeUnknown:
                 await AnswerAsync(context, StatusCodes.Status200OK, new OnceState("outcomeUnknown"));
@@ -234,7 +246,7 @@ internal sealed class OnceHttp(
             return null;
         }
 
-        return (calls.Grain(OnceExecutor.GrainKey(scope ?? IdempotencyScope.Anonymous, key)), body);
+        return (calls.Grain(OnceExecutor.HttpGrainKey(scope ?? IdempotencyScope.Anonymous, key)), body);
     }
 
     private async Task<ClaimToken?> TokenAsync(HttpContext context, string key, OnceTokenBody body)

@@ -23,8 +23,14 @@ internal sealed partial class OnceExecutor(
     /// <summary>How results are written and read, here and over HTTP.</summary>
     internal static readonly JsonSerializerOptions Json = JsonSerializerOptions.Web;
 
-    /// <summary>The grain key of <paramref name="key"/>: its own kind of scope, apart from the HTTP layer's.</summary>
-    internal static IdempotencyKey GrainKey(string scope, string key) => new("once:" + scope, key);
+    /// <summary>
+    /// The grain key of a .NET caller's <paramref name="key"/>: a kind of scope of its own, apart from the keys of
+    /// idempotent endpoints and from the Once API's HTTP callers (whatever <paramref name="scope"/> a caller names).
+    /// </summary>
+    internal static IdempotencyKey GrainKey(string scope, string key) => new("once:app:" + scope, key);
+
+    /// <summary>The grain key of an HTTP caller's <paramref name="key"/>, in the caller's own scope.</summary>
+    internal static IdempotencyKey HttpGrainKey(string callerScope, string key) => new("once:http:" + callerScope, key);
 
     /// <summary>SHA-256 of the input, the fingerprint a claim carries.</summary>
     internal static byte[] Fingerprint(string input) => SHA256.HashData(Encoding.UTF8.GetBytes(input));

@@ -131,6 +131,21 @@ public sealed class GatewayTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task CallerWithoutTheScopeHeader_Is401_AndNeverReachesTheBackend()
+    {
+        // Callers the gateway cannot tell apart (cookies, say) must not share one scope's keys.
+        using var client = Client(authorization: null);
+        var key = Guid.NewGuid().ToString();
+
+        var (response, _) = await client.SendAsync("/charges", key, "{\"amount\":5}", ("Cookie", "session=a"));
+
+        // The application's authentication challenges (here the demo's, in its own words), as for any 401.
+        Assert.Equal(HttpStatusCode.Unauthorized, response.StatusCode);
+        Assert.Equal("application/problem+json", response.ContentType()?.MediaType);
+        Assert.Equal(0, backend.Runs(key));
+    }
+
+    [Fact]
     public async Task RouteScopedByAnotherHeader_SeparatesCallersByIt()
     {
         using var client = Client(authorization: null);
@@ -161,6 +176,34 @@ public sealed class GatewayTests : IAsyncLifetime
         Assert.False(retry.IsReplay());
         Assert.True(replay.IsReplay());
         Assert.Equal(2, backend.Runs(key));
+    }
+
+    [Fact]
+    public async Task BackendFailingMidBodyAfterTheClientLeft_IsNotRunAgainOnTheRetry()
+    {
+        // The gateway's 502 to a client that has gone would release the key: the backend's 201 had begun. (The
+        // strict route answers a key in progress at once, instead of waiting for it.)
+        var key = Guid.NewGuid().ToString();
+        using (var impatient = new HttpClient { BaseAddress = gateway.BaseAddress, Timeout = TimeSpan.FromMilliseconds(500) })
+        {
+            impatient.DefaultRequestHeaders.TryAddWithoutValidation("Authorization", "Bearer caller-1");
+            await Assert.ThrowsAnyAsync<OperationCanceledException>(() => impatient.SendAsync("/strict/charges?delayMs=1000&abortMidBody=true", key, "{\"amount\":5}"));
+        }
+
+        await backend.WaitUntilFinishedAsync(key);
+        using var client = Client("Bearer caller-1");
+        HttpStatusCode? retry = null;
+        try
+        {
+            retry = (await client.SendAsync("/strict/charges?delayMs=1000&abortMidBody=true", key, "{\"amount\":5}")).Response.StatusCode;
+        }
+        catch (HttpRequestException)
+        {
+            // A second run of the backend aborts this retry's connection too.
+        }
+
+        Assert.Equal(1, backend.Runs(key));
+        Assert.Equal(HttpStatusCode.Conflict, retry);
     }
 
     [Fact]
@@ -200,11 +243,13 @@ public sealed class GatewayTests : IAsyncLifetime
 
     /// <summary>
     /// An API the gateway knows nothing about: every POST counts a run under its <c>Idempotency-Key</c> and answers
-    /// 201 with a fresh id; <c>?delayMs=N</c> makes it slow, <c>?failFirst=true</c> answers 503 to a key's first run.
+    /// 201 with a fresh id; <c>?delayMs=N</c> makes it slow, <c>?failFirst=true</c> answers 503 to a key's first run,
+    /// <c>?abortMidBody=true</c> sends the start of a 201 and then aborts the connection.
     /// </summary>
     private sealed class Backend
     {
         private readonly ConcurrentDictionary<string, int> runs = new();
+        private readonly ConcurrentDictionary<string, bool> finished = new();
         private WebApplication app = null!;
 
         public Uri Address { get; } = new($"http://127.0.0.1:{FreePort.Next().ToString(CultureInfo.InvariantCulture)}/");
@@ -213,6 +258,16 @@ public sealed class GatewayTests : IAsyncLifetime
 
         public int Runs(string key) => runs.GetValueOrDefault(key);
 
+        /// <summary>Waits until a run of <paramref name="key"/> that aborts mid-body has aborted.</summary>
+        public async Task WaitUntilFinishedAsync(string key)
+        {
+            for (var waited = 0; !finished.ContainsKey(key); waited += 10)
+            {
+                Assert.True(waited < 10_000, $"the backend never finished {key}");
+                await Task.Delay(10);
+            }
+        }
+
         public async Task StartAsync()
         {
             var builder = WebApplication.CreateSlimBuilder();
@@ -220,7 +275,8 @@ public sealed class GatewayTests : IAsyncLifetime
             app = builder.Build();
             app.MapPost("/{**path}", async context =>
             {
-                var run = runs.AddOrUpdate(context.Request.Headers["Idempotency-Key"].ToString(), 1, (_, n) => n + 1);
+                var key = context.Request.Headers["Idempotency-Key"].ToString();
+                var run = runs.AddOrUpdate(key, 1, (_, n) => n + 1);
                 if (int.TryParse(context.Request.Query["delayMs"], CultureInfo.InvariantCulture, out var delay))
                 {
                     await Task.Delay(delay);
@@ -229,6 +285,17 @@ public sealed class GatewayTests : IAsyncLifetime
                 if (context.Request.Query["failFirst"] == "true" && run == 1)
                 {
                     context.Response.StatusCode = StatusCodes.Status503ServiceUnavailable;
+                    return;
+                }
+
+                if (context.Request.Query["abortMidBody"] == "true")
+                {
+                    context.Response.StatusCode = StatusCodes.Status201Created;
+                    await context.Response.WriteAsync("{\"id\":\"");
+                    await context.Response.Body.FlushAsync();
+                    await Task.Delay(100);
+                    finished.TryAdd(key, true);
+                    context.Abort();
                     return;
                 }
 

@@ -377,7 +377,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         var key = MiddlewareHarness.NewKey();
 
         var first = harness.SendAsync(key);
-        await WaitUntilAsync(async () => (await harness.Grain(key).GetAsync()).Status == IdempotencyStatus.InProgress);
+        await MiddlewareHarness.WaitUntilAsync(async () => (await harness.Grain(key).GetAsync()).Status == IdempotencyStatus.InProgress);
         var duplicates = Enumerable.Range(0, 5).Select(_ => harness.SendAsync(key)).ToArray();
         await Task.Delay(200);
         Assert.All(duplicates, d => Assert.False(d.IsCompleted));
@@ -400,7 +400,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         var harness = Harness(MiddlewareHarness.CreatesAfter(release.Task), IdempotencyPolicy.Default with { ConcurrentDuplicates = ConcurrentDuplicateHandling.Reject });
         var key = MiddlewareHarness.NewKey();
         var first = harness.SendAsync(key);
-        await WaitUntilAsync(async () => (await harness.Grain(key).GetAsync()).Status == IdempotencyStatus.InProgress);
+        await MiddlewareHarness.WaitUntilAsync(async () => (await harness.Grain(key).GetAsync()).Status == IdempotencyStatus.InProgress);
 
         var duplicate = await harness.SendAsync(key);
 
@@ -421,7 +421,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         var harness = Harness(MiddlewareHarness.CreatesAfter(release.Task), IdempotencyPolicy.Default with { WaitTimeout = TimeSpan.FromSeconds(2) });
         var key = MiddlewareHarness.NewKey();
         var first = harness.SendAsync(key);
-        await WaitUntilAsync(async () => (await harness.Grain(key).GetAsync()).Status == IdempotencyStatus.InProgress);
+        await MiddlewareHarness.WaitUntilAsync(async () => (await harness.Grain(key).GetAsync()).Status == IdempotencyStatus.InProgress);
 
         var duplicate = harness.SendAsync(key);
         for (var i = 0; i < 50 && !duplicate.IsCompleted; i++)
@@ -602,7 +602,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
 
         // The outage ends; the attempt's release, retried in the background, gets through.
         fixture.Store.Down = false;
-        await WaitUntilAsync(() =>
+        await MiddlewareHarness.WaitUntilAsync(() =>
         {
             fixture.Time.Advance(TimeSpan.FromMilliseconds(200));
             return Task.FromResult(fixture.Store.WritesOf(grain) > 0);
@@ -697,7 +697,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         {
             var before = (await harness.Grain(key).GetAsync()).LeaseExpiresAt;
             fixture.Time.Advance(TimeSpan.FromSeconds(10));
-            await WaitUntilAsync(async () => (await harness.Grain(key).GetAsync()).LeaseExpiresAt > before);
+            await MiddlewareHarness.WaitUntilAsync(async () => (await harness.Grain(key).GetAsync()).LeaseExpiresAt > before);
         }
 
         release.SetResult();
@@ -745,7 +745,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         });
         fixture.Time.Advance(TimeSpan.FromSeconds(5));
         await renewalFailed.Task.WaitAsync(TimeSpan.FromSeconds(10));
-        await WaitUntilAsync(async () =>
+        await MiddlewareHarness.WaitUntilAsync(async () =>
         {
             fixture.Time.Advance(TimeSpan.FromMilliseconds(250));
             return (await harness.Grain(key).GetAsync()).LeaseExpiresAt > claimedUntil;
@@ -917,15 +917,5 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
 
         var error = Assert.Throws<InvalidOperationException>(() => app.UseIdempotency());
         Assert.Contains("twice", error.Message);
-    }
-
-    private static async Task WaitUntilAsync(Func<Task<bool>> condition)
-    {
-        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
-        while (!await condition())
-        {
-            Assert.True(DateTime.UtcNow < deadline, "The condition did not come true in time.");
-            await Task.Delay(20);
-        }
     }
 }

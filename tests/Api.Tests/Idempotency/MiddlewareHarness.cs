@@ -48,6 +48,17 @@ internal sealed class MiddlewareHarness
 
     public static string NewKey() => Guid.NewGuid().ToString();
 
+    /// <summary>Polls <paramref name="condition"/> until it holds, for at most 10 seconds.</summary>
+    public static async Task WaitUntilAsync(Func<Task<bool>> condition)
+    {
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+        while (!await condition())
+        {
+            Assert.True(DateTime.UtcNow < deadline, "The condition did not come true in time.");
+            await Task.Delay(20);
+        }
+    }
+
     public static HttpContext Request(string? key, string body = "{\"amount\":1}", string method = "POST", string path = "/orders",
         string query = "", string user = "alice", IIdempotencyMetadata? metadata = null, Action<HttpContext>? configure = null)
     {

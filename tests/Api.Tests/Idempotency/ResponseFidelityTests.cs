@@ -153,6 +153,43 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task ActionThatResetsItsHttp2StreamMidResponse_LeavesTheKeyInDoubt_NotItsPartialBodyStored()
+    {
+        // YARP resets the stream instead of aborting the connection where the server offers it (HTTP/2, HTTP/3).
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 201;
+            await context.Response.WriteAsync("{\"id\":\"order-1\",\"ite");
+            context.Features.GetRequiredFeature<IHttpResetFeature>().Reset(8);
+        });
+        var key = MiddlewareHarness.NewKey();
+        var stream = new Http2Stream();
+
+        await harness.SendAsync(MiddlewareHarness.Request(key, configure: c => c.Features.Set<IHttpResetFeature>(stream)));
+
+        Assert.Equal(8, stream.ResetWith);
+        await harness.AssertLeftInDoubtAsync(key);
+    }
+
+    [Fact]
+    public async Task ActionThatReplacesItsResponseOnceBegun_LeavesTheKeyInDoubt_InsteadOfReleasingIt()
+    {
+        // A proxy whose client has gone (so nothing was sent) answers 502 when the backend fails mid-body: the
+        // backend's 201 had begun, so its action took effect.
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 201;
+            await context.Response.WriteAsync("{\"id\":\"order-1\",\"ite");
+            context.Response.StatusCode = 502;
+        });
+        var key = MiddlewareHarness.NewKey();
+
+        await harness.SendAsync(key);
+
+        await harness.AssertLeftInDoubtAsync(key);
+    }
+
+    [Fact]
     public async Task ActionThatThrowsAfterItsResponseBegan_LeavesTheKeyInDoubt_InsteadOfReleasingIt()
     {
         var harness = Harness(async context =>
@@ -184,6 +221,14 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
         using var gzip = new GZipStream(new MemoryStream(bytes), CompressionMode.Decompress);
         using var reader = new StreamReader(gzip);
         return reader.ReadToEnd();
+    }
+
+    /// <summary>An HTTP/2 stream that remembers how it was reset.</summary>
+    private sealed class Http2Stream : IHttpResetFeature
+    {
+        public int? ResetWith { get; private set; }
+
+        public void Reset(int errorCode) => ResetWith = errorCode;
     }
 
     /// <summary>A connection whose <see cref="Abort"/> closes it, as Kestrel's does.</summary>

@@ -95,6 +95,7 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
         Assert.NotEqual(a, b);
         Assert.Equal(2, runs);
         Assert.NotEqual("user:alice", OnceExecutor.GrainKey("user:alice", key).Scope);
+        Assert.NotEqual(OnceExecutor.HttpGrainKey("user:alice", key), OnceExecutor.GrainKey("user:alice", key));
     }
 
     [Fact]

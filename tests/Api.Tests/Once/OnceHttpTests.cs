@@ -1,0 +1,102 @@
+using System.Security.Claims;
+using System.Text;
+using System.Text.Json;
+using Microsoft.AspNetCore.Http;
+using Microsoft.Extensions.Logging.Abstractions;
+using Microsoft.Extensions.Options;
+using Orleans.Storage;
+using OrleansIdempotency.AspNetCore;
+using OrleansIdempotency.AspNetCore.Tests;
+using OrleansIdempotency.Grains;
+using OrleansIdempotency.Once;
+
+namespace OrleansIdempotency.Api.Tests.Once;
+
+/// <summary>
+/// The Once API's HTTP handlers on an in-process cluster with a switchable store and a fake clock: what needs an
+/// outage or a lapsed lease (the Kestrel tests are in EndToEnd/OnceApiTests).
+/// </summary>
+[Collection(MiddlewareClusterCollection.Name)]
+public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
+{
+    private readonly OnceHttp once = Create(fixture);
+
+    private static OnceHttp Create(MiddlewareClusterFixture fixture)
+    {
+        var options = Options.Create(new IdempotencyOptions { ClusterRetryBudget = TimeSpan.FromSeconds(2) });
+        return new OnceHttp(
+            new IdempotencyGrainCalls(fixture.Grains, options, fixture.Time, NullLogger<IdempotencyGrainCalls>.Instance),
+            new IdempotencyProblems(options),
+            options,
+            fixture.Time);
+    }
+
+    private static string NewKey() => "job-" + Guid.NewGuid().ToString("N");
+
+    private IIdempotencyGrain Grain(string key) => fixture.Grains.GetIdempotencyGrain(OnceExecutor.HttpGrainKey("user:alice", key));
+
+    [Fact]
+    public async Task ClaimWhoseAnswerWasLostInAnOutage_IsGivenBack_SoTheNextClaimAcquires()
+    {
+        var key = NewKey();
+        var grain = Grain(key).GetGrainId();
+        var lostWrite = fixture.Store.LoseNextWriteInAnOutage(grain);
+        Assert.Equal(503, (await CallAsync(once.ClaimAsync, key, "")).Status);
+
+        // The outage ends; the release, retried in the background, gets through before the lost claim lands.
+        fixture.Store.Down = false;
+        await MiddlewareHarness.WaitUntilAsync(() =>
+        {
+            fixture.Time.Advance(TimeSpan.FromMilliseconds(200));
+            return Task.FromResult(fixture.Store.WritesOf(grain) > 0);
+        });
+        await Assert.ThrowsAnyAsync<InconsistentStateException>(await lostWrite);
+
+        Assert.Equal(201, (await CallAsync(once.ClaimAsync, key, "")).Status);
+    }
+
+    [Fact]
+    public async Task CallerAskingAgainWithItsAttemptAfterItsLeaseLapsed_IsToldOutcomeUnknown_NotGivenTheKeyAgain()
+    {
+        // A worker that ran the operation, died, and came back with the attempt id it had kept.
+        var key = NewKey();
+        var body = JsonSerializer.Serialize(new { attempt = Guid.NewGuid() });
+        Assert.Equal(201, (await CallAsync(once.ClaimAsync, key, body)).Status);
+        fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
+
+        Assert.Equal("lapsed", (await CallAsync(once.ReadAsync, key, "")).Json.GetProperty("status").GetString());
+        var again = await CallAsync(once.ClaimAsync, key, body);
+
+        Assert.Equal(409, again.Status);
+        Assert.EndsWith("outcome-unknown", again.Json.GetProperty("type").GetString());
+        Assert.Equal("outcomeUnknown", (await CallAsync(once.ReadAsync, key, "")).Json.GetProperty("status").GetString());
+    }
+
+    [Fact]
+    public async Task CompletionAskedAgainWithAnotherResult_KeepsTheFirst_AndSaysNothingElse()
+    {
+        var key = NewKey();
+        var token = (await CallAsync(once.ClaimAsync, key, "")).Json.GetProperty("token").GetString();
+
+        var first = await CallAsync(once.CompleteAsync, key, JsonSerializer.Serialize(new { token, result = 1 }));
+        var second = await CallAsync(once.CompleteAsync, key, JsonSerializer.Serialize(new { token, result = 2 }));
+        var read = await CallAsync(once.ReadAsync, key, "");
+
+        Assert.Equal(200, first.Status);
+        Assert.Equal(200, second.Status);
+        Assert.False(second.Json.TryGetProperty("result", out _));
+        Assert.Equal(1, read.Json.GetProperty("result").GetInt32());
+    }
+
+    private static async Task<(int Status, JsonElement Json)> CallAsync(Func<HttpContext, string, Task> call, string key, string body)
+    {
+        var context = new DefaultHttpContext();
+        context.Request.Method = "POST";
+        context.Request.Body = new MemoryStream(Encoding.UTF8.GetBytes(body));
+        context.Response.Body = new MemoryStream();
+        context.User = new ClaimsPrincipal(new ClaimsIdentity([new Claim(ClaimTypes.NameIdentifier, "alice")], "test"));
+        await call(context, key);
+        var bytes = ((MemoryStream)context.Response.Body).ToArray();
+        return (context.Response.StatusCode, bytes.Length == 0 ? default : JsonDocument.Parse(bytes).RootElement);
+    }
+}
