@@ -225,11 +225,11 @@ internal sealed partial class IdempotencyMiddleware(
     private async Task SettleAsync(HttpContext context, IdempotencyPolicy policy, IIdempotencyGrain grain, ClaimToken token, ResponseCapture capture, DetachedRequestLifetime lifetime)
     {
         var response = context.Response;
-        if (lifetime.Aborted || (capture.Started && capture.StatusAtStart != response.StatusCode))
+        if (lifetime.Aborted || (capture.Started && capture.StatusAtStart != response.StatusCode && policy.ReleasesKey(response.StatusCode)))
         {
-            // The action cut its own response off, or replaced it once begun (as a proxy does when its backend fails
-            // mid-body: it aborts the client, or answers 502 to one that has gone): what it wrote is no outcome to
-            // replay, and it may have taken effect.
+            // The action cut its own response off, or replaced it once begun with one that would release the key (as a
+            // proxy does when its backend fails mid-body: it aborts the client, or answers 502 to one that has gone):
+            // what it wrote is no outcome to replay, and it may have taken effect.
             LogLeftInDoubt(logger, grain.GetPrimaryKeyString(), lifetime.Aborted ? "an aborted response" : "a response replaced once begun");
             return;
         }

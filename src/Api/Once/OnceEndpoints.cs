@@ -67,6 +67,12 @@ internal sealed class OnceHttp(
             return;
         }
 
+        if (body.Attempt == Guid.Empty)
+        {
+            await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid, "An \"attempt\" names one attempt: a fresh UUID, never the empty one.", key);
+            return;
+        }
+
         var policy = Policy;
         // The caller's own attempt id may come back after the caller ran the operation: never given a lapsed claim.
         var request = new ClaimRequest(body.Attempt ?? AttemptId.New(), OnceExecutor.Fingerprint(body.Input ?? ""), policy.Lease, policy.Retention,
@@ -78,8 +84,13 @@ internal sealed class OnceHttp(
         }
         catch (Exception ex) when (ex is IdempotencyUnavailableException || (ex is OperationCanceledException && context.RequestAborted.IsCancellationRequested))
         {
-            // The claim may have been written though its answer never came: give it back, or its lease lapses.
-            _ = calls.ReleaseAsync(grain, request.AttemptId, policy.Lease);
+            // A claim of a fresh attempt may have been written though its answer never came: give it back, or its lease
+            // lapses. A caller's own attempt may hold a claim from before, which it may have acted on: left alone.
+            if (body.Attempt is null)
+            {
+                _ = calls.ReleaseAsync(grain, request.AttemptId, policy.Lease);
+            }
+
             if (ex is IdempotencyUnavailableException unavailable)
             {
                 await UnavailableAsync(context, unavailable, key);

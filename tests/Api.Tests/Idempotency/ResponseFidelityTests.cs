@@ -190,6 +190,25 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task ResponseWhoseStatusChangesToAnotherStorableOne_IsStored()
+    {
+        // What an OnStarting callback setting 202 looks like to the layer: not a failure replacing the response.
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 201;
+            await context.Response.WriteAsync(Json);
+            context.Response.StatusCode = 202;
+        });
+        var key = MiddlewareHarness.NewKey();
+
+        await harness.SendAsync(key);
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal(202, replay.Response.StatusCode);
+        Assert.Equal(Json, replay.Body());
+    }
+
+    [Fact]
     public async Task ActionThatThrowsAfterItsResponseBegan_LeavesTheKeyInDoubt_InsteadOfReleasingIt()
     {
         var harness = Harness(async context =>

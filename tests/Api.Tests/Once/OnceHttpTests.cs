@@ -73,6 +73,40 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task CallersOwnAttemptAnswered503_IsNotGivenBack_ForItMayHoldAClaimItActedOn()
+    {
+        var key = NewKey();
+        var grain = Grain(key).GetGrainId();
+        var body = JsonSerializer.Serialize(new { attempt = Guid.NewGuid() });
+        Assert.Equal(201, (await CallAsync(once.ClaimAsync, key, body)).Status);
+        fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
+        var writes = fixture.Store.WritesOf(grain);
+
+        Assert.Equal(503, (await fixture.WhileStoreDownAsync(() => CallAsync(once.ClaimAsync, key, body))).Status);
+        for (var i = 0; i < 20; i++)
+        {
+            fixture.Time.Advance(TimeSpan.FromMilliseconds(200));
+            await Task.Delay(10);
+        }
+
+        Assert.Equal(writes, fixture.Store.WritesOf(grain));
+        var another = await CallAsync(once.ClaimAsync, key, "");
+        Assert.Equal(409, another.Status);
+        Assert.EndsWith("outcome-unknown", another.Json.GetProperty("type").GetString());
+    }
+
+    [Fact]
+    public async Task EmptyAttempt_Is400_SinceEveryCallerLeavingItUnsetWouldShareOneClaim()
+    {
+        var key = NewKey();
+
+        var response = await CallAsync(once.ClaimAsync, key, JsonSerializer.Serialize(new { attempt = Guid.Empty }));
+
+        Assert.Equal(400, response.Status);
+        Assert.Equal(IdempotencyStatus.None, (await Grain(key).GetAsync()).Status);
+    }
+
+    [Fact]
     public async Task CompletionAskedAgainWithAnotherResult_KeepsTheFirst_AndSaysNothingElse()
     {
         var key = NewKey();
