@@ -33,6 +33,7 @@ app.MapControllers();
 app.MapDemoEndpoints();
 app.MapClusterHealth();
 app.MapOnce().RequireAuthorization();
+app.MapIdempotencyKeys().RequireAuthorization(DemoServiceCollectionExtensions.OperatorsPolicy);
 if (gateway)
 {
     app.MapGateway();

@@ -1,3 +1,4 @@
+using System.Security.Claims;
 using Npgsql;
 
 namespace OrleansIdempotency.Api.Demo;
@@ -5,9 +6,12 @@ namespace OrleansIdempotency.Api.Demo;
 /// <summary>Registers the demo API's services.</summary>
 public static class DemoServiceCollectionExtensions
 {
+    /// <summary>The authorization policy of the operator's surface: the users listed in <c>Demo:Operators</c>.</summary>
+    public const string OperatorsPolicy = "idempotency-operators";
+
     /// <summary>
-    /// API-key authentication (<c>Demo:ApiKeys</c>), controllers, and the demo store: PostgreSQL when
-    /// <c>ConnectionStrings:Postgres</c> is set, in memory otherwise.
+    /// API-key authentication (<c>Demo:ApiKeys</c>), the operators' policy (<c>Demo:Operators</c>), controllers, and
+    /// the demo store: PostgreSQL when <c>ConnectionStrings:Postgres</c> is set, in memory otherwise.
     /// </summary>
     public static IHostApplicationBuilder AddDemo(this IHostApplicationBuilder builder)
     {
@@ -15,7 +19,10 @@ public static class DemoServiceCollectionExtensions
         services.AddAuthentication(ApiKeyAuthenticationOptions.Scheme)
             .AddScheme<ApiKeyAuthenticationOptions, ApiKeyAuthenticationHandler>(ApiKeyAuthenticationOptions.Scheme,
                 options => builder.Configuration.GetSection("Demo:ApiKeys").Bind(options.Keys));
-        services.AddAuthorization();
+        var operators = builder.Configuration.GetSection("Demo:Operators").Get<string[]>() ?? [];
+        services.AddAuthorization(options => options.AddPolicy(OperatorsPolicy, policy => policy
+            .RequireAuthenticatedUser()
+            .RequireAssertion(context => context.User.FindFirst(ClaimTypes.NameIdentifier)?.Value is { } user && operators.Contains(user, StringComparer.Ordinal))));
         services.AddProblemDetails();
         services.AddExceptionHandler<DemoStoreUnavailableHandler>();
         services.AddControllers();

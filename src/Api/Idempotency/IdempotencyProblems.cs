@@ -46,7 +46,10 @@ public sealed record IdempotencyProblem(string Name, int Status, string Title, b
     /// <summary>A Once API call's token is not the key's live claim (released, lapsed, or another attempt's).</summary>
     public static readonly IdempotencyProblem ClaimNotHeld = new("claim-not-held", 409, "The claim is not held", false);
 
-    /// <summary>A Once API call's key, token or body is malformed.</summary>
+    /// <summary>An operator asked to resolve a key whose outcome is not in doubt.</summary>
+    public static readonly IdempotencyProblem KeyNotInDoubt = new("key-not-in-doubt", 409, "The key's outcome is not in doubt", false);
+
+    /// <summary>A Once API or operator call's key, token or body is malformed.</summary>
     public static readonly IdempotencyProblem RequestInvalid = new("request-invalid", 400, "Request invalid", false);
 
     /// <summary>The store or the cluster cannot be reached: nothing ran.</summary>

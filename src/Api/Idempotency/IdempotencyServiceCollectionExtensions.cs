@@ -23,6 +23,7 @@ public static class IdempotencyServiceCollectionExtensions
         services.TryAddSingleton<ReplayCache>();
         services.TryAddSingleton<Once.IOnceExecutor, Once.OnceExecutor>();
         services.TryAddSingleton<Once.OnceHttp>();
+        services.TryAddSingleton<IdempotencyKeysHttp>();
         return services;
     }
 }

@@ -164,6 +164,24 @@ public sealed class HttpSemanticsTests(EndToEndFixture fixture)
     }
 
     [Fact]
+    public async Task OperatorSurface_ReadsAnyCallersKey_ForOperatorsOnly()
+    {
+        var key = NewKey();
+        await alice.SendAsync("/orders", key, Requests.OrderBody);
+        var path = $"/idempotency/keys?scope=user:alice&key={key}";
+        using var ops = fixture.Api.Client("demo-ops");
+
+        var asAlice = await alice.GetAsync(path);
+        var asOperator = await ops.GetAsync(path);
+
+        Assert.Equal(HttpStatusCode.Forbidden, asAlice.StatusCode);
+        Assert.Equal(HttpStatusCode.OK, asOperator.StatusCode);
+        var state = JsonDocument.Parse(await asOperator.Content.ReadAsStringAsync()).RootElement;
+        Assert.Equal("completed", state.GetProperty("status").GetString());
+        Assert.Equal(201, state.GetProperty("responseStatus").GetInt32());
+    }
+
+    [Fact]
     public async Task ClientErrors_AreStoredAndReplayed()
     {
         var key = NewKey();

@@ -1,0 +1,116 @@
+using System.Text;
+using System.Text.Json;
+using Microsoft.AspNetCore.Http;
+using Microsoft.Extensions.Logging.Abstractions;
+using Microsoft.Extensions.Options;
+
+namespace OrleansIdempotency.AspNetCore.Tests;
+
+/// <summary>The operator's surface: reading a key, and settling one whose outcome is unknown.</summary>
+[Collection(MiddlewareClusterCollection.Name)]
+public sealed class IdempotencyKeyEndpointsTests(MiddlewareClusterFixture fixture)
+{
+    private readonly IdempotencyKeysHttp keys = Create(fixture);
+
+    private static IdempotencyKeysHttp Create(MiddlewareClusterFixture fixture)
+    {
+        var options = Options.Create(new IdempotencyOptions { ClusterRetryBudget = TimeSpan.FromSeconds(2) });
+        return new IdempotencyKeysHttp(
+            new IdempotencyGrainCalls(fixture.Grains, options, fixture.Time, NullLogger<IdempotencyGrainCalls>.Instance),
+            new IdempotencyProblems(options),
+            fixture.Time);
+    }
+
+    // An action that began its answer and then failed: it may have taken effect, so its key is left in doubt.
+    private async Task<(MiddlewareHarness Harness, string Key)> KeyInDoubtAsync()
+    {
+        var harness = new MiddlewareHarness(fixture, async context =>
+        {
+            context.Response.StatusCode = 201;
+            await context.Response.WriteAsync("{\"id\":");
+            throw new InvalidOperationException("failed halfway");
+        });
+        var key = MiddlewareHarness.NewKey();
+        await Assert.ThrowsAsync<InvalidOperationException>(() => harness.SendAsync(key));
+        fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
+        Assert.Equal(409, (await harness.SendAsync(key)).Response.StatusCode);
+        return (harness, key);
+    }
+
+    [Fact]
+    public async Task KeyInDoubt_ResolvedWithTheResponseTheActionGave_ReplaysIt_AndTheActionNeverRunsAgain()
+    {
+        var (harness, key) = await KeyInDoubtAsync();
+        var response = new { status = 201, headers = new[] { new { name = "Content-Type", value = "application/json" } }, body = "{\"id\":\"order-7\"}" };
+
+        var resolved = await CallAsync(keys.ResolveAsync, key, JsonSerializer.Serialize(new { response }));
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal(200, resolved.Status);
+        Assert.Equal(201, replay.Response.StatusCode);
+        Assert.Equal("application/json", replay.Response.ContentType);
+        Assert.Equal("{\"id\":\"order-7\"}", replay.Body());
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(1, harness.Executions);
+        var read = await CallAsync(keys.ReadAsync, key, "");
+        Assert.Equal("completed", read.Json.GetProperty("status").GetString());
+        Assert.Equal("{\"id\":\"order-7\"}", Encoding.UTF8.GetString(Convert.FromBase64String(read.Json.GetProperty("responseBodyBase64").GetString()!)));
+    }
+
+    [Fact]
+    public async Task KeyInDoubt_ResolvedWithNoResponse_IsReleased_AndTheNextRequestRunsTheAction()
+    {
+        var (harness, key) = await KeyInDoubtAsync();
+
+        var resolved = await CallAsync(keys.ResolveAsync, key, "{}");
+
+        Assert.Equal(200, resolved.Status);
+        Assert.Equal("none", resolved.Json.GetProperty("status").GetString());
+        await Assert.ThrowsAsync<InvalidOperationException>(() => harness.SendAsync(key));
+        Assert.Equal(2, harness.Executions);
+    }
+
+    [Fact]
+    public async Task KeyNotInDoubt_Is409_AndNothingChanges()
+    {
+        var harness = new MiddlewareHarness(fixture, MiddlewareHarness.Creates());
+        var key = MiddlewareHarness.NewKey();
+        var first = await harness.SendAsync(key);
+
+        var refused = await CallAsync(keys.ResolveAsync, key, "{}");
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal(409, refused.Status);
+        Assert.EndsWith("key-not-in-doubt", refused.Json.GetProperty("type").GetString());
+        Assert.Equal(first.Body(), replay.Body());
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Theory]
+    [InlineData("user:alice", null, "{}")]
+    [InlineData(null, "k", "{}")]
+    [InlineData("user:alice", "k", "{\"response\":{\"status\":700}}")]
+    [InlineData("user:alice", "k", "{\"response\":{\"status\":201,\"bodyBase64\":\"not base64!\"}}")]
+    [InlineData("user:alice", "k", "{\"response\":{\"status\":201,\"body\":\"a\",\"bodyBase64\":\"YQ==\"}}")]
+    [InlineData("user:alice", "k", "{\"response\":")]
+    public async Task MalformedResolutions_Are400(string? scope, string? key, string body)
+    {
+        var response = await CallAsync(keys.ResolveAsync, key, body, scope);
+
+        Assert.Equal(400, response.Status);
+        Assert.EndsWith("request-invalid", response.Json.GetProperty("type").GetString());
+    }
+
+    private static async Task<(int Status, JsonElement Json)> CallAsync(Func<HttpContext, Task> call, string? key, string body, string? scope = "user:alice")
+    {
+        var context = new DefaultHttpContext();
+        context.Request.Method = "POST";
+        context.Request.QueryString = QueryString.Create(new Dictionary<string, string?> { ["scope"] = scope, ["key"] = key }.Where(p => p.Value is not null));
+        context.Request.Body = new MemoryStream(Encoding.UTF8.GetBytes(body));
+        context.Request.ContentLength = Encoding.UTF8.GetByteCount(body);
+        context.Response.Body = new MemoryStream();
+        await call(context);
+        var bytes = ((MemoryStream)context.Response.Body).ToArray();
+        return (context.Response.StatusCode, bytes.Length == 0 ? default : JsonDocument.Parse(bytes).RootElement);
+    }
+}
