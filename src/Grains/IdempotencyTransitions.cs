@@ -123,9 +123,18 @@ public static class IdempotencyTransitions
             return new(false, null);
         }
 
+        // Completed under a token of its own: the attempt in doubt may still be alive, and its completion must not pass
+        // for the settled one (Complete accepts a repeat from the claim a record was completed under).
         return new(true, outcome is null
             ? new IdempotencyRecord { FencingToken = current.FencingToken, ExpiresAt = current.ExpiresAt }
-            : current with { Status = IdempotencyStatus.Completed, Response = outcome, ExpiresAt = now + current.Retention });
+            : current with
+            {
+                Status = IdempotencyStatus.Completed,
+                Response = outcome,
+                AttemptId = Guid.Empty,
+                FencingToken = current.FencingToken + 1,
+                ExpiresAt = now + current.Retention,
+            });
     }
 
     private static DateTimeOffset Later(DateTimeOffset a, DateTimeOffset b) => a > b ? a : b;

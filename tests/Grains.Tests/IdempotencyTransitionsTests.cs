@@ -292,6 +292,19 @@ public sealed class IdempotencyTransitionsTests
     }
 
     [Fact]
+    public void Resolve_ALapsedClaimWithTheKnownResponse_RefusesTheHoldersLateCompletion()
+    {
+        // The holder was alive all along (its renewals failed): its completion must not pass for the settled one.
+        var (record, token) = Claimed();
+        var settled = Resolve(record, Created, T0 + Lease * 2).Next!;
+        var late = new StoredResponse(201, [], "{\"id\":2}"u8.ToArray(), false, 8);
+
+        Assert.False(Complete(settled, token, late, T0 + Lease * 2).Result);
+        Assert.False(Renew(settled, token, Lease, T0 + Lease * 2).Result);
+        Assert.Same(Created, Claim(settled, Request(), T0 + Lease * 2).Result.Response);
+    }
+
+    [Fact]
     public void Resolve_OutcomeUnknown_WithNoResponse_ReleasesTheKeyForTheNextRequest()
     {
         var (record, token) = Claimed();

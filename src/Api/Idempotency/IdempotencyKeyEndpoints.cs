@@ -1,5 +1,6 @@
 using System.Text.Json;
 using System.Text.Json.Serialization;
+using Microsoft.Extensions.Options;
 using OrleansIdempotency.Grains;
 
 namespace OrleansIdempotency.AspNetCore;
@@ -7,14 +8,15 @@ namespace OrleansIdempotency.AspNetCore;
 /// <summary>
 /// The operator's surface (DESIGN §4: a key whose outcome is unknown stays refused "until an operator resolves it"):
 /// read any key, and settle one in doubt. Keys of every caller are reachable here, so map it behind an
-/// authorization policy of its own: <c>app.MapIdempotencyKeys().RequireAuthorization("operators")</c>.
+/// authorization policy of its own, for example <c>app.MapIdempotencyKeys().RequireAuthorization("operators")</c>
+/// with an <c>operators</c> policy the application defines (the demo's is <c>idempotency-operators</c>).
 /// </summary>
 public static class IdempotencyKeyEndpoints
 {
     /// <summary>
     /// Maps <c>GET {prefix}?scope=…&amp;key=…</c> (the key's record) and <c>POST {prefix}/resolve?scope=…&amp;key=…</c>
     /// (settle a key in doubt: with <c>{"response": {...}}</c> it completes with that response and replays it; with
-    /// <c>{}</c> or <c>{"response": null}</c> it is released and the next request runs the action).
+    /// <c>{"release": true}</c> it is released and the next request runs the action; anything else is refused).
     /// </summary>
     public static RouteGroupBuilder MapIdempotencyKeys(this IEndpointRouteBuilder endpoints, string prefix = "/idempotency/keys")
     {
@@ -32,7 +34,8 @@ public static class IdempotencyKeyEndpoints
 /// <param name="BodyBase64">Its body as base64, for bytes that are not text; or null.</param>
 internal sealed record KnownResponse(int Status, IReadOnlyList<StoredHeader>? Headers, string? Body, string? BodyBase64);
 
-internal sealed record ResolveBody(KnownResponse? Response);
+/// <summary>The body of <c>resolve</c>: exactly one of the two.</summary>
+internal sealed record ResolveBody(KnownResponse? Response, bool? Release);
 
 internal sealed record KeyState(
     string Status,
@@ -43,11 +46,17 @@ internal sealed record KeyState(
     string? ResponseBodyBase64 = null,
     long? ResponseBodyLength = null);
 
-internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, IdempotencyProblems problems, TimeProvider time)
+internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, IdempotencyProblems problems, IOptions<IdempotencyOptions> options, TimeProvider time)
 {
     private static readonly JsonSerializerOptions Json = new(JsonSerializerOptions.Web)
     {
         DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
+    };
+
+    // A misspelt member must not read as "release": an operator's typo would run the action again.
+    private static readonly JsonSerializerOptions StrictJson = new(JsonSerializerOptions.Web)
+    {
+        UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow,
     };
 
     public async Task ReadAsync(HttpContext context)
@@ -91,27 +100,31 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
         ResolveBody? body;
         try
         {
-            body = context.Request.ContentLength == 0
-                ? new ResolveBody(null)
-                : await JsonSerializer.DeserializeAsync<ResolveBody>(context.Request.Body, Json, context.RequestAborted);
+            body = await JsonSerializer.DeserializeAsync<ResolveBody>(context.Request.Body, StrictJson, context.RequestAborted);
         }
         catch (JsonException ex)
         {
-            await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid, $"The body is not {{\"response\": ...}}: {ex.Message}", key.Key);
+            await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid, $"The body is not {{\"response\": ...}} or {{\"release\": true}}: {ex.Message}", key.Key);
+            return;
+        }
+
+        if (body is null || (body.Response is null) == (body.Release != true))
+        {
+            await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid,
+                "Say exactly one thing: {\"response\": {...}} (what the action is known to have answered) or {\"release\": true} (it did not take effect).", key.Key);
             return;
         }
 
         StoredResponse? outcome = null;
-        if (body?.Response is { } known)
+        if (body.Response is { } known)
         {
-            if (Stored(known) is not { } stored)
+            if (Refusal(known, key) is { } refusal)
             {
-                await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid,
-                    "A response needs a status from 100 to 599, headers with names and values, and at most one of body and bodyBase64 (valid base64).", key.Key);
+                await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid, refusal, key.Key);
                 return;
             }
 
-            outcome = stored;
+            outcome = Stored(known);
         }
 
         bool settled;
@@ -135,32 +148,78 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
         await context.Response.WriteAsJsonAsync(new KeyState(outcome is null ? "none" : "completed"), Json, context.RequestAborted);
     }
 
-    private static StoredResponse? Stored(KnownResponse known)
+    // Why a response cannot be stored as given, or null: every replay of it must be a valid answer.
+    private string? Refusal(KnownResponse known, IdempotencyKey key)
     {
-        if (known.Status is < 100 or > 599 || (known.Body is not null && known.BodyBase64 is not null)
-            || known.Headers?.Any(h => string.IsNullOrEmpty(h.Name) || h.Value is null) == true)
+        var policy = options.Value.DefaultPolicy;
+        if (known.Status is < 200 or > 599 || policy.ReleasesKey(known.Status))
         {
-            return null;
+            return $"Status {known.Status} cannot be stored: a key is settled with a final answer from 200 to 599 that would not release it (to let the next request run the action, release the key instead).";
         }
 
-        byte[] body;
-        if (known.BodyBase64 is { } base64)
+        if (known.Body is not null && known.BodyBase64 is not null)
         {
-            var buffer = new byte[base64.Length];
-            if (!Convert.TryFromBase64String(base64, buffer, out var length))
+            return "Give the body as text (body) or as base64 (bodyBase64), not both.";
+        }
+
+        if (known.BodyBase64 is { } base64 && !Convert.TryFromBase64String(base64, new byte[base64.Length], out _))
+        {
+            return "bodyBase64 is not valid base64.";
+        }
+
+        foreach (var header in known.Headers ?? [])
+        {
+            if (!IsToken(header.Name) || !IsFieldValue(header.Value) || IdempotencyPolicy.NeverStoredHeaders.Contains(header.Name))
             {
-                return null;
+                return $"Header '{header.Name}' cannot be stored: a name is a token, a value visible ASCII, and hop-by-hop, Set-Cookie, Date, Content-Length and the layer's own headers are never stored.";
             }
-
-            body = buffer[..length];
         }
-        else
+
+        var body = Body(known);
+        if (body.Length > policy.MaxStoredResponseBytes)
         {
-            body = System.Text.Encoding.UTF8.GetBytes(known.Body ?? "");
+            return $"The body has {body.Length} bytes; at most {policy.MaxStoredResponseBytes} are stored.";
         }
 
-        var headers = (known.Headers ?? []).Where(h => !IdempotencyPolicy.NeverStoredHeaders.Contains(h.Name)).ToArray();
-        return new StoredResponse(known.Status, headers, body, false, body.Length);
+        if (known.Status is 204 or 205 or 304 && body.Length > 0)
+        {
+            return $"Status {known.Status} has no body.";
+        }
+
+        if (key.Scope.StartsWith("once:", StringComparison.Ordinal) && (known.Status != Once.OnceExecutor.ResultStatus || !IsJson(body)))
+        {
+            return $"A Once API key's result is JSON under status {Once.OnceExecutor.ResultStatus}.";
+        }
+
+        return null;
+    }
+
+    private static StoredResponse Stored(KnownResponse known)
+    {
+        var body = Body(known);
+        return new StoredResponse(known.Status, known.Headers ?? [], body, false, body.Length);
+    }
+
+    private static byte[] Body(KnownResponse known) =>
+        known.BodyBase64 is { } base64 ? Convert.FromBase64String(base64) : System.Text.Encoding.UTF8.GetBytes(known.Body ?? "");
+
+    private static bool IsToken(string? name) =>
+        !string.IsNullOrEmpty(name) && name.All(c => char.IsAsciiLetterOrDigit(c) || "!#$%&'*+-.^_`|~".Contains(c, StringComparison.Ordinal));
+
+    private static bool IsFieldValue(string? value) =>
+        value is not null && value.All(c => c is '\t' or (>= ' ' and <= '~'));
+
+    private static bool IsJson(byte[] body)
+    {
+        try
+        {
+            using var document = JsonDocument.Parse(body);
+            return true;
+        }
+        catch (JsonException)
+        {
+            return false;
+        }
     }
 
     private async Task<IdempotencyKey?> KeyAsync(HttpContext context)

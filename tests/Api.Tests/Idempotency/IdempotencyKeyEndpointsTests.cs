@@ -18,6 +18,7 @@ public sealed class IdempotencyKeyEndpointsTests(MiddlewareClusterFixture fixtur
         return new IdempotencyKeysHttp(
             new IdempotencyGrainCalls(fixture.Grains, options, fixture.Time, NullLogger<IdempotencyGrainCalls>.Instance),
             new IdempotencyProblems(options),
+            options,
             fixture.Time);
     }
 
@@ -62,7 +63,7 @@ public sealed class IdempotencyKeyEndpointsTests(MiddlewareClusterFixture fixtur
     {
         var (harness, key) = await KeyInDoubtAsync();
 
-        var resolved = await CallAsync(keys.ResolveAsync, key, "{}");
+        var resolved = await CallAsync(keys.ResolveAsync, key, "{\"release\":true}");
 
         Assert.Equal(200, resolved.Status);
         Assert.Equal("none", resolved.Json.GetProperty("status").GetString());
@@ -77,7 +78,7 @@ public sealed class IdempotencyKeyEndpointsTests(MiddlewareClusterFixture fixtur
         var key = MiddlewareHarness.NewKey();
         var first = await harness.SendAsync(key);
 
-        var refused = await CallAsync(keys.ResolveAsync, key, "{}");
+        var refused = await CallAsync(keys.ResolveAsync, key, "{\"release\":true}");
         var replay = await harness.SendAsync(key);
 
         Assert.Equal(409, refused.Status);
@@ -87,18 +88,35 @@ public sealed class IdempotencyKeyEndpointsTests(MiddlewareClusterFixture fixtur
     }
 
     [Theory]
-    [InlineData("user:alice", null, "{}")]
-    [InlineData(null, "k", "{}")]
+    [InlineData("user:alice", null, "{\"release\":true}")]
+    [InlineData(null, "k", "{\"release\":true}")]
+    [InlineData("user:alice", "k", "")]
+    [InlineData("user:alice", "k", "null")]
+    [InlineData("user:alice", "k", "{}")]
+    [InlineData("user:alice", "k", "{\"respons\":{\"status\":201}}")]
+    [InlineData("user:alice", "k", "{\"release\":false}")]
+    [InlineData("user:alice", "k", "{\"release\":true,\"response\":{\"status\":201}}")]
     [InlineData("user:alice", "k", "{\"response\":{\"status\":700}}")]
+    [InlineData("user:alice", "k", "{\"response\":{\"status\":101}}")]
+    [InlineData("user:alice", "k", "{\"response\":{\"status\":503}}")]
+    [InlineData("user:alice", "k", "{\"response\":{\"status\":204,\"body\":\"x\"}}")]
+    [InlineData("user:alice", "k", "{\"response\":{\"status\":201,\"headers\":[{\"name\":\"X Y\",\"value\":\"v\"}]}}")]
+    [InlineData("user:alice", "k", "{\"response\":{\"status\":201,\"headers\":[{\"name\":\"X-Y\",\"value\":\"a\\r\\nb\"}]}}")]
+    [InlineData("user:alice", "k", "{\"response\":{\"status\":201,\"headers\":[{\"name\":\"Content-Length\",\"value\":\"9\"}]}}")]
     [InlineData("user:alice", "k", "{\"response\":{\"status\":201,\"bodyBase64\":\"not base64!\"}}")]
     [InlineData("user:alice", "k", "{\"response\":{\"status\":201,\"body\":\"a\",\"bodyBase64\":\"YQ==\"}}")]
+    [InlineData("once:http:user:alice", "k", "{\"response\":{\"status\":200,\"body\":\"not json\"}}")]
     [InlineData("user:alice", "k", "{\"response\":")]
-    public async Task MalformedResolutions_Are400(string? scope, string? key, string body)
+    public async Task ResolutionsThatWouldBreakReplays_OrSayNothingClearly_Are400_AndChangeNothing(string? scope, string? key, string body)
     {
-        var response = await CallAsync(keys.ResolveAsync, key, body, scope);
+        var (harness, inDoubt) = await KeyInDoubtAsync();
+
+        var response = await CallAsync(keys.ResolveAsync, key is null ? null : inDoubt, body, scope);
 
         Assert.Equal(400, response.Status);
         Assert.EndsWith("request-invalid", response.Json.GetProperty("type").GetString());
+        Assert.Equal(409, (await harness.SendAsync(inDoubt)).Response.StatusCode);
+        Assert.Equal(1, harness.Executions);
     }
 
     private static async Task<(int Status, JsonElement Json)> CallAsync(Func<HttpContext, Task> call, string? key, string body, string? scope = "user:alice")
