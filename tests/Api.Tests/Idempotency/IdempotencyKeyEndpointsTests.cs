@@ -14,9 +14,9 @@ public sealed class IdempotencyKeyEndpointsTests(MiddlewareClusterFixture fixtur
 
     private static IdempotencyKeysHttp Create(MiddlewareClusterFixture fixture)
     {
-        var options = Options.Create(new IdempotencyOptions { ClusterRetryBudget = TimeSpan.FromSeconds(2) });
+        var options = MiddlewareClusterFixture.Options();
         return new IdempotencyKeysHttp(
-            new IdempotencyGrainCalls(fixture.Grains, options, fixture.Time, NullLogger<IdempotencyGrainCalls>.Instance),
+            fixture.Calls(options),
             new IdempotencyProblems(options),
             options,
             fixture.Time);

@@ -1,5 +1,7 @@
 using System.Collections.Concurrent;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging.Abstractions;
+using Microsoft.Extensions.Options;
 using Microsoft.Extensions.Time.Testing;
 using Orleans.Storage;
 using Orleans.TestingHost;
@@ -20,6 +22,14 @@ public sealed class MiddlewareClusterFixture : IAsyncLifetime
     public InProcessTestCluster Cluster { get; private set; } = null!;
 
     public IGrainFactory Grains => Cluster.Client;
+
+    /// <summary>Options as the layer's tests use them: a short cluster retry budget, so outages answer quickly.</summary>
+    public static IOptions<IdempotencyOptions> Options() =>
+        Microsoft.Extensions.Options.Options.Create(new IdempotencyOptions { ClusterRetryBudget = TimeSpan.FromSeconds(2) });
+
+    /// <summary>The layer's grain calls on this cluster and its fake clock.</summary>
+    internal IdempotencyGrainCalls Calls(IOptions<IdempotencyOptions> options) =>
+        new(Grains, options, Time, NullLogger<IdempotencyGrainCalls>.Instance);
 
     /// <summary>Runs <paramref name="action"/> with the store down, and brings it back up whatever happens.</summary>
     public async Task<T> WhileStoreDownAsync<T>(Func<Task<T>> action)

@@ -32,7 +32,7 @@ internal sealed class MiddlewareHarness
         middleware = new IdempotencyMiddleware(
             Endpoint,
             options,
-            new IdempotencyGrainCalls(fixture.Grains, options, fixture.Time, NullLogger<IdempotencyGrainCalls>.Instance),
+            fixture.Calls(options),
             new IdempotencyProblems(options),
             new IdempotencyMetrics(meters),
             new ReplayCache(options, fixture.Time),

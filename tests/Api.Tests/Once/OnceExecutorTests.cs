@@ -15,9 +15,9 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
 
     private OnceExecutor Executor()
     {
-        var options = Options.Create(new IdempotencyOptions { ClusterRetryBudget = TimeSpan.FromSeconds(2) });
+        var options = MiddlewareClusterFixture.Options();
         return new OnceExecutor(
-            new IdempotencyGrainCalls(fixture.Grains, options, fixture.Time, NullLogger<IdempotencyGrainCalls>.Instance),
+            fixture.Calls(options),
             options,
             fixture.Time,
             NullLogger<OnceExecutor>.Instance);

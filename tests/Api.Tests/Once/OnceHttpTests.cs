@@ -23,9 +23,9 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
 
     private static OnceHttp Create(MiddlewareClusterFixture fixture)
     {
-        var options = Options.Create(new IdempotencyOptions { ClusterRetryBudget = TimeSpan.FromSeconds(2) });
+        var options = MiddlewareClusterFixture.Options();
         return new OnceHttp(
-            new IdempotencyGrainCalls(fixture.Grains, options, fixture.Time, NullLogger<IdempotencyGrainCalls>.Instance),
+            fixture.Calls(options),
             new IdempotencyProblems(options),
             options,
             fixture.Time);
