@@ -59,6 +59,52 @@ internal sealed partial class IdempotencyGrainCalls(
         }, cancellationToken);
 
     /// <summary>
+    /// Claims the key for <paramref name="request"/>; while another attempt holds it, waits for that claim to end and
+    /// asks again, for up to <paramref name="wait"/> in all (zero: not at all). When the claim's answer never comes
+    /// (the store or the cluster failed, or the caller left), the claim, which may have been written all the same, is
+    /// given back if <paramref name="releaseUnanswered"/>: else its lease would lapse into an unknown outcome.
+    /// </summary>
+    /// <returns>
+    /// The last answer (<see cref="ClaimOutcome.InProgress"/> when the wait ran out) and when it was asked for: a claim
+    /// it gives was written after that, so its lease ends no sooner than then plus the lease.
+    /// </returns>
+    /// <exception cref="IdempotencyUnavailableException">The cluster or the store did not answer.</exception>
+    public async Task<(ClaimResult Claim, DateTimeOffset AskedAt)> ClaimAsync(
+        IIdempotencyGrain grain, ClaimRequest request, TimeSpan wait, bool releaseUnanswered, CancellationToken cancellationToken)
+    {
+        var askedAt = time.GetUtcNow();
+        var waitUntil = askedAt + wait;
+        while (true)
+        {
+            ClaimResult claim;
+            try
+            {
+                claim = await CallAsync(grain, g => g.ClaimAsync(request), cancellationToken);
+            }
+            catch (Exception ex) when (releaseUnanswered
+                && (ex is IdempotencyUnavailableException || (ex is OperationCanceledException && cancellationToken.IsCancellationRequested)))
+            {
+                _ = ReleaseAsync(grain, request.AttemptId, request.Lease);
+                throw;
+            }
+
+            if (claim.Outcome != ClaimOutcome.InProgress)
+            {
+                return (claim, askedAt);
+            }
+
+            var now = time.GetUtcNow();
+            if (now >= waitUntil)
+            {
+                return (claim, askedAt);
+            }
+
+            await CallAsync(grain, g => g.WaitAsync(waitUntil - now), cancellationToken);
+            askedAt = time.GetUtcNow();
+        }
+    }
+
+    /// <summary>
     /// Releases the attempt's claim; if the store cannot be reached now, keeps trying in the background for up to
     /// <paramref name="lease"/>, after which the lease has lapsed anyway.
     /// </summary>

@@ -73,7 +73,7 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
         }
         catch (IdempotencyUnavailableException ex)
         {
-            await UnavailableAsync(context, ex, key.Key);
+            await problems.WriteUnavailableAsync(context, ex, key.Key);
             return;
         }
 
@@ -134,7 +134,7 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
         }
         catch (IdempotencyUnavailableException ex)
         {
-            await UnavailableAsync(context, ex, key.Key);
+            await problems.WriteUnavailableAsync(context, ex, key.Key);
             return;
         }
 
@@ -234,7 +234,4 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
 
         return new IdempotencyKey(scope[0]!, key[0]!);
     }
-
-    private Task UnavailableAsync(HttpContext context, IdempotencyUnavailableException ex, string key) =>
-        problems.WriteAsync(context, IdempotencyProblem.Unavailable, $"The idempotency store could not be reached ({ex.InnerException?.GetType().Name}).", key, TimeSpan.FromSeconds(1));
 }

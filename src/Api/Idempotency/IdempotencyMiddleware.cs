@@ -95,68 +95,40 @@ internal sealed partial class IdempotencyMiddleware(
 
         var grain = calls.Grain(idempotencyKey);
         var request = new ClaimRequest(AttemptId.New(), fingerprint, policy.Lease, policy.Retention, policy.OnLapsedLease);
-        // A claim the next call gets is written after askedAt: its lease ends no sooner than askedAt plus the lease.
-        var askedAt = time.GetUtcNow();
-        var waitUntil = askedAt + policy.WaitTimeout;
-        while (true)
+        var wait = policy.ConcurrentDuplicates == ConcurrentDuplicateHandling.Reject ? TimeSpan.Zero : policy.WaitTimeout;
+        ClaimResult claim;
+        DateTimeOffset askedAt;
+        try
         {
-            ClaimResult claim;
-            try
-            {
-                claim = await calls.CallAsync(grain, g => g.ClaimAsync(request), context.RequestAborted);
-            }
-            catch (IdempotencyUnavailableException ex)
-            {
-                // The claim may have been written before the store or silo failed: give it back, or its lease lapses.
-                _ = calls.ReleaseAsync(grain, request.AttemptId, policy.Lease);
-                await UnavailableAsync(context, ex, key);
+            (claim, askedAt) = await calls.ClaimAsync(grain, request, wait, releaseUnanswered: true, context.RequestAborted);
+        }
+        catch (IdempotencyUnavailableException ex)
+        {
+            await UnavailableAsync(context, ex, key);
+            return;
+        }
+
+        switch (claim.Outcome)
+        {
+            case ClaimOutcome.Acquired:
+                await ExecuteAsync(context, policy, grain, claim.Token!.Value, askedAt + policy.Lease);
                 return;
-            }
-            catch (OperationCanceledException) when (context.RequestAborted.IsCancellationRequested)
-            {
-                // The client left while a lost answer was being asked for again; the action never ran.
-                _ = calls.ReleaseAsync(grain, request.AttemptId, policy.Lease);
-                throw;
-            }
-
-            switch (claim.Outcome)
-            {
-                case ClaimOutcome.Acquired:
-                    await ExecuteAsync(context, policy, grain, claim.Token!.Value, askedAt + policy.Lease);
-                    return;
-                case ClaimOutcome.Completed:
-                    replays.Add(idempotencyKey, fingerprint, claim);
-                    await ReplayAsync(context, claim.Response!, key);
-                    return;
-                case ClaimOutcome.Mismatch:
-                    await RejectAsync(context, IdempotencyProblem.KeyReused,
-                        "This key was first used for a different request (method, path, query or body). Use a new key for a new request.", key);
-                    return;
-                case ClaimOutcome.OutcomeUnknown:
-                    await RejectAsync(context, IdempotencyProblem.OutcomeUnknown,
-                        "An earlier attempt with this key stopped without reporting its outcome; it may or may not have taken effect. It is not run again.", key);
-                    return;
-            }
-
-            var now = time.GetUtcNow();
-            if (policy.ConcurrentDuplicates == ConcurrentDuplicateHandling.Reject || now >= waitUntil)
-            {
+            case ClaimOutcome.Completed:
+                replays.Add(idempotencyKey, fingerprint, claim);
+                await ReplayAsync(context, claim.Response!, key);
+                return;
+            case ClaimOutcome.Mismatch:
+                await RejectAsync(context, IdempotencyProblem.KeyReused,
+                    "This key was first used for a different request (method, path, query or body). Use a new key for a new request.", key);
+                return;
+            case ClaimOutcome.OutcomeUnknown:
+                await RejectAsync(context, IdempotencyProblem.OutcomeUnknown,
+                    "An earlier attempt with this key stopped without reporting its outcome; it may or may not have taken effect. It is not run again.", key);
+                return;
+            default:
                 await RejectAsync(context, IdempotencyProblem.InProgress,
                     "The first request with this key has not finished. Retry after the delay to receive its response.", key, InProgressRetryAfter);
                 return;
-            }
-
-            try
-            {
-                await calls.CallAsync(grain, g => g.WaitAsync(waitUntil - now), context.RequestAborted);
-            }
-            catch (IdempotencyUnavailableException ex)
-            {
-                await UnavailableAsync(context, ex, key);
-                return;
-            }
-
-            askedAt = time.GetUtcNow();
         }
     }
 

@@ -64,6 +64,11 @@ internal sealed class IdempotencyProblems(IOptions<IdempotencyOptions> options)
     /// <summary>The documentation of the <c>Idempotency-Key</c> header, sent as <c>Link: &lt;…&gt;; rel="describedby"</c>.</summary>
     public Uri KeyDocumentation => new(options.Value.ProblemTypeBase, "idempotency-key");
 
+    /// <summary>Answers 503 <c>store-unavailable</c>, with <c>Retry-After</c>: nothing was decided.</summary>
+    public Task WriteUnavailableAsync(HttpContext context, IdempotencyUnavailableException exception, string? key) =>
+        WriteAsync(context, IdempotencyProblem.Unavailable,
+            $"The idempotency store could not be reached ({exception.InnerException?.GetType().Name}); nothing was decided.", key, TimeSpan.FromSeconds(1));
+
     public async Task WriteAsync(HttpContext context, IdempotencyProblem problem, string detail, string? key, TimeSpan? retryAfter = null)
     {
         var response = context.Response;

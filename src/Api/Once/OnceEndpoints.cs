@@ -80,24 +80,13 @@ internal sealed class OnceHttp(
         ClaimResult claim;
         try
         {
-            claim = await calls.CallAsync(grain, g => g.ClaimAsync(request), context.RequestAborted);
+            // A caller's own attempt may hold a claim from before, which it may have acted on: never given back.
+            (claim, _) = await calls.ClaimAsync(grain, request, TimeSpan.Zero, releaseUnanswered: body.Attempt is null, context.RequestAborted);
         }
-        catch (Exception ex) when (ex is IdempotencyUnavailableException || (ex is OperationCanceledException && context.RequestAborted.IsCancellationRequested))
+        catch (IdempotencyUnavailableException ex)
         {
-            // A claim of a fresh attempt may have been written though its answer never came: give it back, or its lease
-            // lapses. A caller's own attempt may hold a claim from before, which it may have acted on: left alone.
-            if (body.Attempt is null)
-            {
-                _ = calls.ReleaseAsync(grain, request.AttemptId, policy.Lease);
-            }
-
-            if (ex is IdempotencyUnavailableException unavailable)
-            {
-                await UnavailableAsync(context, unavailable, key);
-                return;
-            }
-
-            throw;
+            await problems.WriteUnavailableAsync(context, ex, key);
+            return;
         }
 
         switch (claim.Outcome)
@@ -194,7 +183,7 @@ internal sealed class OnceHttp(
         }
         catch (IdempotencyUnavailableException ex)
         {
-            await UnavailableAsync(context, ex, key);
+            await problems.WriteUnavailableAsync(context, ex, key);
             return;
         }
 
@@ -280,7 +269,7 @@ internal sealed class OnceHttp(
         }
         catch (IdempotencyUnavailableException ex)
         {
-            await UnavailableAsync(context, ex, key);
+            await problems.WriteUnavailableAsync(context, ex, key);
             return;
         }
 
@@ -306,9 +295,6 @@ internal sealed class OnceHttp(
         using var result = JsonDocument.Parse(stored.Body);
         await AnswerAsync(context, StatusCodes.Status200OK, new OnceState("completed", Result: result.RootElement, ExpiresAt: expiresAt));
     }
-
-    private Task UnavailableAsync(HttpContext context, IdempotencyUnavailableException ex, string key) =>
-        problems.WriteAsync(context, IdempotencyProblem.Unavailable, $"The idempotency store could not be reached ({ex.InnerException?.GetType().Name}); nothing was decided.", key, TimeSpan.FromSeconds(1));
 
     private static Task AnswerAsync(HttpContext context, int status, OnceState state)
     {

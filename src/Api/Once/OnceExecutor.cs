@@ -44,44 +44,16 @@ internal sealed partial class OnceExecutor(
         var policy = options.Value.DefaultPolicy;
         var grain = calls.Grain(GrainKey(key.Scope, key.Key));
         var request = new ClaimRequest(AttemptId.New(), Fingerprint(key.Input ?? ""), policy.Lease, policy.Retention, policy.OnLapsedLease);
-        var askedAt = time.GetUtcNow();
-        var waitUntil = askedAt + policy.WaitTimeout;
-        while (true)
+        var (claim, askedAt) = await calls.ClaimAsync(grain, request, policy.WaitTimeout, releaseUnanswered: true, cancellationToken);
+        return claim.Outcome switch
         {
-            ClaimResult claim;
-            try
-            {
-                claim = await calls.CallAsync(grain, g => g.ClaimAsync(request), cancellationToken);
-            }
-            catch (Exception ex) when (ex is IdempotencyUnavailableException || (ex is OperationCanceledException && cancellationToken.IsCancellationRequested))
-            {
-                // The claim may have been written before the failure: give it back, or its lease lapses.
-                _ = calls.ReleaseAsync(grain, request.AttemptId, policy.Lease);
-                throw;
-            }
-
-            switch (claim.Outcome)
-            {
-                case ClaimOutcome.Acquired:
-                    return await RunAsync(grain, claim.Token!.Value, askedAt + policy.Lease, policy, action, cancellationToken);
-                case ClaimOutcome.Completed:
-                    return Replay<T>(key.Key, claim.Response!);
-                case ClaimOutcome.Mismatch:
-                    throw new OnceRefusedException(OnceRefusal.KeyReused, key.Key, $"Key '{key.Key}' was first used with another input; nothing ran.");
-                case ClaimOutcome.OutcomeUnknown:
-                    throw new OnceRefusedException(OnceRefusal.OutcomeUnknown, key.Key,
-                        $"An earlier run of key '{key.Key}' stopped without its outcome; it may or may not have taken effect. It is not run again.");
-            }
-
-            var now = time.GetUtcNow();
-            if (now >= waitUntil)
-            {
-                throw new OnceRefusedException(OnceRefusal.InProgress, key.Key, $"Key '{key.Key}' is still running elsewhere; ask again later.");
-            }
-
-            await calls.CallAsync(grain, g => g.WaitAsync(waitUntil - now), cancellationToken);
-            askedAt = time.GetUtcNow();
-        }
+            ClaimOutcome.Acquired => await RunAsync(grain, claim.Token!.Value, askedAt + policy.Lease, policy, action, cancellationToken),
+            ClaimOutcome.Completed => Replay<T>(key.Key, claim.Response!),
+            ClaimOutcome.Mismatch => throw new OnceRefusedException(OnceRefusal.KeyReused, key.Key, $"Key '{key.Key}' was first used with another input; nothing ran."),
+            ClaimOutcome.OutcomeUnknown => throw new OnceRefusedException(OnceRefusal.OutcomeUnknown, key.Key,
+                $"An earlier run of key '{key.Key}' stopped without its outcome; it may or may not have taken effect. It is not run again."),
+            _ => throw new OnceRefusedException(OnceRefusal.InProgress, key.Key, $"Key '{key.Key}' is still running elsewhere; ask again later."),
+        };
     }
 
     private async Task<T> RunAsync<T>(IIdempotencyGrain grain, ClaimToken token, DateTimeOffset leaseEndsBy, IdempotencyPolicy policy,
