@@ -53,10 +53,15 @@ public interface IIdempotencyGrain : IGrainWithStringKey
     /// <summary>
     /// For operators: settles a key whose outcome is unknown, with the response the action is known to have produced
     /// (the key then replays it) or with null (the key is released and the next request runs the action).
-    /// False when the key's outcome was not in doubt.
     /// </summary>
-    [Alias("Resolve"), ResponseTimeout(CallTimeout)]
-    Task<bool> ResolveAsync(StoredResponse? outcome);
+    /// <param name="outcome">The known response, or null to release the key.</param>
+    /// <param name="claim">
+    /// The claim in doubt the operator looked at, or null for whichever is in doubt now. Named, a key that has moved on
+    /// to another claim since (re-claimed under <see cref="LapsedLeasePolicy.Reclaim"/>, or after its retention) is left
+    /// alone: the decision was made about another attempt.
+    /// </param>
+    [Alias("ResolveClaim"), ResponseTimeout(CallTimeout)]
+    Task<ResolveOutcome> ResolveAsync(StoredResponse? outcome, ClaimToken? claim);
 
     /// <summary>The record as it stands now (a record past its retention reads as <see cref="IdempotencyStatus.None"/>).</summary>
     [Alias("Get"), ResponseTimeout(CallTimeout)]

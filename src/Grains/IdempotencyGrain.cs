@@ -79,8 +79,8 @@ public sealed class IdempotencyGrain(
     public Task<bool> ReleaseAsync(Guid attemptId, TimeSpan lease) =>
         ApplyAsync((state, now) => IdempotencyTransitions.Release(state, attemptId, lease, now));
 
-    public Task<bool> ResolveAsync(StoredResponse? outcome) =>
-        ApplyAsync((state, now) => IdempotencyTransitions.Resolve(state, outcome, now));
+    public Task<ResolveOutcome> ResolveAsync(StoredResponse? outcome, ClaimToken? claim) =>
+        ApplyAsync((state, now) => IdempotencyTransitions.Resolve(state, outcome, claim, now));
 
     public async Task WaitAsync(TimeSpan timeout)
     {

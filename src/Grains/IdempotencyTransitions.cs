@@ -112,20 +112,26 @@ public static class IdempotencyTransitions
     /// an operator who found out what happened does: with the response the action produced, the key completes and
     /// replays it; with none, it is released and the next request runs the action.
     /// </summary>
-    /// <returns>True when settled; false when the key's outcome was not in doubt (nothing changes).</returns>
-    public static Transition<bool> Resolve(IdempotencyRecord stored, StoredResponse? outcome, DateTimeOffset now)
+    /// <returns>Settled, or why nothing changed.</returns>
+    public static Transition<ResolveOutcome> Resolve(IdempotencyRecord stored, StoredResponse? outcome, ClaimToken? claim, DateTimeOffset now)
     {
         var current = stored.AsOf(now);
         var inDoubt = current.Status == IdempotencyStatus.OutcomeUnknown
             || (current.Status == IdempotencyStatus.InProgress && now >= current.LeaseExpiresAt);
         if (!inDoubt)
         {
-            return new(false, null);
+            return new(ResolveOutcome.NotInDoubt, null);
+        }
+
+        // The decision was about the claim the operator named (null: whichever is in doubt).
+        if (claim is { } named && !current.IsHeldBy(named))
+        {
+            return new(ResolveOutcome.OtherClaim, null);
         }
 
         // Completed under a token of its own: the attempt in doubt may still be alive, and its completion must not pass
         // for the settled one (Complete accepts a repeat from the claim a record was completed under).
-        return new(true, outcome is null
+        return new(ResolveOutcome.Settled, outcome is null
             ? new IdempotencyRecord { FencingToken = current.FencingToken, ExpiresAt = current.ExpiresAt }
             : current with
             {

@@ -138,9 +138,9 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
         Assert.Equal(ClaimOutcome.OutcomeUnknown, (await completed.ClaimAsync(Claim())).Outcome);
         var held = await live.ClaimAsync(Claim());
 
-        Assert.True(await completed.ResolveAsync(Created));
-        Assert.True(await freed.ResolveAsync(null));
-        Assert.False(await live.ResolveAsync(Created));
+        Assert.Equal(ResolveOutcome.Settled, await completed.ResolveAsync(Created, null));
+        Assert.Equal(ResolveOutcome.Settled, await freed.ResolveAsync(null, null));
+        Assert.Equal(ResolveOutcome.NotInDoubt, await live.ResolveAsync(Created, null));
 
         var replay = await completed.ClaimAsync(Claim());
         Assert.Equal(ClaimOutcome.Completed, replay.Outcome);

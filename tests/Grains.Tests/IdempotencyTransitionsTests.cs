@@ -285,9 +285,9 @@ public sealed class IdempotencyTransitionsTests
         var (record, _) = Claimed();
         var unknown = Claim(record, Request(), T0 + Lease).Next!;
 
-        var (resolved, next) = Resolve(unknown, Created, T0 + Lease * 2);
+        var (resolved, next) = Resolve(unknown, Created, null, T0 + Lease * 2);
 
-        Assert.True(resolved);
+        Assert.Equal(ResolveOutcome.Settled, resolved);
         Assert.Same(Created, Claim(next!, Request(), T0 + Lease * 2).Result.Response);
     }
 
@@ -296,7 +296,7 @@ public sealed class IdempotencyTransitionsTests
     {
         // The holder was alive all along (its renewals failed): its completion must not pass for the settled one.
         var (record, token) = Claimed();
-        var settled = Resolve(record, Created, T0 + Lease * 2).Next!;
+        var settled = Resolve(record, Created, token, T0 + Lease * 2).Next!;
         var late = new StoredResponse(201, [], "{\"id\":2}"u8.ToArray(), false, 8);
 
         Assert.False(Complete(settled, token, late, T0 + Lease * 2).Result);
@@ -310,7 +310,7 @@ public sealed class IdempotencyTransitionsTests
         var (record, token) = Claimed();
         var unknown = Claim(record, Request(), T0 + Lease).Next!;
 
-        var next = Resolve(unknown, null, T0 + Lease * 2).Next!;
+        var next = Resolve(unknown, null, token, T0 + Lease * 2).Next!;
         var retry = Claim(next, Request(), T0 + Lease * 2).Result;
 
         Assert.Equal(ClaimOutcome.Acquired, retry.Outcome);
@@ -323,7 +323,22 @@ public sealed class IdempotencyTransitionsTests
         var (record, token) = Claimed();
         var completed = Complete(record, token, Created, T0).Next!;
 
-        Assert.Equal(new Transition<bool>(false, null), Resolve(record, null, T0 + TimeSpan.FromSeconds(1)));
-        Assert.Equal(new Transition<bool>(false, null), Resolve(completed, null, T0 + Lease * 2));
+        Assert.Equal(new Transition<ResolveOutcome>(ResolveOutcome.NotInDoubt, null), Resolve(record, null, null, T0 + TimeSpan.FromSeconds(1)));
+        Assert.Equal(new Transition<ResolveOutcome>(ResolveOutcome.NotInDoubt, null), Resolve(completed, null, token, T0 + Lease * 2));
+    }
+
+    [Fact]
+    public void Resolve_NamingAClaimThatNoLongerHoldsTheKey_ChangesNothing_EvenWithAnotherClaimInDoubt()
+    {
+        // The operator read claim 1 in doubt; the key was reclaimed (claim 2), which lapsed in turn.
+        var (record, first) = Claimed();
+        var reclaim = Request(Guid.NewGuid(), policy: LapsedLeasePolicy.Reclaim);
+        var (claim, reclaimed) = Claim(record, reclaim, T0 + Lease);
+        var second = claim.Token!.Value;
+
+        Assert.Equal(new Transition<ResolveOutcome>(ResolveOutcome.OtherClaim, null), Resolve(reclaimed!, null, first, T0 + Lease * 3));
+        Assert.Equal(new Transition<ResolveOutcome>(ResolveOutcome.OtherClaim, null),
+            Resolve(reclaimed!, Created, first with { FencingToken = second.FencingToken }, T0 + Lease * 3));
+        Assert.Equal(ResolveOutcome.Settled, Resolve(reclaimed!, Created, second, T0 + Lease * 3).Result);
     }
 }

@@ -16,7 +16,8 @@ public static class IdempotencyKeyEndpoints
     /// <summary>
     /// Maps <c>GET {prefix}?scope=…&amp;key=…</c> (the key's record) and <c>POST {prefix}/resolve?scope=…&amp;key=…</c>
     /// (settle a key in doubt: with <c>{"response": {...}}</c> it completes with that response and replays it; with
-    /// <c>{"release": true}</c> it is released and the next request runs the action; anything else is refused).
+    /// <c>{"release": true}</c> it is released and the next request runs the action; anything else is refused). A
+    /// resolution that names the <c>claim</c> the read showed settles that claim only.
     /// </summary>
     public static RouteGroupBuilder MapIdempotencyKeys(this IEndpointRouteBuilder endpoints, string prefix = "/idempotency/keys")
     {
@@ -34,11 +35,14 @@ public static class IdempotencyKeyEndpoints
 /// <param name="BodyBase64">Its body as base64, for bytes that are not text; or null.</param>
 internal sealed record KnownResponse(int Status, IReadOnlyList<StoredHeader>? Headers, string? Body, string? BodyBase64);
 
-/// <summary>The body of <c>resolve</c>: exactly one of the two.</summary>
-internal sealed record ResolveBody(KnownResponse? Response, bool? Release);
+/// <summary>The body of <c>resolve</c>: exactly one of the first two.</summary>
+/// <param name="Claim">The claim in doubt the decision is about, as the key's read showed it; null for any.</param>
+internal sealed record ResolveBody(KnownResponse? Response, bool? Release, string? Claim);
 
+/// <param name="Claim">The claim that holds or last held the key, while it runs or is in doubt.</param>
 internal sealed record KeyState(
     string Status,
+    string? Claim = null,
     DateTimeOffset? LeaseExpiresAt = null,
     DateTimeOffset? ExpiresAt = null,
     int? ResponseStatus = null,
@@ -82,8 +86,9 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
             IdempotencyStatus.Completed => new KeyState("completed", ExpiresAt: record.ExpiresAt, ResponseStatus: record.Response!.StatusCode,
                 ResponseHeaders: record.Response.Headers, ResponseBodyBase64: record.Response.BodyOmitted ? null : Convert.ToBase64String(record.Response.Body),
                 ResponseBodyLength: record.Response.BodyLength),
-            IdempotencyStatus.InProgress => new KeyState(record.LeaseExpiresAt > time.GetUtcNow() ? "inProgress" : "lapsed", record.LeaseExpiresAt, record.ExpiresAt),
-            IdempotencyStatus.OutcomeUnknown => new KeyState("outcomeUnknown", ExpiresAt: record.ExpiresAt),
+            IdempotencyStatus.InProgress => new KeyState(record.LeaseExpiresAt > time.GetUtcNow() ? "inProgress" : "lapsed",
+                ClaimTokenText.Format(record.Token), record.LeaseExpiresAt, record.ExpiresAt),
+            IdempotencyStatus.OutcomeUnknown => new KeyState("outcomeUnknown", ClaimTokenText.Format(record.Token), ExpiresAt: record.ExpiresAt),
             _ => new KeyState("none"),
         };
         context.Response.Headers.CacheControl = "no-store";
@@ -115,6 +120,18 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
             return;
         }
 
+        ClaimToken? claim = null;
+        if (body.Claim is not null)
+        {
+            if (!ClaimTokenText.TryParse(body.Claim, out var named))
+            {
+                await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid, "\"claim\" is the claim a read of this key showed, as it showed it.", key.Key);
+                return;
+            }
+
+            claim = named;
+        }
+
         StoredResponse? outcome = null;
         if (body.Response is { } known)
         {
@@ -127,10 +144,10 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
             outcome = Stored(known);
         }
 
-        bool settled;
+        ResolveOutcome resolved;
         try
         {
-            settled = await calls.CallAsync(calls.Grain(key), g => g.ResolveAsync(outcome), context.RequestAborted);
+            resolved = await calls.CallAsync(calls.Grain(key), g => g.ResolveAsync(outcome, claim), context.RequestAborted);
         }
         catch (IdempotencyUnavailableException ex)
         {
@@ -138,11 +155,16 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
             return;
         }
 
-        if (!settled)
+        switch (resolved)
         {
-            await problems.WriteAsync(context, IdempotencyProblem.KeyNotInDoubt,
-                "This key's outcome is not in doubt (it is free, running under a live lease, or completed); nothing changed.", key.Key);
-            return;
+            case ResolveOutcome.NotInDoubt:
+                await problems.WriteAsync(context, IdempotencyProblem.KeyNotInDoubt,
+                    "This key's outcome is not in doubt (it is free, running under a live lease, or completed); nothing changed.", key.Key);
+                return;
+            case ResolveOutcome.OtherClaim:
+                await problems.WriteAsync(context, IdempotencyProblem.KeyChanged,
+                    "This key is in doubt for another claim than the one named: it was claimed again since it was read. Nothing changed; read it again.", key.Key);
+                return;
         }
 
         await context.Response.WriteAsJsonAsync(new KeyState(outcome is null ? "none" : "completed"), Json, context.RequestAborted);

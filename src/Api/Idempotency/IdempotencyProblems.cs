@@ -49,6 +49,9 @@ public sealed record IdempotencyProblem(string Name, int Status, string Title, b
     /// <summary>An operator asked to resolve a key whose outcome is not in doubt.</summary>
     public static readonly IdempotencyProblem KeyNotInDoubt = new("key-not-in-doubt", 409, "The key's outcome is not in doubt", false);
 
+    /// <summary>An operator named the claim they decided about, and the key is now in doubt for another.</summary>
+    public static readonly IdempotencyProblem KeyChanged = new("key-changed", 409, "The key changed since it was read", false);
+
     /// <summary>A Once API or operator call's key, token or body is malformed.</summary>
     public static readonly IdempotencyProblem RequestInvalid = new("request-invalid", 400, "Request invalid", false);
 

@@ -93,7 +93,7 @@ internal sealed class OnceHttp(
         {
             case ClaimOutcome.Acquired:
                 await AnswerAsync(context, StatusCodes.Status201Created,
-                    new OnceState("acquired", OnceToken.Format(claim.Token!.Value), claim.LeaseExpiresAt));
+                    new OnceState("acquired", ClaimTokenText.Format(claim.Token!.Value), claim.LeaseExpiresAt));
                 return;
             case ClaimOutcome.Completed:
                 await CompletedAsync(context, key, claim.Response!, claim.ExpiresAt);
@@ -251,7 +251,7 @@ internal sealed class OnceHttp(
 
     private async Task<ClaimToken?> TokenAsync(HttpContext context, string key, OnceTokenBody body)
     {
-        if (OnceToken.TryParse(body.Token, out var token))
+        if (ClaimTokenText.TryParse(body.Token, out var token))
         {
             return token;
         }

@@ -87,7 +87,31 @@ public sealed class IdempotencyKeyEndpointsTests(MiddlewareClusterFixture fixtur
         Assert.Equal(1, harness.Executions);
     }
 
+    [Fact]
+    public async Task KeyClaimedAgainSinceTheOperatorsRead_ResolutionNamingTheClaimTheyRead_Is409KeyChanged_AndNothingChanges()
+    {
+        var (harness, key) = await KeyInDoubtAsync();
+        var read = await CallAsync(keys.ReadAsync, key, "");
+        var claimRead = read.Json.GetProperty("claim").GetString()!;
+        // Meanwhile a retry on an endpoint that re-runs lapsed keys claims it again, and is left in doubt in turn.
+        var reclaiming = new MiddlewareHarness(fixture, harness.Endpoint, IdempotencyPolicy.Default with { OnLapsedLease = LapsedLeasePolicy.Reclaim });
+        await Assert.ThrowsAsync<InvalidOperationException>(() => reclaiming.SendAsync(key));
+        fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
+
+        var stale = await CallAsync(keys.ResolveAsync, key, JsonSerializer.Serialize(new { release = true, claim = claimRead }));
+        var now = await CallAsync(keys.ReadAsync, key, "");
+        var current = await CallAsync(keys.ResolveAsync, key, JsonSerializer.Serialize(new { release = true, claim = now.Json.GetProperty("claim").GetString() }));
+
+        Assert.Equal(409, stale.Status);
+        Assert.EndsWith("key-changed", stale.Json.GetProperty("type").GetString());
+        Assert.Equal("lapsed", now.Json.GetProperty("status").GetString());
+        Assert.NotEqual(claimRead, now.Json.GetProperty("claim").GetString());
+        Assert.Equal(200, current.Status);
+        Assert.Equal("none", current.Json.GetProperty("status").GetString());
+    }
+
     [Theory]
+    [InlineData("user:alice", "k", "{\"release\":true,\"claim\":\"not-a-claim\"}")]
     [InlineData("user:alice", null, "{\"release\":true}")]
     [InlineData(null, "k", "{\"release\":true}")]
     [InlineData("user:alice", "k", "")]

@@ -2,10 +2,13 @@ using System.Buffers.Binary;
 using System.Buffers.Text;
 using OrleansIdempotency.Grains;
 
-namespace OrleansIdempotency.Once;
+namespace OrleansIdempotency.AspNetCore;
 
-/// <summary>A claim as the Once API's HTTP callers hold it: the attempt id and the fencing token, base64url.</summary>
-internal static class OnceToken
+/// <summary>
+/// A claim as HTTP callers hold it (the Once API's token, the operator surface's <c>claim</c>): the attempt id and the
+/// fencing token, base64url.
+/// </summary>
+internal static class ClaimTokenText
 {
     private const int Length = 24;
 
