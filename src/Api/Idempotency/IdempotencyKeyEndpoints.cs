@@ -35,11 +35,13 @@ public static class IdempotencyKeyEndpoints
 /// <param name="BodyBase64">Its body as base64, for bytes that are not text; or null.</param>
 internal sealed record KnownResponse(int Status, IReadOnlyList<StoredHeader>? Headers, string? Body, string? BodyBase64);
 
-/// <summary>The body of <c>resolve</c>: exactly one of the first two.</summary>
-/// <param name="Claim">The claim in doubt the decision is about, as the key's read showed it; null for any.</param>
+/// <summary>
+/// The body of <c>resolve</c>: exactly one of <c>Response</c> and <c>Release</c>, and, optionally, the <c>Claim</c>
+/// in doubt the decision is about, as the key's read showed it (null: whichever is in doubt).
+/// </summary>
 internal sealed record ResolveBody(KnownResponse? Response, bool? Release, string? Claim);
 
-/// <param name="Claim">The claim that holds or last held the key, while it runs or is in doubt.</param>
+/// <summary>A key as the operator reads it; <c>Claim</c> is the claim that holds or last held it, while it runs or is in doubt.</summary>
 internal sealed record KeyState(
     string Status,
     string? Claim = null,

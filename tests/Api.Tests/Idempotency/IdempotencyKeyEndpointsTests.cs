@@ -3,6 +3,7 @@ using System.Text.Json;
 using Microsoft.AspNetCore.Http;
 using Microsoft.Extensions.Logging.Abstractions;
 using Microsoft.Extensions.Options;
+using OrleansIdempotency.Grains;
 
 namespace OrleansIdempotency.AspNetCore.Tests;
 
@@ -90,11 +91,19 @@ public sealed class IdempotencyKeyEndpointsTests(MiddlewareClusterFixture fixtur
     [Fact]
     public async Task KeyClaimedAgainSinceTheOperatorsRead_ResolutionNamingTheClaimTheyRead_Is409KeyChanged_AndNothingChanges()
     {
-        var (harness, key) = await KeyInDoubtAsync();
+        // An endpoint that re-runs lapsed keys; its action fails halfway, leaving each attempt in doubt.
+        var reclaiming = new MiddlewareHarness(fixture, async context =>
+        {
+            context.Response.StatusCode = 201;
+            await context.Response.WriteAsync("{\"id\":");
+            throw new InvalidOperationException("failed halfway");
+        }, IdempotencyPolicy.Default with { OnLapsedLease = LapsedLeasePolicy.Reclaim });
+        var key = MiddlewareHarness.NewKey();
+        await Assert.ThrowsAsync<InvalidOperationException>(() => reclaiming.SendAsync(key));
+        fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
         var read = await CallAsync(keys.ReadAsync, key, "");
         var claimRead = read.Json.GetProperty("claim").GetString()!;
-        // Meanwhile a retry on an endpoint that re-runs lapsed keys claims it again, and is left in doubt in turn.
-        var reclaiming = new MiddlewareHarness(fixture, harness.Endpoint, IdempotencyPolicy.Default with { OnLapsedLease = LapsedLeasePolicy.Reclaim });
+        // Before the operator decides, a retry claims the key again and is left in doubt in turn.
         await Assert.ThrowsAsync<InvalidOperationException>(() => reclaiming.SendAsync(key));
         fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
 
@@ -106,8 +115,10 @@ public sealed class IdempotencyKeyEndpointsTests(MiddlewareClusterFixture fixtur
         Assert.EndsWith("key-changed", stale.Json.GetProperty("type").GetString());
         Assert.Equal("lapsed", now.Json.GetProperty("status").GetString());
         Assert.NotEqual(claimRead, now.Json.GetProperty("claim").GetString());
+        Assert.Equal("lapsed", read.Json.GetProperty("status").GetString());
         Assert.Equal(200, current.Status);
         Assert.Equal("none", current.Json.GetProperty("status").GetString());
+        Assert.Equal(2, reclaiming.Executions);
     }
 
     [Theory]
