@@ -21,6 +21,9 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
     /// <summary>The request header that carries the key.</summary>
     public const string HeaderName = "Idempotency-Key";
 
+    // The longest key the server's layer (and the draft's advice) accepts.
+    private const int MaxKeyLength = 255;
+
     // A Retry-After of 0 or in the past must not turn the wait into a loop of requests.
     private static readonly TimeSpan ShortestWait = TimeSpan.FromMilliseconds(100);
 
@@ -47,30 +50,32 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
     {
         if (!options.Methods.Contains(request.Method))
         {
-            return await base.SendAsync(request, cancellationToken);
+            return await base.SendAsync(request, cancellationToken).ConfigureAwait(false);
         }
 
         AddKey(request);
         if (request.Content is { } content)
         {
-            await content.LoadIntoBufferAsync(cancellationToken);
+            await content.LoadIntoBufferAsync(cancellationToken).ConfigureAwait(false);
         }
 
-        var giveUpAt = time.GetUtcNow() + options.InProgressWait;
+        var now = time.GetUtcNow();
+        var giveUpAt = options.InProgressWait < DateTimeOffset.MaxValue - now ? now + options.InProgressWait : DateTimeOffset.MaxValue;
         while (true)
         {
-            var response = await base.SendAsync(request, cancellationToken);
+            var response = await base.SendAsync(request, cancellationToken).ConfigureAwait(false);
             if (WaitBeforeAskingAgain(response, giveUpAt) is not { } delay)
             {
                 return response;
             }
 
             response.Dispose();
-            await Task.Delay(delay, time, cancellationToken);
+            await Task.Delay(delay, time, cancellationToken).ConfigureAwait(false);
         }
     }
 
-    // The synchronous path blocks on the asynchronous one, keying and waiting alike, as HttpClient.Send blocks anyway.
+    // The synchronous path blocks on the asynchronous one, keying and waiting alike, as HttpClient.Send blocks anyway
+    // (never resuming on the caller's SynchronizationContext, which is blocked here).
     protected override HttpResponseMessage Send(HttpRequestMessage request, CancellationToken cancellationToken) =>
         SendAsync(request, cancellationToken).GetAwaiter().GetResult();
 
@@ -78,8 +83,20 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
     {
         if (!request.Headers.Contains(HeaderName))
         {
-            request.Headers.Add(HeaderName, options.NewKey());
+            request.Headers.Add(HeaderName, StructuredFieldString(options.NewKey()));
         }
+    }
+
+    // draft-ietf-httpapi-idempotency-key-header-07: the value is a structured-field String, "quoted", with \ and "
+    // escaped. A key that no String can hold is refused here, before anything is sent.
+    private static string StructuredFieldString(string key)
+    {
+        if (key is not { Length: > 0 and <= MaxKeyLength } || key.Any(c => c is < ' ' or > '~'))
+        {
+            throw new InvalidOperationException($"{nameof(IdempotencyKeyOptions)}.{nameof(IdempotencyKeyOptions.NewKey)} made a key that is not 1 to {MaxKeyLength} printable ASCII characters.");
+        }
+
+        return "\"" + key.Replace("\\", "\\\\", StringComparison.Ordinal).Replace("\"", "\\\"", StringComparison.Ordinal) + "\"";
     }
 
     /// <summary>
@@ -98,7 +115,8 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
         TimeSpan? asked = response.Headers.RetryAfter switch
         {
             { Delta: { } delta } => delta,
-            { Date: { } date } => date - now,
+            // Against the server's clock, when it sent one: the two clocks need not agree.
+            { Date: { } date } => date - (response.Headers.Date ?? now),
             _ => null,
         };
         if (asked is not { } wait)

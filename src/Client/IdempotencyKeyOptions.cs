@@ -6,7 +6,10 @@ public sealed class IdempotencyKeyOptions
     /// <summary>The methods that get a key: POST and PATCH, as the server's layer makes idempotent by default.</summary>
     public ISet<HttpMethod> Methods { get; init; } = new HashSet<HttpMethod> { HttpMethod.Post, HttpMethod.Patch };
 
-    /// <summary>Makes a key for a new logical request. The default is a random UUID.</summary>
+    /// <summary>
+    /// Makes a key for a new logical request: 1 to 255 printable ASCII characters, sent as a structured-field String
+    /// (<c>"…"</c>, as draft-ietf-httpapi-idempotency-key-header-07 asks). The default is a random UUID.
+    /// </summary>
     public Func<string> NewKey { get; init; } = static () => Guid.NewGuid().ToString();
 
     /// <summary>

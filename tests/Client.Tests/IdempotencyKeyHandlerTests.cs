@@ -19,8 +19,26 @@ public sealed class IdempotencyKeyHandlerTests
         await client.PostAsync("/orders", Json());
 
         Assert.Equal(2, server.Attempts.Count);
-        Assert.All(server.Attempts, a => Assert.True(Guid.TryParse(a.Key, out _)));
+        Assert.All(server.Attempts, a => Assert.Matches("^\"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\"$", a.Key));
         Assert.NotEqual(server.Attempts[0].Key, server.Attempts[1].Key);
+    }
+
+    [Fact]
+    public async Task KeysAreSentAsStructuredFieldStrings_QuotesAndBackslashesEscaped_AndOnesNoStringCanHoldAreRefused()
+    {
+        var server = new Server(Created);
+        using var client = Client(server, new IdempotencyKeyOptions { NewKey = () => "order 7, \"rush\" \\ now" });
+        using var unicode = Client(server, new IdempotencyKeyOptions { NewKey = () => "commande-é" });
+        using var empty = Client(server, new IdempotencyKeyOptions { NewKey = () => "" });
+        using var tooLong = Client(server, new IdempotencyKeyOptions { NewKey = () => new string('k', 256) });
+
+        await client.PostAsync("/orders", Json());
+
+        Assert.Equal("\"order 7, \\\"rush\\\" \\\\ now\"", server.Attempts.Single().Key);
+        await Assert.ThrowsAsync<InvalidOperationException>(() => unicode.PostAsync("/orders", Json()));
+        await Assert.ThrowsAsync<InvalidOperationException>(() => empty.PostAsync("/orders", Json()));
+        await Assert.ThrowsAsync<InvalidOperationException>(() => tooLong.PostAsync("/orders", Json()));
+        Assert.Single(server.Attempts);
     }
 
     [Fact]
@@ -63,6 +81,34 @@ public sealed class IdempotencyKeyHandlerTests
         var sending = client.PostAsync("/orders", Json());
         Assert.True(await AdvanceUntilAttemptsAsync(server, 2) >= TimeSpan.FromSeconds(3));
 
+        Assert.Equal(HttpStatusCode.Created, (await sending.WaitAsync(TimeSpan.FromSeconds(10))).StatusCode);
+    }
+
+    [Fact]
+    public async Task RetryAfterAsADate_IsReadAgainstTheServersClock_NotTheClients()
+    {
+        // The client's clock runs 5 s ahead of the server's; the server asks for 2 s.
+        var serverNow = time.GetUtcNow() - TimeSpan.FromSeconds(5);
+        var server = new Server(
+            _ => new HttpResponseMessage(HttpStatusCode.Conflict) { Headers = { Date = serverNow, RetryAfter = new RetryConditionHeaderValue(serverNow + TimeSpan.FromSeconds(2)) } },
+            Created);
+        using var client = Client(server);
+
+        var sending = client.PostAsync("/orders", Json());
+
+        Assert.True(await AdvanceUntilAttemptsAsync(server, 2) >= TimeSpan.FromSeconds(2));
+        Assert.Equal(HttpStatusCode.Created, (await sending.WaitAsync(TimeSpan.FromSeconds(10))).StatusCode);
+    }
+
+    [Fact]
+    public async Task InProgressWaitWithoutEnd_WaitsAsLongAsTheServerAsks()
+    {
+        var server = new Server(InProgress(TimeSpan.FromSeconds(1)), Created);
+        using var client = Client(server, new IdempotencyKeyOptions { InProgressWait = TimeSpan.MaxValue });
+
+        var sending = client.PostAsync("/orders", Json());
+
+        Assert.True(await AdvanceUntilAttemptsAsync(server, 2) >= TimeSpan.FromSeconds(1));
         Assert.Equal(HttpStatusCode.Created, (await sending.WaitAsync(TimeSpan.FromSeconds(10))).StatusCode);
     }
 
@@ -124,6 +170,31 @@ public sealed class IdempotencyKeyHandlerTests
     }
 
     [Fact]
+    public async Task SynchronousSend_FromAThreadWhoseContextIsBlocked_DoesNotDeadlock()
+    {
+        // A UI thread or classic ASP.NET: the caller's SynchronizationContext runs nothing while Send blocks it.
+        var server = new Server(Created) { AnswersLater = true };
+        using var client = Client(server);
+        using var request = new HttpRequestMessage(HttpMethod.Post, "/orders") { Content = Json() };
+        var sent = new TaskCompletionSource<HttpStatusCode>(TaskCreationOptions.RunContinuationsAsynchronously);
+        var thread = new Thread(() =>
+        {
+            SynchronizationContext.SetSynchronizationContext(new BlockedContext());
+            try
+            {
+                sent.SetResult(client.Send(request).StatusCode);
+            }
+            catch (Exception ex)
+            {
+                sent.SetException(ex);
+            }
+        }) { IsBackground = true };
+        thread.Start();
+
+        Assert.Equal(HttpStatusCode.Created, await sent.Task.WaitAsync(TimeSpan.FromSeconds(10)));
+    }
+
+    [Fact]
     public void NegativeInProgressWait_IsRefused()
     {
         Assert.Throws<ArgumentOutOfRangeException>(() => new IdempotencyKeyHandler(new IdempotencyKeyOptions { InProgressWait = TimeSpan.FromSeconds(-1) }));
@@ -146,8 +217,8 @@ public sealed class IdempotencyKeyHandlerTests
         return moved;
     }
 
-    private HttpClient Client(Server server) =>
-        new(new IdempotencyKeyHandler(new IdempotencyKeyOptions(), time) { InnerHandler = server }) { BaseAddress = new Uri("http://api.test") };
+    private HttpClient Client(Server server, IdempotencyKeyOptions? options = null) =>
+        new(new IdempotencyKeyHandler(options ?? new IdempotencyKeyOptions(), time) { InnerHandler = server }) { BaseAddress = new Uri("http://api.test") };
 
     private static StringContent Json() => new("{\"amount\":5}", Encoding.UTF8, "application/json");
 
@@ -165,6 +236,9 @@ public sealed class IdempotencyKeyHandlerTests
         private readonly SemaphoreSlim arrived = new(0);
 
         public List<(string? Key, string Body)> Attempts { get; } = [];
+
+        /// <summary>Answers on another thread, a moment later, as a network does.</summary>
+        public bool AnswersLater { get; init; }
 
         public int Count
         {
@@ -185,8 +259,15 @@ public sealed class IdempotencyKeyHandlerTests
             }
         }
 
-        protected override async Task<HttpResponseMessage> SendAsync(HttpRequestMessage request, CancellationToken cancellationToken) =>
-            Answer(request, request.Content is null ? "" : await request.Content.ReadAsStringAsync(cancellationToken));
+        protected override async Task<HttpResponseMessage> SendAsync(HttpRequestMessage request, CancellationToken cancellationToken)
+        {
+            if (AnswersLater)
+            {
+                await Task.Delay(10, cancellationToken).ConfigureAwait(false);
+            }
+
+            return Answer(request, request.Content is null ? "" : await request.Content.ReadAsStringAsync(cancellationToken));
+        }
 
         protected override HttpResponseMessage Send(HttpRequestMessage request, CancellationToken cancellationToken) =>
             Answer(request, request.Content is null ? "" : new StreamReader(request.Content.ReadAsStream(cancellationToken)).ReadToEnd());
@@ -200,6 +281,14 @@ public sealed class IdempotencyKeyHandlerTests
                 arrived.Release();
                 return response;
             }
+        }
+    }
+
+    /// <summary>The context of a thread that is blocked: what is posted to it never runs.</summary>
+    private sealed class BlockedContext : SynchronizationContext
+    {
+        public override void Post(SendOrPostCallback d, object? state)
+        {
         }
     }
 
