@@ -1,6 +1,10 @@
 using OrleansIdempotency.Testing;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
+using Microsoft.Extensions.Logging.Testing;
+using Microsoft.Extensions.Options;
+using Microsoft.Extensions.Time.Testing;
 using Npgsql;
 using OrleansIdempotency.Grains;
 using Orleans.Storage;
@@ -256,6 +260,32 @@ public sealed class PostgresStorageTests(ServersFixture servers)
         {
             AssertReplays(await silo.Grains.GetIdempotencyGrain(key).ClaimAsync(Claim()));
         }
+    }
+
+    [Fact]
+    public async Task SiloClockApartFromPostgres_IsWarnedOfAtStart_AndThePurgeGoesByPostgresClock()
+    {
+        var settings = await TestClusterSettings.CreateAsync(servers, redis: false);
+        await using var silo = await TestSilo.StartAsync(settings);
+        var key = NewKey();
+        await CompleteAsync(silo.Grains.GetIdempotencyGrain(key), TimeSpan.FromHours(1));
+        var database = silo.Host.Services.GetRequiredService<IdempotencyDatabase>();
+        // A silo whose clock runs two hours ahead: by its clock the record above expired an hour ago.
+        var ahead = new FakeTimeProvider(DateTimeOffset.UtcNow + TimeSpan.FromHours(2));
+        var installerLog = new FakeLogger<PostgresSchemaInstaller>();
+        var purgerLog = new FakeLogger<ExpiredRecordPurger>();
+        var onTime = new FakeLogger<PostgresSchemaInstaller>();
+
+        await new PostgresSchemaInstaller(database, ahead, installerLog).InstallAsync(CancellationToken.None);
+        await new PostgresSchemaInstaller(database, TimeProvider.System, onTime).InstallAsync(CancellationToken.None);
+        await new ExpiredRecordPurger(database, Options.Create(new IdempotencyStorageOptions()), ahead, purgerLog).PurgeExpiredAsync(CancellationToken.None);
+
+        Assert.Contains(installerLog.Collector.GetSnapshot(), r => r.Level == LogLevel.Warning
+            && double.Parse(r.GetStructuredStateValue("OffsetSeconds")!, System.Globalization.CultureInfo.InvariantCulture) is > -7260 and < -7140);
+        Assert.Contains(purgerLog.Collector.GetSnapshot(), r => r.Level == LogLevel.Warning && r.Message.Contains("NTP", StringComparison.Ordinal));
+        Assert.DoesNotContain(onTime.Collector.GetSnapshot(), r => r.Level >= LogLevel.Warning);
+        await silo.Grains.GetGrain<IManagementGrain>(0).ForceActivationCollection(TimeSpan.Zero);
+        AssertReplays(await silo.Grains.GetIdempotencyGrain(key).ClaimAsync(Claim()));
     }
 
     [Fact]

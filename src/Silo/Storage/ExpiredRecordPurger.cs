@@ -42,6 +42,21 @@ public sealed partial class ExpiredRecordPurger(
         return total;
     }
 
+    /// <summary>
+    /// One round of the purge: every record expired by PostgreSQL's clock, the clock that also refuses late claims, so
+    /// that what is purged and what may still land are judged by one clock whatever the silos' clocks say.
+    /// </summary>
+    public async Task PurgeExpiredAsync(CancellationToken cancellationToken)
+    {
+        var (now, offset) = await DatabaseClock.ReadAsync(database.MaintenanceDataSource, time, cancellationToken);
+        DatabaseClock.Check(logger, offset);
+        var deleted = await PurgeAsync(now, cancellationToken);
+        if (deleted > 0)
+        {
+            LogPurged(logger, deleted);
+        }
+    }
+
     protected override async Task ExecuteAsync(CancellationToken stoppingToken)
     {
         using var timer = new PeriodicTimer(options.Value.PurgeInterval, time);
@@ -49,11 +64,7 @@ public sealed partial class ExpiredRecordPurger(
         {
             try
             {
-                var deleted = await PurgeAsync(time.GetUtcNow(), stoppingToken);
-                if (deleted > 0)
-                {
-                    LogPurged(logger, deleted);
-                }
+                await PurgeExpiredAsync(stoppingToken);
             }
             catch (Exception ex) when (ex is NpgsqlException or TimeoutException && !stoppingToken.IsCancellationRequested)
             {

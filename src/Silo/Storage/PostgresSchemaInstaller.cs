@@ -33,6 +33,7 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
             {
                 await ApplyAsync(cancellationToken);
                 LogInstalled(logger);
+                DatabaseClock.Check(logger, (await DatabaseClock.ReadAsync(database.MaintenanceDataSource, time, cancellationToken)).Offset);
                 return;
             }
             catch (NpgsqlException ex) when (ex.IsTransient && time.GetUtcNow() < deadline)
