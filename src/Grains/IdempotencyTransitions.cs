@@ -120,7 +120,9 @@ public static class IdempotencyTransitions
             || (current.Status == IdempotencyStatus.InProgress && now >= current.LeaseExpiresAt);
         if (!inDoubt)
         {
-            return new(ResolveOutcome.NotInDoubt, null);
+            // A resolution asked again because its answer was lost (its write landed, the call timed out) finds the
+            // key as it left it: that is settled, not "nothing changed".
+            return new(claim is { } asked && SettledBy(current, asked, outcome) ? ResolveOutcome.Settled : ResolveOutcome.NotInDoubt, null);
         }
 
         // The decision was about the claim the operator named (null: whichever is in doubt).
@@ -144,6 +146,14 @@ public static class IdempotencyTransitions
     }
 
     private static DateTimeOffset Later(DateTimeOffset a, DateTimeOffset b) => a > b ? a : b;
+
+    // True when current is what Resolve made of claim's record with outcome (see its two results).
+    private static bool SettledBy(IdempotencyRecord current, ClaimToken claim, StoredResponse? outcome) => outcome is null
+        ? current.Status == IdempotencyStatus.None && current.FencingToken == claim.FencingToken
+        : current is { Status: IdempotencyStatus.Completed, Response: { } stored } && current.AttemptId == Guid.Empty
+            && current.FencingToken == claim.FencingToken + 1 && stored.StatusCode == outcome.StatusCode
+            && stored.BodyOmitted == outcome.BodyOmitted && stored.Body.AsSpan().SequenceEqual(outcome.Body)
+            && stored.Headers.SequenceEqual(outcome.Headers);
 
     private static bool HoldsLiveClaim(IdempotencyRecord current, ClaimToken token, DateTimeOffset now) =>
         current.Status == IdempotencyStatus.InProgress && current.IsHeldBy(token) && now < current.LeaseExpiresAt;

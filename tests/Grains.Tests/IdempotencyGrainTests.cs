@@ -127,6 +127,20 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
     }
 
     [Fact]
+    public async Task Resolve_WhoseWriteLandedButWhoseAnswerWasLost_AskedAgain_AnswersSettled()
+    {
+        var grain = Grain(NewKey());
+        var held = await grain.ClaimAsync(Claim());
+        fixture.Time.Advance(Lease);
+        var lostWrite = fixture.Storage.LoseNextWrite(GrainId(grain));
+        await Assert.ThrowsAsync<TimeoutException>(() => grain.ResolveAsync(Created, held.Token));
+        await (await lostWrite.WaitAsync(TimeSpan.FromSeconds(10)))();
+
+        Assert.Equal(ResolveOutcome.Settled, await grain.ResolveAsync(Created, held.Token));
+        Assert.Equal(Created.Body, (await grain.ClaimAsync(Claim())).Response!.Body);
+    }
+
+    [Fact]
     public async Task Resolve_SettlesAKeyInDoubt_WithTheKnownResponse_OrByFreeingIt_AndNothingElse()
     {
         var completed = Grain(NewKey());

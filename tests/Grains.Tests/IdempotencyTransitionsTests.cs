@@ -328,6 +328,23 @@ public sealed class IdempotencyTransitionsTests
     }
 
     [Fact]
+    public void Resolve_AskedAgainAfterItsAnswerWasLost_AnswersSettled_AndChangesNothing()
+    {
+        var (record, token) = Claimed();
+        var completed = Resolve(record, Created, token, T0 + Lease * 2).Next!;
+        var released = Resolve(record, null, token, T0 + Lease * 2).Next!;
+        // As the record comes back from storage: equal, not the same objects.
+        var again = new StoredResponse(Created.StatusCode, [.. Created.Headers], [.. Created.Body], false, Created.BodyLength);
+        var other = again with { Body = "{\"id\":8}"u8.ToArray() };
+
+        Assert.Equal(new Transition<ResolveOutcome>(ResolveOutcome.Settled, null), Resolve(completed, again, token, T0 + Lease * 3));
+        Assert.Equal(new Transition<ResolveOutcome>(ResolveOutcome.Settled, null), Resolve(released, null, token, T0 + Lease * 3));
+        Assert.Equal(ResolveOutcome.NotInDoubt, Resolve(completed, other, token, T0 + Lease * 3).Result);
+        Assert.Equal(ResolveOutcome.NotInDoubt, Resolve(completed, null, token, T0 + Lease * 3).Result);
+        Assert.Equal(ResolveOutcome.NotInDoubt, Resolve(completed, again, null, T0 + Lease * 3).Result);
+    }
+
+    [Fact]
     public void Resolve_NamingAClaimThatNoLongerHoldsTheKey_ChangesNothing_EvenWithAnotherClaimInDoubt()
     {
         // The operator read claim 1 in doubt; the key was reclaimed (claim 2), which lapsed in turn.
