@@ -125,8 +125,9 @@ public sealed class PostgresStorageTests(ServersFixture servers)
     public async Task SecondActivationOfTheSameKey_LosesTheETagCheck_AndIsNotGivenTheClaim()
     {
         // Two clusters on one database: each hosts its own activation of every key, as two activations can briefly
-        // coexist while membership changes. Only the conditional write stands between them.
-        var settings = await TestClusterSettings.CreateAsync(servers, redis: false);
+        // coexist while membership changes. Only the conditional write stands between them. (Through Redis: silos
+        // without it refuse to share a database, StandaloneSiloLock.)
+        var settings = await TestClusterSettings.CreateAsync(servers, redis: true);
         var otherSettings = new Dictionary<string, string?>(settings) { ["Orleans:ClusterId"] = settings["Orleans:ClusterId"] + "-b" };
         await using var first = await TestSilo.StartAsync(settings);
         await using var second = await TestSilo.StartAsync(otherSettings);

@@ -3,6 +3,7 @@ using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.DependencyInjection.Extensions;
 using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Options;
 using Orleans.Configuration;
 using Orleans.Serialization;
@@ -50,6 +51,12 @@ public static class IdempotencySiloBuilderExtensions
         if (settings.Postgres is { } postgres)
         {
             silo.AddIdempotencyPostgresStorage(postgres);
+            if (settings.Redis is null)
+            {
+                silo.Services.AddSingleton(sp => new StandaloneSiloLock(sp.GetRequiredService<IdempotencyDatabase>(), settings.ServiceId,
+                    sp.GetRequiredService<TimeProvider>(), sp.GetRequiredService<ILogger<StandaloneSiloLock>>()));
+                silo.Services.AddSingleton<ILifecycleParticipant<ISiloLifecycle>>(sp => sp.GetRequiredService<StandaloneSiloLock>());
+            }
         }
         else if (settings.Redis is not null)
         {

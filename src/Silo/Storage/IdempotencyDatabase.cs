@@ -26,6 +26,22 @@ public sealed class IdempotencyDatabase(string connectionString) : IAsyncDisposa
     /// <summary>Opens connections for the schema installer and the purge: not multiplexed, at most two.</summary>
     public NpgsqlDataSource MaintenanceDataSource { get; } = NpgsqlDataSource.Create(ForMaintenance(connectionString));
 
+    /// <summary>Opens a connection outside both pools: its session, and whatever it holds, ends when it is disposed.</summary>
+    public async Task<NpgsqlConnection> OpenSessionAsync(CancellationToken cancellationToken)
+    {
+        var connection = new NpgsqlConnection(new NpgsqlConnectionStringBuilder(ForMaintenance(connectionString)) { Pooling = false }.ConnectionString);
+        try
+        {
+            await connection.OpenAsync(cancellationToken);
+            return connection;
+        }
+        catch
+        {
+            await connection.DisposeAsync();
+            throw;
+        }
+    }
+
     public async ValueTask DisposeAsync()
     {
         await DataSource.DisposeAsync();

@@ -1,0 +1,83 @@
+using Microsoft.Extensions.Logging;
+using Npgsql;
+using Orleans.Runtime;
+
+namespace OrleansIdempotency.Silo.Storage;
+
+/// <summary>
+/// Without Redis a silo is a cluster of its own, so two such silos on one database would each activate the same keys:
+/// every write stays fenced (ETags), but each answers duplicates from its own copy, and a duplicate sent to the other
+/// process waits out a lease for an outcome already stored. A silo on PostgreSQL without Redis therefore holds a lock
+/// in PostgreSQL, per service, for as long as it runs. Another waits for it (an overlapping restart), then refuses to
+/// start, naming the cause.
+/// </summary>
+/// <remarks>
+/// PostgreSQL drops the lock with the session: when the process exits or is killed, or its connection is lost (the
+/// lock is then not taken again: this guards starts). Two Redis clusters of one service (two ClusterIds at once) are
+/// not detected: run one ClusterId per service at a time.
+/// </remarks>
+public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, string serviceId, TimeProvider time, ILogger<StandaloneSiloLock> logger)
+    : ILifecycleParticipant<ISiloLifecycle>, IAsyncDisposable
+{
+    // The two-key advisory lock space, apart from the schema installer's one-key lock: "OIde", then the service.
+    private const int LockSpace = 0x4F49_6465;
+
+    private NpgsqlConnection? held;
+
+    /// <summary>How long a starting silo waits for another standalone silo of its service to stop. The default is 60 seconds.</summary>
+    public TimeSpan StartupTimeout { get; init; } = TimeSpan.FromSeconds(60);
+
+    public void Participate(ISiloLifecycle lifecycle) =>
+        lifecycle.Subscribe(nameof(StandaloneSiloLock), ServiceLifecycleStage.RuntimeStorageServices, AcquireAsync, _ => ReleaseAsync());
+
+    /// <summary>Takes the lock, waiting up to <see cref="StartupTimeout"/> for the silo that holds it to stop.</summary>
+    public async Task AcquireAsync(CancellationToken cancellationToken)
+    {
+        var deadline = time.GetUtcNow() + StartupTimeout;
+        var connection = await database.OpenSessionAsync(cancellationToken);
+        try
+        {
+            await using var command = new NpgsqlCommand("SELECT pg_try_advisory_lock(@space, hashtext(@service))", connection);
+            command.Parameters.AddWithValue("space", LockSpace);
+            command.Parameters.AddWithValue("service", serviceId);
+            for (var attempt = 1; !(bool)(await command.ExecuteScalarAsync(cancellationToken))!; attempt++)
+            {
+                if (time.GetUtcNow() >= deadline)
+                {
+                    throw new InvalidOperationException(
+                        $"Another silo without Redis serves '{serviceId}' from this PostgreSQL database. Silos that share a database must form one " +
+                        "cluster: set ConnectionStrings__Redis on every one of them (or give this one a database of its own).");
+                }
+
+                if (attempt == 1)
+                {
+                    LogWaiting(logger, serviceId);
+                }
+
+                await Task.Delay(TimeSpan.FromSeconds(1), time, cancellationToken);
+            }
+        }
+        catch
+        {
+            await connection.DisposeAsync();
+            throw;
+        }
+
+        held = connection;
+    }
+
+    /// <summary>Lets the next standalone silo of the service start.</summary>
+    public async Task ReleaseAsync()
+    {
+        if (Interlocked.Exchange(ref held, null) is { } connection)
+        {
+            // Ending the session drops its advisory locks.
+            await connection.DisposeAsync();
+        }
+    }
+
+    public async ValueTask DisposeAsync() => await ReleaseAsync();
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Another silo without Redis serves '{ServiceId}' from this PostgreSQL database; waiting for it to stop.")]
+    private static partial void LogWaiting(ILogger logger, string serviceId);
+}
