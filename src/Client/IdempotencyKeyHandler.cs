@@ -27,6 +27,8 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
     // A Retry-After of 0 or in the past must not turn the wait into a loop of requests.
     private static readonly TimeSpan ShortestWait = TimeSpan.FromMilliseconds(100);
 
+    private static readonly TimeSpan LongestWait = TimeSpan.FromMilliseconds(int.MaxValue);
+
     private readonly IdempotencyKeyOptions options;
     private readonly TimeProvider time;
 
@@ -88,12 +90,13 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
     }
 
     // draft-ietf-httpapi-idempotency-key-header-07: the value is a structured-field String, "quoted", with \ and "
-    // escaped. A key that no String can hold is refused here, before anything is sent.
+    // escaped. A key that no String can hold is refused here, before anything is sent, and so is a comma, which the
+    // server's layer refuses (header lines joined with commas would make it ambiguous).
     private static string StructuredFieldString(string key)
     {
-        if (key is not { Length: > 0 and <= MaxKeyLength } || key.Any(c => c is < ' ' or > '~'))
+        if (key is not { Length: > 0 and <= MaxKeyLength } || key.Any(c => c is < ' ' or > '~' or ','))
         {
-            throw new InvalidOperationException($"{nameof(IdempotencyKeyOptions)}.{nameof(IdempotencyKeyOptions.NewKey)} made a key that is not 1 to {MaxKeyLength} printable ASCII characters.");
+            throw new InvalidOperationException($"{nameof(IdempotencyKeyOptions)}.{nameof(IdempotencyKeyOptions.NewKey)} made a key that is not 1 to {MaxKeyLength} printable ASCII characters without a comma.");
         }
 
         return "\"" + key.Replace("\\", "\\\\", StringComparison.Ordinal).Replace("\"", "\\\"", StringComparison.Ordinal) + "\"";
@@ -124,7 +127,8 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
             return null;
         }
 
-        var delay = wait < ShortestWait ? ShortestWait : wait;
+        // At most what Task.Delay takes; an endless InProgressWait asks again after that.
+        var delay = wait < ShortestWait ? ShortestWait : wait > LongestWait ? LongestWait : wait;
         return now + delay <= giveUpAt ? delay : null;
     }
 }

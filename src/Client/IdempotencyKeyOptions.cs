@@ -7,7 +7,7 @@ public sealed class IdempotencyKeyOptions
     public ISet<HttpMethod> Methods { get; init; } = new HashSet<HttpMethod> { HttpMethod.Post, HttpMethod.Patch };
 
     /// <summary>
-    /// Makes a key for a new logical request: 1 to 255 printable ASCII characters, sent as a structured-field String
+    /// Makes a key for a new logical request: 1 to 255 printable ASCII characters but a comma, sent as a structured-field String
     /// (<c>"…"</c>, as draft-ietf-httpapi-idempotency-key-header-07 asks). The default is a random UUID.
     /// </summary>
     public Func<string> NewKey { get; init; } = static () => Guid.NewGuid().ToString();

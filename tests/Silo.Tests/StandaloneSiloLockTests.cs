@@ -35,15 +35,51 @@ public sealed class StandaloneSiloLockTests(ServersFixture servers)
     {
         var settings = await TestClusterSettings.CreateAsync(servers, redis: false);
         var first = await TestSilo.StartAsync(settings);
-        await first.Grains.GetIdempotencyGrain(new IdempotencyKey("alice", "k")).GetAsync();
-
-        var second = TestSilo.StartAsync(settings);
-        await Task.Delay(TimeSpan.FromSeconds(3));
-        Assert.False(second.IsCompleted, "A second silo without Redis started beside the first on one database.");
-        await first.DisposeAsync();
+        Task<TestSilo>? second = null;
+        try
+        {
+            Assert.Equal(1L, await AdvisoryLocksAsync(settings));
+            second = TestSilo.StartAsync(settings);
+            await Task.Delay(TimeSpan.FromSeconds(3));
+            Assert.False(second.IsCompleted, "A second silo without Redis started beside the first on one database.");
+        }
+        finally
+        {
+            await first.DisposeAsync();
+        }
 
         await using var started = await second.WaitAsync(TimeSpan.FromSeconds(30));
         Assert.Equal(IdempotencyStatus.None, (await started.Grains.GetIdempotencyGrain(new IdempotencyKey("alice", "k")).GetAsync()).Status);
+        Assert.Equal(1L, await AdvisoryLocksAsync(settings));
+    }
+
+    [Fact]
+    public async Task SiloWithoutRedis_StartedWhilePostgresIsDown_WaitsForIt()
+    {
+        var settings = await TestClusterSettings.CreateAsync(servers, redis: false);
+        await servers.Postgres.StopAsync();
+        Task<TestSilo> starting;
+        try
+        {
+            starting = TestSilo.StartAsync(settings);
+            await Task.Delay(TimeSpan.FromSeconds(3));
+        }
+        finally
+        {
+            await servers.Postgres.StartAgainAsync();
+        }
+
+        await using var started = await starting.WaitAsync(TimeSpan.FromSeconds(60));
+        Assert.Equal(1L, await AdvisoryLocksAsync(settings));
+    }
+
+    private static async Task<long> AdvisoryLocksAsync(Dictionary<string, string?> settings)
+    {
+        await using var connection = new Npgsql.NpgsqlConnection(settings["ConnectionStrings:Postgres"] + ";Pooling=false");
+        await connection.OpenAsync();
+        await using var command = new Npgsql.NpgsqlCommand(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())", connection);
+        return (long)(await command.ExecuteScalarAsync())!;
     }
 
     private static StandaloneSiloLock Lock(IdempotencyDatabase database, string service, TimeSpan timeout) =>

@@ -12,9 +12,10 @@ namespace OrleansIdempotency.Silo.Storage;
 /// start, naming the cause.
 /// </summary>
 /// <remarks>
-/// PostgreSQL drops the lock with the session: when the process exits or is killed, or its connection is lost (the
-/// lock is then not taken again: this guards starts). Two Redis clusters of one service (two ClusterIds at once) are
-/// not detected: run one ClusterId per service at a time.
+/// PostgreSQL drops the lock with the session: when the process exits or is killed, when its host vanishes (within a
+/// minute: the session is probed), or when the connection is lost, as in a PostgreSQL restart. The lock is not taken
+/// again then: it guards starts, the common mistake (a second replica without Redis). Two Redis clusters of one
+/// service (two ClusterIds at once) are not detected: run one ClusterId per service at a time.
 /// </remarks>
 public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, string serviceId, TimeProvider time, ILogger<StandaloneSiloLock> logger)
     : ILifecycleParticipant<ISiloLifecycle>, IAsyncDisposable
@@ -30,13 +31,23 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
     public void Participate(ISiloLifecycle lifecycle) =>
         lifecycle.Subscribe(nameof(StandaloneSiloLock), ServiceLifecycleStage.RuntimeStorageServices, AcquireAsync, _ => ReleaseAsync());
 
-    /// <summary>Takes the lock, waiting up to <see cref="StartupTimeout"/> for the silo that holds it to stop.</summary>
+    /// <summary>
+    /// Takes the lock, waiting up to <see cref="StartupTimeout"/> for PostgreSQL to accept connections (as the schema
+    /// installer does, beside it) and for the silo that holds the lock to stop.
+    /// </summary>
     public async Task AcquireAsync(CancellationToken cancellationToken)
     {
         var deadline = time.GetUtcNow() + StartupTimeout;
-        var connection = await database.OpenSessionAsync(cancellationToken);
+        var connection = await OpenAsync(deadline, cancellationToken);
         try
         {
+            // A session whose host vanished (no reset sent) would hold the lock until the server's TCP keepalive gives
+            // up, two hours by default: the server probes this one itself, and drops it within a minute.
+            await using (var keepalive = new NpgsqlCommand("SET tcp_keepalives_idle = 15; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3", connection))
+            {
+                await keepalive.ExecuteNonQueryAsync(cancellationToken);
+            }
+
             await using var command = new NpgsqlCommand("SELECT pg_try_advisory_lock(@space, hashtext(@service))", connection);
             command.Parameters.AddWithValue("space", LockSpace);
             command.Parameters.AddWithValue("service", serviceId);
@@ -64,6 +75,21 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
         }
 
         held = connection;
+    }
+
+    private async Task<NpgsqlConnection> OpenAsync(DateTimeOffset deadline, CancellationToken cancellationToken)
+    {
+        while (true)
+        {
+            try
+            {
+                return await database.OpenSessionAsync(cancellationToken);
+            }
+            catch (NpgsqlException ex) when (ex.IsTransient && time.GetUtcNow() < deadline)
+            {
+                await Task.Delay(TimeSpan.FromSeconds(1), time, cancellationToken);
+            }
+        }
     }
 
     /// <summary>Lets the next standalone silo of the service start.</summary>
