@@ -36,6 +36,9 @@ public sealed class IdempotencyGrain(
     /// </summary>
     public static readonly TimeSpan MaxWait = TimeSpan.FromSeconds(1);
 
+    /// <summary>How old a copy of a record in progress may be before a call reads it again.</summary>
+    public static readonly TimeSpan InProgressFreshness = TimeSpan.FromSeconds(1);
+
     /// <summary>How long the caller of a state change waits for its answer (<see cref="IIdempotencyGrain.CallTimeout"/>).</summary>
     private static readonly TimeSpan CallerPatience = TimeSpan.Parse(IIdempotencyGrain.CallTimeout, System.Globalization.CultureInfo.InvariantCulture);
 
@@ -50,6 +53,11 @@ public sealed class IdempotencyGrain(
     // False until the record is read or written, and again after a write whose outcome is unknown or refused: the
     // copy in memory must then not be trusted.
     private bool current;
+
+    // When the copy was last read or written. A copy that says "in progress" is read again once it is older than
+    // InProgressFreshness: another activation of the key (while membership changes) may have completed it, and
+    // duplicates asking this one would otherwise be told "in progress" until the lease lapses.
+    private DateTimeOffset currentAt;
 
     public async Task<ClaimResult> ClaimAsync(ClaimRequest request)
     {
@@ -178,6 +186,7 @@ public sealed class IdempotencyGrain(
             stored.RecordExists = true;
             record = next;
             current = true;
+            currentAt = time.GetUtcNow();
             return true;
         }
         catch (InconsistentStateException)
@@ -198,11 +207,19 @@ public sealed class IdempotencyGrain(
 
     private async Task ReadIfNotCurrentAsync()
     {
-        if (!current)
+        var now = time.GetUtcNow();
+        if (!current || (record.Status == IdempotencyStatus.InProgress && now - currentAt >= InProgressFreshness))
         {
+            var before = record.Status;
             await storage.ReadStateAsync(StateName, this.GetGrainId(), stored);
             record = stored.State ?? new IdempotencyRecord();
             current = true;
+            currentAt = now;
+            if (record.Status != before)
+            {
+                // Changed elsewhere: waiters here learn it now, not at the end of their wait.
+                Signal();
+            }
         }
     }
 

@@ -165,6 +165,35 @@ public sealed class PostgresStorageTests(ServersFixture servers)
     }
 
     [Fact]
+    public async Task SecondActivation_ThatSawTheKeyInProgress_AnswersItsDuplicatesWithTheReplay_SoonAfterTheOtherCompletedIt()
+    {
+        // As while membership changes: two activations of one key, one of which holds a copy saying "in progress".
+        var settings = await TestClusterSettings.CreateAsync(servers, redis: true);
+        var otherSettings = new Dictionary<string, string?>(settings) { ["Orleans:ClusterId"] = settings["Orleans:ClusterId"] + "-b" };
+        await using var first = await TestSilo.StartAsync(settings);
+        await using var second = await TestSilo.StartAsync(otherSettings);
+        var key = NewKey();
+        var holder = first.Grains.GetIdempotencyGrain(key);
+        var stale = second.Grains.GetIdempotencyGrain(key);
+        var held = await holder.ClaimAsync(Claim());
+        Assert.Equal(ClaimOutcome.InProgress, (await stale.ClaimAsync(Claim())).Outcome);
+
+        Assert.True(await holder.CompleteAsync(held.Token!.Value, Created));
+        var answeredBy = DateTime.UtcNow + TimeSpan.FromSeconds(5);
+        ClaimResult duplicate;
+        do
+        {
+            // A duplicate waiting on the stale activation, as the layer's waiting duplicates do.
+            await stale.WaitAsync(TimeSpan.FromSeconds(1));
+            duplicate = await stale.ClaimAsync(Claim());
+        }
+        while (duplicate.Outcome == ClaimOutcome.InProgress && DateTime.UtcNow < answeredBy);
+
+        // Without reading again, it would say "in progress" until the one-minute lease lapsed.
+        AssertReplays(duplicate);
+    }
+
+    [Fact]
     public async Task ClaimReachingTheStoreAfterItsLeaseEnded_IsRefused_AndTheKeyStaysFree()
     {
         var settings = await TestClusterSettings.CreateAsync(servers, redis: false);
