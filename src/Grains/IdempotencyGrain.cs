@@ -36,8 +36,8 @@ public sealed class IdempotencyGrain(
     /// </summary>
     public static readonly TimeSpan MaxWait = TimeSpan.FromSeconds(1);
 
-    /// <summary>How old a copy of a record in progress may be before a call reads it again.</summary>
-    public static readonly TimeSpan InProgressFreshness = TimeSpan.FromSeconds(1);
+    /// <summary>How old a copy of a record in progress or in doubt may be before a call reads it again.</summary>
+    public static readonly TimeSpan UnsettledFreshness = TimeSpan.FromSeconds(1);
 
     /// <summary>How long the caller of a state change waits for its answer (<see cref="IIdempotencyGrain.CallTimeout"/>).</summary>
     private static readonly TimeSpan CallerPatience = TimeSpan.Parse(IIdempotencyGrain.CallTimeout, System.Globalization.CultureInfo.InvariantCulture);
@@ -54,10 +54,11 @@ public sealed class IdempotencyGrain(
     // copy in memory must then not be trusted.
     private bool current;
 
-    // When the copy was last read or written. A copy that says "in progress" is read again once it is older than
-    // InProgressFreshness: another activation of the key (while membership changes) may have completed it, and
-    // duplicates asking this one would otherwise be told "in progress" until the lease lapses.
-    private DateTimeOffset currentAt;
+    // When the copy was last read or written (a TimeProvider timestamp: monotonic). A copy that says "in progress" or
+    // "outcome unknown" is read again once it is older than UnsettledFreshness: another activation of the key (while
+    // membership changes) may have completed or resolved it, and callers asking this one would otherwise be told the
+    // old state until the lease lapses, or for as long as this activation lives.
+    private long currentAt;
 
     public async Task<ClaimResult> ClaimAsync(ClaimRequest request)
     {
@@ -186,7 +187,7 @@ public sealed class IdempotencyGrain(
             stored.RecordExists = true;
             record = next;
             current = true;
-            currentAt = time.GetUtcNow();
+            currentAt = time.GetTimestamp();
             return true;
         }
         catch (InconsistentStateException)
@@ -207,14 +208,15 @@ public sealed class IdempotencyGrain(
 
     private async Task ReadIfNotCurrentAsync()
     {
-        var now = time.GetUtcNow();
-        if (!current || (record.Status == IdempotencyStatus.InProgress && now - currentAt >= InProgressFreshness))
+        var unsettled = record.Status is IdempotencyStatus.InProgress or IdempotencyStatus.OutcomeUnknown;
+        if (!current || (unsettled && time.GetElapsedTime(currentAt) >= UnsettledFreshness))
         {
             var before = record.Status;
             await storage.ReadStateAsync(StateName, this.GetGrainId(), stored);
             record = stored.State ?? new IdempotencyRecord();
             current = true;
-            currentAt = now;
+            // Stamped once read: a slow read must not leave the copy stale on arrival, for every queued call to read again.
+            currentAt = time.GetTimestamp();
             if (record.Status != before)
             {
                 // Changed elsewhere: waiters here learn it now, not at the end of their wait.

@@ -15,6 +15,11 @@ public sealed class StorageCounter
     /// <summary>Runs <paramref name="action"/> before the next write of <paramref name="grain"/> reaches storage (it may throw instead).</summary>
     public void BeforeNextWrite(GrainId grain, Func<Task> action) => beforeNextWrite[grain] = action;
 
+    private readonly ConcurrentDictionary<GrainId, Func<Task>> beforeNextRead = new();
+
+    /// <summary>Runs <paramref name="action"/> while the next read of <paramref name="grain"/> is under way (a slow read, say).</summary>
+    public void DuringNextRead(GrainId grain, Func<Task> action) => beforeNextRead[grain] = action;
+
     private readonly ConcurrentDictionary<GrainId, TaskCompletionSource<Func<Task>>> lostWrites = new();
 
     /// <summary>
@@ -35,6 +40,8 @@ public sealed class StorageCounter
         return true;
     }
 
+    internal Task DuringReadAsync(GrainId grain) => beforeNextRead.TryRemove(grain, out var action) ? action() : Task.CompletedTask;
+
     internal Task BeforeWriteAsync(GrainId grain) => beforeNextWrite.TryRemove(grain, out var action) ? action() : Task.CompletedTask;
 
     internal void Add(GrainId grain, StorageCounts delta) => counts.AddOrUpdate(grain, delta,
@@ -45,10 +52,11 @@ public sealed class StorageCounter
 public sealed class CountingStorage(IGrainStorage inner, StorageCounter counts) : IGrainStorage
 {
 
-    public Task ReadStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
+    public async Task ReadStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
     {
         counts.Add(grainId, new StorageCounts(1, 0, 0));
-        return inner.ReadStateAsync(stateName, grainId, grainState);
+        await counts.DuringReadAsync(grainId);
+        await inner.ReadStateAsync(stateName, grainId, grainState);
     }
 
     public async Task WriteStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)

@@ -127,6 +127,25 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
     }
 
     [Fact]
+    public async Task DuplicatesOfAKeyInProgress_ReadItAgainOncePerSecondAtMost_EvenWhenTheReadIsSlow()
+    {
+        var grain = Grain(NewKey());
+        await grain.ClaimAsync(Claim());
+        fixture.Time.Advance(IdempotencyGrain.UnsettledFreshness);
+        fixture.Storage.DuringNextRead(GrainId(grain), () =>
+        {
+            fixture.Time.Advance(IdempotencyGrain.UnsettledFreshness * 1.5);
+            return Task.CompletedTask;
+        });
+        var reads = fixture.Storage.For(GrainId(grain)).Reads;
+
+        var duplicates = await Task.WhenAll(Enumerable.Range(0, 5).Select(_ => grain.ClaimAsync(Claim())));
+
+        Assert.All(duplicates, d => Assert.Equal(ClaimOutcome.InProgress, d.Outcome));
+        Assert.Equal(reads + 1, fixture.Storage.For(GrainId(grain)).Reads);
+    }
+
+    [Fact]
     public async Task Resolve_WhoseWriteLandedButWhoseAnswerWasLost_AskedAgain_AnswersSettled()
     {
         var grain = Grain(NewKey());

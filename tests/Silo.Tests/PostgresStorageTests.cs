@@ -194,6 +194,34 @@ public sealed class PostgresStorageTests(ServersFixture servers)
     }
 
     [Fact]
+    public async Task SecondActivation_ThatFoundTheKeyInDoubt_ReplaysItSoonAfterAnOperatorResolvedItThroughTheOther()
+    {
+        var settings = await TestClusterSettings.CreateAsync(servers, redis: true);
+        var otherSettings = new Dictionary<string, string?>(settings) { ["Orleans:ClusterId"] = settings["Orleans:ClusterId"] + "-b" };
+        await using var first = await TestSilo.StartAsync(settings);
+        await using var second = await TestSilo.StartAsync(otherSettings);
+        var key = NewKey();
+        var resolving = first.Grains.GetIdempotencyGrain(key);
+        var stale = second.Grains.GetIdempotencyGrain(key);
+        await resolving.ClaimAsync(new ClaimRequest(Guid.NewGuid(), Request, TimeSpan.FromSeconds(1), TimeSpan.FromHours(1)));
+        await Task.Delay(TimeSpan.FromSeconds(1.2));
+        Assert.Equal(ClaimOutcome.OutcomeUnknown, (await stale.ClaimAsync(Claim())).Outcome);
+
+        Assert.Equal(ResolveOutcome.Settled, await resolving.ResolveAsync(Created, null));
+        var answeredBy = DateTime.UtcNow + TimeSpan.FromSeconds(5);
+        ClaimResult retry;
+        do
+        {
+            await Task.Delay(TimeSpan.FromMilliseconds(200));
+            retry = await stale.ClaimAsync(Claim());
+        }
+        while (retry.Outcome == ClaimOutcome.OutcomeUnknown && DateTime.UtcNow < answeredBy);
+
+        // Without reading again, it would refuse the key as long as its activation lived.
+        AssertReplays(retry);
+    }
+
+    [Fact]
     public async Task ClaimReachingTheStoreAfterItsLeaseEnded_IsRefused_AndTheKeyStaysFree()
     {
         var settings = await TestClusterSettings.CreateAsync(servers, redis: false);
