@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS OrleansStorage
 
 CREATE INDEX IF NOT EXISTS OrleansStorage_ExpiresAt ON OrleansStorage (ExpiresAt);
 
--- The payload starts with two big-endian times in milliseconds since the Unix epoch (IdempotencyStorageSerializer):
+-- The payload starts with two big-endian times in milliseconds since the Unix epoch (IdempotencyStorageSerializer;
+-- a format byte follows them, which PostgreSQL does not read):
 -- when the record may be purged (its expiry, or a longer claim's lease end), and the time after which the write must
 -- not land (a claim's lease end: a claim that reaches the server after its caller gave up is refused instead of
 -- leaving the key "outcome unknown").
