@@ -5,9 +5,10 @@ using Orleans.Runtime;
 namespace OrleansIdempotency.Silo.Storage;
 
 /// <summary>
-/// Without Redis a silo is a cluster of its own, so two such silos on one database would each activate the same keys:
-/// every write stays fenced (ETags), but each answers duplicates from its own copy, and a duplicate sent to the other
-/// process waits out a lease for an outcome already stored. A silo on PostgreSQL without Redis therefore holds a lock
+/// Without Redis a silo is a cluster of its own, so two such silos on one database would each activate the same keys
+/// for good, not just while membership changes: every write stays fenced (ETags), but each answers from its own copy,
+/// read again at most once a second, and each keeps the other's keys' activations and waiters apart. A silo on
+/// PostgreSQL without Redis therefore holds a lock
 /// in PostgreSQL, per service, for as long as it runs. Another waits for it (an overlapping restart), then refuses to
 /// start, naming the cause.
 /// </summary>
