@@ -93,12 +93,23 @@ public sealed class IdempotencyDatabase(string connectionString) : IAsyncDisposa
         return builder.ConnectionString;
     }
 
-    private static string ForMaintenance(string connectionString) => new NpgsqlConnectionStringBuilder(connectionString)
+    // Long commands (a purge batch, the schema), but a connect that gives up as soon as a record's does: the installer
+    // and the standalone lock retry connecting within their own start-up deadline.
+    private static string ForMaintenance(string connectionString)
     {
-        Multiplexing = false,
-        MaxPoolSize = 2,
-        MinPoolSize = 0,
-    }.ConnectionString;
+        var builder = new NpgsqlConnectionStringBuilder(connectionString)
+        {
+            Multiplexing = false,
+            MaxPoolSize = 2,
+            MinPoolSize = 0,
+        };
+        if (!Given(connectionString).Contains("timeout"))
+        {
+            builder.Timeout = DefaultTimeoutSeconds;
+        }
+
+        return builder.ConnectionString;
+    }
 
     /// <summary>The keys the connection string sets, lower case and without spaces ("Maximum Pool Size" = "MaximumPoolSize").</summary>
     private static HashSet<string> Given(string connectionString)
