@@ -1,4 +1,8 @@
+using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
+using Microsoft.Extensions.Logging.Testing;
+using Microsoft.Extensions.Time.Testing;
+using Npgsql;
 using OrleansIdempotency.Grains;
 using OrleansIdempotency.Silo.Storage;
 using OrleansIdempotency.Testing;
@@ -73,11 +77,75 @@ public sealed class StandaloneSiloLockTests(ServersFixture servers)
         Assert.Equal(1L, await AdvisoryLocksAsync(settings));
     }
 
+    [Fact]
+    public async Task LockLostWithItsSession_IsTakenAgainAtTheNextCheck_OrTheLossIsReportedWhenAnotherSiloTookIt()
+    {
+        var connectionString = await servers.Postgres.CreateDatabaseAsync();
+        await using var database = new IdempotencyDatabase(connectionString);
+        var clock = new FakeTimeProvider(DateTimeOffset.UtcNow);
+        var log = new FakeLogger<StandaloneSiloLock>();
+        await using var running = new StandaloneSiloLock(database, "orders", clock, log) { CheckInterval = TimeSpan.FromSeconds(10) };
+        await running.AcquireAsync(CancellationToken.None);
+
+        // PostgreSQL ends the lock's session, as a restart does: at its next check the silo holds the lock again.
+        var first = await EndLockSessionAsync(connectionString);
+        await UntilAsync(clock, async () => await LockHolderAsync(connectionString) is { } pid && pid != first);
+        Assert.Contains(log.Collector.GetSnapshot(), r => r.Level == LogLevel.Information && r.Message.Contains("held again", StringComparison.Ordinal));
+
+        // Lost again, and another silo without Redis starts in between: the running one says two clusters serve it.
+        await EndLockSessionAsync(connectionString);
+        await using var second = Lock(database, "orders", TimeSpan.FromSeconds(10));
+        await second.AcquireAsync(CancellationToken.None);
+        await UntilAsync(clock, () => Task.FromResult(log.Collector.GetSnapshot().Any(r => r.Level == LogLevel.Error)));
+        Assert.Contains("two clusters", log.Collector.GetSnapshot().Single(r => r.Level == LogLevel.Error).Message, StringComparison.Ordinal);
+    }
+
+    // Ends the session that holds the database's advisory lock, as PostgreSQL's restart would; returns its pid once gone.
+    private static async Task<int> EndLockSessionAsync(string connectionString)
+    {
+        var pid = await LockHolderAsync(connectionString) ?? throw new InvalidOperationException("Nobody holds the lock.");
+        await using var connection = new NpgsqlConnection(connectionString + ";Pooling=false");
+        await connection.OpenAsync();
+        await using (var end = new NpgsqlCommand("SELECT pg_terminate_backend(@pid)", connection))
+        {
+            end.Parameters.AddWithValue("pid", pid);
+            await end.ExecuteScalarAsync();
+        }
+
+        for (var waited = 0; await LockHolderAsync(connectionString) == pid; waited += 50)
+        {
+            Assert.True(waited < 10_000, "The lock's session did not end.");
+            await Task.Delay(50);
+        }
+
+        return pid;
+    }
+
+    private static async Task<int?> LockHolderAsync(string connectionString)
+    {
+        await using var connection = new NpgsqlConnection(connectionString + ";Pooling=false");
+        await connection.OpenAsync();
+        await using var command = new NpgsqlCommand(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())", connection);
+        return await command.ExecuteScalarAsync() as int?;
+    }
+
+    // Moves the silo's clock a check at a time until the condition holds.
+    private static async Task UntilAsync(FakeTimeProvider clock, Func<Task<bool>> condition)
+    {
+        for (var checks = 0; !await condition(); checks++)
+        {
+            Assert.True(checks < 100, "The condition never held.");
+            clock.Advance(TimeSpan.FromSeconds(10));
+            await Task.Delay(100);
+        }
+    }
+
     private static async Task<long> AdvisoryLocksAsync(Dictionary<string, string?> settings)
     {
-        await using var connection = new Npgsql.NpgsqlConnection(settings["ConnectionStrings:Postgres"] + ";Pooling=false");
+        await using var connection = new NpgsqlConnection(settings["ConnectionStrings:Postgres"] + ";Pooling=false");
         await connection.OpenAsync();
-        await using var command = new Npgsql.NpgsqlCommand(
+        await using var command = new NpgsqlCommand(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())", connection);
         return (long)(await command.ExecuteScalarAsync())!;
     }

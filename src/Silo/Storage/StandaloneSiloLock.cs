@@ -8,15 +8,15 @@ namespace OrleansIdempotency.Silo.Storage;
 /// Without Redis a silo is a cluster of its own, so two such silos on one database would each activate the same keys
 /// for good, not just while membership changes: every write stays fenced (ETags), but each answers from its own copy,
 /// read again at most once a second, and each keeps the other's keys' activations and waiters apart. A silo on
-/// PostgreSQL without Redis therefore holds a lock
-/// in PostgreSQL, per service, for as long as it runs. Another waits for it (an overlapping restart), then refuses to
-/// start, naming the cause.
+/// PostgreSQL without Redis therefore holds a lock in PostgreSQL, per service, for as long as it runs. Another waits
+/// for it (an overlapping restart), then refuses to start, naming the cause.
 /// </summary>
 /// <remarks>
 /// PostgreSQL drops the lock with the session: when the process exits or is killed, when its host vanishes (within a
-/// minute: the session is probed), or when the connection is lost, as in a PostgreSQL restart. The lock is not taken
-/// again then: it guards starts, the common mistake (a second replica without Redis). Two Redis clusters of one
-/// service (two ClusterIds at once) are not detected: run one ClusterId per service at a time.
+/// minute: the session is probed), or when the connection is lost, as in a PostgreSQL restart. A running silo checks
+/// its session every <see cref="CheckInterval"/> and takes the lock again in a new one; should another silo have taken
+/// it meanwhile, it says so, loudly, since two clusters then serve the service. Two Redis clusters of one service (two
+/// ClusterIds at once) are not detected: run one ClusterId per service at a time.
 /// </remarks>
 public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, string serviceId, TimeProvider time, ILogger<StandaloneSiloLock> logger)
     : ILifecycleParticipant<ISiloLifecycle>, IAsyncDisposable
@@ -24,17 +24,23 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
     // The two-key advisory lock space, apart from the schema installer's one-key lock: "OIde", then the service.
     private const int LockSpace = 0x4F49_6465;
 
+    private readonly CancellationTokenSource stopping = new();
     private NpgsqlConnection? held;
+    private Task keeping = Task.CompletedTask;
+    private int disposed;
 
     /// <summary>How long a starting silo waits for another standalone silo of its service to stop. The default is 60 seconds.</summary>
     public TimeSpan StartupTimeout { get; init; } = TimeSpan.FromSeconds(60);
+
+    /// <summary>How often a running silo checks that its lock's session lives. The default is 10 seconds.</summary>
+    public TimeSpan CheckInterval { get; init; } = TimeSpan.FromSeconds(10);
 
     public void Participate(ISiloLifecycle lifecycle) =>
         lifecycle.Subscribe(nameof(StandaloneSiloLock), ServiceLifecycleStage.RuntimeStorageServices, AcquireAsync, _ => ReleaseAsync());
 
     /// <summary>
     /// Takes the lock, waiting up to <see cref="StartupTimeout"/> for PostgreSQL to accept connections (as the schema
-    /// installer does, beside it) and for the silo that holds the lock to stop.
+    /// installer does, beside it) and for the silo that holds the lock to stop; then keeps it.
     /// </summary>
     public async Task AcquireAsync(CancellationToken cancellationToken)
     {
@@ -42,17 +48,7 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
         var connection = await OpenAsync(deadline, cancellationToken);
         try
         {
-            // A session whose host vanished (no reset sent) would hold the lock until the server's TCP keepalive gives
-            // up, two hours by default: the server probes this one itself, and drops it within a minute.
-            await using (var keepalive = new NpgsqlCommand("SET tcp_keepalives_idle = 15; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3", connection))
-            {
-                await keepalive.ExecuteNonQueryAsync(cancellationToken);
-            }
-
-            await using var command = new NpgsqlCommand("SELECT pg_try_advisory_lock(@space, hashtext(@service))", connection);
-            command.Parameters.AddWithValue("space", LockSpace);
-            command.Parameters.AddWithValue("service", serviceId);
-            for (var attempt = 1; !(bool)(await command.ExecuteScalarAsync(cancellationToken))!; attempt++)
+            for (var attempt = 1; !await TryLockAsync(connection, cancellationToken); attempt++)
             {
                 if (time.GetUtcNow() >= deadline)
                 {
@@ -76,6 +72,32 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
         }
 
         held = connection;
+        keeping = KeepAsync(stopping.Token);
+    }
+
+    /// <summary>Lets the next standalone silo of the service start.</summary>
+    public async Task ReleaseAsync()
+    {
+        if (Volatile.Read(ref disposed) == 0)
+        {
+            await stopping.CancelAsync();
+        }
+
+        await keeping;
+        if (Interlocked.Exchange(ref held, null) is { } connection)
+        {
+            // Ending the session drops its advisory locks.
+            await connection.DisposeAsync();
+        }
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        await ReleaseAsync();
+        if (Interlocked.Exchange(ref disposed, 1) == 0)
+        {
+            stopping.Dispose();
+        }
     }
 
     private async Task<NpgsqlConnection> OpenAsync(DateTimeOffset deadline, CancellationToken cancellationToken)
@@ -93,18 +115,87 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
         }
     }
 
-    /// <summary>Lets the next standalone silo of the service start.</summary>
-    public async Task ReleaseAsync()
+    private async Task<bool> TryLockAsync(NpgsqlConnection connection, CancellationToken cancellationToken)
     {
-        if (Interlocked.Exchange(ref held, null) is { } connection)
+        // A session whose host vanished (no reset sent) would hold the lock until the server's TCP keepalive gives up,
+        // two hours by default: the server probes this one itself, and drops it within a minute.
+        await using var command = new NpgsqlCommand(
+            "SET tcp_keepalives_idle = 15; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3; " +
+            "SELECT pg_try_advisory_lock(@space, hashtext(@service))", connection);
+        command.Parameters.AddWithValue("space", LockSpace);
+        command.Parameters.AddWithValue("service", serviceId);
+        return (bool)(await command.ExecuteScalarAsync(cancellationToken))!;
+    }
+
+    // Checks the session every CheckInterval; a lost one is replaced, and the lock taken again in it, until released.
+    private async Task KeepAsync(CancellationToken stop)
+    {
+        using var timer = new PeriodicTimer(CheckInterval, time);
+        var takenByAnother = false;
+        try
         {
-            // Ending the session drops its advisory locks.
-            await connection.DisposeAsync();
+            while (await timer.WaitForNextTickAsync(stop))
+            {
+                if (held is { } session && await AliveAsync(session, stop))
+                {
+                    continue;
+                }
+
+                try
+                {
+                    var fresh = await database.OpenSessionAsync(stop);
+                    if (await TryLockAsync(fresh, stop))
+                    {
+                        if (Interlocked.Exchange(ref held, fresh) is { } lost)
+                        {
+                            await lost.DisposeAsync();
+                        }
+
+                        LogRetaken(logger, serviceId);
+                        takenByAnother = false;
+                        continue;
+                    }
+
+                    await fresh.DisposeAsync();
+                    if (!takenByAnother)
+                    {
+                        LogTakenByAnother(logger, serviceId);
+                        takenByAnother = true;
+                    }
+                }
+                catch (Exception ex) when (ex is NpgsqlException or TimeoutException && !stop.IsCancellationRequested)
+                {
+                    // PostgreSQL is still away: the next check tries again.
+                }
+            }
+        }
+        catch (OperationCanceledException) when (stop.IsCancellationRequested)
+        {
+            // Released.
         }
     }
 
-    public async ValueTask DisposeAsync() => await ReleaseAsync();
+    private static async Task<bool> AliveAsync(NpgsqlConnection session, CancellationToken stop)
+    {
+        try
+        {
+            await using var command = new NpgsqlCommand("SELECT 1", session);
+            await command.ExecuteScalarAsync(stop);
+            return true;
+        }
+        catch (Exception ex) when (ex is NpgsqlException or InvalidOperationException or TimeoutException && !stop.IsCancellationRequested)
+        {
+            return false;
+        }
+    }
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "Another silo without Redis serves '{ServiceId}' from this PostgreSQL database; waiting for it to stop.")]
     private static partial void LogWaiting(ILogger logger, string serviceId);
+
+    [LoggerMessage(Level = LogLevel.Information, Message = "The lock of standalone service '{ServiceId}' was lost with its PostgreSQL session and is held again.")]
+    private static partial void LogRetaken(ILogger logger, string serviceId);
+
+    [LoggerMessage(Level = LogLevel.Error, Message = "The lock of standalone service '{ServiceId}' was lost with its PostgreSQL session, and another silo without Redis " +
+        "has taken it: two clusters now serve this service from one database. Stop one, or give every silo ConnectionStrings__Redis.")]
+    private static partial void LogTakenByAnother(ILogger logger, string serviceId);
 }
