@@ -89,15 +89,17 @@ public sealed class StandaloneSiloLockTests(ServersFixture servers)
 
         // PostgreSQL ends the lock's session, as a restart does: at its next check the silo holds the lock again.
         var first = await EndLockSessionAsync(connectionString);
-        await UntilAsync(clock, async () => await LockHolderAsync(connectionString) is { } pid && pid != first);
-        Assert.Contains(log.Collector.GetSnapshot(), r => r.Level == LogLevel.Information && r.Message.Contains("held again", StringComparison.Ordinal));
+        await UntilAsync(clock, async () => await LockHolderAsync(connectionString) is { } pid && pid != first
+            && log.Collector.GetSnapshot().Any(r => r.Level == LogLevel.Information && r.Message.Contains("held again", StringComparison.Ordinal)));
 
         // Lost again, and another silo without Redis starts in between: the running one says two clusters serve it.
         await EndLockSessionAsync(connectionString);
         await using var second = Lock(database, "orders", TimeSpan.FromSeconds(10));
         await second.AcquireAsync(CancellationToken.None);
         await UntilAsync(clock, () => Task.FromResult(log.Collector.GetSnapshot().Any(r => r.Level == LogLevel.Error)));
-        Assert.Contains("two clusters", log.Collector.GetSnapshot().Single(r => r.Level == LogLevel.Error).Message, StringComparison.Ordinal);
+        var error = log.Collector.GetSnapshot().Single(r => r.Level == LogLevel.Error).Message;
+        Assert.Contains("two clusters", error, StringComparison.Ordinal);
+        Assert.Contains($"session {await LockHolderAsync(connectionString)}", error, StringComparison.Ordinal);
     }
 
     // Ends the session that holds the database's advisory lock, as PostgreSQL's restart would; returns its pid once gone.

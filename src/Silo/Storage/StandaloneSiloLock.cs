@@ -26,6 +26,7 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
 
     private readonly CancellationTokenSource stopping = new();
     private NpgsqlConnection? held;
+    private int heldBy;
     private Task keeping = Task.CompletedTask;
     private int disposed;
 
@@ -72,6 +73,7 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
         }
 
         held = connection;
+        heldBy = connection.ProcessID;
         keeping = KeepAsync(stopping.Token);
     }
 
@@ -83,11 +85,17 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
             await stopping.CancelAsync();
         }
 
-        await keeping;
-        if (Interlocked.Exchange(ref held, null) is { } connection)
+        try
         {
-            // Ending the session drops its advisory locks.
-            await connection.DisposeAsync();
+            await keeping;
+        }
+        finally
+        {
+            if (Interlocked.Exchange(ref held, null) is { } connection)
+            {
+                // Ending the session drops its advisory locks.
+                await connection.DisposeAsync();
+            }
         }
     }
 
@@ -138,12 +146,14 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
             {
                 if (held is { } session && await AliveAsync(session, stop))
                 {
+                    takenByAnother = false;
                     continue;
                 }
 
+                NpgsqlConnection? fresh = null;
                 try
                 {
-                    var fresh = await database.OpenSessionAsync(stop);
+                    fresh = await database.OpenSessionAsync(stop);
                     if (await TryLockAsync(fresh, stop))
                     {
                         if (Interlocked.Exchange(ref held, fresh) is { } lost)
@@ -151,28 +161,49 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
                             await lost.DisposeAsync();
                         }
 
+                        heldBy = fresh.ProcessID;
+                        fresh = null;
                         LogRetaken(logger, serviceId);
                         takenByAnother = false;
-                        continue;
                     }
-
-                    await fresh.DisposeAsync();
-                    if (!takenByAnother)
+                    else if (await HolderAsync(fresh, stop) is { } holder && holder.Pid != heldBy && !takenByAnother)
                     {
-                        LogTakenByAnother(logger, serviceId);
+                        // Not our old session, which the server may not have seen die yet (it then holds the lock on).
+                        LogTakenByAnother(logger, serviceId, holder.Pid, holder.Client);
                         takenByAnother = true;
                     }
                 }
-                catch (Exception ex) when (ex is NpgsqlException or TimeoutException && !stop.IsCancellationRequested)
+                catch (Exception ex) when (!stop.IsCancellationRequested)
                 {
-                    // PostgreSQL is still away: the next check tries again.
+                    // PostgreSQL is still away, or the check failed: the next one tries again.
+                    LogCheckFailed(logger, serviceId, ex.GetType().Name);
+                }
+                finally
+                {
+                    // A session not kept (refused the lock, failed, or released meanwhile) ends here, with any lock it took.
+                    if (fresh is not null)
+                    {
+                        await fresh.DisposeAsync();
+                    }
                 }
             }
         }
-        catch (OperationCanceledException) when (stop.IsCancellationRequested)
+        catch (Exception) when (stop.IsCancellationRequested)
         {
-            // Released.
+            // Released: whatever a check was doing ends here (a dropped connection throws rather than cancels).
         }
+    }
+
+    private async Task<(int Pid, string Client)?> HolderAsync(NpgsqlConnection connection, CancellationToken stop)
+    {
+        await using var command = new NpgsqlCommand(
+            "SELECT l.pid, coalesce(host(a.client_addr), 'a local socket') FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid " +
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = @space AND l.objid = hashtext(@service)::oid AND l.objsubid = 2 " +
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())", connection);
+        command.Parameters.AddWithValue("space", LockSpace);
+        command.Parameters.AddWithValue("service", serviceId);
+        await using var reader = await command.ExecuteReaderAsync(stop);
+        return await reader.ReadAsync(stop) ? (reader.GetInt32(0), reader.GetString(1)) : null;
     }
 
     private static async Task<bool> AliveAsync(NpgsqlConnection session, CancellationToken stop)
@@ -196,6 +227,9 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
     private static partial void LogRetaken(ILogger logger, string serviceId);
 
     [LoggerMessage(Level = LogLevel.Error, Message = "The lock of standalone service '{ServiceId}' was lost with its PostgreSQL session, and another silo without Redis " +
-        "has taken it: two clusters now serve this service from one database. Stop one, or give every silo ConnectionStrings__Redis.")]
-    private static partial void LogTakenByAnother(ILogger logger, string serviceId);
+        "has taken it (PostgreSQL session {Pid}, from {Client}): two clusters now serve this service from one database. Stop one, or give every silo ConnectionStrings__Redis.")]
+    private static partial void LogTakenByAnother(ILogger logger, string serviceId, int pid, string client);
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Checking the lock of standalone service '{ServiceId}' failed ({Reason}); the next check tries again.")]
+    private static partial void LogCheckFailed(ILogger logger, string serviceId, string reason);
 }
