@@ -127,10 +127,8 @@ public sealed class PostgresStorageTests(ServersFixture servers)
         // Two clusters on one database: each hosts its own activation of every key, as two activations can briefly
         // coexist while membership changes. Only the conditional write stands between them. (Through Redis: silos
         // without it refuse to share a database, StandaloneSiloLock.)
-        var settings = await TestClusterSettings.CreateAsync(servers, redis: true);
-        var otherSettings = new Dictionary<string, string?>(settings) { ["Orleans:ClusterId"] = settings["Orleans:ClusterId"] + "-b" };
-        await using var first = await TestSilo.StartAsync(settings);
-        await using var second = await TestSilo.StartAsync(otherSettings);
+        await using var clusters = await TwoClusters.StartAsync(servers);
+        var (settings, first, second) = (clusters.Settings, clusters.First, clusters.Second);
 
         for (var round = 0; round < 20; round++)
         {
@@ -168,10 +166,8 @@ public sealed class PostgresStorageTests(ServersFixture servers)
     public async Task SecondActivation_ThatSawTheKeyInProgress_AnswersItsDuplicatesWithTheReplay_SoonAfterTheOtherCompletedIt()
     {
         // As while membership changes: two activations of one key, one of which holds a copy saying "in progress".
-        var settings = await TestClusterSettings.CreateAsync(servers, redis: true);
-        var otherSettings = new Dictionary<string, string?>(settings) { ["Orleans:ClusterId"] = settings["Orleans:ClusterId"] + "-b" };
-        await using var first = await TestSilo.StartAsync(settings);
-        await using var second = await TestSilo.StartAsync(otherSettings);
+        await using var clusters = await TwoClusters.StartAsync(servers);
+        var (first, second) = (clusters.First, clusters.Second);
         var key = NewKey();
         var holder = first.Grains.GetIdempotencyGrain(key);
         var stale = second.Grains.GetIdempotencyGrain(key);
@@ -196,10 +192,8 @@ public sealed class PostgresStorageTests(ServersFixture servers)
     [Fact]
     public async Task SecondActivation_ThatFoundTheKeyInDoubt_ReplaysItSoonAfterAnOperatorResolvedItThroughTheOther()
     {
-        var settings = await TestClusterSettings.CreateAsync(servers, redis: true);
-        var otherSettings = new Dictionary<string, string?>(settings) { ["Orleans:ClusterId"] = settings["Orleans:ClusterId"] + "-b" };
-        await using var first = await TestSilo.StartAsync(settings);
-        await using var second = await TestSilo.StartAsync(otherSettings);
+        await using var clusters = await TwoClusters.StartAsync(servers);
+        var (first, second) = (clusters.First, clusters.Second);
         var key = NewKey();
         var resolving = first.Grains.GetIdempotencyGrain(key);
         var stale = second.Grains.GetIdempotencyGrain(key);
@@ -406,5 +400,37 @@ public sealed class PostgresStorageTests(ServersFixture servers)
         Assert.Equal(Created.Body, result.Response!.Body);
         Assert.Equal(Created.Headers, result.Response.Headers);
         Assert.Equal(Created.StatusCode, result.Response.StatusCode);
+    }
+
+    /// <summary>Two clusters (through Redis) on one database: each hosts its own activation of every key.</summary>
+    private sealed class TwoClusters(Dictionary<string, string?> settings, TestSilo first, TestSilo second) : IAsyncDisposable
+    {
+        public Dictionary<string, string?> Settings { get; } = settings;
+
+        public TestSilo First { get; } = first;
+
+        public TestSilo Second { get; } = second;
+
+        public static async Task<TwoClusters> StartAsync(ServersFixture servers)
+        {
+            var settings = await TestClusterSettings.CreateAsync(servers, redis: true);
+            var first = await TestSilo.StartAsync(settings);
+            try
+            {
+                return new TwoClusters(settings, first,
+                    await TestSilo.StartAsync(new Dictionary<string, string?>(settings) { ["Orleans:ClusterId"] = settings["Orleans:ClusterId"] + "-b" }));
+            }
+            catch
+            {
+                await first.DisposeAsync();
+                throw;
+            }
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            await Second.DisposeAsync();
+            await First.DisposeAsync();
+        }
     }
 }

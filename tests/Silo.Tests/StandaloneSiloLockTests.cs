@@ -123,14 +123,8 @@ public sealed class StandaloneSiloLockTests(ServersFixture servers)
         return pid;
     }
 
-    private static async Task<int?> LockHolderAsync(string connectionString)
-    {
-        await using var connection = new NpgsqlConnection(connectionString + ";Pooling=false");
-        await connection.OpenAsync();
-        await using var command = new NpgsqlCommand(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())", connection);
-        return await command.ExecuteScalarAsync() as int?;
-    }
+    private static async Task<int?> LockHolderAsync(string connectionString) =>
+        (await AdvisoryLockHoldersAsync(connectionString)) is [var pid] ? pid : null;
 
     // Moves the silo's clock a check at a time until the condition holds.
     private static async Task UntilAsync(FakeTimeProvider clock, Func<Task<bool>> condition)
@@ -143,13 +137,24 @@ public sealed class StandaloneSiloLockTests(ServersFixture servers)
         }
     }
 
-    private static async Task<long> AdvisoryLocksAsync(Dictionary<string, string?> settings)
+    private static async Task<long> AdvisoryLocksAsync(Dictionary<string, string?> settings) =>
+        (await AdvisoryLockHoldersAsync(settings["ConnectionStrings:Postgres"]!)).Count;
+
+    // The sessions holding an advisory lock in the database.
+    private static async Task<List<int>> AdvisoryLockHoldersAsync(string connectionString)
     {
-        await using var connection = new NpgsqlConnection(settings["ConnectionStrings:Postgres"] + ";Pooling=false");
+        await using var connection = new NpgsqlConnection(connectionString + ";Pooling=false");
         await connection.OpenAsync();
         await using var command = new NpgsqlCommand(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())", connection);
-        return (long)(await command.ExecuteScalarAsync())!;
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())", connection);
+        await using var reader = await command.ExecuteReaderAsync();
+        var holders = new List<int>();
+        while (await reader.ReadAsync())
+        {
+            holders.Add(reader.GetInt32(0));
+        }
+
+        return holders;
     }
 
     private static StandaloneSiloLock Lock(IdempotencyDatabase database, string service, TimeSpan timeout) =>

@@ -36,17 +36,17 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
     /// <summary>How often a running silo checks that its lock's session lives. The default is 10 seconds.</summary>
     public TimeSpan CheckInterval { get; init; } = TimeSpan.FromSeconds(10);
 
+    // The stage after the schema installer's: PostgreSQL has been waited for by then, and grains are not yet served.
     public void Participate(ISiloLifecycle lifecycle) =>
-        lifecycle.Subscribe(nameof(StandaloneSiloLock), ServiceLifecycleStage.RuntimeStorageServices, AcquireAsync, _ => ReleaseAsync());
+        lifecycle.Subscribe(nameof(StandaloneSiloLock), ServiceLifecycleStage.RuntimeGrainServices, AcquireAsync, _ => ReleaseAsync());
 
     /// <summary>
-    /// Takes the lock, waiting up to <see cref="StartupTimeout"/> for PostgreSQL to accept connections (as the schema
-    /// installer does, beside it) and for the silo that holds the lock to stop; then keeps it.
+    /// Takes the lock, waiting up to <see cref="StartupTimeout"/> for the silo that holds it to stop; then keeps it.
     /// </summary>
     public async Task AcquireAsync(CancellationToken cancellationToken)
     {
         var deadline = time.GetUtcNow() + StartupTimeout;
-        var connection = await OpenAsync(deadline, cancellationToken);
+        var connection = await database.OpenSessionAsync(cancellationToken);
         try
         {
             for (var attempt = 1; !await TryLockAsync(connection, cancellationToken); attempt++)
@@ -105,21 +105,6 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
         if (Interlocked.Exchange(ref disposed, 1) == 0)
         {
             stopping.Dispose();
-        }
-    }
-
-    private async Task<NpgsqlConnection> OpenAsync(DateTimeOffset deadline, CancellationToken cancellationToken)
-    {
-        while (true)
-        {
-            try
-            {
-                return await database.OpenSessionAsync(cancellationToken);
-            }
-            catch (NpgsqlException ex) when (ex.IsTransient && time.GetUtcNow() < deadline)
-            {
-                await Task.Delay(TimeSpan.FromSeconds(1), time, cancellationToken);
-            }
         }
     }
 
