@@ -42,33 +42,29 @@ public static class GatewayExtensions
             return false;
         }
 
-        builder.Services.AddReverseProxy().LoadFromConfig(section);
+        builder.Services.AddReverseProxy().LoadFromConfig(section).AddConfigFilter<IdempotentRouteValidator>();
         return true;
     }
 
     /// <summary>
     /// Maps the proxy's routes, each idempotent as its metadata asks. A route naming a policy that does not exist
-    /// stops the application here rather than failing its requests.
+    /// stops the application here, or is refused on a reload (<see cref="IdempotentRouteValidator"/>), rather than
+    /// failing its requests.
     /// </summary>
-    public static void MapGateway(this WebApplication app)
-    {
-        var options = app.Services.GetRequiredService<Microsoft.Extensions.Options.IOptions<IdempotencyOptions>>().Value;
-        foreach (var route in app.Configuration.GetSection(Section).GetSection("Routes").GetChildren())
-        {
-            if (route.GetSection("Metadata")[PolicyMetadata] is { } policy)
-            {
-                options.Resolve(Metadata(policy, route.GetSection("Metadata")[ScopeHeaderMetadata]));
-            }
-        }
-
+    public static void MapGateway(this WebApplication app) =>
         app.MapReverseProxy().ConfigureEndpoints(static (endpoint, route) =>
         {
-            if (route.Metadata?.GetValueOrDefault(PolicyMetadata) is { } policy)
+            if (IdempotencyOf(route) is { } metadata)
             {
-                endpoint.WithMetadata(Metadata(policy, route.Metadata.GetValueOrDefault(ScopeHeaderMetadata)));
+                endpoint.WithMetadata(metadata);
             }
         });
-    }
+
+    /// <summary>The idempotency a route's metadata asks for, or null if it asks for none.</summary>
+    internal static IdempotencyMetadata? IdempotencyOf(RouteConfig route) =>
+        route.Metadata?.GetValueOrDefault(PolicyMetadata) is { } policy
+            ? Metadata(policy, route.Metadata.GetValueOrDefault(ScopeHeaderMetadata))
+            : null;
 
     private static IdempotencyMetadata Metadata(string policy, string? scopeHeader)
     {

@@ -1,5 +1,5 @@
-using System.Collections.Concurrent;
 using System.Globalization;
+using System.Runtime.CompilerServices;
 using Microsoft.AspNetCore.Authentication;
 using Microsoft.AspNetCore.Http.Features;
 using Microsoft.Extensions.Options;
@@ -29,7 +29,8 @@ internal sealed partial class IdempotencyMiddleware(
     // How soon a client told "in progress" should try again: most actions finish within a second.
     private static readonly TimeSpan InProgressRetryAfter = TimeSpan.FromSeconds(1);
 
-    private readonly ConcurrentDictionary<Endpoint, IdempotencyPolicy> policies = new();
+    // Weak: a proxy's reload replaces its routes' endpoints, and a policy held per endpoint would keep every old one.
+    private readonly ConditionalWeakTable<Endpoint, IdempotencyPolicy> policies = new();
 
     public Task InvokeAsync(HttpContext context)
     {
@@ -39,7 +40,11 @@ internal sealed partial class IdempotencyMiddleware(
             return next(context);
         }
 
-        var policy = policies.GetOrAdd(endpoint, static (_, state) => state.options.Value.Resolve(state.metadata), (options, metadata));
+        if (!policies.TryGetValue(endpoint, out var policy))
+        {
+            policy = policies.GetValue(endpoint, _ => options.Value.Resolve(metadata));
+        }
+
         return policy.Methods.Contains(context.Request.Method) ? InvokeIdempotentAsync(context, policy) : next(context);
     }
 

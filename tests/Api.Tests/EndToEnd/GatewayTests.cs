@@ -5,6 +5,8 @@ using System.Text.Json;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Http;
+using Microsoft.Extensions.Configuration;
+using Microsoft.Extensions.DependencyInjection;
 using OrleansIdempotency.Api.Gateway;
 using OrleansIdempotency.Testing;
 
@@ -228,6 +230,44 @@ public sealed class GatewayTests : IAsyncLifetime
         var failure = await Assert.ThrowsAnyAsync<Exception>(() => ApiServer.StartAsync(GatewaySettings(backend.Address, policy: "no-such-policy")));
 
         Assert.Contains("no-such-policy", failure.ToString(), StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public async Task Reload_MakingARouteIdempotent_Applies_AndOneNamingAnUnknownPolicy_IsRefusedWithTheRoutesKept()
+    {
+        using var client = Client("Bearer caller-1");
+        var configuration = (IConfigurationRoot)gateway.Services.GetRequiredService<IConfiguration>();
+
+        configuration["ReverseProxy:Routes:plain:Metadata:Idempotency"] = GatewayExtensions.DefaultPolicyName;
+        configuration.Reload();
+        await WaitUntilAsync(async () => await ReplaysAsync(client, "/plain/orders"), "the reload never made /plain idempotent");
+
+        configuration["ReverseProxy:Routes:plain:Metadata:Idempotency"] = "no-such-policy";
+        configuration.Reload();
+        await WaitUntilAsync(() => Task.FromResult(gateway.Errors.Exceptions.Any(e => e.ToString().Contains("no-such-policy", StringComparison.Ordinal))),
+            "the refused reload was never logged");
+
+        Assert.True(await ReplaysAsync(client, "/plain/orders"), "the routes before the refused reload were not kept");
+        var charged = await client.SendAsync("/charges", Guid.NewGuid().ToString(), "{\"amount\":5}");
+        Assert.Equal(HttpStatusCode.Created, charged.Response.StatusCode);
+    }
+
+    /// <summary>Whether a retry on <paramref name="path"/> is answered as a replay, the backend running once.</summary>
+    private async Task<bool> ReplaysAsync(HttpClient client, string path)
+    {
+        var key = Guid.NewGuid().ToString();
+        await client.SendAsync(path, key, "{\"amount\":5}");
+        var (retry, _) = await client.SendAsync(path, key, "{\"amount\":5}");
+        return retry.IsReplay() && backend.Runs(key) == 1;
+    }
+
+    private static async Task WaitUntilAsync(Func<Task<bool>> condition, string failure)
+    {
+        for (var waited = 0; !await condition(); waited += 50)
+        {
+            Assert.True(waited < 10_000, failure);
+            await Task.Delay(50);
+        }
     }
 
     private HttpClient Client(string? authorization)
