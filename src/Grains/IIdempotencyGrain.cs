@@ -42,6 +42,13 @@ public interface IIdempotencyGrain : IGrainWithStringKey
     Task<bool> ReleaseAsync(Guid attemptId, TimeSpan lease);
 
     /// <summary>
+    /// Gives back the claim <paramref name="token"/> names (see <see cref="IdempotencyTransitions.ReleaseClaim"/>).
+    /// True when the key is free after it; false when another claim holds it, or it completed or is in doubt.
+    /// </summary>
+    [Alias("ReleaseClaim"), ResponseTimeout(CallTimeout)]
+    Task<bool> ReleaseClaimAsync(ClaimToken token, TimeSpan lease);
+
+    /// <summary>
     /// Returns when the key leaves its current claim (completed, released, lapsed) or after
     /// <paramref name="timeout"/> (at most <see cref="IdempotencyGrain.MaxWait"/>), whichever comes first; then
     /// claim again to learn the outcome.

@@ -88,6 +88,9 @@ public sealed class IdempotencyGrain(
     public Task<bool> ReleaseAsync(Guid attemptId, TimeSpan lease) =>
         ApplyAsync((state, now) => IdempotencyTransitions.Release(state, attemptId, lease, now));
 
+    public Task<bool> ReleaseClaimAsync(ClaimToken token, TimeSpan lease) =>
+        ApplyAsync((state, now) => IdempotencyTransitions.ReleaseClaim(state, token, lease, now));
+
     public Task<ResolveOutcome> ResolveAsync(StoredResponse? outcome, ClaimToken? claim) =>
         ApplyAsync((state, now) => IdempotencyTransitions.Resolve(state, outcome, claim, now));
 

@@ -108,6 +108,27 @@ public static class IdempotencyTransitions
     }
 
     /// <summary>
+    /// Gives back the claim <paramref name="token"/> names, as its holder does when the operation did not take effect:
+    /// <see cref="Release"/> for that claim alone, not for a later claim of the same attempt (one that asked again
+    /// after its lease lapsed, under <see cref="LapsedLeasePolicy.Reclaim"/>).
+    /// </summary>
+    /// <returns>
+    /// True when the key is free after it: released now, or free already (a release asked again after its answer
+    /// was lost); false when another claim holds the key, or it completed or is in doubt.
+    /// </returns>
+    public static Transition<bool> ReleaseClaim(IdempotencyRecord stored, ClaimToken token, TimeSpan lease, DateTimeOffset now)
+    {
+        var current = stored.AsOf(now);
+        if (current.Status == IdempotencyStatus.InProgress && !current.IsHeldBy(token))
+        {
+            return new(false, null);
+        }
+
+        var released = Release(stored, token.AttemptId, lease, now);
+        return released with { Result = released.Result || current.Status == IdempotencyStatus.None };
+    }
+
+    /// <summary>
     /// Settles a key whose outcome is in doubt (<see cref="IdempotencyStatus.OutcomeUnknown"/>, or a lapsed lease), as
     /// an operator who found out what happened does: with the response the action produced, the key completes and
     /// replays it; with none, it is released and the next request runs the action.

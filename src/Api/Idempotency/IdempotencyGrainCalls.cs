@@ -62,7 +62,8 @@ internal sealed partial class IdempotencyGrainCalls(
     /// Claims the key for <paramref name="request"/>; while another attempt holds it, waits for that claim to end and
     /// asks again, for up to <paramref name="wait"/> in all (zero: not at all). When the claim's answer never comes
     /// (the store or the cluster failed, or the caller left), the claim, which may have been written all the same, is
-    /// given back if <paramref name="releaseUnanswered"/>: else its lease would lapse into an unknown outcome.
+    /// given back if <paramref name="releaseUnanswered"/>: else its lease would lapse into an unknown outcome. So is a
+    /// claim acquired for a caller that has left meanwhile, which then gets <see cref="OperationCanceledException"/>.
     /// </summary>
     /// <returns>
     /// The last answer (<see cref="ClaimOutcome.InProgress"/> when the wait ran out) and when it was asked for: a claim
@@ -76,6 +77,8 @@ internal sealed partial class IdempotencyGrainCalls(
         var waitUntil = askedAt + wait;
         while (true)
         {
+            // Nothing is held yet: a caller that has left claims nothing more.
+            cancellationToken.ThrowIfCancellationRequested();
             ClaimResult claim;
             try
             {
@@ -86,6 +89,14 @@ internal sealed partial class IdempotencyGrainCalls(
             {
                 _ = ReleaseAsync(grain, request.AttemptId, request.Lease);
                 throw;
+            }
+
+            if (claim.Outcome == ClaimOutcome.Acquired && releaseUnanswered && cancellationToken.IsCancellationRequested)
+            {
+                // The caller left while its claim was written: nothing has run, and no one would hear of the claim,
+                // which would otherwise lapse into an unknown outcome.
+                _ = ReleaseAsync(grain, request.AttemptId, request.Lease);
+                cancellationToken.ThrowIfCancellationRequested();
             }
 
             if (claim.Outcome != ClaimOutcome.InProgress)

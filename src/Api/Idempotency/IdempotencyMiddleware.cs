@@ -112,6 +112,11 @@ internal sealed partial class IdempotencyMiddleware(
             await UnavailableAsync(context, ex, key);
             return;
         }
+        catch (OperationCanceledException) when (context.RequestAborted.IsCancellationRequested)
+        {
+            // The client left before the action began: nothing ran, no claim is held, and no one is there to answer.
+            return;
+        }
 
         switch (claim.Outcome)
         {

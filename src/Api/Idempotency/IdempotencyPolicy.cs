@@ -115,12 +115,18 @@ public sealed record IdempotencyPolicy
     public IdempotencyPolicy WithStoredHeaders(params string[] headers) =>
         this with { StoredHeaders = StoredHeaders.Concat(headers).ToFrozenSet(StringComparer.OrdinalIgnoreCase) };
 
+    /// <summary>The longest <see cref="Retention"/> and <see cref="WaitTimeout"/>: ten years.</summary>
+    public static readonly TimeSpan MaxDuration = TimeSpan.FromDays(3650);
+
     /// <summary>Throws when a value is out of range, naming it.</summary>
     public IdempotencyPolicy Validate()
     {
         Positive(Retention, nameof(Retention));
         Positive(Lease, nameof(Lease));
         ArgumentOutOfRangeException.ThrowIfLessThan(WaitTimeout, TimeSpan.Zero, nameof(WaitTimeout));
+        // Added to the time of each request: a "forever" would overflow there and fail every request instead of the start.
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(Retention, MaxDuration, nameof(Retention));
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(WaitTimeout, MaxDuration, nameof(WaitTimeout));
         ArgumentOutOfRangeException.ThrowIfNegative(MaxStoredResponseBytes, nameof(MaxStoredResponseBytes));
         ArgumentOutOfRangeException.ThrowIfNegative(MaxRequestBodyBytes, nameof(MaxRequestBodyBytes));
         if (Retention <= Lease)

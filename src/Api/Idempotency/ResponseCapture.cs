@@ -8,9 +8,11 @@ namespace OrleansIdempotency.AspNetCore;
 /// <summary>
 /// The response body an idempotent action writes to, as a stream and as a pipe: every byte goes to the client as
 /// usual and is also copied, into a pooled buffer, until the copy would pass <see cref="Limit"/>; past that it stops
-/// copying (the client still gets every byte) and only counts. Once the client has gone
-/// (<paramref name="clientGone"/>) bytes are only copied: the action runs on for the client's retry
-/// (<see cref="DetachedRequestLifetime"/>), and no server is asked to send to a closed connection.
+/// copying (the client still gets every byte) and only counts. A write to the client that fails once its token
+/// (<paramref name="clientGone"/>) has fired means the client has gone: the action does not hear of it, and runs
+/// on for the client's retry (<see cref="DetachedRequestLifetime"/>) with its bytes only copied from then on. The
+/// token alone stops nothing: a request time-out outside this layer fires it with the client still there, and that
+/// client gets every byte.
 /// </summary>
 /// <remarks>
 /// The layer owns the copy: an action that disposes the stream (a <see cref="StreamWriter"/> without
@@ -24,6 +26,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     private int copied;
     private PipeWriter? writer;
     private bool writerCompleted;
+    private bool clientLost;
 
     /// <summary>The most bytes kept.</summary>
     public int Limit { get; } = limit;
@@ -95,9 +98,17 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     public override void Write(ReadOnlySpan<byte> buffer)
     {
         Copy(buffer);
-        if (!clientGone.IsCancellationRequested)
+        if (clientLost)
+        {
+            return;
+        }
+
+        try
         {
             inner.Write(buffer);
+        }
+        catch (Exception) when (LostClient())
+        {
         }
     }
 
@@ -107,22 +118,43 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     public override ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken = default)
     {
         Copy(buffer.Span);
-        return clientGone.IsCancellationRequested ? ValueTask.CompletedTask : inner.WriteAsync(buffer, cancellationToken);
+        if (clientLost)
+        {
+            return ValueTask.CompletedTask;
+        }
+
+        try
+        {
+            var write = inner.WriteAsync(buffer, cancellationToken);
+            return write.IsCompletedSuccessfully ? write : ToClientAsync(write);
+        }
+        catch (Exception) when (LostClient())
+        {
+            return ValueTask.CompletedTask;
+        }
     }
 
     public override void Flush()
     {
         NoteStart();
-        if (!clientGone.IsCancellationRequested)
+        if (clientLost)
+        {
+            return;
+        }
+
+        try
         {
             inner.Flush();
+        }
+        catch (Exception) when (LostClient())
+        {
         }
     }
 
     public override Task FlushAsync(CancellationToken cancellationToken)
     {
         NoteStart();
-        return clientGone.IsCancellationRequested ? Task.CompletedTask : inner.FlushAsync(cancellationToken);
+        return ToClientAsync(static (inner, cancel) => inner.FlushAsync(cancel), inner, cancellationToken);
     }
 
     public override int Read(byte[] buffer, int offset, int count) => throw new NotSupportedException();
@@ -136,7 +168,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     Task IHttpResponseBodyFeature.StartAsync(CancellationToken cancellationToken)
     {
         NoteStart();
-        return clientGone.IsCancellationRequested ? Task.CompletedTask : client.StartAsync(cancellationToken);
+        return ToClientAsync(static (client, cancel) => client.StartAsync(cancel), client, cancellationToken);
     }
 
     Task IHttpResponseBodyFeature.SendFileAsync(string path, long offset, long? count, CancellationToken cancellationToken) =>
@@ -146,14 +178,63 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     {
         NoteStart();
         await FlushWriterAsync();
-        if (!clientGone.IsCancellationRequested)
-        {
-            await client.CompleteAsync();
-        }
+        await ToClientAsync(static (client, _) => client.CompleteAsync(), client, CancellationToken.None);
     }
 
     // The action's to call, not to act on: the layer still needs the copy (ReturnBuffer), and writes keep working.
     protected override void Dispose(bool disposing) => base.Dispose(disposing);
+
+    // A client that has gone fails writes (or drops them unseen); its action must not fail for it.
+    private bool LostClient()
+    {
+        if (!clientGone.IsCancellationRequested)
+        {
+            return false;
+        }
+
+        clientLost = true;
+        return true;
+    }
+
+    private async ValueTask ToClientAsync(ValueTask write)
+    {
+        try
+        {
+            await write;
+        }
+        catch (Exception) when (LostClient())
+        {
+        }
+    }
+
+    private Task ToClientAsync<T>(Func<T, CancellationToken, Task> send, T target, CancellationToken cancellationToken)
+    {
+        if (clientLost)
+        {
+            return Task.CompletedTask;
+        }
+
+        try
+        {
+            var sending = send(target, cancellationToken);
+            return sending.IsCompletedSuccessfully ? sending : AwaitAsync(sending);
+        }
+        catch (Exception) when (LostClient())
+        {
+            return Task.CompletedTask;
+        }
+
+        async Task AwaitAsync(Task pending)
+        {
+            try
+            {
+                await pending;
+            }
+            catch (Exception) when (LostClient())
+            {
+            }
+        }
+    }
 
     // Before anything is passed on: starting the response is where an outer encoder sets its header.
     private void NoteStart()

@@ -88,6 +88,11 @@ internal sealed class OnceHttp(
             await problems.WriteUnavailableAsync(context, ex, key);
             return;
         }
+        catch (OperationCanceledException) when (context.RequestAborted.IsCancellationRequested)
+        {
+            // The caller left: a claim made for it without its own attempt was given back, and no one is there to answer.
+            return;
+        }
 
         switch (claim.Outcome)
         {
@@ -162,7 +167,7 @@ internal sealed class OnceHttp(
             return;
         }
 
-        await TokenCallAsync(context, key, grain, g => g.ReleaseAsync(token.AttemptId, Policy.Lease), () =>
+        await TokenCallAsync(context, key, grain, g => g.ReleaseClaimAsync(token, Policy.Lease), () =>
         {
             context.Response.StatusCode = StatusCodes.Status204NoContent;
             return Task.CompletedTask;

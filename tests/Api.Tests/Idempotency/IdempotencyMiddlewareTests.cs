@@ -773,6 +773,15 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public void RetentionOrWaitPastTenYears_IsRefusedWhenThePolicyIsResolved_NotOnEveryRequest()
+    {
+        // A "forever" would overflow the time each request adds it to, failing every request as if the store were down.
+        Assert.Throws<ArgumentOutOfRangeException>(() => (IdempotencyPolicy.Default with { Retention = TimeSpan.MaxValue }).Validate());
+        Assert.Throws<ArgumentOutOfRangeException>(() => (IdempotencyPolicy.Default with { WaitTimeout = TimeSpan.MaxValue }).Validate());
+        (IdempotencyPolicy.Default with { Retention = IdempotencyPolicy.MaxDuration, WaitTimeout = IdempotencyPolicy.MaxDuration }).Validate();
+    }
+
+    [Fact]
     public async Task ChunkedRequestBodyOverTheLimit_Returns413_NotA500()
     {
         var harness = Harness(policy: IdempotencyPolicy.Default with { MaxRequestBodyBytes = 1000 });
@@ -864,7 +873,11 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
             }
         });
         var key = MiddlewareHarness.NewKey();
-        var context = MiddlewareHarness.Request(key, configure: c => c.RequestAborted = disconnect.Token);
+        var context = MiddlewareHarness.Request(key, configure: c =>
+        {
+            c.RequestAborted = disconnect.Token;
+            c.Response.Body = new ClosedWhenCancelled(disconnect.Token);
+        });
 
         await harness.SendAsync(context);
         var replay = await harness.SendAsync(key);
@@ -875,6 +888,72 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         Assert.Equal(201, replay.Response.StatusCode);
         Assert.Equal("first half,second half", replay.Body());
         Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task RequestTimeoutOutsideTheLayer_StillSendsItsClientTheWholeResponse()
+    {
+        // A time-out middleware before the layer links the request's token and cancels it while the client is there.
+        using var timeout = new CancellationTokenSource();
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 201;
+            await context.Response.WriteAsync("first half,");
+            await timeout.CancelAsync();
+            await context.Response.WriteAsync("second half");
+        });
+        var key = MiddlewareHarness.NewKey();
+        var context = MiddlewareHarness.Request(key, configure: c => c.RequestAborted = timeout.Token);
+
+        await harness.SendAsync(context);
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal(201, context.Response.StatusCode);
+        Assert.Equal("first half,second half", context.Body());
+        Assert.Equal("first half,second half", replay.Body());
+        Assert.Equal(1, harness.Executions);
+    }
+
+    /// <summary>A connection's body as a server has it once its client has gone: every write fails.</summary>
+    private sealed class ClosedWhenCancelled(CancellationToken gone) : MemoryStream
+    {
+        public override void Write(ReadOnlySpan<byte> buffer)
+        {
+            Fail();
+            base.Write(buffer);
+        }
+
+        public override void Write(byte[] buffer, int offset, int count)
+        {
+            Fail();
+            base.Write(buffer, offset, count);
+        }
+
+        public override ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken = default)
+        {
+            Fail();
+            return base.WriteAsync(buffer, cancellationToken);
+        }
+
+        public override Task WriteAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken)
+        {
+            Fail();
+            return base.WriteAsync(buffer, offset, count, cancellationToken);
+        }
+
+        public override Task FlushAsync(CancellationToken cancellationToken)
+        {
+            Fail();
+            return base.FlushAsync(cancellationToken);
+        }
+
+        private void Fail()
+        {
+            if (gone.IsCancellationRequested)
+            {
+                throw new IOException("The client has gone.");
+            }
+        }
     }
 
     [Fact]

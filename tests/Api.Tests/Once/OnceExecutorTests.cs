@@ -133,6 +133,28 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task CallerCancelledBeforeTheAction_RunsNothing_AndLeavesTheKeyFreeForTheNextCall()
+    {
+        // Cancelled before the call, and cancelled while its claim was being written (a worker's host stopping).
+        var once = Executor();
+        var before = NewKey();
+        var during = NewKey();
+        using var cancelled = new CancellationTokenSource();
+        await cancelled.CancelAsync();
+        using var cancelling = new CancellationTokenSource();
+        fixture.Store.BeforeNextWrite(fixture.Grains.GetIdempotencyGrain(OnceExecutor.GrainKey("default", during)).GetGrainId(), () => cancelling.CancelAsync());
+
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => once.ExecuteOnceAsync(before, ChargeAsync, cancelled.Token));
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => once.ExecuteOnceAsync(during, ChargeAsync, cancelling.Token));
+        Assert.Equal(0, runs);
+
+        // No lease has to lapse: the claim made for the leaving caller was given back.
+        await once.ExecuteOnceAsync(before, ChargeAsync);
+        await once.ExecuteOnceAsync(during, ChargeAsync);
+        Assert.Equal(2, runs);
+    }
+
+    [Fact]
     public async Task StoreDown_FailsClosed_AndTheActionDoesNotRun()
     {
         var once = Executor();

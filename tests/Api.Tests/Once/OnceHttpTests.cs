@@ -19,11 +19,12 @@ namespace OrleansIdempotency.Api.Tests.Once;
 [Collection(MiddlewareClusterCollection.Name)]
 public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
 {
-    private readonly OnceHttp once = Create(fixture);
+    private readonly OnceHttp once = Create(fixture, IdempotencyPolicy.Default);
 
-    private static OnceHttp Create(MiddlewareClusterFixture fixture)
+    private static OnceHttp Create(MiddlewareClusterFixture fixture, IdempotencyPolicy policy)
     {
         var options = MiddlewareClusterFixture.Options();
+        options.Value.DefaultPolicy = policy;
         return new OnceHttp(
             fixture.Calls(options),
             new IdempotencyProblems(options),
@@ -122,9 +123,58 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
         Assert.Equal(1, read.Json.GetProperty("result").GetInt32());
     }
 
-    private static async Task<(int Status, JsonElement Json)> CallAsync(Func<HttpContext, string, Task> call, string key, string body)
+    [Fact]
+    public async Task ClaimWithoutAttemptWhoseCallerLeftWhileItWasWritten_IsGivenBack_SoTheNextClaimAcquires()
     {
-        var context = new DefaultHttpContext();
+        var key = NewKey();
+        using var leaving = new CancellationTokenSource();
+        fixture.Store.BeforeNextWrite(Grain(key).GetGrainId(), () => leaving.CancelAsync());
+
+        await CallAsync(once.ClaimAsync, key, "", leaving.Token);
+
+        // No lease has to lapse: the claim no one heard of was given back.
+        await MiddlewareHarness.WaitUntilAsync(async () => (await Grain(key).GetAsync()).Status == IdempotencyStatus.None);
+        Assert.Equal(201, (await CallAsync(once.ClaimAsync, key, "")).Status);
+    }
+
+    [Fact]
+    public async Task ReleaseWithTheTokenOfAnEarlierClaimOfTheSameAttempt_Is409_AndTheLiveClaimStays()
+    {
+        // Under Reclaim, an attempt asking again after its lease lapsed holds a new claim: the old token releases nothing.
+        var reclaiming = Create(fixture, IdempotencyPolicy.Default with { OnLapsedLease = LapsedLeasePolicy.Reclaim });
+        var key = NewKey();
+        var body = JsonSerializer.Serialize(new { attempt = Guid.NewGuid() });
+        var stale = (await CallAsync(reclaiming.ClaimAsync, key, body)).Json.GetProperty("token").GetString();
+        fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
+        var live = (await CallAsync(reclaiming.ClaimAsync, key, body)).Json.GetProperty("token").GetString();
+        Assert.NotEqual(stale, live);
+
+        var release = await CallAsync(reclaiming.ReleaseAsync, key, JsonSerializer.Serialize(new { token = stale }));
+
+        Assert.Equal(409, release.Status);
+        Assert.EndsWith("claim-not-held", release.Json.GetProperty("type").GetString());
+        Assert.Equal("inProgress", (await CallAsync(reclaiming.ReadAsync, key, "")).Json.GetProperty("status").GetString());
+        Assert.Equal(200, (await CallAsync(reclaiming.CompleteAsync, key, JsonSerializer.Serialize(new { token = live, result = 1 }))).Status);
+    }
+
+    [Fact]
+    public async Task ReleaseAskedAgain_Is204Again_ForTheKeyIsFree()
+    {
+        // The first answer lost on its way back: the caller asks again and must not be told another attempt owns the key.
+        var key = NewKey();
+        var token = (await CallAsync(once.ClaimAsync, key, "")).Json.GetProperty("token").GetString();
+        var body = JsonSerializer.Serialize(new { token });
+
+        Assert.Equal(204, (await CallAsync(once.ReleaseAsync, key, body)).Status);
+        Assert.Equal(204, (await CallAsync(once.ReleaseAsync, key, body)).Status);
+        Assert.Equal(201, (await CallAsync(once.ClaimAsync, key, "")).Status);
+        Assert.Equal(409, (await CallAsync(once.ReleaseAsync, key, body)).Status);
+    }
+
+    private static async Task<(int Status, JsonElement Json)> CallAsync(
+        Func<HttpContext, string, Task> call, string key, string body, CancellationToken requestAborted = default)
+    {
+        var context = new DefaultHttpContext { RequestAborted = requestAborted };
         context.Request.Method = "POST";
         context.Request.Body = new MemoryStream(Encoding.UTF8.GetBytes(body));
         context.Response.Body = new MemoryStream();
