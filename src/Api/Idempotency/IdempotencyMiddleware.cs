@@ -64,10 +64,9 @@ internal sealed partial class IdempotencyMiddleware(
                 return;
         }
 
-        var scope = policy.Scope(context);
-        if (scope is null && !policy.AllowAnonymous)
+        if (policy.ScopeOf(context) is not { } scope)
         {
-            await RefuseAnonymousAsync(context, key);
+            await RefuseUnscopedAsync(context, key);
             return;
         }
 
@@ -91,7 +90,7 @@ internal sealed partial class IdempotencyMiddleware(
             return;
         }
 
-        var idempotencyKey = new IdempotencyKey(scope ?? IdempotencyScope.Anonymous, key);
+        var idempotencyKey = new IdempotencyKey(scope, key);
         if (replays.Find(idempotencyKey, fingerprint) is { } known)
         {
             await ReplayAsync(context, known, key);
@@ -266,8 +265,17 @@ internal sealed partial class IdempotencyMiddleware(
         }
     }
 
-    private async Task RefuseAnonymousAsync(HttpContext context, string key)
+    private async Task RefuseUnscopedAsync(HttpContext context, string key)
     {
+        if (context.User.Identity?.IsAuthenticated == true)
+        {
+            // Challenging would change nothing: the caller did authenticate, as someone the policy's Scope cannot read.
+            LogUnscopedCaller(logger, context.User.Identity.AuthenticationType);
+            await RejectAsync(context, IdempotencyProblem.ScopeRequired,
+                "Idempotency keys on this endpoint belong to a caller, and this authenticated caller carries no identity the endpoint's scope reads.", key);
+            return;
+        }
+
         // A 401 must carry a challenge (RFC 9110 §15.5.2), and only the application's authentication knows its scheme:
         // it challenges first; our problem explains the refusal unless the challenge already answered in its own words
         // (or as something else than a 401, a redirect to a login page, say).

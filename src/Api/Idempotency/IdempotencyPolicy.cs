@@ -88,10 +88,18 @@ public sealed record IdempotencyPolicy
     public Func<HttpContext, string?> Scope { get; init; } = IdempotencyScope.User;
 
     /// <summary>
-    /// Whether callers without a scope share the one scope <see cref="IdempotencyScope.Anonymous"/> (true) or are
-    /// refused with 401 (false). The default is true.
+    /// Whether anonymous callers share the one scope <see cref="IdempotencyScope.Anonymous"/> (true) or are refused
+    /// with 401 (false). The default is true. An authenticated caller without a scope is refused either way.
     /// </summary>
     public bool AllowAnonymous { get; init; } = true;
+
+    /// <summary>
+    /// The caller's scope, or null for a caller refused here: an anonymous one unless <see cref="AllowAnonymous"/>,
+    /// and an authenticated one that <see cref="Scope"/> cannot tell apart (a principal without the claim it reads),
+    /// who would otherwise share the anonymous scope, and its keys, with every other such caller.
+    /// </summary>
+    internal string? ScopeOf(HttpContext context) =>
+        Scope(context) ?? (AllowAnonymous && context.User.Identity?.IsAuthenticated != true ? IdempotencyScope.Anonymous : null);
 
     /// <summary>
     /// Whether a response with this status releases the key so the client may retry under it instead of storing

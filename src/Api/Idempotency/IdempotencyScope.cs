@@ -14,9 +14,13 @@ public static class IdempotencyScope
     /// <summary>The scope shared by every caller without one, when <see cref="IdempotencyPolicy.AllowAnonymous"/>.</summary>
     public const string Anonymous = "anonymous";
 
-    /// <summary>The authenticated user (<see cref="ClaimTypes.NameIdentifier"/>), as <c>user:{id}</c>.</summary>
+    /// <summary>
+    /// The authenticated user (<see cref="ClaimTypes.NameIdentifier"/>, or a token's <c>sub</c> where its handler
+    /// keeps the claim's own name), as <c>user:{id}</c>.
+    /// </summary>
     public static string? User(HttpContext context) =>
-        context.User.Identity?.IsAuthenticated == true && context.User.FindFirst(ClaimTypes.NameIdentifier)?.Value is { } id
+        context.User.Identity?.IsAuthenticated == true
+            && (context.User.FindFirst(ClaimTypes.NameIdentifier) ?? context.User.FindFirst("sub"))?.Value is { Length: > 0 } id
             ? "user:" + id
             : null;
 

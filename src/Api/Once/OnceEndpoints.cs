@@ -223,10 +223,9 @@ internal sealed class OnceHttp(
         }
 
         var policy = Policy;
-        var scope = policy.Scope(context);
-        if (scope is null && !policy.AllowAnonymous)
+        if (policy.ScopeOf(context) is not { } scope)
         {
-            await problems.WriteAsync(context, IdempotencyProblem.ScopeRequired, "The Once API needs an authenticated caller.", key);
+            await problems.WriteAsync(context, IdempotencyProblem.ScopeRequired, "The Once API needs a caller it can tell apart from others: authenticate as one.", key);
             return null;
         }
 
@@ -251,7 +250,7 @@ internal sealed class OnceHttp(
             return null;
         }
 
-        return (calls.Grain(OnceExecutor.HttpGrainKey(scope ?? IdempotencyScope.Anonymous, key)), body);
+        return (calls.Grain(OnceExecutor.HttpGrainKey(scope, key)), body);
     }
 
     private async Task<ClaimToken?> TokenAsync(HttpContext context, string key, OnceTokenBody body)

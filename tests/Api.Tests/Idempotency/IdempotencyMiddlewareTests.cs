@@ -1,4 +1,5 @@
 using System.Collections.Frozen;
+using System.Security.Claims;
 using System.Text;
 using System.Text.Encodings.Web;
 using Microsoft.AspNetCore.Authentication;
@@ -968,6 +969,42 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         Assert.Equal(201, named.Response.StatusCode);
         Assert.Equal(2, harness.Executions);
     }
+
+    [Fact]
+    public async Task AuthenticatedCallersTheScopeCannotRead_AreRefused_NeverSharingOneScope()
+    {
+        // Principals with only a Name claim (an API-key handler, say): each would otherwise land in the anonymous scope.
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+
+        var alice = await harness.SendAsync(Principal(key, new Claim(ClaimTypes.Name, "alice")));
+        var bob = await harness.SendAsync(Principal(key, new Claim(ClaimTypes.Name, "bob")));
+
+        Assert.Equal(401, alice.Response.StatusCode);
+        Assert.EndsWith("scope-required", alice.Problem().GetProperty("type").GetString());
+        Assert.Equal(401, bob.Response.StatusCode);
+        Assert.Equal(0, harness.Executions);
+    }
+
+    [Fact]
+    public async Task TokenKeepingItsSubClaim_ScopesKeysByIt()
+    {
+        // A JWT handler that does not map claim names keeps "sub" instead of NameIdentifier.
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+
+        var alice = await harness.SendAsync(Principal(key, new Claim("sub", "alice")));
+        var bob = await harness.SendAsync(Principal(key, new Claim("sub", "bob")));
+        var aliceAgain = await harness.SendAsync(Principal(key, new Claim("sub", "alice")));
+
+        Assert.Equal(201, alice.Response.StatusCode);
+        Assert.Equal(201, bob.Response.StatusCode);
+        Assert.Equal("true", aliceAgain.Response.Headers[IdempotencyMiddleware.ReplayedHeader].ToString());
+        Assert.Equal(2, harness.Executions);
+    }
+
+    private static HttpContext Principal(string key, Claim claim) =>
+        MiddlewareHarness.Request(key, user: "", configure: c => c.User = new ClaimsPrincipal(new ClaimsIdentity([claim], "test")));
 
     [Fact]
     public async Task NoContentResponse_IsReplayedWithoutABody()
