@@ -1,3 +1,5 @@
+using Microsoft.Extensions.Options;
+
 namespace OrleansIdempotency.AspNetCore;
 
 /// <summary>Adds the idempotency middleware to the pipeline.</summary>
@@ -19,6 +21,33 @@ public static class IdempotencyApplicationBuilderExtensions
         }
 
         app.Properties[RegisteredKey] = true;
-        return app.UseMiddleware<IdempotencyMiddleware>();
+        return app.Use(next =>
+        {
+            // Run when the pipeline is built, every endpoint mapped by then: a policy that does not resolve stops the
+            // start instead of failing each request to its endpoint.
+            CheckPolicies(app.ApplicationServices);
+            return ActivatorUtilities.CreateInstance<IdempotencyMiddleware>(app.ApplicationServices, next).InvokeAsync;
+        });
+    }
+
+    private static void CheckPolicies(IServiceProvider services)
+    {
+        var options = services.GetRequiredService<IOptions<IdempotencyOptions>>().Value;
+        foreach (var endpoint in services.GetService<EndpointDataSource>()?.Endpoints ?? [])
+        {
+            if (endpoint.Metadata.GetMetadata<IIdempotencyMetadata>() is not { } metadata)
+            {
+                continue;
+            }
+
+            try
+            {
+                options.Resolve(metadata);
+            }
+            catch (Exception e) when (e is InvalidOperationException or ArgumentException)
+            {
+                throw new InvalidOperationException($"The idempotency policy of endpoint '{endpoint.DisplayName}' is not valid: {e.Message}", e);
+            }
+        }
     }
 }

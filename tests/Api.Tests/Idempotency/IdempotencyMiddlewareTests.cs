@@ -4,6 +4,7 @@ using System.Text;
 using System.Text.Encodings.Web;
 using Microsoft.AspNetCore.Authentication;
 using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Http;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
@@ -1023,6 +1024,32 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         Assert.Null(replay.Response.ContentLength);
         Assert.Empty(replay.BodyBytes());
         Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+    }
+
+    [Theory]
+    [InlineData("unknown policy")]
+    [InlineData("lease past retention")]
+    public async Task EndpointWhosePolicyDoesNotResolve_StopsTheStart_InsteadOfFailingEachRequest(string fault)
+    {
+        var builder = WebApplication.CreateSlimBuilder();
+        builder.WebHost.UseUrls("http://127.0.0.1:0");
+        builder.Services.AddIdempotency();
+        await using var app = builder.Build();
+        app.UseIdempotency();
+        app.MapPost("/fine", () => Results.Ok()).RequireIdempotency();
+        var faulty = app.MapPost("/charges", () => Results.Ok());
+        if (fault == "unknown policy")
+        {
+            faulty.RequireIdempotency("no-such-policy");
+        }
+        else
+        {
+            faulty.RequireIdempotency(p => p with { Lease = TimeSpan.FromDays(2) });
+        }
+
+        var failure = await Assert.ThrowsAnyAsync<InvalidOperationException>(() => app.StartAsync());
+
+        Assert.Contains("/charges", failure.Message, StringComparison.Ordinal);
     }
 
     [Fact]
