@@ -230,6 +230,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     [InlineData("{\"amount\":1}", "POST", "/payments", "")]
     [InlineData("{\"amount\":1}", "POST", "/orders", "?x=1")]
     [InlineData("{\"amount\":1}", "POST", "/orders", "?a=2&a=1")]
+    [InlineData("{\"amount\":1}", "POST", "/orders", "?a=1&A=2")]
     public async Task SameKeyForADifferentRequest_Returns422_AndNothingRuns(string body, string method, string path, string query)
     {
         var harness = Harness();

@@ -40,6 +40,19 @@ public sealed class RequestFingerprintTests
     }
 
     [Theory]
+    [InlineData("a=1&a=2", "a=1&A=2", false)]
+    [InlineData("b=2&a=1", "a=1&b=2", true)]
+    [InlineData("a=%41", "a=A", true)]
+    [InlineData("a=1&a=2", "a=2&a=1", false)]
+    public async Task Fingerprint_OfTwoQueries_IsTheSameOnlyForTheSameParameters(string first, string second, bool same)
+    {
+        var one = await RequestFingerprint.ComputeAsync(Request("POST", "/a", first, []), 1024, default);
+        var two = await RequestFingerprint.ComputeAsync(Request("POST", "/a", second, []), 1024, default);
+
+        Assert.Equal(same, one!.AsSpan().SequenceEqual(two));
+    }
+
+    [Theory]
     [InlineData(0)]
     [InlineData(48)]
     [InlineData(16 * 1024)]
