@@ -1,5 +1,7 @@
 using System.Collections.Frozen;
 using System.Security.Claims;
+using System.Security.Cryptography;
+using System.Text;
 using OrleansIdempotency.Grains;
 
 namespace OrleansIdempotency.AspNetCore;
@@ -99,7 +101,17 @@ public sealed record IdempotencyPolicy
     /// who would otherwise share the anonymous scope, and its keys, with every other such caller.
     /// </summary>
     internal string? ScopeOf(HttpContext context) =>
-        Scope(context) ?? (AllowAnonymous && context.User.Identity?.IsAuthenticated != true ? IdempotencyScope.Anonymous : null);
+        Bounded(Scope(context)) ?? (AllowAnonymous && context.User.Identity?.IsAuthenticated != true ? IdempotencyScope.Anonymous : null);
+
+    /// <summary>The longest scope kept as it is; a longer one is stood for by its digest.</summary>
+    internal const int MaxScopeLength = 512;
+
+    // A scope is part of its key's row in PostgreSQL's primary-key index, whose entries hold at most about 2.7 KB: a
+    // longer one (a raw token in a header) would fail every write, answered 503 as if the store were down.
+    private static string? Bounded(string? scope) =>
+        scope is { Length: > MaxScopeLength }
+            ? "scope-sha256:" + Convert.ToBase64String(SHA256.HashData(Encoding.UTF8.GetBytes(scope)))
+            : scope;
 
     /// <summary>
     /// Whether a response with this status releases the key so the client may retry under it instead of storing

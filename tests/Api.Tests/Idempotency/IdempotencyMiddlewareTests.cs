@@ -1005,6 +1005,28 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         Assert.Equal(2, harness.Executions);
     }
 
+    [Fact]
+    public async Task ScopeLongerThanAStoreKeyHolds_IsStoodForByItsDigest_StillOnePerCaller()
+    {
+        // A raw bearer token as the scope (IdempotencyScope.Header): kept whole, it would be too long for PostgreSQL's index.
+        var harness = Harness(policy: IdempotencyPolicy.Default with { Scope = IdempotencyScope.Header("X-Api-Key") });
+        var key = MiddlewareHarness.NewKey();
+        var alice = new string('a', 3000) + "1";
+        var bob = new string('a', 3000) + "2";
+        HttpContext From(string apiKey) => MiddlewareHarness.Request(key, configure: c => c.Request.Headers["X-Api-Key"] = apiKey);
+
+        var first = await harness.SendAsync(From(alice));
+        var other = await harness.SendAsync(From(bob));
+        var again = await harness.SendAsync(From(alice));
+
+        Assert.Equal(201, first.Response.StatusCode);
+        Assert.Equal(201, other.Response.StatusCode);
+        Assert.Equal("true", again.Response.Headers[IdempotencyMiddleware.ReplayedHeader].ToString());
+        Assert.Equal(2, harness.Executions);
+        var whole = await fixture.Grains.GetIdempotencyGrain(new IdempotencyKey("header:X-Api-Key:" + alice, key)).GetAsync();
+        Assert.Equal(IdempotencyStatus.None, whole.Status);
+    }
+
     private static HttpContext Principal(string key, Claim claim) =>
         MiddlewareHarness.Request(key, user: "", configure: c => c.User = new ClaimsPrincipal(new ClaimsIdentity([claim], "test")));
 
