@@ -221,7 +221,9 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
     private static StoredResponse Stored(KnownResponse known)
     {
         var body = Body(known);
-        return new StoredResponse(known.Status, known.Headers ?? [], body, false, body.Length);
+        // Repeated names side by side, in the order given: a replay sets each name once with all of its values.
+        var headers = (known.Headers ?? []).GroupBy(h => h.Name, StringComparer.OrdinalIgnoreCase).SelectMany(g => g).ToList();
+        return new StoredResponse(known.Status, headers, body, false, body.Length);
     }
 
     private static byte[] Body(KnownResponse known) =>

@@ -60,6 +60,29 @@ public sealed class IdempotencyKeyEndpointsTests(MiddlewareClusterFixture fixtur
     }
 
     [Fact]
+    public async Task ResolutionRepeatingAHeaderApart_ReplaysEveryValueOfIt()
+    {
+        var (harness, key) = await KeyInDoubtAsync();
+        var response = new
+        {
+            status = 201,
+            headers = new[]
+            {
+                new { name = "Cache-Control", value = "no-cache" },
+                new { name = "Content-Type", value = "application/json" },
+                new { name = "cache-control", value = "private" },
+            },
+            body = "{}",
+        };
+
+        Assert.Equal(200, (await CallAsync(keys.ResolveAsync, key, JsonSerializer.Serialize(new { response }))).Status);
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal("no-cache,private", replay.Response.Headers.CacheControl.ToString());
+        Assert.Equal("application/json", replay.Response.ContentType);
+    }
+
+    [Fact]
     public async Task KeyInDoubt_ResolvedWithNoResponse_IsReleased_AndTheNextRequestRunsTheAction()
     {
         var (harness, key) = await KeyInDoubtAsync();
