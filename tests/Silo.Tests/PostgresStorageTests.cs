@@ -40,6 +40,30 @@ public sealed class PostgresStorageTests(ServersFixture servers)
     }
 
     [Fact]
+    public async Task SchemaAppliedAgainWhileAVacuumHoldsTheTable_DoesNotWaitForIt()
+    {
+        // Had it waited, every write of every silo would have queued behind its lock request until the vacuum ended.
+        var connectionString = await servers.Postgres.CreateDatabaseAsync();
+        await using var database = new IdempotencyDatabase(connectionString);
+        var installer = new PostgresSchemaInstaller(database, TimeProvider.System, NullLogger<PostgresSchemaInstaller>.Instance);
+        await installer.InstallAsync(CancellationToken.None);
+        await using var vacuum = new NpgsqlConnection(connectionString);
+        await vacuum.OpenAsync();
+        await using var transaction = await vacuum.BeginTransactionAsync();
+        await using (var take = new NpgsqlCommand("LOCK TABLE OrleansStorage IN SHARE UPDATE EXCLUSIVE MODE", vacuum, transaction))
+        {
+            await take.ExecuteNonQueryAsync();
+        }
+
+        var again = installer.InstallAsync(CancellationToken.None);
+        var finished = await Task.WhenAny(again, Task.Delay(TimeSpan.FromSeconds(15))) == again;
+        await transaction.RollbackAsync();
+
+        Assert.True(finished, "the installer waited for the vacuum's lock");
+        await again;
+    }
+
+    [Fact]
     public async Task Schema_RefusesADatabaseThatHoldsAnotherApplicationsOrleansQueries()
     {
         var connectionString = await servers.Postgres.CreateDatabaseAsync();
@@ -248,6 +272,40 @@ public sealed class PostgresStorageTests(ServersFixture servers)
             onTime.State! with { Status = IdempotencyStatus.Completed, Response = Created, LeaseExpiresAt = now - TimeSpan.FromMinutes(5) }, onTime.ETag);
         await storage.WriteStateAsync(IdempotencyGrain.StateName, grainId, completed);
         AssertReplays(await silo.Grains.GetIdempotencyGrain(key).ClaimAsync(Claim()));
+    }
+
+    [Fact]
+    public async Task ClaimThatWaitedOnALockPastItsLease_IsNotStored_ThoughItReachedTheStoreInTime()
+    {
+        var settings = await TestClusterSettings.CreateAsync(servers, redis: false);
+        await using var silo = await TestSilo.StartAsync(settings);
+        var storage = silo.Host.Services.GetRequiredKeyedService<IGrainStorage>(IdempotencyGrain.StorageName);
+        var grainId = ((GrainReference)silo.Grains.GetIdempotencyGrain(NewKey())).GrainId;
+        var now = DateTimeOffset.UtcNow;
+        var claim = new GrainState<IdempotencyRecord>(new IdempotencyRecord
+        {
+            Status = IdempotencyStatus.InProgress, Fingerprint = Request, AttemptId = Guid.NewGuid(), FencingToken = 1,
+            LeaseExpiresAt = now + TimeSpan.FromSeconds(1), CreatedAt = now, ExpiresAt = now + TimeSpan.FromHours(1), Retention = TimeSpan.FromHours(1),
+        });
+
+        // Maintenance holding the table (what VACUUM FULL or REINDEX would) from before the claim until after its lease.
+        await using var maintenance = new NpgsqlConnection(settings["ConnectionStrings:Postgres"]);
+        await maintenance.OpenAsync();
+        await using var transaction = await maintenance.BeginTransactionAsync();
+        await using (var take = new NpgsqlCommand("LOCK TABLE OrleansStorage IN SHARE MODE", maintenance, transaction))
+        {
+            await take.ExecuteNonQueryAsync();
+        }
+
+        var write = storage.WriteStateAsync(IdempotencyGrain.StateName, grainId, claim);
+        await Task.Delay(TimeSpan.FromSeconds(2.5));
+        Assert.False(write.IsCompleted, "the write should have waited on the lock");
+        await transaction.CommitAsync();
+
+        await Assert.ThrowsAnyAsync<Exception>(() => write);
+        var read = new GrainState<IdempotencyRecord>();
+        await storage.ReadStateAsync(IdempotencyGrain.StateName, grainId, read);
+        Assert.False(read.RecordExists);
     }
 
     [Fact]

@@ -47,7 +47,15 @@ CREATE TABLE IF NOT EXISTS OrleansStorage
         (GrainIdHash, GrainTypeHash, ServiceId, GrainTypeString, GrainIdN0, GrainIdN1, GrainIdExtensionString)
 );
 
-CREATE INDEX IF NOT EXISTS OrleansStorage_ExpiresAt ON OrleansStorage (ExpiresAt);
+-- Only when missing: CREATE INDEX IF NOT EXISTS locks the table before it finds the index there, and every silo's
+-- start would then queue all writes behind that lock while anything else (a purge, a VACUUM) held the table.
+DO $$
+BEGIN
+    IF to_regclass('orleansstorage_expiresat') IS NULL THEN
+        CREATE INDEX IF NOT EXISTS OrleansStorage_ExpiresAt ON OrleansStorage (ExpiresAt);
+    END IF;
+END
+$$;
 
 -- The payload starts with two big-endian times in milliseconds since the Unix epoch (IdempotencyStorageSerializer;
 -- a format byte follows them, which PostgreSQL does not read):
@@ -68,6 +76,12 @@ $$;
 CREATE OR REPLACE FUNCTION OrleansStorage_PayloadValidNow(payload bytea) RETURNS boolean
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT length(payload) < 16 OR substring(payload FROM 9 FOR 8) > int8send((extract(epoch FROM now()) * 1000)::bigint)
+$$;
+
+-- The same by the clock as it is when called, not as it was when the statement began.
+CREATE OR REPLACE FUNCTION OrleansStorage_PayloadValidStill(payload bytea) RETURNS boolean
+LANGUAGE sql VOLATILE PARALLEL SAFE AS $$
+    SELECT length(payload) < 16 OR substring(payload FROM 9 FOR 8) > int8send((extract(epoch FROM clock_timestamp()) * 1000)::bigint)
 $$;
 
 -- The write: a create (no ETag: insert unless the key exists) or an update (only of the version the grain holds), and
@@ -108,6 +122,14 @@ BEGIN
           AND GrainIdExtensionString = coalesce(grain_id_extension, '')
           AND Version = expected_version
         RETURNING Version INTO written;
+    END IF;
+
+    -- Asked again once the row is written: a write that began in time but then waited on a lock (a VACUUM FULL, a
+    -- REINDEX, a schema change) past its valid-until time must not land. Its caller gave up on it long ago (its
+    -- client's timeout does not reach a statement waiting here), and a claim landing after its lease would leave the
+    -- key "outcome unknown" although nothing ran. Raising rolls the write back.
+    IF written IS NOT NULL AND OrleansStorage_PayloadValidStill(payload) IS NOT TRUE THEN
+        RAISE EXCEPTION 'OrleansIdempotency: a write that waited past its valid-until time was not stored';
     END IF;
 
     RETURN written;
