@@ -158,6 +158,27 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task Renew_ExtendsTheClaimsLeaseInTheGrain_PastWhereItWouldHaveLapsed()
+    {
+        var key = NewKey();
+        var lease = IdempotencyPolicy.Default.Lease;
+        var claimed = await CallAsync(once.ClaimAsync, key, "");
+        var token = claimed.Json.GetProperty("token").GetString();
+        var firstEnd = claimed.Json.GetProperty("leaseExpiresAt").GetDateTimeOffset();
+        fixture.Time.Advance(lease * 2 / 3);
+
+        var renewed = await CallAsync(once.RenewAsync, key, JsonSerializer.Serialize(new { token }));
+        fixture.Time.Advance(lease / 2);
+        var read = await CallAsync(once.ReadAsync, key, "");
+
+        Assert.Equal(200, renewed.Status);
+        Assert.True(renewed.Json.GetProperty("leaseExpiresAt").GetDateTimeOffset() > firstEnd);
+        Assert.Equal("inProgress", read.Json.GetProperty("status").GetString());
+        Assert.True(read.Json.GetProperty("leaseExpiresAt").GetDateTimeOffset() >= firstEnd + lease * 2 / 3);
+        Assert.Equal(200, (await CallAsync(once.CompleteAsync, key, JsonSerializer.Serialize(new { token, result = 1 }))).Status);
+    }
+
+    [Fact]
     public async Task ReleaseAskedAgain_Is204Again_ForTheKeyIsFree()
     {
         // The first answer lost on its way back: the caller asks again and must not be told another attempt owns the key.
