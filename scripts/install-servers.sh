@@ -25,12 +25,17 @@ for item in "${missing[@]}"; do
   esac
 done
 # Never let package scripts start system-wide services: the tests start their own servers on free ports.
-printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+# A machine's own policy-rc.d is left as it is.
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+fi
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
+# A freshly booted machine's own apt run may hold the lock for a while.
+apt_options=(-o DPkg::Lock::Timeout=300)
+apt-get "${apt_options[@]}" update -qq
 if [[ " ${packages[*]} " == *" postgresql "* ]] && apt-cache show postgresql-15 >/dev/null 2>&1; then
   packages=("${packages[@]/postgresql/postgresql-15}")
 fi
-apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+apt-get "${apt_options[@]}" install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 echo "Installed: ${packages[*]}"

@@ -18,7 +18,10 @@ cleanup() {
   fi
   rm -rf "$run_dir"
 }
-trap cleanup EXIT INT TERM
+# Interrupted, the run stops (a trap that returns would go on to the next project).
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 export IDEMPOTENCY_TEST_RUN_DIR="$run_dir"
 export DOTNET_CLI_TELEMETRY_OPTOUT=1 DOTNET_NOLOGO=1
 
@@ -33,10 +36,12 @@ echo "docker-compose.yml: valid"
 dotnet build OrleansIdempotency.sln -c Release -warnaserror -nologo -v q
 status=0
 log="$run_dir/test.log"
-# One project at a time: the machine has two cores, and the fault tests measure time.
+# One project at a time: the machine has two cores, and the fault tests measure time. A test that hangs is stopped
+# after 10 minutes, naming itself, rather than holding the run.
 for project in tests/*/*.Tests.csproj; do
   echo "== $project"
-  dotnet test "$project" -c Release --no-build --nologo "${filter[@]}" --logger "console;verbosity=normal" 2>&1 | tee -a "$log" \
+  dotnet test "$project" -c Release --no-build --nologo "${filter[@]}" --logger "console;verbosity=normal" \
+    --blame-hang-timeout 10m --blame-hang-dump-type none 2>&1 | tee -a "$log" \
     || status=1
 done
 if [ -s "$run_dir/fault-report.txt" ]; then

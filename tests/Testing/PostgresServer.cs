@@ -54,8 +54,11 @@ public sealed class PostgresServer : IAsyncDisposable
             await RunAsync("chown", ["postgres:postgres", root]);
         }
 
-        await RunAsync(ServerProcess.RunAs("postgres", Path.Combine(bin, "initdb"),
-            ["-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync", "--locale=C"]));
+        // Run from a directory the postgres user owns, not the test's own (a clone may sit under a private home).
+        var initdb = ServerProcess.RunAs("postgres", Path.Combine(bin, "initdb"),
+            ["-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync", "--locale=C"]);
+        initdb.WorkingDirectory = root;
+        await RunAsync(initdb);
 
         for (var attempt = 0; ; attempt++)
         {
@@ -129,7 +132,8 @@ public sealed class PostgresServer : IAsyncDisposable
                 "-c", "listen_addresses=127.0.0.1", "-c", $"unix_socket_directories={RootDirectory}", "-c", "max_connections=300",
                 .. settings,
             ],
-            user: "postgres");
+            user: "postgres",
+            workingDirectory: RootDirectory);
         await WaitUntilReadyAsync(TimeSpan.FromSeconds(30));
     }
 

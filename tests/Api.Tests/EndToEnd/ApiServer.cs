@@ -76,7 +76,11 @@ public sealed class EndToEndFixture : IAsyncLifetime
 
     public async Task DisposeAsync()
     {
-        await Api.DisposeAsync();
+        if (Api is not null)
+        {
+            await Api.DisposeAsync();
+        }
+
         await servers.DisposeAsync();
     }
 

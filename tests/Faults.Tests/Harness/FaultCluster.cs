@@ -49,10 +49,12 @@ public sealed class FaultCluster : IAsyncDisposable
     public static async Task<FaultCluster> StartAsync(int silos, int apis, IReadOnlyDictionary<string, string>? apiSettings = null)
     {
         var postgres = await PostgresServer.StartAsync();
-        var redis = await RedisServer.StartAsync();
-        var cluster = new FaultCluster(postgres, redis, await postgres.CreateDatabaseAsync());
+        RedisServer? redis = null;
+        FaultCluster? cluster = null;
         try
         {
+            redis = await RedisServer.StartAsync();
+            cluster = new FaultCluster(postgres, redis, await postgres.CreateDatabaseAsync());
             for (var i = 0; i < silos; i++)
             {
                 cluster.Silos.Add(NodeProcess.Silo($"silo{i}", cluster.Environment));
@@ -70,7 +72,21 @@ public sealed class FaultCluster : IAsyncDisposable
         }
         catch
         {
-            await cluster.DisposeAsync();
+            // Whatever started is stopped: the cluster's processes and both servers, or the servers alone.
+            if (cluster is not null)
+            {
+                await cluster.DisposeAsync();
+            }
+            else
+            {
+                if (redis is not null)
+                {
+                    await redis.DisposeAsync();
+                }
+
+                await postgres.DisposeAsync();
+            }
+
             throw;
         }
     }
