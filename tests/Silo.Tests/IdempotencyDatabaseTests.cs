@@ -46,6 +46,28 @@ public sealed class IdempotencyDatabaseTests
         Assert.Equal(50, new NpgsqlConnectionStringBuilder(database.DataSource.ConnectionString).MaxPoolSize);
     }
 
+    [Theory]
+    [InlineData("Host=127.0.0.1,127.0.0.2")]
+    [InlineData("Host=127.0.0.1;Keepalive=30")]
+    [InlineData("Host=127.0.0.1;Pooling=false")]
+    public async Task StringsNpgsqlCannotMultiplex_AreNotMadeMultiplexed(string given)
+    {
+        // Npgsql refuses each of these with multiplexing on, when the silo first opens a connection.
+        await using var database = new IdempotencyDatabase(given + ";Username=postgres");
+
+        Assert.False(new NpgsqlConnectionStringBuilder(database.DataSource.ConnectionString).Multiplexing);
+    }
+
+    [Fact]
+    public async Task AMinimumPoolAboveTheLayersMaximum_RaisesTheMaximum()
+    {
+        await using var database = new IdempotencyDatabase("Host=127.0.0.1;Username=postgres;Minimum Pool Size=20");
+
+        var settings = new NpgsqlConnectionStringBuilder(database.DataSource.ConnectionString);
+        Assert.True(settings.Multiplexing);
+        Assert.Equal(20, settings.MaxPoolSize);
+    }
+
     [Fact]
     public async Task Maintenance_HasItsOwnSmallUnmultiplexedPool()
     {

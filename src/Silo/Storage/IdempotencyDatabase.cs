@@ -81,12 +81,15 @@ public sealed class IdempotencyDatabase(string connectionString) : IAsyncDisposa
         // write (measured here: 8 connections cost PostgreSQL about 25 % less CPU per key than a pool of 50).
         // A write queued while PostgreSQL is unreachable may land late; a claim that lands after its lease ended is
         // refused by the write query itself (see PostgresSchema.sql).
-        if (!given.Contains("multiplexing"))
+        // Npgsql refuses to multiplex with several hosts, an application-level keepalive or no pool: such a string
+        // keeps a connection per write, as it asks.
+        var multiplexable = builder.Host?.Contains(',', StringComparison.Ordinal) != true && !given.Contains("keepalive") && builder.Pooling;
+        if (!given.Contains("multiplexing") && multiplexable)
         {
             builder.Multiplexing = true;
             if (!given.Contains("maxpoolsize") && !given.Contains("maximumpoolsize"))
             {
-                builder.MaxPoolSize = MultiplexedConnections;
+                builder.MaxPoolSize = Math.Max(MultiplexedConnections, builder.MinPoolSize);
             }
         }
 
