@@ -32,24 +32,26 @@ public sealed class InMemoryRecordStorageTests : IDisposable
         return state;
     }
 
-    /// <summary>Starts <paramref name="count"/> writes at once; returns the numbers of those that landed.</summary>
+    /// <summary>
+    /// Starts <paramref name="count"/> writes at once, each on a thread of its own held at a barrier until all are
+    /// there; returns the numbers of those that landed.
+    /// </summary>
     private static async Task<int[]> InParallelAsync(int count, Func<int, Task> write)
     {
-        using var start = new ManualResetEventSlim();
-        var writes = Enumerable.Range(0, count).Select(i => Task.Run(async () =>
+        using var start = new Barrier(count);
+        var writes = Enumerable.Range(0, count).Select(i => Task.Factory.StartNew(() =>
         {
-            start.Wait();
+            start.SignalAndWait();
             try
             {
-                await write(i);
+                write(i).GetAwaiter().GetResult();
                 return i;
             }
             catch (InconsistentStateException)
             {
                 return -1;
             }
-        })).ToArray();
-        start.Set();
+        }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default)).ToArray();
         return (await Task.WhenAll(writes)).Where(i => i >= 0).ToArray();
     }
 

@@ -39,10 +39,11 @@ public sealed class ClientHandlerTests(EndToEndFixture fixture)
         var key = Guid.NewGuid().ToString();
         using var alice = fixture.Api.Client();
         // Payments reject a concurrent duplicate at once: 409 with Retry-After.
-        var running = alice.SendAsync("/payments", key, Requests.PaymentBody, ("X-Demo-Delay-Ms", "1500"));
+        var running = alice.SendAsync("/payments", key, Requests.PaymentBody, ("X-Demo-Delay-Ms", "4000"));
         await fixture.WaitUntilInProgressAsync(key);
 
-        using var patient = Services(new SeenByTheServer(loseFirstResponse: false));
+        var seenByPatient = new SeenByTheServer(loseFirstResponse: false);
+        using var patient = Services(seenByPatient);
         using var impatient = Services(new SeenByTheServer(loseFirstResponse: false), new IdempotencyKeyOptions { InProgressWait = TimeSpan.Zero });
         using var refused = await impatient.GetRequiredService<IHttpClientFactory>().CreateClient("api").SendAsync(Payment(key));
         using var waited = await patient.GetRequiredService<IHttpClientFactory>().CreateClient("api").SendAsync(Payment(key));
@@ -52,6 +53,9 @@ public sealed class ClientHandlerTests(EndToEndFixture fixture)
         Assert.Equal(HttpStatusCode.Created, (await running).Response.StatusCode);
         Assert.Equal(HttpStatusCode.Created, waited.StatusCode);
         Assert.True(waited.IsReplay());
+        // Refused while the first ran, then sent again, as the same request, until the outcome replayed.
+        Assert.True(seenByPatient.Keys.Count >= 2, $"the patient client sent {seenByPatient.Keys.Count} attempt(s)");
+        Assert.All(seenByPatient.Keys, k => Assert.Equal(key, k));
         Assert.Equal(1, await fixture.CountAsync("demo_payments", key));
     }
 

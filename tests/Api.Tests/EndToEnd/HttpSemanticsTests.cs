@@ -205,7 +205,20 @@ public sealed class HttpSemanticsTests(EndToEndFixture fixture)
 
         Assert.Equal(HttpStatusCode.Unauthorized, (await anonymous.SendAsync("/orders", key, Requests.OrderBody)).Response.StatusCode);
         Assert.Equal(HttpStatusCode.Unauthorized, (await wrong.SendAsync("/orders", key, Requests.OrderBody)).Response.StatusCode);
+
+        // No record of the key in any scope, the anonymous one included; alice's request then makes the one record.
+        Assert.Equal(0L, await RecordsOfAsync(key));
         Assert.Equal(HttpStatusCode.Created, (await alice.SendAsync("/orders", key, Requests.OrderBody)).Response.StatusCode);
+        Assert.Equal(1L, await RecordsOfAsync(key));
+
+        async Task<long> RecordsOfAsync(string key)
+        {
+            await using var connection = new Npgsql.NpgsqlConnection(fixture.Postgres);
+            await connection.OpenAsync();
+            await using var command = new Npgsql.NpgsqlCommand("SELECT count(*) FROM OrleansStorage WHERE GrainIdExtensionString LIKE '%:' || @key", connection);
+            command.Parameters.AddWithValue("key", key);
+            return (long)(await command.ExecuteScalarAsync())!;
+        }
     }
 
     [Fact]

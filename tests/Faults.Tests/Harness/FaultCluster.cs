@@ -133,6 +133,35 @@ public sealed class FaultCluster : IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// Waits until each of alice's <paramref name="keys"/> has its record in the store: claimed, its action running.
+    /// A fault timed by a fixed delay instead could land before a slow first request had claimed anything.
+    /// </summary>
+    public async Task WaitUntilClaimedAsync(IReadOnlyCollection<string> keys, TimeSpan timeout)
+    {
+        await using var connection = new NpgsqlConnection(Database + ";Pooling=false");
+        await connection.OpenAsync();
+        var ids = keys.Select(k => "10:user:alice:" + k).ToArray();
+        var deadline = DateTime.UtcNow + timeout;
+        while (true)
+        {
+            await using var command = new NpgsqlCommand("SELECT count(*) FROM OrleansStorage WHERE GrainIdExtensionString = ANY(@ids)", connection);
+            command.Parameters.AddWithValue("ids", ids);
+            var claimed = (long)(await command.ExecuteScalarAsync())!;
+            if (claimed == ids.Length)
+            {
+                return;
+            }
+
+            if (DateTime.UtcNow > deadline)
+            {
+                throw new TimeoutException($"{claimed} of {ids.Length} keys were claimed within {timeout}.");
+            }
+
+            await Task.Delay(50);
+        }
+    }
+
     /// <summary>How many side effects (<paramref name="table"/> rows) each key caused.</summary>
     public async Task<Dictionary<string, long>> SideEffectsAsync(string table, string keyPrefix)
     {

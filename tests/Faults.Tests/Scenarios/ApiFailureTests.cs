@@ -49,7 +49,7 @@ public sealed class ApiFailureTests(ITestOutputHelper output)
                 request.Headers.Add("X-Demo-Delay-Ms", "5000");
                 return client.SendAsync(request);
             }).ToArray();
-            await Task.Delay(TimeSpan.FromSeconds(1.5));
+            await cluster.WaitUntilClaimedAsync(Enumerable.Range(0, Keys).Select(i => Workload.Key(options, i)).ToArray(), TimeSpan.FromSeconds(30));
             await api.KillAsync();
             await Assert.ThrowsAnyAsync<Exception>(() => Task.WhenAll(inFlight));
         }

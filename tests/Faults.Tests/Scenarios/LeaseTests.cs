@@ -42,7 +42,7 @@ public sealed class LeaseTests(ITestOutputHelper output)
         var key = "stale-" + Guid.NewGuid();
 
         var first = SendAsync(frozen, key, delayMs: 3000);
-        await Task.Delay(TimeSpan.FromSeconds(1));
+        await cluster.WaitUntilClaimedAsync([key], TimeSpan.FromSeconds(30));
         cluster.Apis[0].Pause();
         await Task.Delay(TimeSpan.FromSeconds(4));
         var whileFrozen = await SendAsync(other, key, delayMs: 0);

@@ -29,6 +29,7 @@ public sealed class SiloFailureTests(ITestOutputHelper output)
 
         var verdict = await Checker.CheckAsync("silo kill -9 + restart", cluster, workload, options);
         FaultReport.Write(output, verdict);
+        Assert.Equal(options.Keys, verdict.SideEffects);
         Assert.Equal(0, verdict.Duplicates);
         Assert.Equal(0, verdict.Disagreements);
         Assert.Equal(0, verdict.Lost);

@@ -21,6 +21,7 @@ public sealed class StoreFailureTests(ITestOutputHelper output)
         Assert.Equal(0, verdict.Duplicates);
         Assert.Equal(0, verdict.Disagreements);
         Assert.Equal(0, verdict.Lost);
+        Assert.Equal(0, verdict.NotReplayed);
         Assert.Equal(0, verdict.GaveUp);
         Assert.Equal(0, verdict.OutcomeUnknown);
         Assert.Equal(0, await SideEffectsWithoutAClaimAsync(cluster, "pg-down-"));
@@ -61,6 +62,8 @@ public sealed class StoreFailureTests(ITestOutputHelper output)
 
         var verdict = await Checker.CheckAsync(scenario, cluster, workload, options);
         FaultReport.Write(output, verdict);
+        // Every key ran, once: none was left refused (a 4xx counts as an answer, not a side effect).
+        Assert.Equal(options.Keys, verdict.SideEffects);
         return (workload, verdict);
     }
 
