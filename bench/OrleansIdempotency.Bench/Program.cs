@@ -51,7 +51,9 @@ var orleansAlone = new Shape("embedded, Orleans alone (empty grain per key)", St
 var shapes = new[] { embedded, durable, overTcp, orleansAlone };
 Shape[][] rotation = [[embedded, orleansAlone], [durable], [overTcp]];
 var counts = Directory.CreateTempSubdirectory("orleans-idempotency-bench-").FullName;
-var results = new List<(string Shape, string Scenario, int Connections, WrkResult Result, double Ratio, double ApiCpuUs, double PostgresCpuUs)>();
+var results = new List<(string Shape, string Scenario, int Connections, WrkResult Result, double Ratio, double ApiCpuUs, double PostgresCpuUs, int Round)>();
+var currentRound = 0;
+var leftOut = new List<string>();
 try
 {
     foreach (var shape in shapes)
@@ -68,6 +70,7 @@ try
 
     for (var round = 1; round <= rounds; round++)
     {
+        currentRound = round;
         // Each round starts with the next shape, so that none always follows another's PostgreSQL writes (whose
         // checkpoints and vacuums count as PostgreSQL CPU of whatever is measured next). The embedded process and
         // Orleans alone go back to back, first one then the other, since their ratios are set against each other.
@@ -91,16 +94,16 @@ try
             var name = $"new{round}{shape.Api.Name}";
             await WarmUpAsync(shape.Api, $"warm{round}{shape.Api.Name}", shape.NewKeyPath);
             var plain = await Measure(shape, "plain", "/bench/plain", Connections, null);
-            await Measure(shape, "new keys", shape.NewKeyPath, Connections, plain, "new", run: name, source: Path.Combine(counts, name));
+            await MeasureUnlessEmpty(shape, "new keys", shape.NewKeyPath, Connections, plain, "new", run: name, source: Path.Combine(counts, name));
             if (shape.NewKeysOnly)
             {
                 continue;
             }
 
-            await Measure(shape, "replay, hot keys", "/bench/idempotent", Connections, plain, "hot", count: HotKeys);
-            await Measure(shape, "duplicates in flight (8 per key)", "/bench/idempotent", Connections, plain, "dup", run: $"dup{round}{shape.Api.Name}");
+            await MeasureUnlessEmpty(shape, "replay, hot keys", "/bench/idempotent", Connections, plain, "hot", count: HotKeys);
+            await MeasureUnlessEmpty(shape, "duplicates in flight (8 per key)", "/bench/idempotent", Connections, plain, "dup", run: $"dup{round}{shape.Api.Name}");
             var plainOne = await Measure(shape, "plain", "/bench/plain", 1, null);
-            await Measure(shape, "new keys", "/bench/idempotent", 1, plainOne, "new", run: name + "c1", source: Path.Combine(counts, name + "c1"));
+            await MeasureUnlessEmpty(shape, "new keys", "/bench/idempotent", 1, plainOne, "new", run: name + "c1", source: Path.Combine(counts, name + "c1"));
             if (shape.Name == "durable")
             {
                 // Cold: the records are in PostgreSQL, no grain is active (the process restarted). The fresh process
@@ -110,7 +113,7 @@ try
                 await WaitForHealthAsync(shape.Api);
                 await WarmUpAsync(shape.Api, $"warmcold{round}");
                 await Wrk.RunAsync(shape.Api.BaseAddress!, "replay", "/bench/idempotent", Connections, seconds, source: Path.Combine(counts, $"warm{round}{shape.Api.Name}"));
-                await Measure(shape, "replay, cold keys (not activated)", "/bench/idempotent", Connections, plain, "replay", source: Path.Combine(counts, name));
+                await MeasureUnlessEmpty(shape, "replay, cold keys (not activated)", "/bench/idempotent", Connections, plain, "replay", source: Path.Combine(counts, name));
             }
         }
     }
@@ -140,11 +143,18 @@ foreach (var group in results.GroupBy(r => (r.Shape, r.Scenario, r.Connections))
 Console.WriteLine();
 // Each process against its own plain in the same round, then the two ratios against each other: the machine's load
 // moves a process's plain as much as its new keys, measured seconds apart.
-double[] NewKeyRatios(string shape) => [.. results.Where(r => r.Shape == shape && r.Scenario == "new keys" && r.Connections == Connections).Select(r => r.Ratio)];
-var ofCeiling = NewKeyRatios(embedded.Name).Zip(NewKeyRatios(orleansAlone.Name), (layer, alone) => layer / alone).ToArray();
+// Paired by round: a round left out of one side leaves its pair out.
+Dictionary<int, double> NewKeyRatios(string shape) =>
+    results.Where(r => r.Shape == shape && r.Scenario == "new keys" && r.Connections == Connections).ToDictionary(r => r.Round, r => r.Ratio);
+var aloneRatios = NewKeyRatios(orleansAlone.Name);
+var ofCeiling = NewKeyRatios(embedded.Name).Where(r => aloneRatios.ContainsKey(r.Key)).OrderBy(r => r.Key).Select(r => r.Value / aloneRatios[r.Key]).ToArray();
 Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
     $"Embedded new keys reach {Median(ofCeiling):0.00}× Orleans alone's ratio to plain (rounds: {string.Join(", ", ofCeiling.Select(r => r.ToString("0.00", CultureInfo.InvariantCulture)))})."));
 Console.WriteLine($"Medians of {rounds} interleaved rounds of {seconds.TotalSeconds:0} s each; ratios are per round, against plain in the same round and shape; the other shapes' processes are frozen meanwhile; each round starts with the next shape.");
+if (leftOut.Count > 0)
+{
+    Console.WriteLine($"Left out of the medians, no request having completed: {string.Join("; ", leftOut)}.");
+}
 
 await PartsAsync();
 if (args.Contains("--scale"))
@@ -273,6 +283,21 @@ static async Task<(long Activations, long Heap)> HealthAsync(NodeProcess api)
     return (health.GetProperty("activations").GetInt64(), health.GetProperty("managedHeapBytes").GetInt64());
 }
 
+// A round in which no request completed is said, and left out of the medians rather than counted as zero.
+async Task MeasureUnlessEmpty(Shape shape, string scenario, string path, int connections, WrkResult plain, string mode,
+    string run = "r", int count = 0, string source = "")
+{
+    try
+    {
+        await Measure(shape, scenario, path, connections, plain, mode, run, count, source);
+    }
+    catch (Wrk.NoRequestsException e)
+    {
+        leftOut.Add($"{shape.Name}, {scenario}, c={connections}");
+        Console.WriteLine($"{shape.Name,-28} {scenario,-36} c={connections,-3} left out: {e.Message}");
+    }
+}
+
 async Task<WrkResult> Measure(Shape shape, string scenario, string path, int connections, WrkResult? plain, string mode = "plain",
     string run = "r", int count = 0, string source = "")
 {
@@ -282,7 +307,7 @@ async Task<WrkResult> Measure(Shape shape, string scenario, string path, int con
     var apiCpu = (ProcessCpu.Of([shape.Api.ProcessId!.Value]) - apiBefore).TotalMicroseconds / result.Requests;
     var postgresCpu = (ProcessCpu.Of(postgres.ProcessIds) - postgresBefore).TotalMicroseconds / result.Requests;
     var ratio = plain is null ? 0 : result.RequestsPerSecond / plain.RequestsPerSecond;
-    results.Add((shape.Name, scenario, connections, result, ratio, apiCpu, postgresCpu));
+    results.Add((shape.Name, scenario, connections, result, ratio, apiCpu, postgresCpu, currentRound));
     Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
         $"{shape.Name,-28} {scenario,-36} c={connections,-3} {result.RequestsPerSecond,10:N0}/s p50 {result.P50Ms,7:0.00} ms p99 {result.P99Ms,7:0.00} ms " +
         $"cpu/req api {apiCpu,5:0} us pg {postgresCpu,5:0} us errors {result.Errors} {result.ErrorKinds}"));
