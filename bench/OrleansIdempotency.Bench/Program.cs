@@ -148,7 +148,7 @@ Dictionary<int, double> NewKeyRatios(string shape) =>
     results.Where(r => r.Shape == shape && r.Scenario == "new keys" && r.Connections == Connections).ToDictionary(r => r.Round, r => r.Ratio);
 var aloneRatios = NewKeyRatios(orleansAlone.Name);
 var ofCeiling = NewKeyRatios(embedded.Name).Where(r => aloneRatios.ContainsKey(r.Key)).OrderBy(r => r.Key).Select(r => r.Value / aloneRatios[r.Key]).ToArray();
-Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+Console.WriteLine(ofCeiling.Length == 0 ? "Embedded new keys against Orleans alone: no round measured both." : string.Create(CultureInfo.InvariantCulture,
     $"Embedded new keys reach {Median(ofCeiling):0.00}× Orleans alone's ratio to plain (rounds: {string.Join(", ", ofCeiling.Select(r => r.ToString("0.00", CultureInfo.InvariantCulture)))})."));
 Console.WriteLine($"Medians of {rounds} interleaved rounds of {seconds.TotalSeconds:0} s each; ratios are per round, against plain in the same round and shape; the other shapes' processes are frozen meanwhile; each round starts with the next shape.");
 if (leftOut.Count > 0)
@@ -304,6 +304,13 @@ async Task<WrkResult> Measure(Shape shape, string scenario, string path, int con
     // Backends that start during the run count from zero; the ones that end during it are lost (pools keep theirs).
     var (apiBefore, postgresBefore) = (ProcessCpu.Of([shape.Api.ProcessId!.Value]), ProcessCpu.Of(postgres.ProcessIds));
     var result = await Wrk.RunAsync(shape.Api.BaseAddress!, mode, path, connections, seconds, run, count, source);
+    if (result.Requests == 0)
+    {
+        // Not a measurement: counted, its zero would pull its median down unseen (it happened once, run 30, with no
+        // error counted).
+        throw new Wrk.NoRequestsException($"wrk completed no request ({mode}, {connections} connections): {result.Output}");
+    }
+
     var apiCpu = (ProcessCpu.Of([shape.Api.ProcessId!.Value]) - apiBefore).TotalMicroseconds / result.Requests;
     var postgresCpu = (ProcessCpu.Of(postgres.ProcessIds) - postgresBefore).TotalMicroseconds / result.Requests;
     var ratio = plain is null ? 0 : result.RequestsPerSecond / plain.RequestsPerSecond;

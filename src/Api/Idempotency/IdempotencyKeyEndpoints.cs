@@ -30,7 +30,7 @@ public static class IdempotencyKeyEndpoints
 
 /// <summary>A response an operator settles a key with: what the action is known to have answered.</summary>
 /// <param name="Status">Its HTTP status.</param>
-/// <param name="Headers">Its headers, stored as given.</param>
+/// <param name="Headers">Its headers, stored in the order given, a repeated name's values side by side.</param>
 /// <param name="Body">Its body as text (UTF-8), or null.</param>
 /// <param name="BodyBase64">Its body as base64, for bytes that are not text; or null.</param>
 internal sealed record KnownResponse(int Status, IReadOnlyList<StoredHeader>? Headers, string? Body, string? BodyBase64);
@@ -258,6 +258,7 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
             return null;
         }
 
-        return new IdempotencyKey(scope[0]!, key[0]!);
+        // The scope as a caller's request stores it: a long one stands for its digest.
+        return new IdempotencyKey(IdempotencyPolicy.Bounded(scope[0])!, key[0]!);
     }
 }

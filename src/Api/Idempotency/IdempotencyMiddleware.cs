@@ -2,6 +2,7 @@ using System.Globalization;
 using System.Runtime.CompilerServices;
 using Microsoft.AspNetCore.Authentication;
 using Microsoft.AspNetCore.Http.Features;
+using Microsoft.AspNetCore.Http.Timeouts;
 using Microsoft.Extensions.Options;
 using Microsoft.Extensions.Primitives;
 using Microsoft.Net.Http.Headers;
@@ -111,7 +112,7 @@ internal sealed partial class IdempotencyMiddleware(
             await UnavailableAsync(context, ex, key);
             return;
         }
-        catch (OperationCanceledException) when (context.RequestAborted.IsCancellationRequested)
+        catch (OperationCanceledException) when (ClientLeft(context))
         {
             // The client left before the action began: nothing ran, no claim is held, and no one is there to answer.
             return;
@@ -193,6 +194,14 @@ internal sealed partial class IdempotencyMiddleware(
         }
     }
 
+    /// <summary>
+    /// True when the request's token fired because its client went away, not because a request time-out outside
+    /// this layer fired it (that one answers 504 itself, once the cancellation reaches it).
+    /// </summary>
+    internal static bool ClientLeft(HttpContext context) =>
+        context.RequestAborted.IsCancellationRequested
+        && context.Features.Get<IHttpRequestTimeoutFeature>() is not { RequestTimeoutToken.IsCancellationRequested: true };
+
     private static void Restore(IFeatureCollection features, IHttpResponseBodyFeature clientBody, IHttpRequestLifetimeFeature connection, IHttpResetFeature? stream)
     {
         features.Set(clientBody);
@@ -271,7 +280,7 @@ internal sealed partial class IdempotencyMiddleware(
         {
             // Challenging would change nothing: the caller did authenticate, as someone the policy's Scope cannot read.
             LogUnscopedCaller(logger, context.User.Identity.AuthenticationType);
-            await RejectAsync(context, IdempotencyProblem.ScopeRequired,
+            await RejectAsync(context, IdempotencyProblem.ScopeUnreadable,
                 "Idempotency keys on this endpoint belong to a caller, and this authenticated caller carries no identity the endpoint's scope reads.", key);
             return;
         }

@@ -103,13 +103,17 @@ public sealed record IdempotencyPolicy
     internal string? ScopeOf(HttpContext context) =>
         Bounded(Scope(context)) ?? (AllowAnonymous && context.User.Identity?.IsAuthenticated != true ? IdempotencyScope.Anonymous : null);
 
-    /// <summary>The longest scope kept as it is; a longer one is stood for by its digest.</summary>
-    internal const int MaxScopeLength = 512;
+    /// <summary>The most UTF-8 bytes of a scope kept as it is; a longer one is stood for by its digest.</summary>
+    internal const int MaxScopeBytes = 2048;
 
-    // A scope is part of its key's row in PostgreSQL's primary-key index, whose entries hold at most about 2.7 KB: a
-    // longer one (a raw token in a header) would fail every write, answered 503 as if the store were down.
-    private static string? Bounded(string? scope) =>
-        scope is { Length: > MaxScopeLength }
+    /// <summary>
+    /// The scope as stored. A scope is part of its key's row in PostgreSQL's primary-key index, whose entries hold at
+    /// most about 2.7 KB: a longer one (a raw token in a header) would fail every write, answered 503 as if the store
+    /// were down. The bound leaves room below that for a key of 255 characters; only a scope just above it with a
+    /// short key could be stored before, and such a key moves.
+    /// </summary>
+    internal static string? Bounded(string? scope) =>
+        scope is not null && (scope.Length > MaxScopeBytes || Encoding.UTF8.GetByteCount(scope) > MaxScopeBytes)
             ? "scope-sha256:" + Convert.ToBase64String(SHA256.HashData(Encoding.UTF8.GetBytes(scope)))
             : scope;
 

@@ -43,7 +43,13 @@ public sealed record IdempotencyProblem(string Name, int Status, string Title, b
     /// <summary>The endpoint requires a scope (an authenticated caller) and the request has none.</summary>
     public static readonly IdempotencyProblem ScopeRequired = new("scope-required", 401, "Authentication required for idempotent requests", false);
 
-    /// <summary>A Once API call's token is not the key's live claim (released, lapsed, or another attempt's).</summary>
+    /// <summary>
+    /// The caller authenticated, but as no one the endpoint's scope can read (a principal without the claim it reads):
+    /// it is not let share keys with every such caller. Logging in again changes nothing; the server's scope must.
+    /// </summary>
+    public static readonly IdempotencyProblem ScopeUnreadable = new("scope-unreadable", 403, "The caller's identity does not scope idempotency keys here", false);
+
+    /// <summary>A Once API call's token is not the key's live claim: another claim holds the key, or it completed or is in doubt.</summary>
     public static readonly IdempotencyProblem ClaimNotHeld = new("claim-not-held", 409, "The claim is not held", false);
 
     /// <summary>An operator asked to resolve a key whose outcome is not in doubt.</summary>

@@ -107,7 +107,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
         {
             inner.Write(buffer);
         }
-        catch (Exception) when (LostClient())
+        catch (Exception e) when (LostClient(e))
         {
         }
     }
@@ -128,7 +128,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
             var write = inner.WriteAsync(buffer, cancellationToken);
             return write.IsCompletedSuccessfully ? write : ToClientAsync(write);
         }
-        catch (Exception) when (LostClient())
+        catch (Exception e) when (LostClient(e))
         {
             return ValueTask.CompletedTask;
         }
@@ -146,7 +146,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
         {
             inner.Flush();
         }
-        catch (Exception) when (LostClient())
+        catch (Exception e) when (LostClient(e))
         {
         }
     }
@@ -184,10 +184,11 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     // The action's to call, not to act on: the layer still needs the copy (ReturnBuffer), and writes keep working.
     protected override void Dispose(bool disposing) => base.Dispose(disposing);
 
-    // A client that has gone fails writes (or drops them unseen); its action must not fail for it.
-    private bool LostClient()
+    // A client that has gone fails writes (or drops them unseen); its action must not fail for it. Only what a closed
+    // connection throws (Kestrel's reset and abort exceptions are of these kinds): any other failure is the action's.
+    private bool LostClient(Exception e)
     {
-        if (!clientGone.IsCancellationRequested)
+        if (!clientGone.IsCancellationRequested || e is not (IOException or OperationCanceledException))
         {
             return false;
         }
@@ -202,7 +203,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
         {
             await write;
         }
-        catch (Exception) when (LostClient())
+        catch (Exception e) when (LostClient(e))
         {
         }
     }
@@ -219,7 +220,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
             var sending = send(target, cancellationToken);
             return sending.IsCompletedSuccessfully ? sending : AwaitAsync(sending);
         }
-        catch (Exception) when (LostClient())
+        catch (Exception e) when (LostClient(e))
         {
             return Task.CompletedTask;
         }
@@ -230,7 +231,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
             {
                 await pending;
             }
-            catch (Exception) when (LostClient())
+            catch (Exception e) when (LostClient(e))
             {
             }
         }

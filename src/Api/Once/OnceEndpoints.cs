@@ -88,7 +88,7 @@ internal sealed class OnceHttp(
             await problems.WriteUnavailableAsync(context, ex, key);
             return;
         }
-        catch (OperationCanceledException) when (context.RequestAborted.IsCancellationRequested)
+        catch (OperationCanceledException) when (IdempotencyMiddleware.ClientLeft(context))
         {
             // The caller left: a claim made for it without its own attempt was given back, and no one is there to answer.
             return;
@@ -225,7 +225,9 @@ internal sealed class OnceHttp(
         var policy = Policy;
         if (policy.ScopeOf(context) is not { } scope)
         {
-            await problems.WriteAsync(context, IdempotencyProblem.ScopeRequired, "The Once API needs a caller it can tell apart from others: authenticate as one.", key);
+            await problems.WriteAsync(context,
+                context.User.Identity?.IsAuthenticated == true ? IdempotencyProblem.ScopeUnreadable : IdempotencyProblem.ScopeRequired,
+                "The Once API needs a caller it can tell apart from others.", key);
             return null;
         }
 
@@ -284,7 +286,7 @@ internal sealed class OnceHttp(
         }
 
         await problems.WriteAsync(context, IdempotencyProblem.ClaimNotHeld,
-            "This token does not hold the key: it was released, its lease lapsed, or it belongs to another attempt.", key);
+            "This token does not hold the key: it was released or its lease lapsed, another claim holds the key, or the key completed.", key);
     }
 
     private async Task CompletedAsync(HttpContext context, string key, StoredResponse stored, DateTimeOffset? expiresAt)

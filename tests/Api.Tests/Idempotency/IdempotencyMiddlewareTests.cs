@@ -917,8 +917,108 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         Assert.Equal(1, harness.Executions);
     }
 
+    [Fact]
+    public async Task RequestTimeoutOutsideTheLayer_FiringWhileADuplicateWaits_ReachesTheTimeoutMiddleware_NotAnEmpty200()
+    {
+        // UseRequestTimeouts() answers 504 only when the cancellation reaches it; swallowed, the client got an empty 200.
+        var running = new TaskCompletionSource();
+        var harness = Harness(async context =>
+        {
+            await running.Task;
+            context.Response.StatusCode = 201;
+        });
+        var key = MiddlewareHarness.NewKey();
+        var first = harness.SendAsync(key);
+        await MiddlewareHarness.WaitUntilAsync(async () => (await fixture.Grains.GetIdempotencyGrain(new IdempotencyKey("user:alice", key)).GetAsync()).Status == IdempotencyStatus.InProgress);
+        using var timeout = new CancellationTokenSource();
+        var duplicate = MiddlewareHarness.Request(key, configure: c =>
+        {
+            c.RequestAborted = timeout.Token;
+            c.Features.Set<Microsoft.AspNetCore.Http.Timeouts.IHttpRequestTimeoutFeature>(new TimedOut(timeout.Token));
+        });
+
+        var waiting = await CancelWhileWaitingAsync(harness.SendAsync(duplicate), timeout);
+
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => waiting);
+        running.SetResult();
+        await first;
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task ClientLeavingWhileADuplicateWaits_IsLetGoQuietly_AndNothingRuns()
+    {
+        var running = new TaskCompletionSource();
+        var harness = Harness(async context =>
+        {
+            await running.Task;
+            context.Response.StatusCode = 201;
+        });
+        var key = MiddlewareHarness.NewKey();
+        var first = harness.SendAsync(key);
+        await MiddlewareHarness.WaitUntilAsync(async () => (await fixture.Grains.GetIdempotencyGrain(new IdempotencyKey("user:alice", key)).GetAsync()).Status == IdempotencyStatus.InProgress);
+        using var gone = new CancellationTokenSource();
+        var duplicate = MiddlewareHarness.Request(key, configure: c => c.RequestAborted = gone.Token);
+
+        await await CancelWhileWaitingAsync(harness.SendAsync(duplicate), gone);
+        running.SetResult();
+        await first;
+
+        // Nothing written for no one: not a problem, not a replay.
+        Assert.Equal(200, duplicate.Response.StatusCode);
+        Assert.Equal("", duplicate.Body());
+        Assert.Equal(1, harness.Executions);
+    }
+
+    // Cancels the request while it waits on a key in progress, then moves the clock on until its wait ends.
+    private async Task<Task<HttpContext>> CancelWhileWaitingAsync(Task<HttpContext> sending, CancellationTokenSource cancel)
+    {
+        await Task.Delay(200);
+        Assert.False(sending.IsCompleted);
+        await cancel.CancelAsync();
+        for (var i = 0; i < 40 && !sending.IsCompleted; i++)
+        {
+            fixture.Time.Advance(TimeSpan.FromMilliseconds(200));
+            await Task.WhenAny(sending, Task.Delay(20));
+        }
+
+        return sending;
+    }
+
+    private sealed class TimedOut(CancellationToken token) : Microsoft.AspNetCore.Http.Timeouts.IHttpRequestTimeoutFeature
+    {
+        public CancellationToken RequestTimeoutToken => token;
+
+        public void DisableTimeout()
+        {
+        }
+    }
+
+    [Fact]
+    public async Task WriteFailingForAnotherReasonThanAGoneClient_ReachesTheAction_EvenAfterTheTokenFired()
+    {
+        // A time-out fired the token with the client there; then the server refused a write (say, past Content-Length).
+        using var timeout = new CancellationTokenSource();
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 201;
+            await context.Response.WriteAsync("first half,");
+            await timeout.CancelAsync();
+            await context.Response.WriteAsync("second half");
+        });
+        var key = MiddlewareHarness.NewKey();
+        var context = MiddlewareHarness.Request(key, configure: c =>
+        {
+            c.RequestAborted = timeout.Token;
+            c.Response.Body = new ClosedWhenCancelled(timeout.Token, () => new InvalidOperationException("too many bytes"));
+        });
+
+        await Assert.ThrowsAsync<InvalidOperationException>(() => harness.SendAsync(context));
+        await harness.AssertLeftInDoubtAsync(key);
+    }
+
     /// <summary>A connection's body as a server has it once its client has gone: every write fails.</summary>
-    private sealed class ClosedWhenCancelled(CancellationToken gone) : MemoryStream
+    private sealed class ClosedWhenCancelled(CancellationToken gone, Func<Exception>? failure = null) : MemoryStream
     {
         public override void Write(ReadOnlySpan<byte> buffer)
         {
@@ -954,7 +1054,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         {
             if (gone.IsCancellationRequested)
             {
-                throw new IOException("The client has gone.");
+                throw failure?.Invoke() ?? new IOException("The client has gone.");
             }
         }
     }
@@ -982,9 +1082,9 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         var alice = await harness.SendAsync(Principal(key, new Claim(ClaimTypes.Name, "alice")));
         var bob = await harness.SendAsync(Principal(key, new Claim(ClaimTypes.Name, "bob")));
 
-        Assert.Equal(401, alice.Response.StatusCode);
-        Assert.EndsWith("scope-required", alice.Problem().GetProperty("type").GetString());
-        Assert.Equal(401, bob.Response.StatusCode);
+        Assert.Equal(403, alice.Response.StatusCode);
+        Assert.EndsWith("scope-unreadable", alice.Problem().GetProperty("type").GetString());
+        Assert.Equal(403, bob.Response.StatusCode);
         Assert.Equal(0, harness.Executions);
     }
 
