@@ -921,15 +921,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     public async Task RequestTimeoutOutsideTheLayer_FiringWhileADuplicateWaits_ReachesTheTimeoutMiddleware_NotAnEmpty200()
     {
         // UseRequestTimeouts() answers 504 only when the cancellation reaches it; swallowed, the client got an empty 200.
-        var running = new TaskCompletionSource();
-        var harness = Harness(async context =>
-        {
-            await running.Task;
-            context.Response.StatusCode = 201;
-        });
-        var key = MiddlewareHarness.NewKey();
-        var first = harness.SendAsync(key);
-        await MiddlewareHarness.WaitUntilAsync(async () => (await fixture.Grains.GetIdempotencyGrain(new IdempotencyKey("user:alice", key)).GetAsync()).Status == IdempotencyStatus.InProgress);
+        var (harness, key, running, first) = await KeyInProgressAsync();
         using var timeout = new CancellationTokenSource();
         var duplicate = MiddlewareHarness.Request(key, configure: c =>
         {
@@ -948,15 +940,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     [Fact]
     public async Task ClientLeavingWhileADuplicateWaits_IsLetGoQuietly_AndNothingRuns()
     {
-        var running = new TaskCompletionSource();
-        var harness = Harness(async context =>
-        {
-            await running.Task;
-            context.Response.StatusCode = 201;
-        });
-        var key = MiddlewareHarness.NewKey();
-        var first = harness.SendAsync(key);
-        await MiddlewareHarness.WaitUntilAsync(async () => (await fixture.Grains.GetIdempotencyGrain(new IdempotencyKey("user:alice", key)).GetAsync()).Status == IdempotencyStatus.InProgress);
+        var (harness, key, running, first) = await KeyInProgressAsync();
         using var gone = new CancellationTokenSource();
         var duplicate = MiddlewareHarness.Request(key, configure: c => c.RequestAborted = gone.Token);
 
@@ -968,6 +952,21 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         Assert.Equal(200, duplicate.Response.StatusCode);
         Assert.Equal("", duplicate.Body());
         Assert.Equal(1, harness.Executions);
+    }
+
+    // A key whose first request runs until the returned source completes.
+    private async Task<(MiddlewareHarness Harness, string Key, TaskCompletionSource Running, Task<HttpContext> First)> KeyInProgressAsync()
+    {
+        var running = new TaskCompletionSource();
+        var harness = Harness(async context =>
+        {
+            await running.Task;
+            context.Response.StatusCode = 201;
+        });
+        var key = MiddlewareHarness.NewKey();
+        var first = harness.SendAsync(key);
+        await MiddlewareHarness.WaitUntilAsync(async () => (await fixture.Grains.GetIdempotencyGrain(new IdempotencyKey("user:alice", key)).GetAsync()).Status == IdempotencyStatus.InProgress);
+        return (harness, key, running, first);
     }
 
     // Cancels the request while it waits on a key in progress, then moves the clock on until its wait ends.
