@@ -113,7 +113,8 @@ public sealed record IdempotencyPolicy
     /// short key could be stored before, and such a key moves.
     /// </summary>
     internal static string? Bounded(string? scope) =>
-        scope is not null && (scope.Length > MaxScopeBytes || Encoding.UTF8.GetByteCount(scope) > MaxScopeBytes)
+        // A UTF-16 character is at most 3 UTF-8 bytes: a short scope, every usual one, is not counted.
+        scope is not null && scope.Length * 3 > MaxScopeBytes && Encoding.UTF8.GetByteCount(scope) > MaxScopeBytes
             ? "scope-sha256:" + Convert.ToBase64String(SHA256.HashData(Encoding.UTF8.GetBytes(scope)))
             : scope;
 

@@ -1126,6 +1126,18 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         Assert.Equal(IdempotencyStatus.None, whole.Status);
     }
 
+    [Theory]
+    [InlineData('a', 2048, false)]
+    [InlineData('a', 2049, true)]
+    [InlineData('\u00e9', 1024, false)]
+    [InlineData('\u20ac', 683, true)]
+    public void Scope_IsBoundedByItsUtf8Bytes_NotItsCharacters(char character, int count, bool digested)
+    {
+        var scope = new string(character, count);
+
+        Assert.Equal(digested, IdempotencyPolicy.Bounded(scope) != scope);
+    }
+
     private static HttpContext Principal(string key, Claim claim) =>
         MiddlewareHarness.Request(key, user: "", configure: c => c.User = new ClaimsPrincipal(new ClaimsIdentity([claim], "test")));
 
