@@ -59,6 +59,14 @@ public sealed class IdempotencyDatabaseTests
     }
 
     [Fact]
+    public async Task KeepaliveOff_StillMultiplexes()
+    {
+        await using var database = new IdempotencyDatabase("Host=127.0.0.1;Username=postgres;Keepalive=0");
+
+        Assert.True(new NpgsqlConnectionStringBuilder(database.DataSource.ConnectionString).Multiplexing);
+    }
+
+    [Fact]
     public async Task AMinimumPoolAboveTheLayersMaximum_RaisesTheMaximum()
     {
         await using var database = new IdempotencyDatabase("Host=127.0.0.1;Username=postgres;Minimum Pool Size=20");

@@ -83,7 +83,7 @@ public sealed class IdempotencyDatabase(string connectionString) : IAsyncDisposa
         // refused by the write query itself (see PostgresSchema.sql).
         // Npgsql refuses to multiplex with several hosts, an application-level keepalive or no pool: such a string
         // keeps a connection per write, as it asks.
-        var multiplexable = builder.Host?.Contains(',', StringComparison.Ordinal) != true && !given.Contains("keepalive") && builder.Pooling;
+        var multiplexable = builder.Host?.Contains(',', StringComparison.Ordinal) != true && builder.KeepAlive == 0 && builder.Pooling;
         if (!given.Contains("multiplexing") && multiplexable)
         {
             builder.Multiplexing = true;
