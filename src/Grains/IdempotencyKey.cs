@@ -1,5 +1,7 @@
 using System.Globalization;
 using System.Runtime.CompilerServices;
+using System.Security.Cryptography;
+using System.Text;
 
 namespace OrleansIdempotency.Grains;
 
@@ -8,8 +10,26 @@ namespace OrleansIdempotency.Grains;
 /// <param name="Key">The client's <c>Idempotency-Key</c>.</param>
 public readonly record struct IdempotencyKey(string Scope, string Key)
 {
+    /// <summary>The most UTF-8 bytes of a scope a grain key holds as it is; a longer one is stood for by its digest.</summary>
+    public const int MaxScopeBytes = 2048;
+
     /// <summary>The grain's primary key. The scope is length-prefixed, so no scope or key can forge another pair.</summary>
-    public string ToGrainKey() => string.Create(CultureInfo.InvariantCulture, $"{Scope.Length}:{Scope}:{Key}");
+    public string ToGrainKey()
+    {
+        var scope = StoredScope(Scope);
+        return string.Create(CultureInfo.InvariantCulture, $"{scope.Length}:{scope}:{Key}");
+    }
+
+    /// <summary>
+    /// The scope as the grain key holds it. The grain key is part of its row in PostgreSQL's primary-key index, whose
+    /// entries hold at most about 2.7 KB: a longer scope (a raw token in a header) would fail every write, answered
+    /// 503 as if the store were down. The bound leaves room below that for a key of 255 characters.
+    /// </summary>
+    public static string StoredScope(string scope) =>
+        // A UTF-16 character is at most 3 UTF-8 bytes: a short scope, every usual one, is not counted.
+        scope.Length * 3 > MaxScopeBytes && Encoding.UTF8.GetByteCount(scope) > MaxScopeBytes
+            ? "scope-sha256:" + Convert.ToBase64String(SHA256.HashData(Encoding.UTF8.GetBytes(scope)))
+            : scope;
 
     /// <inheritdoc/>
     public override string ToString() => ToGrainKey();

@@ -27,4 +27,17 @@ public sealed class IdempotencyKeyTests(ClusterFixture fixture)
 
         Assert.NotEqual(new IdempotencyKey(scope, key).ToGrainKey(), new IdempotencyKey(otherScope, otherKey).ToGrainKey());
     }
+
+    [Theory]
+    [InlineData('a', 2048, false)]
+    [InlineData('a', 2049, true)]
+    [InlineData('\u00e9', 1024, false)]
+    [InlineData('\u20ac', 683, true)]
+    public void Scope_IsBoundedByItsUtf8Bytes_NotItsCharacters(char character, int count, bool digested)
+    {
+        var scope = new string(character, count);
+
+        Assert.Equal(digested, IdempotencyKey.StoredScope(scope) != scope);
+        Assert.NotEqual(new IdempotencyKey(scope, "k").ToGrainKey(), new IdempotencyKey(scope + "x", "k").ToGrainKey());
+    }
 }

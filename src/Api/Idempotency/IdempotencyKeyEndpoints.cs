@@ -258,7 +258,6 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
             return null;
         }
 
-        // The scope as a caller's request stores it: a long one stands for its digest.
-        return new IdempotencyKey(IdempotencyPolicy.Bounded(scope[0])!, key[0]!);
+        return new IdempotencyKey(scope[0]!, key[0]!);
     }
 }

@@ -1,7 +1,5 @@
 using System.Collections.Frozen;
 using System.Security.Claims;
-using System.Security.Cryptography;
-using System.Text;
 using OrleansIdempotency.Grains;
 
 namespace OrleansIdempotency.AspNetCore;
@@ -101,22 +99,7 @@ public sealed record IdempotencyPolicy
     /// who would otherwise share the anonymous scope, and its keys, with every other such caller.
     /// </summary>
     internal string? ScopeOf(HttpContext context) =>
-        Bounded(Scope(context)) ?? (AllowAnonymous && context.User.Identity?.IsAuthenticated != true ? IdempotencyScope.Anonymous : null);
-
-    /// <summary>The most UTF-8 bytes of a scope kept as it is; a longer one is stood for by its digest.</summary>
-    internal const int MaxScopeBytes = 2048;
-
-    /// <summary>
-    /// The scope as stored. A scope is part of its key's row in PostgreSQL's primary-key index, whose entries hold at
-    /// most about 2.7 KB: a longer one (a raw token in a header) would fail every write, answered 503 as if the store
-    /// were down. The bound leaves room below that for a key of 255 characters; only a scope just above it with a
-    /// short key could be stored before, and such a key moves.
-    /// </summary>
-    internal static string? Bounded(string? scope) =>
-        // A UTF-16 character is at most 3 UTF-8 bytes: a short scope, every usual one, is not counted.
-        scope is not null && scope.Length * 3 > MaxScopeBytes && Encoding.UTF8.GetByteCount(scope) > MaxScopeBytes
-            ? "scope-sha256:" + Convert.ToBase64String(SHA256.HashData(Encoding.UTF8.GetBytes(scope)))
-            : scope;
+        Scope(context) ?? (AllowAnonymous && context.User.Identity?.IsAuthenticated != true ? IdempotencyScope.Anonymous : null);
 
     /// <summary>
     /// Whether a response with this status releases the key so the client may retry under it instead of storing
