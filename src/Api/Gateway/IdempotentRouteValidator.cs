@@ -15,14 +15,7 @@ internal sealed class IdempotentRouteValidator(IOptions<IdempotencyOptions> opti
     {
         if (GatewayExtensions.IdempotencyOf(route) is { } metadata)
         {
-            try
-            {
-                options.Value.Resolve(metadata);
-            }
-            catch (Exception e) when (e is InvalidOperationException or ArgumentException)
-            {
-                throw new InvalidOperationException($"Route '{route.RouteId}' is not a valid idempotent route: {e.Message}", e);
-            }
+            options.Value.Check(metadata, $"route '{route.RouteId}'");
         }
 
         return ValueTask.FromResult(route);

@@ -35,18 +35,9 @@ public static class IdempotencyApplicationBuilderExtensions
         var options = services.GetRequiredService<IOptions<IdempotencyOptions>>().Value;
         foreach (var endpoint in services.GetService<EndpointDataSource>()?.Endpoints ?? [])
         {
-            if (endpoint.Metadata.GetMetadata<IIdempotencyMetadata>() is not { } metadata)
+            if (endpoint.Metadata.GetMetadata<IIdempotencyMetadata>() is { } metadata)
             {
-                continue;
-            }
-
-            try
-            {
-                options.Resolve(metadata);
-            }
-            catch (Exception e) when (e is InvalidOperationException or ArgumentException)
-            {
-                throw new InvalidOperationException($"The idempotency policy of endpoint '{endpoint.DisplayName}' is not valid: {e.Message}", e);
+                options.Check(metadata, $"endpoint '{endpoint.DisplayName}'");
             }
         }
     }

@@ -39,6 +39,19 @@ public sealed class IdempotencyOptions
     public IdempotencyOptions AddPolicy(string name, Func<IdempotencyPolicy, IdempotencyPolicy> configure) =>
         AddPolicy(name, configure(DefaultPolicy));
 
+    /// <summary>Resolves <paramref name="metadata"/> to check it, naming <paramref name="owner"/> (an endpoint, a route) if it is not valid.</summary>
+    internal void Check(IIdempotencyMetadata metadata, string owner)
+    {
+        try
+        {
+            Resolve(metadata);
+        }
+        catch (Exception e) when (e is InvalidOperationException or ArgumentException)
+        {
+            throw new InvalidOperationException($"The idempotency policy of {owner} is not valid: {e.Message}", e);
+        }
+    }
+
     internal IdempotencyPolicy Resolve(IIdempotencyMetadata metadata)
     {
         var policy = DefaultPolicy;

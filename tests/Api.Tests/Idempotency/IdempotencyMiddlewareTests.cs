@@ -898,13 +898,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     {
         // A time-out middleware before the layer links the request's token and cancels it while the client is there.
         using var timeout = new CancellationTokenSource();
-        var harness = Harness(async context =>
-        {
-            context.Response.StatusCode = 201;
-            await context.Response.WriteAsync("first half,");
-            await timeout.CancelAsync();
-            await context.Response.WriteAsync("second half");
-        });
+        var harness = WritingTwoHalves(timeout);
         var key = MiddlewareHarness.NewKey();
         var context = MiddlewareHarness.Request(key, configure: c => c.RequestAborted = timeout.Token);
 
@@ -954,6 +948,15 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         Assert.Equal(1, harness.Executions);
     }
 
+    // An action answering 201 in two writes, the request's token firing between them (a time-out, the client there).
+    private MiddlewareHarness WritingTwoHalves(CancellationTokenSource firedBetween) => Harness(async context =>
+    {
+        context.Response.StatusCode = 201;
+        await context.Response.WriteAsync("first half,");
+        await firedBetween.CancelAsync();
+        await context.Response.WriteAsync("second half");
+    });
+
     // A key whose first request runs until the returned source completes.
     private async Task<(MiddlewareHarness Harness, string Key, TaskCompletionSource Running, Task<HttpContext> First)> KeyInProgressAsync()
     {
@@ -998,13 +1001,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     {
         // A time-out fired the token with the client there; then the server refused a write (say, past Content-Length).
         using var timeout = new CancellationTokenSource();
-        var harness = Harness(async context =>
-        {
-            context.Response.StatusCode = 201;
-            await context.Response.WriteAsync("first half,");
-            await timeout.CancelAsync();
-            await context.Response.WriteAsync("second half");
-        });
+        var harness = WritingTwoHalves(timeout);
         var key = MiddlewareHarness.NewKey();
         var context = MiddlewareHarness.Request(key, configure: c =>
         {
