@@ -13,7 +13,8 @@ namespace OrleansIdempotency.Client;
 /// then on the request before any attempt is made, so every attempt carries it, retried or hedged (a hedging handler
 /// sends copies of the request, which would otherwise each get a key of their own), and the server runs the action
 /// once however many attempts reach it. A key already on the request (one the caller keeps across its own retries,
-/// say) is left as it is. The content of a keyed request is buffered first, so the request can be sent again.
+/// say) is left as it is. The content of a keyed request is buffered first, so the request can be sent again, up to
+/// <see cref="IdempotencyKeyOptions.MaxBufferedContentBytes"/>.
 /// A 409 with <c>Retry-After</c> is read as HTTP means it: the same request may succeed later.
 /// </remarks>
 public sealed class IdempotencyKeyHandler : DelegatingHandler
@@ -44,6 +45,7 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
         ArgumentNullException.ThrowIfNull(options);
         ArgumentNullException.ThrowIfNull(time);
         ArgumentOutOfRangeException.ThrowIfLessThan(options.InProgressWait, TimeSpan.Zero, nameof(options.InProgressWait));
+        ArgumentOutOfRangeException.ThrowIfNegative(options.MaxBufferedContentBytes, nameof(options.MaxBufferedContentBytes));
         this.options = options;
         this.time = time;
     }
@@ -58,7 +60,7 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
         AddKey(request);
         if (request.Content is { } content)
         {
-            await content.LoadIntoBufferAsync(cancellationToken).ConfigureAwait(false);
+            await BufferAsync(content, cancellationToken).ConfigureAwait(false);
         }
 
         var now = time.GetUtcNow();
@@ -80,6 +82,19 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
     // (never resuming on the caller's SynchronizationContext, which is blocked here).
     protected override HttpResponseMessage Send(HttpRequestMessage request, CancellationToken cancellationToken) =>
         SendAsync(request, cancellationToken).GetAwaiter().GetResult();
+
+    // A content of unknown length stops at the bound as it is read (HttpRequestException, naming the bound); one whose
+    // length is known is refused before a byte of it is read.
+    private Task BufferAsync(HttpContent content, CancellationToken cancellationToken)
+    {
+        var max = options.MaxBufferedContentBytes;
+        if (content.Headers.ContentLength > max)
+        {
+            throw new InvalidOperationException($"The request's content ({content.Headers.ContentLength} bytes) is larger than the {max} bytes {nameof(IdempotencyKeyOptions)}.{nameof(IdempotencyKeyOptions.MaxBufferedContentBytes)} lets a keyed request buffer to send it again.");
+        }
+
+        return content.LoadIntoBufferAsync(max, cancellationToken);
+    }
 
     private void AddKey(HttpRequestMessage request)
     {

@@ -18,4 +18,11 @@ public sealed class IdempotencyKeyOptions
     /// layer's default lease: a first request still running after that has lost its claim.
     /// </summary>
     public TimeSpan InProgressWait { get; init; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>
+    /// The largest content a keyed request buffers so that it can be sent again: 10 MiB by default, the server's
+    /// default <c>MaxRequestBodyBytes</c> (a larger body is refused there with 413 anyway). A larger content fails
+    /// before anything is sent, instead of being held in memory whole; raise both together.
+    /// </summary>
+    public long MaxBufferedContentBytes { get; init; } = 10 * 1024 * 1024;
 }

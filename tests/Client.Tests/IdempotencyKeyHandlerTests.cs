@@ -205,9 +205,26 @@ public sealed class IdempotencyKeyHandlerTests
     }
 
     [Fact]
-    public void NegativeInProgressWait_IsRefused()
+    public async Task KeyedContentOverTheBufferBound_FailsBeforeAnythingIsSent_WhetherItsLengthIsKnownOrNot()
+    {
+        var server = new Server(Created);
+        using var client = Client(server, new IdempotencyKeyOptions { MaxBufferedContentBytes = 12 });
+        var thirteen = "{\"amount\":50}"u8.ToArray();
+
+        var known = await Assert.ThrowsAsync<InvalidOperationException>(() => client.PostAsync("/orders", new ByteArrayContent(thirteen)));
+        await Assert.ThrowsAsync<HttpRequestException>(() => client.PostAsync("/orders", new StreamContent(new OneWayStream(thirteen))));
+        await client.PostAsync("/orders", new StreamContent(new OneWayStream(thirteen[..12])));
+        await client.PutAsync("/orders/1", new ByteArrayContent(thirteen));
+
+        Assert.Contains(nameof(IdempotencyKeyOptions.MaxBufferedContentBytes), known.Message, StringComparison.Ordinal);
+        Assert.Equal(["{\"amount\":50", "{\"amount\":50}"], server.Attempts.Select(a => a.Body));
+    }
+
+    [Fact]
+    public void NegativeInProgressWait_OrBufferBound_IsRefused()
     {
         Assert.Throws<ArgumentOutOfRangeException>(() => new IdempotencyKeyHandler(new IdempotencyKeyOptions { InProgressWait = TimeSpan.FromSeconds(-1) }));
+        Assert.Throws<ArgumentOutOfRangeException>(() => new IdempotencyKeyHandler(new IdempotencyKeyOptions { MaxBufferedContentBytes = -1 }));
     }
 
     /// <summary>Moves the clock on in small steps until <paramref name="count"/> attempts arrived; returns how far it moved.</summary>
