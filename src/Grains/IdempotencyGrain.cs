@@ -69,7 +69,7 @@ public sealed class IdempotencyGrain(
 
     public async Task<bool> CompleteAsync(ClaimToken token, StoredResponse response)
     {
-        var completed = await ApplyAsync((state, now) => IdempotencyTransitions.Complete(state, token, response, now));
+        var completed = await ApplyAsync((state, now) => IdempotencyTransitions.Complete(state, token, response, now), Refused);
         if (completed && !contested)
         {
             // Most keys are asked for once. Keeping their activations until the collection age (minutes, at thousands
@@ -83,16 +83,16 @@ public sealed class IdempotencyGrain(
     }
 
     public Task<bool> RenewAsync(ClaimToken token, TimeSpan lease) =>
-        ApplyAsync((state, now) => IdempotencyTransitions.Renew(state, token, lease, now));
+        ApplyAsync((state, now) => IdempotencyTransitions.Renew(state, token, lease, now), Refused);
 
     public Task<bool> ReleaseAsync(Guid attemptId, TimeSpan lease) =>
-        ApplyAsync((state, now) => IdempotencyTransitions.Release(state, attemptId, lease, now));
+        ApplyAsync((state, now) => IdempotencyTransitions.Release(state, attemptId, lease, now), Refused);
 
     public Task<bool> ReleaseClaimAsync(ClaimToken token, TimeSpan lease) =>
-        ApplyAsync((state, now) => IdempotencyTransitions.ReleaseClaim(state, token, lease, now));
+        ApplyAsync((state, now) => IdempotencyTransitions.ReleaseClaim(state, token, lease, now), Refused);
 
     public Task<ResolveOutcome> ResolveAsync(StoredResponse? outcome, ClaimToken? claim) =>
-        ApplyAsync((state, now) => IdempotencyTransitions.Resolve(state, outcome, claim, now));
+        ApplyAsync((state, now) => IdempotencyTransitions.Resolve(state, outcome, claim, now), static outcome => outcome != ResolveOutcome.Settled);
 
     public async Task WaitAsync(TimeSpan timeout)
     {
@@ -135,12 +135,20 @@ public sealed class IdempotencyGrain(
         return Task.CompletedTask;
     }
 
+    private static bool Refused(bool done) => !done;
+
     /// <param name="decide">The transition, given the record as of now.</param>
+    /// <param name="refused">
+    /// Which of the call's answers refuse its caller's claim (stale, lapsed, not this caller's). Such an answer, given
+    /// without a write, is only ever given from a copy read during the call: the ETag check fences every write, but
+    /// nothing fences a refusal, and a copy this activation holds may be out of date while membership changes (another
+    /// activation of the key claimed it meanwhile; this copy still says the key is free).
+    /// </param>
     /// <param name="mayAssumeAbsent">
     /// Decide on a record never read as if the key were absent: sound only where the write that follows is refused
     /// when it is not (see the remarks on the class).
     /// </param>
-    private async Task<T> ApplyAsync<T>(Func<IdempotencyRecord, DateTimeOffset, Transition<T>> decide, bool mayAssumeAbsent = false)
+    private async Task<T> ApplyAsync<T>(Func<IdempotencyRecord, DateTimeOffset, Transition<T>> decide, Func<T, bool>? refused = null, bool mayAssumeAbsent = false)
     {
         var callerGivesUpAt = time.GetUtcNow() + CallerPatience;
         var assumeAbsent = mayAssumeAbsent && stored.ETag is null && !stored.RecordExists;
@@ -155,14 +163,21 @@ public sealed class IdempotencyGrain(
                 throw new TimeoutException($"The record of {this.GetPrimaryKeyString()} could not be written while its caller waited; nothing was decided.");
             }
 
+            var readNow = false;
             if (!(assumeAbsent && attempt == 1))
             {
-                await ReadIfNotCurrentAsync();
+                readNow = await ReadIfNotCurrentAsync();
             }
 
             var (result, next) = decide(record, time.GetUtcNow());
             if (next is null)
             {
+                if (!readNow && refused?.Invoke(result) == true)
+                {
+                    current = false;
+                    continue;
+                }
+
                 return result;
             }
 
@@ -209,7 +224,8 @@ public sealed class IdempotencyGrain(
         }
     }
 
-    private async Task ReadIfNotCurrentAsync()
+    /// <returns>True when it read.</returns>
+    private async Task<bool> ReadIfNotCurrentAsync()
     {
         var unsettled = record.Status is IdempotencyStatus.InProgress or IdempotencyStatus.OutcomeUnknown;
         if (!current || (unsettled && time.GetElapsedTime(currentAt) >= UnsettledFreshness))
@@ -225,7 +241,11 @@ public sealed class IdempotencyGrain(
                 // Changed elsewhere: waiters here learn it now, not at the end of their wait.
                 Signal();
             }
+
+            return true;
         }
+
+        return false;
     }
 
     private void Signal()

@@ -1,3 +1,4 @@
+using Microsoft.Extensions.DependencyInjection;
 using Orleans.Storage;
 
 namespace OrleansIdempotency.Grains.Tests;
@@ -96,6 +97,28 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
 
         await Assert.ThrowsAnyAsync<InconsistentStateException>(land);
         Assert.Equal(ClaimOutcome.Acquired, (await grain.ClaimAsync(Claim())).Outcome);
+    }
+
+    [Fact]
+    public async Task TokenCalls_ThatACopySayingFreeWouldRefuse_ReadTheRecordFirst_AnotherActivationMayHoldTheClaim()
+    {
+        var grain = Grain(NewKey());
+        var first = await grain.ClaimAsync(Claim());
+        Assert.True(await grain.ReleaseAsync(first.Token!.Value.AttemptId, Lease));
+
+        // Another activation of the key (while membership changes) claims it: its write goes straight to storage, and
+        // this activation's copy still says the key is free.
+        var storage = fixture.Cluster.Silos[0].SiloHost.Services.GetRequiredKeyedService<IGrainStorage>("memory");
+        var state = new GrainState<IdempotencyRecord>();
+        await storage.ReadStateAsync(IdempotencyGrain.StateName, GrainId(grain), state);
+        var (claimed, next) = IdempotencyTransitions.Claim(state.State!, Claim(), fixture.Time.GetUtcNow());
+        state.State = next!;
+        await storage.WriteStateAsync(IdempotencyGrain.StateName, GrainId(grain), state);
+        var token = claimed.Token!.Value;
+
+        Assert.True(await grain.RenewAsync(token, Lease));
+        Assert.True(await grain.CompleteAsync(token, Created));
+        Assert.Equal(ClaimOutcome.Completed, (await grain.ClaimAsync(Claim())).Outcome);
     }
 
     [Fact]
