@@ -84,7 +84,12 @@ public static class IdempotencyTransitions
 
     /// <summary>Gives the key back so that the request can be retried: the action failed retryably or never ran.</summary>
     /// <returns>True when the attempt's claim was released; false when it held none.</returns>
-    /// <remarks>
+    /// <remarks><para>
+    /// A claim whose lease lapsed into an unknown outcome is released too when its own attempt asks: the doubt was
+    /// about that attempt, which knows what no later caller could, that its action did not take effect. Its release
+    /// arrives that late when the store was unreachable as it was first sent (the claim written, its answer lost)
+    /// and a retry reached the key first.
+    /// </para><para>
     /// An attempt that holds no claim may still have one on its way to storage: its caller gave up on a write that
     /// failed or timed out, and such a write can still land (queued behind a partition, retransmitted). Landing after
     /// this release, it would hold a free key for an attempt that has given up, which then lapses into an unknown
@@ -94,11 +99,11 @@ public static class IdempotencyTransitions
     /// attempt asked for), after which storage refuses that claim anyway. (A claim decided on a lapsed lease is not
     /// fenced: storage refuses a claim record whose lease is over, which this rewrite would be; such a late re-claim
     /// can only re-run a key whose endpoint asked for re-runs, after one more lease.)
-    /// </remarks>
+    /// </para></remarks>
     public static Transition<bool> Release(IdempotencyRecord stored, Guid attemptId, TimeSpan lease, DateTimeOffset now)
     {
         var current = stored.AsOf(now);
-        if (current.Status == IdempotencyStatus.InProgress && current.AttemptId == attemptId)
+        if (current.Status is IdempotencyStatus.InProgress or IdempotencyStatus.OutcomeUnknown && current.AttemptId == attemptId)
         {
             // The row stays until its retention ends so that fencing tokens keep rising.
             return new(true, new IdempotencyRecord { FencingToken = current.FencingToken, ExpiresAt = current.ExpiresAt });
@@ -113,13 +118,14 @@ public static class IdempotencyTransitions
     /// after its lease lapsed, under <see cref="LapsedLeasePolicy.Reclaim"/>).
     /// </summary>
     /// <returns>
-    /// True when the key is free after it: released now, or free already (a release asked again after its answer
-    /// was lost); false when another claim holds the key, or it completed or is in doubt.
+    /// True when the key is free after it: released now (in doubt about this claim included), or free already (a
+    /// release asked again after its answer was lost); false when another claim holds the key or is in doubt, or it
+    /// completed.
     /// </returns>
     public static Transition<bool> ReleaseClaim(IdempotencyRecord stored, ClaimToken token, TimeSpan lease, DateTimeOffset now)
     {
         var current = stored.AsOf(now);
-        if (current.Status == IdempotencyStatus.InProgress && !current.IsHeldBy(token))
+        if (current.Status is IdempotencyStatus.InProgress or IdempotencyStatus.OutcomeUnknown && !current.IsHeldBy(token))
         {
             return new(false, null);
         }

@@ -259,6 +259,25 @@ public sealed class IdempotencyTransitionsTests
     }
 
     [Fact]
+    public void Release_ByTheAttemptInDoubt_FreesTheKey_ByAnotherChangesNothing()
+    {
+        // Its release came late (the store was down as it was first sent) and a retry found the lease lapsed first.
+        var request = Request();
+        var (record, token) = Claimed(request);
+        var unknown = Claim(record, Request(), T0 + Lease).Next!;
+
+        var (released, next) = Release(unknown, request.AttemptId, Lease, T0 + Lease * 2);
+
+        Assert.True(released);
+        Assert.Equal(IdempotencyStatus.None, next!.Status);
+        Assert.Equal(token.FencingToken, next.FencingToken);
+        Assert.Equal(ClaimOutcome.Acquired, Claim(next, Request(), T0 + Lease * 2).Result.Outcome);
+        Assert.Equal(new Transition<bool>(false, null), Release(unknown, Guid.NewGuid(), Lease, T0 + Lease * 2));
+        Assert.True(ReleaseClaim(unknown, token, Lease, T0 + Lease * 2).Result);
+        Assert.Equal(new Transition<bool>(false, null), ReleaseClaim(unknown, token with { FencingToken = token.FencingToken + 1 }, Lease, T0 + Lease * 2));
+    }
+
+    [Fact]
     public void Release_ByAnotherAttempt_OfALapsedClaim_ChangesNothing()
     {
         var (record, _) = Claimed();

@@ -618,6 +618,43 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task ClaimWrittenAsTheStoreWentDown_FoundLapsedByARetry_IsFreedByItsLateRelease_SoTheNextRetryRuns()
+    {
+        // The claim's write commits but fails to answer as the store goes down, taking 4 s to fail as a timed-out write
+        // does: the caller answers 503, nothing ran, and the release keeps trying in the background.
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+        var grain = harness.Grain(key).GetGrainId();
+        var failsAfter = TimeSpan.FromSeconds(4);
+        fixture.Store.BeforeNextWrite(grain, () =>
+        {
+            fixture.Time.Advance(failsAfter);
+            return Task.CompletedTask;
+        });
+        var lostWrite = fixture.Store.LoseNextWriteInAnOutage(grain);
+        Assert.Equal(503, (await harness.SendAsync(key)).Response.StatusCode);
+        await (await lostWrite)();
+
+        // The claim's lease lapses; the release, waking then, fails once more.
+        var refused = fixture.Store.RefusedOf(grain);
+        fixture.Time.Advance(IdempotencyPolicy.Default.Lease - failsAfter);
+        await MiddlewareHarness.WaitUntilAsync(() => Task.FromResult(fixture.Store.RefusedOf(grain) > refused));
+
+        // The store comes back, and the client's retry reaches the key before the release does.
+        fixture.Store.Down = false;
+        Assert.Equal(409, (await harness.SendAsync(key)).Response.StatusCode);
+        var writes = fixture.Store.WritesOf(grain);
+        await MiddlewareHarness.WaitUntilAsync(() =>
+        {
+            fixture.Time.Advance(TimeSpan.FromMilliseconds(200));
+            return Task.FromResult(fixture.Store.WritesOf(grain) > writes);
+        });
+
+        Assert.Equal(201, (await harness.SendAsync(key)).Response.StatusCode);
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
     public async Task OversizedResponse_ReachesTheFirstCallerWhole_AndItsReplayIs409ResponseNotStored()
     {
         var big = new string('x', 5000);

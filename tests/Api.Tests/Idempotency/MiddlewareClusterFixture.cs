@@ -74,12 +74,16 @@ public sealed class SwitchableStorage(IGrainStorage inner, SwitchableStorage.Swi
         private readonly ConcurrentDictionary<GrainId, Func<Task>> beforeNextWrite = new();
         private readonly ConcurrentDictionary<GrainId, TaskCompletionSource<Func<Task>>> lostWrites = new();
         private readonly ConcurrentDictionary<GrainId, int> writes = new();
+        private readonly ConcurrentDictionary<GrainId, int> refused = new();
 
         /// <summary>Runs <paramref name="action"/> before the next write of <paramref name="grain"/> reaches the store: a slow write, say.</summary>
         public void BeforeNextWrite(GrainId grain, Func<Task> action) => beforeNextWrite[grain] = action;
 
         /// <summary>The writes of <paramref name="grain"/> the store has taken.</summary>
         public int WritesOf(GrainId grain) => writes.GetValueOrDefault(grain);
+
+        /// <summary>The reads and writes of <paramref name="grain"/> the store failed while it was down.</summary>
+        public int RefusedOf(GrainId grain) => refused.GetValueOrDefault(grain);
 
         /// <summary>
         /// The next write of <paramref name="grain"/> fails as the store goes down, though it was sent: the task gives
@@ -104,10 +108,16 @@ public sealed class SwitchableStorage(IGrainStorage inner, SwitchableStorage.Swi
         }
 
         internal void Wrote(GrainId grain) => writes.AddOrUpdate(grain, 1, (_, n) => n + 1);
+
+        internal Task Refuse(GrainId grain)
+        {
+            refused.AddOrUpdate(grain, 1, (_, n) => n + 1);
+            return Unavailable();
+        }
     }
 
     public Task ReadStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState) =>
-        state.Down ? Unavailable() : inner.ReadStateAsync(stateName, grainId, grainState);
+        state.Down ? state.Refuse(grainId) : inner.ReadStateAsync(stateName, grainId, grainState);
 
     public async Task WriteStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
     {
@@ -118,7 +128,7 @@ public sealed class SwitchableStorage(IGrainStorage inner, SwitchableStorage.Swi
             await Unavailable();
         }
 
-        await (state.Down ? Unavailable() : inner.WriteStateAsync(stateName, grainId, grainState));
+        await (state.Down ? state.Refuse(grainId) : inner.WriteStateAsync(stateName, grainId, grainState));
         state.Wrote(grainId);
     }
 
