@@ -1,5 +1,6 @@
 using OrleansIdempotency.AspNetCore;
 using Yarp.ReverseProxy.Configuration;
+using Yarp.ReverseProxy.Forwarder;
 
 namespace OrleansIdempotency.Api.Gateway;
 
@@ -52,13 +53,44 @@ public static class GatewayExtensions
     /// failing its requests.
     /// </summary>
     public static void MapGateway(this WebApplication app) =>
-        app.MapReverseProxy().ConfigureEndpoints(static (endpoint, route) =>
+        app.MapReverseProxy(static proxy =>
+        {
+            proxy.Use(LeaveInDoubtWhenTheBackendMayHaveRunAsync);
+            // YARP's default steps, which a pipeline of one's own must name.
+            proxy.UseSessionAffinity();
+            proxy.UseLoadBalancing();
+            proxy.UsePassiveHealthChecks();
+        }).ConfigureEndpoints(static (endpoint, route) =>
         {
             if (IdempotencyOf(route) is { } metadata)
             {
                 endpoint.WithMetadata(metadata);
             }
         });
+
+    /// <summary>
+    /// The proxy's own 502 or 504 is no answer of the backend's: when the request may have reached it (it timed out,
+    /// or the connection broke after the request went out), the backend may have run, and a released key would run
+    /// it again on the retry. The key is left to its lease instead; a failure before anything was sent releases it.
+    /// </summary>
+    private static async Task LeaveInDoubtWhenTheBackendMayHaveRunAsync(HttpContext context, Func<Task> next)
+    {
+        await next();
+        if (context.GetForwarderErrorFeature() is { } failure && MayHaveReachedTheBackend(failure))
+        {
+            IdempotencyMiddleware.LeaveInDoubt(context);
+        }
+    }
+
+    internal static bool MayHaveReachedTheBackend(IForwarderErrorFeature failure) => failure.Error switch
+    {
+        ForwarderError.None or ForwarderError.NoAvailableDestinations or ForwarderError.RequestCreation => false,
+        ForwarderError.Request => failure.Exception is not HttpRequestException
+        {
+            HttpRequestError: HttpRequestError.ConnectionError or HttpRequestError.NameResolutionError or HttpRequestError.SecureConnectionError,
+        },
+        _ => true,
+    };
 
     /// <summary>The idempotency a route's metadata asks for, or null if it asks for none.</summary>
     internal static IdempotencyMetadata? IdempotencyOf(RouteConfig route) =>

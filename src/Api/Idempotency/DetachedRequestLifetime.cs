@@ -23,6 +23,12 @@ internal sealed class DetachedRequestLifetime(IHttpRequestLifetimeFeature connec
     /// </summary>
     public bool Aborted { get; private set; }
 
+    /// <summary>
+    /// True once the action said it cannot tell whether it took effect (a proxy whose backend may have received the
+    /// request, then failed to answer it): its response goes to its client, but is no outcome to store or release on.
+    /// </summary>
+    public bool InDoubt { get; set; }
+
     public void Abort()
     {
         Aborted = true;

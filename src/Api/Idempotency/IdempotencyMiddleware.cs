@@ -171,7 +171,7 @@ internal sealed partial class IdempotencyMiddleware(
                 Restore(context.Features, clientBody, connection, stream);
                 // Once its response has begun the action has most likely taken effect, and its client may hold part of
                 // an answer: its key is left to lapse (outcome unknown) rather than run again.
-                if (!capture.Started && !context.Response.HasStarted && policy.ReleasesOnException(exception, context))
+                if (!lifetime.InDoubt && !capture.Started && !context.Response.HasStarted && policy.ReleasesOnException(exception, context))
                 {
                     await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease);
                     metrics.Record(IdempotencyResults.Released);
@@ -191,6 +191,18 @@ internal sealed partial class IdempotencyMiddleware(
         finally
         {
             capture.ReturnBuffer();
+        }
+    }
+
+    /// <summary>
+    /// Leaves the key of the idempotent action running for <paramref name="context"/> to its lease, whatever its
+    /// response: the action cannot tell whether it took effect. Nothing for a request the layer is not running.
+    /// </summary>
+    internal static void LeaveInDoubt(HttpContext context)
+    {
+        if (context.Features.Get<IHttpRequestLifetimeFeature>() is DetachedRequestLifetime lifetime)
+        {
+            lifetime.InDoubt = true;
         }
     }
 
@@ -215,12 +227,14 @@ internal sealed partial class IdempotencyMiddleware(
     private async Task SettleAsync(HttpContext context, IdempotencyPolicy policy, IIdempotencyGrain grain, ClaimToken token, ResponseCapture capture, DetachedRequestLifetime lifetime)
     {
         var response = context.Response;
-        if (lifetime.Aborted || (capture.Started && capture.StatusAtStart != response.StatusCode && policy.ReleasesKey(response.StatusCode)))
+        if (lifetime.Aborted || lifetime.InDoubt || (capture.Started && capture.StatusAtStart != response.StatusCode && policy.ReleasesKey(response.StatusCode)))
         {
-            // The action cut its own response off, or replaced it once begun with one that would release the key (as a
-            // proxy does when its backend fails mid-body: it aborts the client, or answers 502 to one that has gone):
-            // what it wrote is no outcome to replay, and it may have taken effect.
-            LogLeftInDoubt(logger, grain.GetPrimaryKeyString(), lifetime.Aborted ? "an aborted response" : "a response replaced once begun");
+            // The action cut its own response off, said it cannot tell its outcome, or replaced its response once begun
+            // with one that would release the key (as a proxy does when its backend fails mid-body: it aborts the
+            // client, or answers 502 to one that has gone): what it wrote is no outcome to replay, and it may have
+            // taken effect.
+            LogLeftInDoubt(logger, grain.GetPrimaryKeyString(),
+                lifetime.Aborted ? "an aborted response" : lifetime.InDoubt ? "an outcome the action could not tell" : "a response replaced once begun");
             return;
         }
 

@@ -50,6 +50,17 @@ public sealed class GatewayTests : IAsyncLifetime
         ["ReverseProxy:Routes:keyed:Metadata:IdempotencyScopeHeader"] = "X-Api-Key",
         ["ReverseProxy:Routes:plain:ClusterId"] = "backend",
         ["ReverseProxy:Routes:plain:Match:Path"] = "/plain/{**rest}",
+        // The same backend, given up on after a second without a byte from it.
+        ["ReverseProxy:Clusters:impatient:Destinations:one:Address"] = backend.ToString(),
+        ["ReverseProxy:Clusters:impatient:HttpRequest:ActivityTimeout"] = "00:00:01",
+        ["ReverseProxy:Routes:impatient:ClusterId"] = "impatient",
+        ["ReverseProxy:Routes:impatient:Match:Path"] = "/impatient/{**rest}",
+        ["ReverseProxy:Routes:impatient:Metadata:Idempotency"] = "payments",
+        // A destination nobody listens on.
+        ["ReverseProxy:Clusters:down:Destinations:one:Address"] = $"http://127.0.0.1:{FreePort.Next().ToString(CultureInfo.InvariantCulture)}/",
+        ["ReverseProxy:Routes:down:ClusterId"] = "down",
+        ["ReverseProxy:Routes:down:Match:Path"] = "/down/{**rest}",
+        ["ReverseProxy:Routes:down:Metadata:Idempotency"] = "payments",
     };
 
     [Fact]
@@ -180,6 +191,39 @@ public sealed class GatewayTests : IAsyncLifetime
         Assert.Equal(2, backend.Runs(key));
     }
 
+    [Theory]
+    [InlineData("/strict/charges?abortBeforeHeaders=true", HttpStatusCode.BadGateway)]
+    [InlineData("/impatient/charges?delayMs=2500", HttpStatusCode.GatewayTimeout)]
+    public async Task BackendThatRanButDidNotAnswer_GatewaysOwn502Or504_LeavesTheKeyInDoubt_NotRunAgain(string path, HttpStatusCode gatewaysOwn)
+    {
+        // The proxy's own answer, not the backend's: the request had reached the backend (it broke the connection, or
+        // was too slow for the gateway), and it ran. (Both routes answer a key in progress at once, without waiting.)
+        using var client = Client("Bearer caller-1");
+        var key = Guid.NewGuid().ToString();
+
+        var (first, _) = await client.SendAsync(path, key, "{\"amount\":5}");
+        await backend.WaitUntilFinishedAsync(key);
+        var (retry, _) = await client.SendAsync(path, key, "{\"amount\":5}");
+
+        Assert.Equal(gatewaysOwn, first.StatusCode);
+        Assert.Equal(HttpStatusCode.Conflict, retry.StatusCode);
+        Assert.Equal(1, backend.Runs(key));
+    }
+
+    [Fact]
+    public async Task BackendNotListening_GatewaysOwn502_ReleasesTheKey_NothingWasSent()
+    {
+        using var client = Client("Bearer caller-1");
+        var key = Guid.NewGuid().ToString();
+
+        var (first, _) = await client.SendAsync("/down/charges", key, "{\"amount\":5}");
+        var (retry, _) = await client.SendAsync("/down/charges", key, "{\"amount\":5}");
+
+        // Left in doubt, the retry would get 409 at once on this route.
+        Assert.Equal(HttpStatusCode.BadGateway, first.StatusCode);
+        Assert.Equal(HttpStatusCode.BadGateway, retry.StatusCode);
+    }
+
     [Fact]
     public async Task BackendFailingMidBodyAfterTheClientLeft_IsNotRunAgainOnTheRetry()
     {
@@ -291,7 +335,8 @@ public sealed class GatewayTests : IAsyncLifetime
     /// <summary>
     /// An API the gateway knows nothing about: every POST counts a run under its <c>Idempotency-Key</c> and answers
     /// 201 with a fresh id; <c>?delayMs=N</c> makes it slow, <c>?failFirst=true</c> answers 503 to a key's first run,
-    /// <c>?abortMidBody=true</c> sends the start of a 201 and then aborts the connection.
+    /// <c>?abortMidBody=true</c> sends the start of a 201 and then aborts the connection, <c>?abortBeforeHeaders=true</c>
+    /// aborts it before answering anything.
     /// </summary>
     private sealed class Backend
     {
@@ -305,7 +350,7 @@ public sealed class GatewayTests : IAsyncLifetime
 
         public int Runs(string key) => runs.GetValueOrDefault(key);
 
-        /// <summary>Waits until a run of <paramref name="key"/> that aborts mid-body has aborted.</summary>
+        /// <summary>Waits until a run of <paramref name="key"/> has answered 201, or aborted.</summary>
         public async Task WaitUntilFinishedAsync(string key)
         {
             for (var waited = 0; !finished.ContainsKey(key); waited += 10)
@@ -335,6 +380,13 @@ public sealed class GatewayTests : IAsyncLifetime
                     return;
                 }
 
+                if (context.Request.Query["abortBeforeHeaders"] == "true")
+                {
+                    finished.TryAdd(key, true);
+                    context.Abort();
+                    return;
+                }
+
                 if (context.Request.Query["abortMidBody"] == "true")
                 {
                     context.Response.StatusCode = StatusCodes.Status201Created;
@@ -350,6 +402,7 @@ public sealed class GatewayTests : IAsyncLifetime
                 context.Response.StatusCode = StatusCodes.Status201Created;
                 context.Response.Headers.Location = "/charges/" + id;
                 await context.Response.WriteAsJsonAsync(new { id, path = context.Request.Path.Value, run });
+                finished.TryAdd(key, true);
             });
             await app.StartAsync();
         }
