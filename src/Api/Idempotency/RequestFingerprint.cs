@@ -2,6 +2,7 @@ using System.Buffers;
 using System.Buffers.Binary;
 using System.Security.Cryptography;
 using System.Text;
+using Microsoft.AspNetCore.Http.Features;
 
 namespace OrleansIdempotency.AspNetCore;
 
@@ -9,6 +10,10 @@ namespace OrleansIdempotency.AspNetCore;
 /// SHA-256 of what makes two requests "the same request" (DESIGN §4): method, path, normalised query, body bytes.
 /// Each part is length-prefixed, so no two different requests frame to the same bytes. Headers are not part of it.
 /// </summary>
+/// <remarks>
+/// The body is hashed from its start, wherever a middleware before the layer left it. One that read a form without
+/// buffering (an antiforgery check, say) leaves no bytes to hash: the form it read stands for them.
+/// </remarks>
 public static class RequestFingerprint
 {
     /// <summary>
@@ -27,9 +32,15 @@ public static class RequestFingerprint
         framed.AppendPart(request.PathBase.Add(request.Path).Value ?? "/");
         framed.AppendPart(NormalizeQuery(request.Query));
 
+        if (!request.Body.CanSeek && request.HttpContext.Features.Get<IFormFeature>() is { Form: { } form })
+        {
+            return await AppendFormAsync(framed, form, maxBodyBytes, cancellationToken) ? framed.Hash() : null;
+        }
+
         // No buffer limit here: the buffering stream would throw past it, and a chunked body has no length to check
         // up front. The count below stops reading one read past the limit instead.
         request.EnableBuffering(bufferThreshold: 64 * 1024);
+        request.Body.Position = 0;
         long length = 0;
         int read;
         while ((read = await request.Body.ReadAsync(framed.Free(), cancellationToken)) > 0)
@@ -44,10 +55,55 @@ public static class RequestFingerprint
         }
 
         request.Body.Position = 0;
-        Span<byte> lengthBytes = stackalloc byte[sizeof(long)];
-        BinaryPrimitives.WriteInt64BigEndian(lengthBytes, length);
-        framed.Append(lengthBytes);
+        AppendLength(framed, length);
         return framed.Hash();
+    }
+
+    // Fields by name (ordinal), each value in order, then each file's name, file name, type and bytes, all
+    // length-prefixed; the trailing -1 is a length no body has, so a form never frames as a body does.
+    private static async Task<bool> AppendFormAsync(FramedSha256 framed, IFormCollection form, long maxBodyBytes, CancellationToken cancellationToken)
+    {
+        long length = 0;
+        foreach (var name in form.Keys.Order(StringComparer.Ordinal))
+        {
+            framed.AppendPart(name);
+            foreach (var value in form[name])
+            {
+                framed.AppendPart(value ?? "");
+                length += name.Length + (value?.Length ?? 0);
+            }
+        }
+
+        foreach (var file in form.Files)
+        {
+            length += file.Length;
+            if (length > maxBodyBytes)
+            {
+                return false;
+            }
+
+            framed.AppendPart(file.Name);
+            framed.AppendPart(file.FileName);
+            framed.AppendPart(file.ContentType ?? "");
+            await using var content = file.OpenReadStream();
+            int read;
+            while ((read = await content.ReadAsync(framed.Free(), cancellationToken)) > 0)
+            {
+                framed.Advance(read);
+            }
+
+            AppendLength(framed, file.Length);
+        }
+
+        AppendLength(framed, -1);
+        return length <= maxBodyBytes;
+    }
+
+    private static void AppendLength(FramedSha256 framed, long length)
+    {
+        Span<byte> bytes = stackalloc byte[sizeof(long)];
+        BinaryPrimitives.WriteInt64BigEndian(bytes, length);
+        framed.Append(bytes);
     }
 
     /// <summary>

@@ -144,6 +144,61 @@ public sealed class RequestFingerprintTests
         Assert.Equal(Expected("POST", "/a", "", body), fingerprint);
     }
 
+    [Fact]
+    public async Task Fingerprint_OfABodyAMiddlewareReadBeforeAndLeftAtItsEnd_IsOfTheWholeBody()
+    {
+        var body = RandomNumberGenerator.GetBytes(5000);
+        var request = Request("POST", "/a", "", body);
+        request.EnableBuffering();
+        await request.Body.CopyToAsync(Stream.Null);
+
+        var fingerprint = await RequestFingerprint.ComputeAsync(request, long.MaxValue, CancellationToken.None);
+
+        Assert.Equal(Expected("POST", "/a", "", body), fingerprint);
+    }
+
+    [Fact]
+    public async Task Fingerprint_OfAFormReadBeforeWithoutBuffering_IsOfTheForm_TellingFormsApartByFieldsAndFiles()
+    {
+        // An antiforgery check before the layer reads the form and leaves the body's bytes gone.
+        static async Task<byte[]?> FormAsync(string contentType, string body)
+        {
+            var context = new DefaultHttpContext();
+            context.Request.Method = "POST";
+            context.Request.Path = "/a";
+            context.Request.ContentType = contentType;
+            context.Request.Body = new OneWayStream(Encoding.UTF8.GetBytes(body));
+            await context.Request.ReadFormAsync();
+            return await RequestFingerprint.ComputeAsync(context.Request, 1024, CancellationToken.None);
+        }
+
+        const string urlEncoded = "application/x-www-form-urlencoded";
+        const string multipart = "multipart/form-data; boundary=b";
+        static string WithFile(string bytes) =>
+            $"--b\r\nContent-Disposition: form-data; name=\"amount\"\r\n\r\n1\r\n--b\r\nContent-Disposition: form-data; name=\"receipt\"; filename=\"r.txt\"\r\nContent-Type: text/plain\r\n\r\n{bytes}\r\n--b--\r\n";
+
+        var small = await FormAsync(urlEncoded, "amount=1&currency=EUR");
+        Assert.Equal(small, await FormAsync(urlEncoded, "currency=EUR&amount=1"));
+        Assert.NotEqual(small, await FormAsync(urlEncoded, "amount=1000&currency=EUR"));
+        Assert.NotEqual(small, await FormAsync(urlEncoded, ""));
+        Assert.Equal(await FormAsync(multipart, WithFile("abc")), await FormAsync(multipart, WithFile("abc")));
+        Assert.NotEqual(await FormAsync(multipart, WithFile("abc")), await FormAsync(multipart, WithFile("abd")));
+        Assert.Null(await FormAsync(multipart, WithFile(new string('x', 1025))));
+    }
+
+    private sealed class OneWayStream(byte[] data) : MemoryStream(data, writable: false)
+    {
+        public override bool CanSeek => false;
+
+        public override long Position
+        {
+            get => throw new NotSupportedException();
+            set => throw new NotSupportedException();
+        }
+
+        public override long Seek(long offset, SeekOrigin loc) => throw new NotSupportedException();
+    }
+
     /// <summary>A request body that hands out at most a few bytes per read, as a slow client's would arrive.</summary>
     private sealed class TrickleStream(byte[] data, int maxBytesPerRead) : MemoryStream(data, writable: false)
     {
