@@ -194,6 +194,12 @@ internal sealed partial class IdempotencyMiddleware(
         }
     }
 
+    // As Kestrel judges a response at its end: a HEAD's or a 304's Content-Length describes a body not sent.
+    private static bool ShortOfItsLength(HttpContext context, ResponseCapture capture) =>
+        context.Response.ContentLength > capture.BytesWritten
+        && !HttpMethods.IsHead(context.Request.Method)
+        && context.Response.StatusCode != StatusCodes.Status304NotModified;
+
     /// <summary>
     /// Leaves the key of the idempotent action running for <paramref name="context"/> to its lease, whatever its
     /// response: the action cannot tell whether it took effect. Nothing for a request the layer is not running.
@@ -227,14 +233,16 @@ internal sealed partial class IdempotencyMiddleware(
     private async Task SettleAsync(HttpContext context, IdempotencyPolicy policy, IIdempotencyGrain grain, ClaimToken token, ResponseCapture capture, DetachedRequestLifetime lifetime)
     {
         var response = context.Response;
-        if (lifetime.Aborted || lifetime.InDoubt || (capture.Started && capture.StatusAtStart != response.StatusCode && policy.ReleasesKey(response.StatusCode)))
+        if (lifetime.Aborted || lifetime.InDoubt || ShortOfItsLength(context, capture)
+            || (capture.Started && capture.StatusAtStart != response.StatusCode && policy.ReleasesKey(response.StatusCode)))
         {
-            // The action cut its own response off, said it cannot tell its outcome, or replaced its response once begun
-            // with one that would release the key (as a proxy does when its backend fails mid-body: it aborts the
-            // client, or answers 502 to one that has gone): what it wrote is no outcome to replay, and it may have
-            // taken effect.
+            // The action cut its own response off (or wrote less than its Content-Length, which Kestrel answers by
+            // aborting or a 500), said it cannot tell its outcome, or replaced its response once begun with one that
+            // would release the key (as a proxy does when its backend fails mid-body: it aborts the client, or answers
+            // 502 to one that has gone): what it wrote is no outcome to replay, and it may have taken effect.
             LogLeftInDoubt(logger, grain.GetPrimaryKeyString(),
-                lifetime.Aborted ? "an aborted response" : lifetime.InDoubt ? "an outcome the action could not tell" : "a response replaced once begun");
+                lifetime.Aborted ? "an aborted response" : lifetime.InDoubt ? "an outcome the action could not tell"
+                : capture.Started && capture.StatusAtStart != response.StatusCode ? "a response replaced once begun" : "a body short of its Content-Length");
             return;
         }
 

@@ -18,7 +18,7 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
 {
     private const string Json = "{\"id\":\"order-1\",\"items\":[\"a\",\"b\",\"c\",\"a\",\"b\",\"c\",\"a\",\"b\",\"c\"]}";
 
-    private MiddlewareHarness Harness(RequestDelegate endpoint) => new(fixture, endpoint);
+    private MiddlewareHarness Harness(RequestDelegate endpoint, IdempotencyPolicy? policy = null) => new(fixture, endpoint, policy);
 
     private static RequestDelegate Writes(string body) => async context =>
     {
@@ -150,6 +150,46 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
         await harness.SendAsync(MiddlewareHarness.Request(key, configure: c => c.Features.Set<IHttpRequestLifetimeFeature>(new Connection(connection))));
 
         await harness.AssertLeftInDoubtAsync(key);
+    }
+
+    [Fact]
+    public async Task ActionWritingLessThanItsContentLength_LeavesTheKeyInDoubt_NotItsShortBodyStored()
+    {
+        // Kestrel answers such a response with a 500, or aborts it once begun: its client never gets it whole.
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 201;
+            context.Response.ContentLength = 100;
+            await context.Response.WriteAsync("{\"id\":\"order-1\"}");
+        });
+        var key = MiddlewareHarness.NewKey();
+
+        await harness.SendAsync(key);
+
+        await harness.AssertLeftInDoubtAsync(key);
+    }
+
+    [Fact]
+    public async Task HeadAnsweredWithAContentLengthAndNoBody_IsStoredAsItIs()
+    {
+        var harness = Harness(context =>
+        {
+            context.Response.StatusCode = 200;
+            context.Response.ContentLength = 100;
+            return Task.CompletedTask;
+        }, IdempotencyPolicy.Default with
+        {
+            Methods = System.Collections.Frozen.FrozenSet.ToFrozenSet(["HEAD"], StringComparer.OrdinalIgnoreCase),
+            ConcurrentDuplicates = ConcurrentDuplicateHandling.Reject,
+        });
+        var key = MiddlewareHarness.NewKey();
+
+        await harness.SendAsync(key, body: "", method: "HEAD");
+        var replay = await harness.SendAsync(key, body: "", method: "HEAD");
+
+        Assert.Equal(200, replay.Response.StatusCode);
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(1, harness.Executions);
     }
 
     [Fact]
