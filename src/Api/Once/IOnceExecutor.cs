@@ -12,9 +12,10 @@ public interface IOnceExecutor
     /// elsewhere, waits for it (the default policy's <c>WaitTimeout</c>).
     /// </summary>
     /// <remarks>
-    /// An exception from the action gives the key back, so a later call runs it again, unless it is the
-    /// cancellation of <paramref name="cancellationToken"/>: an action cut off midway may have taken effect, so the
-    /// key is left to lapse into an unknown outcome. The action gets <paramref name="cancellationToken"/>.
+    /// An exception from the action gives the key back, so a later call runs it again, unless
+    /// <paramref name="cancellationToken"/> was cancelled (whatever the action then throws: a cut-off gRPC or database
+    /// call throws its own kind): an action cut off midway may have taken effect, so the key is left to lapse into an
+    /// unknown outcome. The action gets <paramref name="cancellationToken"/>.
     /// </remarks>
     /// <exception cref="OnceRefusedException">The key was used with another input, is still running after the wait,
     /// has an unknown outcome, or completed with a result too large to store.</exception>

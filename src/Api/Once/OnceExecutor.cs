@@ -66,9 +66,11 @@ internal sealed partial class OnceExecutor(
             {
                 result = await action(cancellationToken);
             }
-            catch (Exception ex)
+            catch (Exception)
             {
-                if (ex is OperationCanceledException && cancellationToken.IsCancellationRequested)
+                // Whatever it throws once its caller cancelled (a gRPC or SqlClient call cut off throws its own kind):
+                // cut off midway, it may have taken effect.
+                if (cancellationToken.IsCancellationRequested)
                 {
                     LogLeftInDoubt(logger, grain.GetPrimaryKeyString());
                 }
