@@ -235,12 +235,13 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
     private static bool IsFieldValue(string? value) =>
         value is not null && value.All(c => c is '\t' or (>= ' ' and <= '~'));
 
+    // JSON that a replay can write back: parsing alone accepts a string escaping half a surrogate pair.
     private static bool IsJson(byte[] body)
     {
         try
         {
             using var document = JsonDocument.Parse(body);
-            return true;
+            return Once.OnceExecutor.StoredJson(document.RootElement) is not null;
         }
         catch (JsonException)
         {

@@ -131,7 +131,13 @@ internal sealed class OnceHttp(
             return;
         }
 
-        var bytes = JsonSerializer.SerializeToUtf8Bytes(result, Json);
+        if (OnceExecutor.StoredJson(result) is not { } bytes)
+        {
+            await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid,
+                "The \"result\" cannot be stored: one of its strings escapes half of a surrogate pair (\\ud800 alone, say), which no UTF-8 text holds.", key);
+            return;
+        }
+
         if (bytes.Length > Policy.MaxStoredResponseBytes)
         {
             await problems.WriteAsync(context, IdempotencyProblem.BodyTooLarge,

@@ -32,6 +32,22 @@ internal sealed partial class OnceExecutor(
     /// <summary>The grain key of an HTTP caller's <paramref name="key"/>, in the caller's own scope.</summary>
     internal static IdempotencyKey HttpGrainKey(string callerScope, string key) => new("once:http:" + callerScope, key);
 
+    /// <summary>
+    /// <paramref name="result"/> as stored: its JSON in UTF-8, or null when it cannot be written (valid JSON text whose
+    /// string escapes half a surrogate pair, which no UTF-8 holds: stored, every replay of it would fail).
+    /// </summary>
+    internal static byte[]? StoredJson(JsonElement result)
+    {
+        try
+        {
+            return JsonSerializer.SerializeToUtf8Bytes(result, Json);
+        }
+        catch (JsonException)
+        {
+            return null;
+        }
+    }
+
     /// <summary>SHA-256 of the input, the fingerprint a claim carries.</summary>
     internal static byte[] Fingerprint(string input) => SHA256.HashData(Encoding.UTF8.GetBytes(input));
 

@@ -137,6 +137,21 @@ public sealed class OnceApiTests(EndToEndFixture fixture)
     }
 
     [Fact]
+    public async Task CompletionWhoseResultNoJsonWriterCanWrite_Is400_AndTheClaimIsStillHeld()
+    {
+        // Valid JSON text, but its string escapes half a surrogate pair: no UTF-8 holds it.
+        var key = NewKey();
+        var token = (await Json(await alice.PostAsync($"/once/{key}/claim", null))).GetProperty("token").GetString();
+
+        var response = await alice.PostAsync($"/once/{key}/complete",
+            new StringContent($"{{\"token\":\"{token}\",\"result\":\"\\ud800\"}}", System.Text.Encoding.UTF8, "application/json"));
+
+        Assert.Equal(HttpStatusCode.BadRequest, response.StatusCode);
+        Assert.Equal("application/problem+json", response.Content.Headers.ContentType?.MediaType);
+        Assert.Equal("inProgress", (await Json(await alice.GetAsync($"/once/{key}"))).GetProperty("status").GetString());
+    }
+
+    [Fact]
     public async Task Unauthenticated_Is401()
     {
         using var anonymous = fixture.Api.Client(apiKey: null);

@@ -164,6 +164,7 @@ public sealed class IdempotencyKeyEndpointsTests(MiddlewareClusterFixture fixtur
     [InlineData("user:alice", "k", "{\"response\":{\"status\":201,\"bodyBase64\":\"not base64!\"}}")]
     [InlineData("user:alice", "k", "{\"response\":{\"status\":201,\"body\":\"a\",\"bodyBase64\":\"YQ==\"}}")]
     [InlineData("once:http:user:alice", "k", "{\"response\":{\"status\":200,\"body\":\"not json\"}}")]
+    [InlineData("once:http:user:alice", "k", "{\"response\":{\"status\":200,\"body\":\"\\\"\\\\ud800\\\"\"}}")]
     [InlineData("user:alice", "k", "{\"response\":")]
     public async Task ResolutionsThatWouldBreakReplays_OrSayNothingClearly_Are400_AndChangeNothing(string? scope, string? key, string body)
     {
