@@ -46,6 +46,8 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
         ArgumentNullException.ThrowIfNull(time);
         ArgumentOutOfRangeException.ThrowIfLessThan(options.InProgressWait, TimeSpan.Zero, nameof(options.InProgressWait));
         ArgumentOutOfRangeException.ThrowIfNegative(options.MaxBufferedContentBytes, nameof(options.MaxBufferedContentBytes));
+        // HttpContent buffers at most that much.
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(options.MaxBufferedContentBytes, int.MaxValue, nameof(options.MaxBufferedContentBytes));
         this.options = options;
         this.time = time;
     }

@@ -43,7 +43,8 @@ public interface IIdempotencyGrain : IGrainWithStringKey
 
     /// <summary>
     /// Gives back the claim <paramref name="token"/> names (see <see cref="IdempotencyTransitions.ReleaseClaim"/>).
-    /// True when the key is free after it; false when another claim holds it, or it completed or is in doubt.
+    /// True when the key is free after it (in doubt about this claim included); false when another claim holds the key
+    /// or is in doubt, or it completed.
     /// </summary>
     [Alias("ReleaseClaim"), ResponseTimeout(CallTimeout)]
     Task<bool> ReleaseClaimAsync(ClaimToken token, TimeSpan lease);

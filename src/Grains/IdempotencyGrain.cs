@@ -174,7 +174,9 @@ public sealed class IdempotencyGrain(
             {
                 if (!readNow && refused?.Invoke(result) == true)
                 {
+                    // Not a write conflict: the read costs none of the attempts they are allowed.
                     current = false;
+                    maxAttempts++;
                     continue;
                 }
 

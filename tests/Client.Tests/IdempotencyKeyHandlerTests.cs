@@ -225,6 +225,7 @@ public sealed class IdempotencyKeyHandlerTests
     {
         Assert.Throws<ArgumentOutOfRangeException>(() => new IdempotencyKeyHandler(new IdempotencyKeyOptions { InProgressWait = TimeSpan.FromSeconds(-1) }));
         Assert.Throws<ArgumentOutOfRangeException>(() => new IdempotencyKeyHandler(new IdempotencyKeyOptions { MaxBufferedContentBytes = -1 }));
+        Assert.Throws<ArgumentOutOfRangeException>(() => new IdempotencyKeyHandler(new IdempotencyKeyOptions { MaxBufferedContentBytes = int.MaxValue + 1L }));
     }
 
     /// <summary>Moves the clock on in small steps until <paramref name="count"/> attempts arrived; returns how far it moved.</summary>

@@ -89,6 +89,8 @@ public static class GatewayExtensions
         {
             HttpRequestError: HttpRequestError.ConnectionError or HttpRequestError.NameResolutionError or HttpRequestError.SecureConnectionError,
         },
+        // The handler's connect time-out (a TimeoutException inside), not the activity time-out: never connected.
+        ForwarderError.RequestTimedOut => failure.Exception is not OperationCanceledException { InnerException: TimeoutException },
         _ => true,
     };
 

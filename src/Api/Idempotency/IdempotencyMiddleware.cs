@@ -194,11 +194,39 @@ internal sealed partial class IdempotencyMiddleware(
         }
     }
 
-    // As Kestrel judges a response at its end: a HEAD's or a 304's Content-Length describes a body not sent.
-    private static bool ShortOfItsLength(HttpContext context, ResponseCapture capture) =>
-        context.Response.ContentLength > capture.BytesWritten
-        && !HttpMethods.IsHead(context.Request.Method)
-        && context.Response.StatusCode != StatusCodes.Status304NotModified;
+    /// <summary>
+    /// Why what the action wrote is no outcome to replay, though it may have taken effect; null when it is one. The
+    /// action cut its own response off, or wrote less than its Content-Length (which Kestrel answers by aborting, or a
+    /// 500); it said it cannot tell its outcome; or it replaced its response once begun with one that would release
+    /// the key (as a proxy does when its backend fails mid-body: it aborts the client, or answers 502 to one that has
+    /// gone).
+    /// </summary>
+    private static string? WhyNoOutcome(HttpContext context, IdempotencyPolicy policy, ResponseCapture capture, DetachedRequestLifetime lifetime)
+    {
+        var response = context.Response;
+        if (lifetime.Aborted)
+        {
+            return "an aborted response";
+        }
+
+        if (lifetime.InDoubt)
+        {
+            return "an outcome the action could not tell";
+        }
+
+        if (capture.Started && capture.StatusAtStart != response.StatusCode && policy.ReleasesKey(response.StatusCode))
+        {
+            return "a response replaced once begun";
+        }
+
+        // As Kestrel judges a response at its end: a HEAD's or a 304's Content-Length describes a body not sent, and a
+        // Transfer-Encoding overrides it.
+        var shortOfItsLength = response.ContentLength > capture.BytesWritten
+            && !HttpMethods.IsHead(context.Request.Method)
+            && response.StatusCode != StatusCodes.Status304NotModified
+            && !response.Headers.ContainsKey(HeaderNames.TransferEncoding);
+        return shortOfItsLength ? "a body short of its Content-Length" : null;
+    }
 
     /// <summary>
     /// Leaves the key of the idempotent action running for <paramref name="context"/> to its lease, whatever its
@@ -233,16 +261,9 @@ internal sealed partial class IdempotencyMiddleware(
     private async Task SettleAsync(HttpContext context, IdempotencyPolicy policy, IIdempotencyGrain grain, ClaimToken token, ResponseCapture capture, DetachedRequestLifetime lifetime)
     {
         var response = context.Response;
-        if (lifetime.Aborted || lifetime.InDoubt || ShortOfItsLength(context, capture)
-            || (capture.Started && capture.StatusAtStart != response.StatusCode && policy.ReleasesKey(response.StatusCode)))
+        if (WhyNoOutcome(context, policy, capture, lifetime) is { } why)
         {
-            // The action cut its own response off (or wrote less than its Content-Length, which Kestrel answers by
-            // aborting or a 500), said it cannot tell its outcome, or replaced its response once begun with one that
-            // would release the key (as a proxy does when its backend fails mid-body: it aborts the client, or answers
-            // 502 to one that has gone): what it wrote is no outcome to replay, and it may have taken effect.
-            LogLeftInDoubt(logger, grain.GetPrimaryKeyString(),
-                lifetime.Aborted ? "an aborted response" : lifetime.InDoubt ? "an outcome the action could not tell"
-                : capture.Started && capture.StatusAtStart != response.StatusCode ? "a response replaced once begun" : "a body short of its Content-Length");
+            LogLeftInDoubt(logger, grain.GetPrimaryKeyString(), why);
             return;
         }
 

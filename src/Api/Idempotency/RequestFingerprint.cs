@@ -59,21 +59,26 @@ public static class RequestFingerprint
         return framed.Hash();
     }
 
-    // Fields by name (ordinal), each value in order, then each file's name, file name, type and bytes, all
-    // length-prefixed; the trailing -1 is a length no body has, so a form never frames as a body does.
+    // Every count and length comes before what it counts (the fields, each field's values, the files, each file's
+    // bytes), so no two different forms frame alike: fields by name (ordinal), values in order, then each file's
+    // name, file name, type and bytes. The trailing -1 is a length no body has, so a form never frames as a body does.
     private static async Task<bool> AppendFormAsync(FramedSha256 framed, IFormCollection form, long maxBodyBytes, CancellationToken cancellationToken)
     {
         long length = 0;
+        AppendLength(framed, form.Count);
         foreach (var name in form.Keys.Order(StringComparer.Ordinal))
         {
+            var values = form[name];
             framed.AppendPart(name);
-            foreach (var value in form[name])
+            AppendLength(framed, values.Count);
+            foreach (var value in values)
             {
                 framed.AppendPart(value ?? "");
                 length += name.Length + (value?.Length ?? 0);
             }
         }
 
+        AppendLength(framed, form.Files.Count);
         foreach (var file in form.Files)
         {
             length += file.Length;
@@ -85,14 +90,13 @@ public static class RequestFingerprint
             framed.AppendPart(file.Name);
             framed.AppendPart(file.FileName);
             framed.AppendPart(file.ContentType ?? "");
+            AppendLength(framed, file.Length);
             await using var content = file.OpenReadStream();
             int read;
             while ((read = await content.ReadAsync(framed.Free(), cancellationToken)) > 0)
             {
                 framed.Advance(read);
             }
-
-            AppendLength(framed, file.Length);
         }
 
         AppendLength(framed, -1);

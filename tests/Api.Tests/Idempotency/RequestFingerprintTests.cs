@@ -158,7 +158,7 @@ public sealed class RequestFingerprintTests
     }
 
     [Fact]
-    public async Task Fingerprint_OfAFormReadBeforeWithoutBuffering_IsOfTheForm_TellingFormsApartByFieldsAndFiles()
+    public async Task Fingerprint_OfAFormReadBeforeWithoutBuffering_IsOfTheForm_TellingFormsApartByFieldsValuesAndFiles()
     {
         // An antiforgery check before the layer reads the form and leaves the body's bytes gone.
         static async Task<byte[]?> FormAsync(string contentType, string body)
@@ -181,6 +181,7 @@ public sealed class RequestFingerprintTests
         Assert.Equal(small, await FormAsync(urlEncoded, "currency=EUR&amount=1"));
         Assert.NotEqual(small, await FormAsync(urlEncoded, "amount=1000&currency=EUR"));
         Assert.NotEqual(small, await FormAsync(urlEncoded, ""));
+        Assert.NotEqual(await FormAsync(urlEncoded, "a=b&a=c&a=d"), await FormAsync(urlEncoded, "a=b&c=d"));
         Assert.Equal(await FormAsync(multipart, WithFile("abc")), await FormAsync(multipart, WithFile("abc")));
         Assert.NotEqual(await FormAsync(multipart, WithFile("abc")), await FormAsync(multipart, WithFile("abd")));
         Assert.Null(await FormAsync(multipart, WithFile(new string('x', 1025))));
