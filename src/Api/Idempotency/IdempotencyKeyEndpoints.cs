@@ -147,9 +147,15 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
         }
 
         ResolveOutcome resolved;
+        var grain = calls.Grain(key);
         try
         {
-            resolved = await calls.CallAsync(calls.Grain(key), g => g.ResolveAsync(outcome, claim), context.RequestAborted);
+            // Without one, the claim in doubt now is named: a resolution whose answer was lost, asked again by the
+            // calls' own retry, then finds it settled by itself instead of answering that nothing changed.
+            claim ??= await calls.CallAsync(grain, g => g.GetAsync(), context.RequestAborted) is { Status: IdempotencyStatus.InProgress or IdempotencyStatus.OutcomeUnknown } held
+                ? held.Token
+                : null;
+            resolved = await calls.CallAsync(grain, g => g.ResolveAsync(outcome, claim), context.RequestAborted);
         }
         catch (IdempotencyUnavailableException ex)
         {

@@ -96,6 +96,19 @@ public sealed class IdempotencyKeyEndpointsTests(MiddlewareClusterFixture fixtur
     }
 
     [Fact]
+    public async Task ResolutionWithoutAClaim_WhoseAnswerWasLostAndAskedAgainByTheServer_AnswersSettled_NotNothingChanged()
+    {
+        var (harness, key) = await KeyInDoubtAsync();
+        fixture.Store.LoseNextAnswer(harness.Grain(key).GetGrainId());
+
+        var resolved = await CallAsync(keys.ResolveAsync, key, "{\"release\":true}");
+
+        Assert.Equal(200, resolved.Status);
+        Assert.Equal("none", resolved.Json.GetProperty("status").GetString());
+        Assert.Equal(IdempotencyStatus.None, (await harness.Grain(key).GetAsync()).Status);
+    }
+
+    [Fact]
     public async Task KeyNotInDoubt_Is409_AndNothingChanges()
     {
         var harness = new MiddlewareHarness(fixture, MiddlewareHarness.Creates());

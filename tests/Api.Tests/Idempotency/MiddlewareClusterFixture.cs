@@ -75,12 +75,16 @@ public sealed class SwitchableStorage(IGrainStorage inner, SwitchableStorage.Swi
         private readonly ConcurrentDictionary<GrainId, TaskCompletionSource<Func<Task>>> lostWrites = new();
         private readonly ConcurrentDictionary<GrainId, int> writes = new();
         private readonly ConcurrentDictionary<GrainId, int> refused = new();
+        private readonly ConcurrentDictionary<GrainId, bool> answersLost = new();
 
         /// <summary>Runs <paramref name="action"/> before the next write of <paramref name="grain"/> reaches the store: a slow write, say.</summary>
         public void BeforeNextWrite(GrainId grain, Func<Task> action) => beforeNextWrite[grain] = action;
 
         /// <summary>The writes of <paramref name="grain"/> the store has taken.</summary>
         public int WritesOf(GrainId grain) => writes.GetValueOrDefault(grain);
+
+        /// <summary>The next write of <paramref name="grain"/> lands, but fails to answer, as a connection dropped after the commit does.</summary>
+        public void LoseNextAnswer(GrainId grain) => answersLost[grain] = true;
 
         /// <summary>The reads and writes of <paramref name="grain"/> the store failed while it was down.</summary>
         public int RefusedOf(GrainId grain) => refused.GetValueOrDefault(grain);
@@ -109,6 +113,8 @@ public sealed class SwitchableStorage(IGrainStorage inner, SwitchableStorage.Swi
 
         internal void Wrote(GrainId grain) => writes.AddOrUpdate(grain, 1, (_, n) => n + 1);
 
+        internal bool TryLoseAnswer(GrainId grain) => answersLost.TryRemove(grain, out _);
+
         internal Task Refuse(GrainId grain)
         {
             refused.AddOrUpdate(grain, 1, (_, n) => n + 1);
@@ -130,6 +136,10 @@ public sealed class SwitchableStorage(IGrainStorage inner, SwitchableStorage.Swi
 
         await (state.Down ? state.Refuse(grainId) : inner.WriteStateAsync(stateName, grainId, grainState));
         state.Wrote(grainId);
+        if (state.TryLoseAnswer(grainId))
+        {
+            await Unavailable();
+        }
     }
 
     public Task ClearStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState) =>
