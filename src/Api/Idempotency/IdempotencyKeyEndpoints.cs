@@ -150,11 +150,14 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
         var grain = calls.Grain(key);
         try
         {
-            // Without one, the claim in doubt now is named: a resolution whose answer was lost, asked again by the
+            // Without one, the claim the key holds now is named: a resolution whose answer was lost, asked again by the
             // calls' own retry, then finds it settled by itself instead of answering that nothing changed.
-            claim ??= await calls.CallAsync(grain, g => g.GetAsync(), context.RequestAborted) is { Status: IdempotencyStatus.InProgress or IdempotencyStatus.OutcomeUnknown } held
-                ? held.Token
-                : null;
+            if (claim is null
+                && await calls.CallAsync(grain, g => g.GetAsync(), context.RequestAborted) is { Status: IdempotencyStatus.InProgress or IdempotencyStatus.OutcomeUnknown } held)
+            {
+                claim = held.Token;
+            }
+
             resolved = await calls.CallAsync(grain, g => g.ResolveAsync(outcome, claim), context.RequestAborted);
         }
         catch (IdempotencyUnavailableException ex)
