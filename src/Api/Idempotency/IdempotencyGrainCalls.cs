@@ -21,6 +21,8 @@ internal sealed partial class IdempotencyGrainCalls(
     TimeProvider time,
     ILogger<IdempotencyGrainCalls> logger)
 {
+    private readonly BackgroundWrites background = new(time, logger);
+
     public IIdempotencyGrain Grain(IdempotencyKey key) => grains.GetIdempotencyGrain(key);
 
     /// <exception cref="IdempotencyUnavailableException">The cluster or the store did not answer.</exception>
@@ -87,7 +89,7 @@ internal sealed partial class IdempotencyGrainCalls(
             catch (Exception ex) when (releaseUnanswered
                 && (ex is IdempotencyUnavailableException || (ex is OperationCanceledException && cancellationToken.IsCancellationRequested)))
             {
-                _ = ReleaseAsync(grain, request.AttemptId, request.Lease);
+                _ = ReleaseAsync(grain, request.AttemptId, request.Lease, request.Retention);
                 throw;
             }
 
@@ -95,7 +97,7 @@ internal sealed partial class IdempotencyGrainCalls(
             {
                 // The caller left while its claim was written: nothing has run, and no one would hear of the claim,
                 // which would otherwise lapse into an unknown outcome.
-                _ = ReleaseAsync(grain, request.AttemptId, request.Lease);
+                _ = ReleaseAsync(grain, request.AttemptId, request.Lease, request.Retention);
                 cancellationToken.ThrowIfCancellationRequested();
             }
 
@@ -116,54 +118,47 @@ internal sealed partial class IdempotencyGrainCalls(
     }
 
     /// <summary>
-    /// Releases the attempt's claim; if the store cannot be reached now, keeps trying in the background for up to
-    /// <paramref name="lease"/>, after which the lease has lapsed anyway.
+    /// Releases the attempt's claim; if the store cannot be reached now, the release waits in the background for it
+    /// until the key's <paramref name="retention"/> ends: the attempt's own release frees its key even once the lease
+    /// has lapsed into an unknown outcome, so a longer outage leaves no key in doubt for an action that never ran.
     /// </summary>
-    public Task ReleaseAsync(IIdempotencyGrain grain, Guid attemptId, TimeSpan lease) =>
-        UntilLeaseEndsAsync(grain, g => g.ReleaseAsync(attemptId, lease), lease);
-
-    /// <summary>
-    /// Stores the action's response. If the store cannot be reached now, keeps trying in the background for up
-    /// to <paramref name="lease"/>: the action has run, and a completion that lands before the lease lapses spares
-    /// the key an unknown outcome (an outage shorter than the lease leaves no trace).
-    /// </summary>
-    /// <returns>False when the claim was stale or had lapsed (the store refused it); true otherwise.</returns>
-    public Task<bool> CompleteAsync(IIdempotencyGrain grain, ClaimToken token, StoredResponse response, TimeSpan lease) =>
-        UntilLeaseEndsAsync(grain, g => g.CompleteAsync(token, response), lease);
-
-    private async Task<bool> UntilLeaseEndsAsync(IIdempotencyGrain grain, Func<IIdempotencyGrain, Task<bool>> call, TimeSpan lease)
+    public async Task ReleaseAsync(IIdempotencyGrain grain, Guid attemptId, TimeSpan lease, TimeSpan retention)
     {
+        Func<IIdempotencyGrain, Task<bool>> release = g => g.ReleaseAsync(attemptId, lease);
         try
         {
-            return await CallAsync(grain, call, CancellationToken.None);
+            await CallAsync(grain, release, CancellationToken.None);
         }
         catch (IdempotencyUnavailableException)
         {
-            _ = RetryInBackgroundAsync(grain, call, time.GetUtcNow() + lease);
+            background.AddRelease(grain, release, time.GetUtcNow() + retention);
+        }
+    }
+
+    /// <summary>
+    /// Stores the action's response. If the store cannot be reached now, the completion waits in the background for
+    /// it until the claim's <paramref name="lease"/> ends, after which the store refuses it: the action has run, and
+    /// a completion that lands before the lease lapses spares the key an unknown outcome.
+    /// </summary>
+    /// <returns>False when the claim was stale or had lapsed (the store refused it); true otherwise.</returns>
+    public async Task<bool> CompleteAsync(IIdempotencyGrain grain, ClaimToken token, StoredResponse response, TimeSpan lease)
+    {
+        Func<IIdempotencyGrain, Task<bool>> complete = g => g.CompleteAsync(token, response);
+        try
+        {
+            return await CallAsync(grain, complete, CancellationToken.None);
+        }
+        catch (IdempotencyUnavailableException)
+        {
+            background.AddCompletion(grain, complete, time.GetUtcNow() + lease);
             return true;
         }
     }
 
-    private async Task RetryInBackgroundAsync(IIdempotencyGrain grain, Func<IIdempotencyGrain, Task<bool>> call, DateTimeOffset giveUp)
-    {
-        for (var attempt = 1; time.GetUtcNow() < giveUp; attempt++)
-        {
-            await Task.Delay(Backoff(attempt), time);
-            try
-            {
-                await call(grain);
-                return;
-            }
-            catch (Exception ex) when (ex is not OutOfMemoryException)
-            {
-                LogAskingAgain(logger, grain.GetPrimaryKeyString(), attempt, ex.GetType().Name);
-            }
-        }
+    /// <summary>How many releases and completions wait in the background for the store.</summary>
+    public int WaitingForTheStore => background.Waiting;
 
-        LogGaveUp(logger, grain.GetPrimaryKeyString());
-    }
-
-    private static TimeSpan Backoff(int attempt) => TimeSpan.FromMilliseconds(Math.Min(1000, 50 * (1 << Math.Min(attempt, 5))));
+    internal static TimeSpan Backoff(int attempt) => TimeSpan.FromMilliseconds(Math.Min(1000, 50 * (1 << Math.Min(attempt, 5))));
 
     /// <summary>The answer may be lost rather than negative: the call may have run, and asking again is safe.</summary>
     private static bool IsLostInCluster(Exception exception) => exception is TimeoutException
@@ -175,7 +170,4 @@ internal sealed partial class IdempotencyGrainCalls(
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: call {Attempt} failed ({Reason}); asking again.")]
     private static partial void LogAskingAgain(ILogger logger, string key, int attempt, string reason);
-
-    [LoggerMessage(Level = LogLevel.Error, Message = "Idempotency key {Key}: the store stayed unreachable for the whole lease; the claim lapses and its outcome becomes unknown.")]
-    private static partial void LogGaveUp(ILogger logger, string key);
 }

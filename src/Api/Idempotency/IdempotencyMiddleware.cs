@@ -173,7 +173,7 @@ internal sealed partial class IdempotencyMiddleware(
                 // an answer: its key is left to lapse (outcome unknown) rather than run again.
                 if (!lifetime.InDoubt && !capture.Started && !context.Response.HasStarted && policy.ReleasesOnException(exception, context))
                 {
-                    await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease);
+                    await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease, policy.Retention);
                     metrics.Record(IdempotencyResults.Released);
                 }
                 else
@@ -269,7 +269,7 @@ internal sealed partial class IdempotencyMiddleware(
 
         if (policy.ReleasesKey(response.StatusCode))
         {
-            await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease);
+            await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease, policy.Retention);
             metrics.Record(IdempotencyResults.Released);
             return;
         }

@@ -92,7 +92,7 @@ internal sealed partial class OnceExecutor(
                 }
                 else
                 {
-                    await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease);
+                    await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease, policy.Retention);
                 }
 
                 throw;

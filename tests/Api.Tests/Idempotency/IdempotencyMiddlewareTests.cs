@@ -605,11 +605,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
 
         // The outage ends; the attempt's release, retried in the background, gets through.
         fixture.Store.Down = false;
-        await MiddlewareHarness.WaitUntilAsync(() =>
-        {
-            fixture.Time.Advance(TimeSpan.FromMilliseconds(200));
-            return Task.FromResult(fixture.Store.WritesOf(grain) > 0);
-        });
+        await ClockRunsUntilAsync(() => fixture.Store.WritesOf(grain) > 0);
 
         // Only then does the claim written before the outage reach the store.
         await Assert.ThrowsAnyAsync<InconsistentStateException>(await lostWrite);
@@ -640,18 +636,95 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         fixture.Time.Advance(IdempotencyPolicy.Default.Lease - failsAfter);
         await MiddlewareHarness.WaitUntilAsync(() => Task.FromResult(fixture.Store.RefusedOf(grain) > refused));
 
-        // The store comes back, and the client's retry reaches the key before the release does.
+        await StoreReturns_RetryFindsTheKeyInDoubt_UntilTheReleaseLandsAsync(harness, key, grain);
+    }
+
+    [Fact]
+    public async Task ClaimWrittenAsTheStoreWentDown_IsFreedByItsRelease_AfterAnOutageLongerThanTheLease()
+    {
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+        var grain = harness.Grain(key).GetGrainId();
+        var lostWrite = fixture.Store.LoseNextWriteInAnOutage(grain);
+        Assert.Equal(503, (await harness.SendAsync(key)).Response.StatusCode);
+        await (await lostWrite)();
+
+        // The store stays down for twice the lease; the release keeps trying all along.
+        var refused = fixture.Store.RefusedOf(grain);
+        await RunClockAsync(IdempotencyPolicy.Default.Lease * 2);
+        Assert.True(fixture.Store.RefusedOf(grain) > refused + 10, "The release stopped trying during the outage.");
+
+        await StoreReturns_RetryFindsTheKeyInDoubt_UntilTheReleaseLandsAsync(harness, key, grain);
+    }
+
+    // The store comes back, and the client's retry reaches the key before the release does: outcome unknown. Then the
+    // release lands, and the next retry runs the action, for the first time.
+    private async Task StoreReturns_RetryFindsTheKeyInDoubt_UntilTheReleaseLandsAsync(MiddlewareHarness harness, string key, GrainId grain)
+    {
         fixture.Store.Down = false;
         Assert.Equal(409, (await harness.SendAsync(key)).Response.StatusCode);
         var writes = fixture.Store.WritesOf(grain);
-        await MiddlewareHarness.WaitUntilAsync(() =>
-        {
-            fixture.Time.Advance(TimeSpan.FromMilliseconds(200));
-            return Task.FromResult(fixture.Store.WritesOf(grain) > writes);
-        });
+        await ClockRunsUntilAsync(() => fixture.Store.WritesOf(grain) > writes);
 
         Assert.Equal(201, (await harness.SendAsync(key)).Response.StatusCode);
         Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task StoreOutage_ReleasesLeftByManyRequests_AreTriedOneAtATime_AndAllLandWhenItEnds()
+    {
+        var harness = Harness();
+        var keys = Enumerable.Range(0, 40).Select(_ => MiddlewareHarness.NewKey()).ToArray();
+        var grains = keys.Select(k => harness.Grain(k).GetGrainId()).ToArray();
+        var answers = await fixture.WhileStoreDownAsync(async () =>
+        {
+            var answers = await Task.WhenAll(keys.Select(k => harness.SendAsync(k)));
+            await RunClockAsync(TimeSpan.FromSeconds(2));
+            var refused = grains.Sum(fixture.Store.RefusedOf);
+            await RunClockAsync(TimeSpan.FromSeconds(10));
+
+            // Each release retried on its own, about once a second, would have made ~400 writes in these 10 s.
+            Assert.InRange(grains.Sum(fixture.Store.RefusedOf) - refused, 1, 25);
+            return answers;
+        });
+        Assert.All(answers, answer => Assert.Equal(503, answer.Response.StatusCode));
+
+        await ClockRunsUntilAsync(() => grains.All(g => fixture.Store.WritesOf(g) > 0));
+    }
+
+    [Fact]
+    public async Task StoreOutage_ACompletionWaitingBehindReleases_LandsFirstWhenItEnds()
+    {
+        // A request claims its key and runs; the store goes down while it does, and 40 other requests find it down.
+        var running = new TaskCompletionSource();
+        var harness = Harness(MiddlewareHarness.CreatesAfter(running.Task));
+        var completed = MiddlewareHarness.NewKey();
+        var completedGrain = harness.Grain(completed).GetGrainId();
+        var first = harness.SendAsync(completed);
+        await MiddlewareHarness.WaitUntilAsync(() => Task.FromResult(harness.Executions == 1));
+        var keys = Enumerable.Range(0, 40).Select(_ => MiddlewareHarness.NewKey()).ToArray();
+        var released = keys.Select(k => harness.Grain(k).GetGrainId()).ToArray();
+        fixture.Store.Down = true;
+        var answers = await Task.WhenAll(keys.Select(k => harness.SendAsync(k)));
+        Assert.All(answers, answer => Assert.Equal(503, answer.Response.StatusCode));
+
+        // Their releases have failed in the background; then the action ends, and its completion fails too.
+        await RunClockAsync(TimeSpan.FromSeconds(2));
+        running.SetResult();
+        Assert.Equal(201, (await first).Response.StatusCode);
+        var releasedBeforeIt = -1;
+        fixture.Store.BeforeNextWrite(completedGrain, () =>
+        {
+            releasedBeforeIt = released.Count(g => fixture.Store.WritesOf(g) > 0);
+            return Task.CompletedTask;
+        });
+
+        fixture.Store.Down = false;
+        await ClockRunsUntilAsync(() => fixture.Store.WritesOf(completedGrain) > 1);
+
+        Assert.Equal(0, releasedBeforeIt);
+        var replay = await harness.SendAsync(completed);
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
     }
 
     [Fact]
@@ -993,6 +1066,23 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         await firedBetween.CancelAsync();
         await context.Response.WriteAsync("second half");
     });
+
+    // Moves the fake clock on in steps until condition holds (for at most 10 s of real time).
+    private Task ClockRunsUntilAsync(Func<bool> condition) => MiddlewareHarness.WaitUntilAsync(() =>
+    {
+        fixture.Time.Advance(TimeSpan.FromMilliseconds(200));
+        return Task.FromResult(condition());
+    });
+
+    // Moves the fake clock on by span in steps, giving background retries real time to run at each.
+    private async Task RunClockAsync(TimeSpan span)
+    {
+        for (var run = TimeSpan.Zero; run < span; run += TimeSpan.FromMilliseconds(250))
+        {
+            fixture.Time.Advance(TimeSpan.FromMilliseconds(250));
+            await Task.Delay(10);
+        }
+    }
 
     // A key whose first request runs until the returned source completes.
     private async Task<(MiddlewareHarness Harness, string Key, TaskCompletionSource Running, Task<HttpContext> First)> KeyInProgressAsync()
