@@ -48,7 +48,10 @@ public enum OnceRefusal
     /// <summary>An earlier run stopped without its outcome: it may or may not have taken effect. It is not run again.</summary>
     OutcomeUnknown,
 
-    /// <summary>The key completed, but its result was larger than the layer stores. It is not run again.</summary>
+    /// <summary>
+    /// The key completed, but its result was not stored: larger than the layer stores, or not JSON that reads back as
+    /// its type. It is not run again.
+    /// </summary>
     ResultNotStored,
 }
 

@@ -99,11 +99,7 @@ internal sealed partial class OnceExecutor(
             }
         }
 
-        var body = JsonSerializer.SerializeToUtf8Bytes(result, Json);
-        var stored = body.Length <= policy.MaxStoredResponseBytes
-            ? new StoredResponse(ResultStatus, [], body, false, body.Length)
-            : new StoredResponse(ResultStatus, [], [], true, body.Length);
-        if (!await calls.CompleteAsync(grain, token, stored, policy.Lease))
+        if (!await calls.CompleteAsync(grain, token, StoredResult(result, policy, grain.GetPrimaryKeyString()), policy.Lease))
         {
             LogCompletionRefused(logger, grain.GetPrimaryKeyString());
         }
@@ -111,11 +107,43 @@ internal sealed partial class OnceExecutor(
         return result;
     }
 
+    /// <summary>
+    /// <paramref name="result"/> as stored: its JSON when that fits and reads back as <typeparamref name="T"/>; else
+    /// marked not stored, so that later calls are refused as <see cref="OnceRefusal.ResultNotStored"/> instead of each
+    /// failing to read it (a string holding half a surrogate pair is written, escaped, but read back by no reader) or
+    /// the key lapsing into an unknown outcome though it is known to have run (a result that cannot be written).
+    /// </summary>
+    private StoredResponse StoredResult<T>(T result, IdempotencyPolicy policy, string key)
+    {
+        byte[] body;
+        try
+        {
+            body = JsonSerializer.SerializeToUtf8Bytes(result, Json);
+            if (body.Length <= policy.MaxStoredResponseBytes)
+            {
+                _ = JsonSerializer.Deserialize<T>(body, Json);
+            }
+        }
+        catch (Exception ex) when (ex is not OutOfMemoryException)
+        {
+            LogResultNotStorable(logger, key, ex);
+            return new StoredResponse(ResultStatus, [], [], true, 0);
+        }
+
+        return body.Length <= policy.MaxStoredResponseBytes
+            ? new StoredResponse(ResultStatus, [], body, false, body.Length)
+            : new StoredResponse(ResultStatus, [], [], true, body.Length);
+    }
+
     private static T Replay<T>(string key, StoredResponse stored) =>
         stored.BodyOmitted
-            ? throw new OnceRefusedException(OnceRefusal.ResultNotStored, key,
-                $"Key '{key}' completed, but its {stored.BodyLength}-byte result was larger than the layer stores. It is not run again.")
+            ? throw new OnceRefusedException(OnceRefusal.ResultNotStored, key, stored.BodyLength > 0
+                ? $"Key '{key}' completed, but its {stored.BodyLength}-byte result was larger than the layer stores. It is not run again."
+                : $"Key '{key}' completed, but its result could not be stored as JSON that reads back. It is not run again.")
             : JsonSerializer.Deserialize<T>(stored.Body, Json)!;
+
+    [LoggerMessage(Level = LogLevel.Error, Message = "Once key {Key}: the action ran, but its result cannot be stored as JSON that reads back; later calls are refused as result-not-stored.")]
+    private static partial void LogResultNotStorable(ILogger logger, string key, Exception exception);
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "Once key {Key}: the action was cancelled midway; its claim is left to lapse, since it may have taken effect.")]
     private static partial void LogLeftInDoubt(ILogger logger, string key);

@@ -1,3 +1,4 @@
+using System.Text.Json;
 using Microsoft.Extensions.Logging.Abstractions;
 using Microsoft.Extensions.Options;
 using OrleansIdempotency.AspNetCore;
@@ -182,5 +183,38 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
         Assert.Equal(OnceRefusal.ResultNotStored, refused.Reason);
     }
 
+    [Fact]
+    public async Task ResultThatDoesNotReadBackAsJson_IsReturnedOnce_AndLaterCallsAreRefusedAsNotStored()
+    {
+        var once = Executor();
+        var key = NewKey();
+        // Valid JSON text whose string escapes half a surrogate pair, as a result relayed from elsewhere can be.
+        var halfAPair = JsonDocument.Parse("\"charged \\ud83d\"").RootElement;
+
+        Assert.Equal(halfAPair, await once.ExecuteOnceAsync(key, _ => Task.FromResult(halfAPair)));
+        var refused = await Assert.ThrowsAsync<OnceRefusedException>(() => once.ExecuteOnceAsync(key, _ => Task.FromResult(halfAPair)));
+
+        Assert.Equal(OnceRefusal.ResultNotStored, refused.Reason);
+    }
+
+    [Fact]
+    public async Task ResultThatCannotBeWritten_IsReturnedOnce_AndLaterCallsAreRefusedAsNotStored_NotInDoubt()
+    {
+        var once = Executor();
+        var key = NewKey();
+        var cycle = new Node();
+        cycle.Next = cycle;
+
+        Assert.Same(cycle, await once.ExecuteOnceAsync(key, _ => Task.FromResult(cycle)));
+        var refused = await Assert.ThrowsAsync<OnceRefusedException>(() => once.ExecuteOnceAsync(key, _ => Task.FromResult(new Node())));
+
+        Assert.Equal(OnceRefusal.ResultNotStored, refused.Reason);
+    }
+
     private sealed record Charge(Guid Id, decimal Amount);
+
+    private sealed class Node
+    {
+        public Node? Next { get; set; }
+    }
 }
