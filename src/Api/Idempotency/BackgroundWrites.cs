@@ -11,17 +11,26 @@ namespace OrleansIdempotency.AspNetCore;
 /// batches. Completions go first: each must land before its lease ends, when the store would refuse it; a release
 /// can wait for as long as its key is kept.
 /// </summary>
-internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger)
+internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger) : IDisposable
 {
-    /// <summary>The most writes that wait (about 200 bytes each); beyond it a write is given up at once.</summary>
-    public const int MaxWaiting = 100_000;
+    /// <summary>The most releases that wait (about 200 bytes each); beyond it a release is given up at once.</summary>
+    public const int MaxReleases = 100_000;
+
+    /// <summary>
+    /// The most bytes of responses that completions waiting hold; beyond it a completion is given up at once. Apart
+    /// from the releases' bound: an outage's releases never crowd out an action's completion.
+    /// </summary>
+    public const long MaxCompletionBytes = 256L << 20;
 
     private const int BatchSize = 32;
 
     private readonly Lock gate = new();
     private readonly Queue<Write> completions = new();
     private readonly Queue<Write> releases = new();
+    private readonly CancellationTokenSource stopped = new();
+    private long completionBytes;
     private bool draining;
+    private bool storeDown;
 
     /// <summary>How many writes wait for the store.</summary>
     public int Waiting
@@ -35,26 +44,49 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
         }
     }
 
-    /// <summary>Retries <paramref name="call"/>, which completes an action, until it lands or <paramref name="giveUpAt"/>.</summary>
-    public void AddCompletion(IIdempotencyGrain grain, Func<IIdempotencyGrain, Task<bool>> call, DateTimeOffset giveUpAt) =>
-        Add(new Write(grain, call, giveUpAt, IsCompletion: true));
+    /// <summary>True while every write tried last failed: a write sent now would most likely fail too.</summary>
+    public bool StoreSeemsDown => Volatile.Read(ref storeDown);
+
+    /// <summary>
+    /// Retries <paramref name="call"/>, which completes an action with a response of <paramref name="bytes"/>, until it
+    /// lands or <paramref name="giveUpAt"/>.
+    /// </summary>
+    public void AddCompletion(IIdempotencyGrain grain, Func<IIdempotencyGrain, Task<bool>> call, long bytes, DateTimeOffset giveUpAt) =>
+        Add(new Write(grain, call, giveUpAt, IsCompletion: true, bytes));
 
     /// <summary>Retries <paramref name="call"/>, which releases a claim, until it lands or <paramref name="giveUpAt"/>.</summary>
     public void AddRelease(IIdempotencyGrain grain, Func<IIdempotencyGrain, Task<bool>> call, DateTimeOffset giveUpAt) =>
-        Add(new Write(grain, call, giveUpAt, IsCompletion: false));
+        Add(new Write(grain, call, giveUpAt, IsCompletion: false, 0));
+
+    /// <summary>Stops retrying; what still waits is logged, as its keys lapse into an unknown outcome.</summary>
+    public void Dispose()
+    {
+        stopped.Cancel();
+        lock (gate)
+        {
+            foreach (var write in completions.Concat(releases))
+            {
+                LogLeftWaiting(logger, write.Key, write.Kind);
+            }
+
+            completions.Clear();
+            releases.Clear();
+        }
+    }
 
     private void Add(Write write)
     {
         bool start;
         lock (gate)
         {
-            if (completions.Count + releases.Count >= MaxWaiting)
+            if (stopped.IsCancellationRequested
+                || (write.IsCompletion ? completionBytes + write.Bytes > MaxCompletionBytes : releases.Count >= MaxReleases))
             {
-                LogTooManyWaiting(logger, write.Key, MaxWaiting);
+                LogTooManyWaiting(logger, write.Key, write.Kind);
                 return;
             }
 
-            QueueOf(write).Enqueue(write);
+            Enqueue(write);
             start = !draining;
             draining = true;
         }
@@ -67,10 +99,32 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
 
     private async Task DrainAsync()
     {
-        // A failure turns the batch into a probe of one, which rotates through the writes: one that fails for a
-        // reason of its own does not hold back the others once the store is back.
-        var failures = 0;
-        while (Take(failures == 0 ? BatchSize : 1) is { Count: > 0 } batch)
+        try
+        {
+            await DrainUntilEmptyAsync();
+        }
+        catch (Exception ex)
+        {
+            // Stopping, or a failure of the drain itself: the next write added starts it again.
+            lock (gate)
+            {
+                draining = false;
+            }
+
+            if (!stopped.IsCancellationRequested)
+            {
+                LogDrainFailed(logger, ex);
+            }
+        }
+    }
+
+    private async Task DrainUntilEmptyAsync()
+    {
+        // Every write of a batch failing turns the next into a probe of one, which rotates through the writes: one
+        // that fails for a reason of its own (its silo down, say) does not hold back the others once the store is
+        // back. Some failing slows the batches down, without making them probes.
+        var allFailed = 0;
+        while (Take(allFailed == 0 ? BatchSize : 1) is { Count: > 0 } batch)
         {
             var landed = await Task.WhenAll(batch.Select(TryAsync));
             var failed = 0;
@@ -78,18 +132,28 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
             {
                 for (var i = 0; i < batch.Count; i++)
                 {
-                    if (!landed[i])
+                    if (landed[i])
                     {
-                        QueueOf(batch[i]).Enqueue(batch[i]);
-                        failed++;
+                        continue;
+                    }
+
+                    failed++;
+                    if (stopped.IsCancellationRequested)
+                    {
+                        LogLeftWaiting(logger, batch[i].Key, batch[i].Kind);
+                    }
+                    else
+                    {
+                        Enqueue(batch[i]);
                     }
                 }
             }
 
-            failures = failed == 0 ? 0 : failures + 1;
+            allFailed = failed == batch.Count ? allFailed + 1 : 0;
+            Volatile.Write(ref storeDown, allFailed > 0);
             if (failed > 0)
             {
-                await Task.Delay(IdempotencyGrainCalls.Backoff(failures), time);
+                await Task.Delay(IdempotencyGrainCalls.Backoff(Math.Max(allFailed, 1)), time, stopped.Token);
             }
         }
     }
@@ -103,6 +167,7 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
         {
             while (batch.Count < count && (completions.TryDequeue(out var write) || releases.TryDequeue(out write)))
             {
+                completionBytes -= write.Bytes;
                 if (now < write.GiveUpAt)
                 {
                     batch.Add(write);
@@ -118,42 +183,65 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
             }
 
             draining = batch.Count > 0;
+            if (!draining)
+            {
+                Volatile.Write(ref storeDown, false);
+            }
         }
 
         return batch;
+    }
+
+    private void Enqueue(Write write)
+    {
+        completionBytes += write.Bytes;
+        (write.IsCompletion ? completions : releases).Enqueue(write);
     }
 
     private async Task<bool> TryAsync(Write write)
     {
         try
         {
-            // Refused (a stale completion, a release of a claim no longer held) is an answer too: done.
-            await write.Call(write.Grain);
+            // Refused (a completion after its lease, a release of a claim no longer held) is an answer too: done.
+            if (!await write.Call(write.Grain) && write.IsCompletion)
+            {
+                LogCompletionRefused(logger, write.Key);
+            }
+
             return true;
         }
-        catch (Exception ex) when (ex is not OutOfMemoryException)
+        catch (Exception ex)
         {
             LogStillFailing(logger, write.Key, ex.GetType().Name);
             return false;
         }
     }
 
-    private Queue<Write> QueueOf(Write write) => write.IsCompletion ? completions : releases;
-
-    private sealed record Write(IIdempotencyGrain Grain, Func<IIdempotencyGrain, Task<bool>> Call, DateTimeOffset GiveUpAt, bool IsCompletion)
+    private sealed record Write(IIdempotencyGrain Grain, Func<IIdempotencyGrain, Task<bool>> Call, DateTimeOffset GiveUpAt, bool IsCompletion, long Bytes)
     {
         public string Key => Grain.GetPrimaryKeyString();
+
+        public string Kind => IsCompletion ? "completion" : "release";
     }
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: a background write failed ({Reason}); it waits for the store.")]
     private static partial void LogStillFailing(ILogger logger, string key, string reason);
 
-    [LoggerMessage(Level = LogLevel.Error, Message = "Idempotency key {Key}: {MaxWaiting} writes already wait for the store; this one is given up, and the claim it was to end lapses into an unknown outcome.")]
-    private static partial void LogTooManyWaiting(ILogger logger, string key, int maxWaiting);
+    [LoggerMessage(Level = LogLevel.Error, Message = "Idempotency key {Key}: too many writes wait for the store; this {Write} is given up, and the claim it was to end lapses into an unknown outcome.")]
+    private static partial void LogTooManyWaiting(ILogger logger, string key, string write);
+
+    [LoggerMessage(Level = LogLevel.Error, Message = "Idempotency key {Key}: the API stopped while a {Write} waited for the store; the claim it was to end lapses into an unknown outcome.")]
+    private static partial void LogLeftWaiting(ILogger logger, string key, string write);
 
     [LoggerMessage(Level = LogLevel.Error, Message = "Idempotency key {Key}: the store stayed unreachable for the whole lease; the claim lapses and its outcome becomes unknown.")]
     private static partial void LogLeaseEnded(ILogger logger, string key);
 
+    [LoggerMessage(Level = LogLevel.Error, Message = "Idempotency key {Key}: the completion reached the store after the claim's lease had ended, and was refused; the outcome is unknown.")]
+    private static partial void LogCompletionRefused(ILogger logger, string key);
+
     [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: the store stayed unreachable until the key's retention ended; its release is given up, as the key is forgotten.")]
     private static partial void LogRetentionEnded(ILogger logger, string key);
+
+    [LoggerMessage(Level = LogLevel.Error, Message = "The background writes stopped draining; the next write waiting starts them again.")]
+    private static partial void LogDrainFailed(ILogger logger, Exception exception);
 }

@@ -19,7 +19,7 @@ internal sealed partial class IdempotencyGrainCalls(
     IGrainFactory grains,
     IOptions<IdempotencyOptions> options,
     TimeProvider time,
-    ILogger<IdempotencyGrainCalls> logger)
+    ILogger<IdempotencyGrainCalls> logger) : IDisposable
 {
     private readonly BackgroundWrites background = new(time, logger);
 
@@ -125,6 +125,13 @@ internal sealed partial class IdempotencyGrainCalls(
     public async Task ReleaseAsync(IIdempotencyGrain grain, Guid attemptId, TimeSpan lease, TimeSpan retention)
     {
         Func<IIdempotencyGrain, Task<bool>> release = g => g.ReleaseAsync(attemptId, lease);
+        if (background.StoreSeemsDown)
+        {
+            // It waits its turn at once: during an outage every failed request leaves a release.
+            background.AddRelease(grain, release, time.GetUtcNow() + retention);
+            return;
+        }
+
         try
         {
             await CallAsync(grain, release, CancellationToken.None);
@@ -150,13 +157,16 @@ internal sealed partial class IdempotencyGrainCalls(
         }
         catch (IdempotencyUnavailableException)
         {
-            background.AddCompletion(grain, complete, time.GetUtcNow() + lease);
+            background.AddCompletion(grain, complete, response.Body.Length + response.Headers.Sum(h => h.Name.Length + h.Value.Length), time.GetUtcNow() + lease);
             return true;
         }
     }
 
     /// <summary>How many releases and completions wait in the background for the store.</summary>
     public int WaitingForTheStore => background.Waiting;
+
+    /// <summary>Stops the background writes, logging what still waits.</summary>
+    public void Dispose() => background.Dispose();
 
     internal static TimeSpan Backoff(int attempt) => TimeSpan.FromMilliseconds(Math.Min(1000, 50 * (1 << Math.Min(attempt, 5))));
 

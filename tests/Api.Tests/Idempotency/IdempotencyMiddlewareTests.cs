@@ -8,6 +8,7 @@ using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Http;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Testing;
 using Microsoft.Extensions.Options;
 using Orleans.Storage;
 using OrleansIdempotency.Grains;
@@ -654,6 +655,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         await RunClockAsync(IdempotencyPolicy.Default.Lease * 2);
         Assert.True(fixture.Store.RefusedOf(grain) > refused + 10, "The release stopped trying during the outage.");
 
+        await MiddlewareHarness.WaitUntilAsync(() => Task.FromResult(harness.Calls.WaitingForTheStore == 1));
         await StoreReturns_RetryFindsTheKeyInDoubt_UntilTheReleaseLandsAsync(harness, key, grain);
     }
 
@@ -680,6 +682,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         {
             var answers = await Task.WhenAll(keys.Select(k => harness.SendAsync(k)));
             await RunClockAsync(TimeSpan.FromSeconds(2));
+            await MiddlewareHarness.WaitUntilAsync(() => Task.FromResult(harness.Calls.WaitingForTheStore == keys.Length));
             var refused = grains.Sum(fixture.Store.RefusedOf);
             await RunClockAsync(TimeSpan.FromSeconds(10));
 
@@ -719,12 +722,56 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
             return Task.CompletedTask;
         });
 
+        await MiddlewareHarness.WaitUntilAsync(() => Task.FromResult(harness.Calls.WaitingForTheStore == keys.Length + 1));
         fixture.Store.Down = false;
         await ClockRunsUntilAsync(() => fixture.Store.WritesOf(completedGrain) > 1);
 
         Assert.Equal(0, releasedBeforeIt);
         var replay = await harness.SendAsync(completed);
         Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+    }
+
+    [Fact]
+    public async Task WhileTheStoreSeemsDown_AReleaseWaitsItsTurn_WithoutATryOfItsOwn()
+    {
+        var calls = fixture.Calls(MiddlewareClusterFixture.Options());
+        var first = fixture.Grains.GetIdempotencyGrain(new IdempotencyKey("user:alice", MiddlewareHarness.NewKey()));
+        var second = fixture.Grains.GetIdempotencyGrain(new IdempotencyKey("user:alice", MiddlewareHarness.NewKey()));
+        var policy = IdempotencyPolicy.Default;
+        await fixture.WhileStoreDownAsync(async () =>
+        {
+            await calls.ReleaseAsync(first, Guid.NewGuid(), policy.Lease, policy.Retention);
+            Assert.True(fixture.Store.RefusedOf(first.GetGrainId()) > 0);
+            await RunClockAsync(TimeSpan.FromSeconds(2));
+
+            await calls.ReleaseAsync(second, Guid.NewGuid(), policy.Lease, policy.Retention);
+            Assert.Equal(0, fixture.Store.RefusedOf(second.GetGrainId()));
+            return true;
+        });
+
+        await ClockRunsUntilAsync(() => fixture.Store.WritesOf(first.GetGrainId()) > 0 && fixture.Store.WritesOf(second.GetGrainId()) > 0);
+        Assert.Equal(0, calls.WaitingForTheStore);
+    }
+
+    [Fact]
+    public async Task Stopping_EndsTheBackgroundWrites_AndLogsEachKeyLeftWaiting()
+    {
+        var log = new FakeLogger<IdempotencyGrainCalls>();
+        var calls = fixture.Calls(MiddlewareClusterFixture.Options(), log);
+        var key = new IdempotencyKey("user:alice", MiddlewareHarness.NewKey());
+        var grain = fixture.Grains.GetIdempotencyGrain(key);
+        var policy = IdempotencyPolicy.Default;
+        await fixture.WhileStoreDownAsync(async () =>
+        {
+            await calls.ReleaseAsync(grain, Guid.NewGuid(), policy.Lease, policy.Retention);
+            await MiddlewareHarness.WaitUntilAsync(() => Task.FromResult(calls.WaitingForTheStore == 1));
+            calls.Dispose();
+            return true;
+        });
+
+        await RunClockAsync(TimeSpan.FromSeconds(3));
+        Assert.Equal(0, fixture.Store.WritesOf(grain.GetGrainId()));
+        Assert.Contains(log.Collector.GetSnapshot(), record => record.Level == LogLevel.Error && record.Message.Contains(grain.GetPrimaryKeyString()));
     }
 
     [Fact]

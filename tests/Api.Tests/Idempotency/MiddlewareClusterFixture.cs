@@ -1,5 +1,6 @@
 using System.Collections.Concurrent;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 using Microsoft.Extensions.Options;
 using Microsoft.Extensions.Time.Testing;
@@ -28,8 +29,8 @@ public sealed class MiddlewareClusterFixture : IAsyncLifetime
         Microsoft.Extensions.Options.Options.Create(new IdempotencyOptions { ClusterRetryBudget = TimeSpan.FromSeconds(2) });
 
     /// <summary>The layer's grain calls on this cluster and its fake clock.</summary>
-    internal IdempotencyGrainCalls Calls(IOptions<IdempotencyOptions> options) =>
-        new(Grains, options, Time, NullLogger<IdempotencyGrainCalls>.Instance);
+    internal IdempotencyGrainCalls Calls(IOptions<IdempotencyOptions> options, ILogger<IdempotencyGrainCalls>? logger = null) =>
+        new(Grains, options, Time, logger ?? NullLogger<IdempotencyGrainCalls>.Instance);
 
     /// <summary>Runs <paramref name="action"/> with the store down, and brings it back up whatever happens.</summary>
     public async Task<T> WhileStoreDownAsync<T>(Func<Task<T>> action)

@@ -29,10 +29,11 @@ internal sealed class MiddlewareHarness
             Interlocked.Increment(ref executions);
             return endpoint(context);
         };
+        Calls = fixture.Calls(options);
         middleware = new IdempotencyMiddleware(
             Endpoint,
             options,
-            fixture.Calls(options),
+            Calls,
             new IdempotencyProblems(options),
             new IdempotencyMetrics(meters),
             new ReplayCache(options, fixture.Time),
@@ -41,6 +42,9 @@ internal sealed class MiddlewareHarness
     }
 
     public IIdempotencyMetadata Metadata { get; }
+
+    /// <summary>The middleware's grain calls, with the writes they retry in the background.</summary>
+    public IdempotencyGrainCalls Calls { get; }
 
     public RequestDelegate Endpoint { get; }
 
