@@ -27,6 +27,15 @@ public sealed class IdempotencyOptions
     /// </summary>
     public long ReplayCacheBytes { get; set; } = 32L * 1024 * 1024;
 
+    /// <summary>
+    /// Whether an exception from an <c>ExecuteOnceAsync</c> action, its caller not having cancelled, releases the key
+    /// so the next call runs the action. The default releases, for every exception. Answer false for the exceptions
+    /// after which the action may have taken effect (a downstream time-out, say: <c>ex is TimeoutException or
+    /// TaskCanceledException</c>): the key is left to lapse into an unknown outcome instead of running twice. An
+    /// exception once the caller cancelled always leaves the key in doubt.
+    /// </summary>
+    public Func<Exception, bool> OnceReleasesOnException { get; set; } = static _ => true;
+
     /// <summary>Adds a named policy, for endpoints that say <c>[Idempotent(PolicyName = name)]</c> or <c>.RequireIdempotency(name)</c>.</summary>
     public IdempotencyOptions AddPolicy(string name, IdempotencyPolicy policy)
     {

@@ -82,11 +82,11 @@ internal sealed partial class OnceExecutor(
             {
                 result = await action(cancellationToken);
             }
-            catch (Exception)
+            catch (Exception exception)
             {
                 // Whatever it throws once its caller cancelled (a gRPC or SqlClient call cut off throws its own kind):
                 // cut off midway, it may have taken effect.
-                if (cancellationToken.IsCancellationRequested)
+                if (cancellationToken.IsCancellationRequested || !options.Value.OnceReleasesOnException(exception))
                 {
                     LogLeftInDoubt(logger, grain.GetPrimaryKeyString());
                 }
@@ -145,7 +145,7 @@ internal sealed partial class OnceExecutor(
     [LoggerMessage(Level = LogLevel.Error, Message = "Once key {Key}: the action ran, but its result cannot be stored as JSON that reads back; later calls are refused as result-not-stored.")]
     private static partial void LogResultNotStorable(ILogger logger, string key, Exception exception);
 
-    [LoggerMessage(Level = LogLevel.Warning, Message = "Once key {Key}: the action was cancelled midway; its claim is left to lapse, since it may have taken effect.")]
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Once key {Key}: the action was cut off midway (cancelled, or an exception OnceReleasesOnException keeps); its claim is left to lapse, since it may have taken effect.")]
     private static partial void LogLeftInDoubt(ILogger logger, string key);
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "Once key {Key}: the claim's lease ran out before the result could be stored; later calls are refused as outcome-unknown.")]

@@ -14,9 +14,10 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
 {
     private int runs;
 
-    private OnceExecutor Executor()
+    private OnceExecutor Executor(Func<Exception, bool>? releasesOnException = null)
     {
         var options = MiddlewareClusterFixture.Options();
+        options.Value.OnceReleasesOnException = releasesOnException ?? options.Value.OnceReleasesOnException;
         return new OnceExecutor(
             fixture.Calls(options),
             options,
@@ -110,6 +111,24 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
 
         Assert.Equal(1, runs);
         Assert.Equal(retried, await once.ExecuteOnceAsync(key, ChargeAsync));
+    }
+
+    [Fact]
+    public async Task ExceptionTheOptionsKeep_LeavesTheKeyInDoubt_AndOthersStillReleaseIt()
+    {
+        // A downstream time-out: the refund may have gone through.
+        var once = Executor(releasesOnException: ex => ex is not TimeoutException);
+        var timedOut = NewKey();
+        var declined = NewKey();
+
+        await Assert.ThrowsAsync<TimeoutException>(() => once.ExecuteOnceAsync<Charge>(timedOut, _ => throw new TimeoutException("downstream")));
+        await Assert.ThrowsAsync<InvalidOperationException>(() => once.ExecuteOnceAsync<Charge>(declined, _ => throw new InvalidOperationException("declined")));
+        fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
+
+        var refused = await Assert.ThrowsAsync<OnceRefusedException>(() => once.ExecuteOnceAsync(timedOut, ChargeAsync));
+        Assert.Equal(OnceRefusal.OutcomeUnknown, refused.Reason);
+        await once.ExecuteOnceAsync(declined, ChargeAsync);
+        Assert.Equal(1, runs);
     }
 
     [Theory]
