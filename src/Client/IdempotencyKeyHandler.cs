@@ -1,12 +1,13 @@
 using System.Net;
+using System.Text.Json;
 
 namespace OrleansIdempotency.Client;
 
 /// <summary>
 /// The client side of an idempotent API (DESIGN §5): gives each logical request that changes something a fresh
-/// <c>Idempotency-Key</c>, which stays on the request through every retry, and waits out a
-/// <c>409 Conflict</c> with <c>Retry-After</c> (the first request with the key is still running) by sending the same
-/// request again, with the same key, until it gets the outcome.
+/// <c>Idempotency-Key</c>, which stays on the request through every retry, and waits out the layer's
+/// <c>409 Conflict</c> <c>request-in-progress</c> problem, with its <c>Retry-After</c> (the first request with the key
+/// is still running), by sending the same request again, with the same key, until it gets the outcome.
 /// </summary>
 /// <remarks>
 /// Add it before the resilience handler (<c>AddIdempotencyKeys().AddStandardResilienceHandler()</c>): the key is
@@ -15,7 +16,9 @@ namespace OrleansIdempotency.Client;
 /// once however many attempts reach it. A key already on the request (one the caller keeps across its own retries,
 /// say) is left as it is. The content of a keyed request is buffered first, so the request can be sent again, up to
 /// <see cref="IdempotencyKeyOptions.MaxBufferedContentBytes"/>.
-/// A 409 with <c>Retry-After</c> is read as HTTP means it: the same request may succeed later.
+/// Any other 409 is returned as it is, <c>Retry-After</c> or not: only the layer's problem says that the first request
+/// with this key is still running and will have an outcome to replay; another service's 409 says nothing of the kind,
+/// and sending the request again could run it twice.
 /// </remarks>
 public sealed class IdempotencyKeyHandler : DelegatingHandler
 {
@@ -29,6 +32,9 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
     private static readonly TimeSpan ShortestWait = TimeSpan.FromMilliseconds(100);
 
     private static readonly TimeSpan LongestWait = TimeSpan.FromMilliseconds(int.MaxValue);
+
+    // The layer's problems are a few hundred bytes.
+    private const int MaxProblemBytes = 64 * 1024;
 
     private readonly IdempotencyKeyOptions options;
     private readonly TimeProvider time;
@@ -70,7 +76,7 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
         while (true)
         {
             var response = await base.SendAsync(request, cancellationToken).ConfigureAwait(false);
-            if (WaitBeforeAskingAgain(response, giveUpAt) is not { } delay)
+            if (WaitBeforeAskingAgain(response, giveUpAt) is not { } delay || !await IsInProgressProblemAsync(response, cancellationToken).ConfigureAwait(false))
             {
                 return response;
             }
@@ -117,6 +123,33 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
         }
 
         return "\"" + key.Replace("\\", "\\\\", StringComparison.Ordinal).Replace("\"", "\\\"", StringComparison.Ordinal) + "\"";
+    }
+
+    /// <summary>
+    /// True when <paramref name="response"/> is the layer's problem for a key in progress. Any other 409 with
+    /// <c>Retry-After</c> (an endpoint without the layer, whose key is ignored; another service's "operation in
+    /// progress") says nothing about the request having run: sending it again could run it twice.
+    /// </summary>
+    private static async Task<bool> IsInProgressProblemAsync(HttpResponseMessage response, CancellationToken cancellationToken)
+    {
+        if (response.Content.Headers.ContentType?.MediaType != "application/problem+json")
+        {
+            return false;
+        }
+
+        // A problem is a few hundred bytes; the buffer lets the caller read the body still, if it is returned.
+        await response.Content.LoadIntoBufferAsync(MaxProblemBytes, cancellationToken).ConfigureAwait(false);
+        try
+        {
+            using var problem = JsonDocument.Parse(await response.Content.ReadAsStreamAsync(cancellationToken).ConfigureAwait(false));
+            return problem.RootElement.ValueKind == JsonValueKind.Object
+                && problem.RootElement.TryGetProperty("type", out var type) && type.ValueKind == JsonValueKind.String
+                && type.GetString()!.EndsWith("/request-in-progress", StringComparison.Ordinal);
+        }
+        catch (JsonException)
+        {
+            return false;
+        }
     }
 
     /// <summary>

@@ -92,7 +92,12 @@ public sealed class IdempotencyKeyHandlerTests
         // The client's clock runs 5 s ahead of the server's; the server asks for 2 s.
         var serverNow = time.GetUtcNow() - TimeSpan.FromSeconds(5);
         var server = new Server(
-            _ => new HttpResponseMessage(HttpStatusCode.Conflict) { Headers = { Date = serverNow, RetryAfter = new RetryConditionHeaderValue(serverNow + TimeSpan.FromSeconds(2)) } },
+            _ =>
+            {
+                var inProgress = InProgressProblem(new RetryConditionHeaderValue(serverNow + TimeSpan.FromSeconds(2)));
+                inProgress.Headers.Date = serverNow;
+                return inProgress;
+            },
             Created);
         using var client = Client(server);
 
@@ -146,6 +151,24 @@ public sealed class IdempotencyKeyHandlerTests
         Assert.Equal(HttpStatusCode.Conflict, (await tooLongClient.PostAsync("/orders", Json())).StatusCode);
         Assert.Single(unknown.Attempts);
         Assert.Single(tooLong.Attempts);
+    }
+
+    [Theory]
+    [InlineData(null, "")]
+    [InlineData("application/problem+json", "{\"type\":\"https://other.example/problems/operation-in-progress\"}")]
+    [InlineData("application/json", "{\"type\":\"https://orleans-idempotency.dev/problems/request-in-progress\"}")]
+    [InlineData("application/problem+json", "not json")]
+    public async Task ConflictWithRetryAfter_NotTheLayersInProgressProblem_IsReturnedAsItIs_NeverSentAgain(string? mediaType, string body)
+    {
+        // An endpoint without the layer ignores the key: sent again, the request would run again.
+        var server = new Server(_ => Conflict(new RetryConditionHeaderValue(TimeSpan.FromSeconds(1)), mediaType, body), Created);
+        using var client = Client(server);
+
+        var response = await client.PostAsync("/orders", Json());
+
+        Assert.Equal(HttpStatusCode.Conflict, response.StatusCode);
+        Assert.Equal(body, await response.Content.ReadAsStringAsync());
+        Assert.Single(server.Attempts);
     }
 
     [Fact]
@@ -253,10 +276,20 @@ public sealed class IdempotencyKeyHandlerTests
     private static HttpResponseMessage Created(HttpRequestMessage request) => new(HttpStatusCode.Created);
 
     private static Func<HttpRequestMessage, HttpResponseMessage> InProgress(TimeSpan retryAfter) =>
-        _ => new HttpResponseMessage(HttpStatusCode.Conflict) { Headers = { RetryAfter = new RetryConditionHeaderValue(retryAfter) } };
+        _ => InProgressProblem(new RetryConditionHeaderValue(retryAfter));
 
     private static Func<HttpRequestMessage, HttpResponseMessage> InProgressUntil(DateTimeOffset date) =>
-        _ => new HttpResponseMessage(HttpStatusCode.Conflict) { Headers = { RetryAfter = new RetryConditionHeaderValue(date) } };
+        _ => InProgressProblem(new RetryConditionHeaderValue(date));
+
+    // The layer's answer for a key in progress, as IdempotencyProblems writes it.
+    private static HttpResponseMessage InProgressProblem(RetryConditionHeaderValue retryAfter) =>
+        Conflict(retryAfter, "application/problem+json", "{\"type\":\"https://orleans-idempotency.dev/problems/request-in-progress\",\"status\":409}");
+
+    private static HttpResponseMessage Conflict(RetryConditionHeaderValue? retryAfter, string? mediaType = null, string body = "") => new(HttpStatusCode.Conflict)
+    {
+        Headers = { RetryAfter = retryAfter },
+        Content = mediaType is null ? null : new StringContent(body, Encoding.UTF8, mediaType),
+    };
 
     /// <summary>Answers attempts in turn with the given responses (the last one repeats), recording each attempt's key and body.</summary>
     private sealed class Server(params Func<HttpRequestMessage, HttpResponseMessage>[] answers) : HttpMessageHandler
