@@ -268,6 +268,20 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
             return null;
         }
 
-        return new IdempotencyKey(scope[0]!, key[0]!);
+        // A key as a client sends it in the header, quoted, names the key it quotes (an operator pastes it from a log);
+        // any other is taken as it is: Once API keys from .NET need not be valid header values.
+        var named = key[0]!;
+        if (!named.StartsWith('"'))
+        {
+            return new IdempotencyKey(scope[0]!, named);
+        }
+
+        if (IdempotencyKeyHeader.TryRead(named, out var unquoted, out var error) != IdempotencyKeyHeader.Status.Valid)
+        {
+            await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid, $"The key is quoted as the header quotes it, but: {error}", null);
+            return null;
+        }
+
+        return new IdempotencyKey(scope[0]!, unquoted);
     }
 }

@@ -157,6 +157,23 @@ public sealed class IdempotencyKeyEndpointsTests(MiddlewareClusterFixture fixtur
         Assert.Equal(2, reclaiming.Executions);
     }
 
+    [Fact]
+    public async Task KeyQuotedAsTheHeaderSendsIt_NamesTheKeyItQuotes()
+    {
+        var (harness, key) = await KeyInDoubtAsync();
+
+        var read = await CallAsync(keys.ReadAsync, $"\"{key}\"", "");
+        var resolved = await CallAsync(keys.ResolveAsync, $"\"{key}\"", "{\"release\":true}");
+        var badlyQuoted = await CallAsync(keys.ReadAsync, $"\"{key}", "");
+
+        Assert.Equal("outcomeUnknown", read.Json.GetProperty("status").GetString());
+        Assert.Equal(200, resolved.Status);
+        await Assert.ThrowsAsync<InvalidOperationException>(() => harness.SendAsync(key));
+        Assert.Equal(2, harness.Executions);
+        Assert.Equal(400, badlyQuoted.Status);
+        Assert.EndsWith("request-invalid", badlyQuoted.Json.GetProperty("type").GetString());
+    }
+
     [Theory]
     [InlineData("user:alice", "k", "{\"release\":true,\"claim\":\"not-a-claim\"}")]
     [InlineData("user:alice", null, "{\"release\":true}")]
