@@ -25,6 +25,7 @@ public static class GrainBenchmark
         // Through the same hosting as the demo API, so that what is measured runs with its silo settings (the activation
         // collection age, the directory-cache bound). Its warning about in-memory records is logged once per run.
         builder.Configuration.AddInMemoryCollection(FreePort.SiloEndpoints());
+        builder.Configuration.AddInMemoryCollection(new Dictionary<string, string?> { ["Orleans:AllowInMemoryRecords"] = "true" });
         builder.UseOrleans(silo => silo.UseIdempotency(builder.Configuration));
         using var host = builder.Build();
         await host.StartAsync();

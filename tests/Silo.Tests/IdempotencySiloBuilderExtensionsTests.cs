@@ -90,6 +90,20 @@ public sealed class IdempotencySiloBuilderExtensionsTests
         Assert.Contains("ConnectionStrings:Postgres", error.Message, StringComparison.Ordinal);
     }
 
+    [Fact]
+    public async Task InMemoryRecordsOutsideDevelopment_WithoutTheSettingThatAllowsThem_AreRefusedAtStart()
+    {
+        // A production host whose ConnectionStrings__Postgres did not arrive.
+        var error = await Assert.ThrowsAsync<InvalidOperationException>(() => TestSilo.StartAsync(new Dictionary<string, string?>
+        {
+            ["Orleans:AllowInMemoryRecords"] = "false",
+        }));
+
+        Assert.Contains("ConnectionStrings__Postgres", error.Message, StringComparison.Ordinal);
+        Assert.Contains("Orleans__AllowInMemoryRecords=true", error.Message, StringComparison.Ordinal);
+        Assert.Contains("Production", error.Message, StringComparison.Ordinal);
+    }
+
     /// <summary>
     /// The entries in this silo's grain-directory cache, as Orleans reports them (the <c>orleans-directory-cache-size</c>
     /// gauge of the meters this silo created; other silos in this test process have meters of their own).

@@ -30,6 +30,8 @@ public sealed class TestSilo : IAsyncDisposable
             ["Orleans:Membership:NumMissedProbesLimit"] = "2",
             ["Orleans:Membership:NumVotesForDeathDeclaration"] = "1",
             ["Orleans:Membership:TableRefreshTimeout"] = "00:00:02",
+            // Its host's environment is Production; a silo without PostgreSQL is meant to keep its records in memory.
+            ["Orleans:AllowInMemoryRecords"] = "true",
         });
         builder.Configuration.AddInMemoryCollection(settings);
         builder.Logging.AddFilter(level => level >= LogLevel.Warning);

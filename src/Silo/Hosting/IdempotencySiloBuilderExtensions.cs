@@ -27,7 +27,8 @@ public static class IdempotencySiloBuilderExtensions
     /// <summary>
     /// Configures the silo from <paramref name="configuration"/> (see <see cref="IdempotencyClusterSettings"/>):
     /// Redis clustering when <c>ConnectionStrings:Redis</c> is set, else localhost clustering; PostgreSQL records
-    /// when <c>ConnectionStrings:Postgres</c> is set, else in-memory records, with a warning.
+    /// when <c>ConnectionStrings:Postgres</c> is set, else in-memory records, with a warning (outside Development only
+    /// where <c>Orleans:AllowInMemoryRecords</c> allows them: <see cref="InMemoryStorageCheck"/>).
     /// </summary>
     public static ISiloBuilder UseIdempotency(this ISiloBuilder silo, IConfiguration configuration)
     {
@@ -68,7 +69,7 @@ public static class IdempotencySiloBuilderExtensions
         else
         {
             silo.AddIdempotencyMemoryStorage();
-            silo.Services.AddHostedService<InMemoryStorageWarning>();
+            silo.Services.AddSingleton<ILifecycleParticipant<ISiloLifecycle>, InMemoryStorageCheck>();
         }
 
         // Failure detection is a trade-off between fail-over time and false suspicion under load: operators tune it
