@@ -150,7 +150,7 @@ public sealed class PostgresStorageTests(ServersFixture servers)
     {
         // Two clusters on one database: each hosts its own activation of every key, as two activations can briefly
         // coexist while membership changes. Only the conditional write stands between them. (Through Redis: silos
-        // without it refuse to share a database, StandaloneSiloLock.)
+        // without it refuse to share a database, ServiceLock.)
         await using var clusters = await TwoClusters.StartAsync(servers);
         var (settings, first, second) = (clusters.Settings, clusters.First, clusters.Second);
 

@@ -52,12 +52,9 @@ public static class IdempotencySiloBuilderExtensions
         if (settings.Postgres is { } postgres)
         {
             silo.AddIdempotencyPostgresStorage(postgres);
-            if (settings.Redis is null)
-            {
-                silo.Services.AddSingleton(sp => new StandaloneSiloLock(sp.GetRequiredService<IdempotencyDatabase>(), settings.ServiceId,
-                    sp.GetRequiredService<TimeProvider>(), sp.GetRequiredService<ILogger<StandaloneSiloLock>>()));
-                silo.Services.AddSingleton<ILifecycleParticipant<ISiloLifecycle>>(sp => sp.GetRequiredService<StandaloneSiloLock>());
-            }
+            silo.Services.AddSingleton(sp => new ServiceLock(sp.GetRequiredService<IdempotencyDatabase>(), settings.ServiceId,
+                clustered: settings.Redis is not null, sp.GetRequiredService<TimeProvider>(), sp.GetRequiredService<ILogger<ServiceLock>>()));
+            silo.Services.AddSingleton<ILifecycleParticipant<ISiloLifecycle>>(sp => sp.GetRequiredService<ServiceLock>());
         }
         else if (settings.Redis is not null)
         {

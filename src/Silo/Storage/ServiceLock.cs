@@ -5,20 +5,21 @@ using Orleans.Runtime;
 namespace OrleansIdempotency.Silo.Storage;
 
 /// <summary>
-/// Without Redis a silo is a cluster of its own, so two such silos on one database would each activate the same keys
-/// for good, not just while membership changes: every write stays fenced (ETags), but each answers from its own copy,
-/// read again at most once a second, and each keeps the other's keys' activations and waiters apart. A silo on
-/// PostgreSQL without Redis therefore holds a lock in PostgreSQL, per service, for as long as it runs. Another waits
-/// for it (an overlapping restart), then refuses to start, naming the cause.
+/// Without Redis a silo is a cluster of its own, so two such silos on one database, or one beside a Redis cluster,
+/// would each activate the same keys for good, not just while membership changes: every write stays fenced (ETags),
+/// but each answers from its own copy, read again at most once a second, and each keeps the other's keys' activations
+/// and waiters apart. So every silo on PostgreSQL holds a lock in PostgreSQL, per service, for as long as it runs:
+/// the silos of a Redis cluster share it, a silo without Redis holds it alone. A silo that cannot take it waits (an
+/// overlapping restart), then refuses to start, naming the cause.
 /// </summary>
 /// <remarks>
 /// PostgreSQL drops the lock with the session: when the process exits or is killed, when its host vanishes (within a
 /// minute: the session is probed), or when the connection is lost, as in a PostgreSQL restart. A running silo checks
-/// its session every <see cref="CheckInterval"/> and takes the lock again in a new one; should another silo have taken
-/// it meanwhile, it says so, loudly, since two clusters then serve the service. Two Redis clusters of one service (two
-/// ClusterIds at once) are not detected: run one ClusterId per service at a time.
+/// its session every <see cref="CheckInterval"/> and takes the lock again in a new one; should a silo of another kind
+/// have taken it meanwhile, it says so, loudly, since two clusters then serve the service. Two Redis clusters of one
+/// service (two ClusterIds at once) both share it, and are not detected: run one ClusterId per service at a time.
 /// </remarks>
-public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, string serviceId, TimeProvider time, ILogger<StandaloneSiloLock> logger)
+public sealed partial class ServiceLock(IdempotencyDatabase database, string serviceId, bool clustered, TimeProvider time, ILogger<ServiceLock> logger)
     : ILifecycleParticipant<ISiloLifecycle>, IAsyncDisposable
 {
     // The two-key advisory lock space, apart from the schema installer's one-key lock: "OIde", then the service.
@@ -30,7 +31,7 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
     private Task keeping = Task.CompletedTask;
     private int disposed;
 
-    /// <summary>How long a starting silo waits for another standalone silo of its service to stop. The default is 60 seconds.</summary>
+    /// <summary>How long a starting silo waits for the silos of another kind serving its service to stop. The default is 60 seconds.</summary>
     public TimeSpan StartupTimeout { get; init; } = TimeSpan.FromSeconds(60);
 
     /// <summary>How often a running silo checks that its lock's session lives. The default is 10 seconds.</summary>
@@ -38,7 +39,7 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
 
     // The stage after the schema installer's: PostgreSQL has been waited for by then, and grains are not yet served.
     public void Participate(ISiloLifecycle lifecycle) =>
-        lifecycle.Subscribe(nameof(StandaloneSiloLock), ServiceLifecycleStage.RuntimeGrainServices, AcquireAsync, _ => ReleaseAsync());
+        lifecycle.Subscribe(nameof(ServiceLock), ServiceLifecycleStage.RuntimeGrainServices, AcquireAsync, _ => ReleaseAsync());
 
     /// <summary>
     /// Takes the lock, waiting up to <see cref="StartupTimeout"/> for the silo that holds it to stop; then keeps it.
@@ -53,9 +54,13 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
             {
                 if (time.GetUtcNow() >= deadline)
                 {
-                    throw new InvalidOperationException(
-                        $"Another silo without Redis serves '{serviceId}' from this PostgreSQL database. Silos that share a database must form one " +
-                        "cluster: set ConnectionStrings__Redis on every one of them (or give this one a database of its own).");
+                    throw new InvalidOperationException(clustered
+                        ? $"A silo without Redis serves '{serviceId}' from this PostgreSQL database as a cluster of its own, and this silo's " +
+                          "Redis cluster would be a second. Silos that share a database must form one cluster: set ConnectionStrings__Redis " +
+                          "on every one of them (or give this one a database of its own)."
+                        : $"Other silos serve '{serviceId}' from this PostgreSQL database (one without Redis, or a Redis cluster), and this one, " +
+                          "without Redis, would be a cluster of its own. Silos that share a database must form one cluster: set " +
+                          "ConnectionStrings__Redis on every one of them (or give this one a database of its own).");
                 }
 
                 if (attempt == 1)
@@ -77,7 +82,7 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
         keeping = KeepAsync(stopping.Token);
     }
 
-    /// <summary>Lets the next standalone silo of the service start.</summary>
+    /// <summary>Lets a silo of another kind serve the service, once no silo of this one holds the lock.</summary>
     public async Task ReleaseAsync()
     {
         if (Volatile.Read(ref disposed) == 0)
@@ -114,7 +119,8 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
         // two hours by default: the server probes this one itself, and drops it within a minute.
         await using var command = new NpgsqlCommand(
             "SET tcp_keepalives_idle = 15; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3; " +
-            "SELECT pg_try_advisory_lock(@space, hashtext(@service))", connection);
+            (clustered ? "SELECT pg_try_advisory_lock_shared(@space, hashtext(@service))" : "SELECT pg_try_advisory_lock(@space, hashtext(@service))"),
+            connection);
         command.Parameters.AddWithValue("space", LockSpace);
         command.Parameters.AddWithValue("service", serviceId);
         return (bool)(await command.ExecuteScalarAsync(cancellationToken))!;
@@ -151,7 +157,7 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
                         LogRetaken(logger, serviceId);
                         takenByAnother = false;
                     }
-                    else if (await HolderAsync(fresh, stop) is { } holder && holder.Pid != heldBy && !takenByAnother)
+                    else if (await OtherHolderAsync(fresh, stop) is { } holder && !takenByAnother)
                     {
                         // Not our old session, which the server may not have seen die yet (it then holds the lock on).
                         LogTakenByAnother(logger, serviceId, holder.Pid, holder.Client);
@@ -179,14 +185,19 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
         }
     }
 
-    private async Task<(int Pid, string Client)?> HolderAsync(NpgsqlConnection connection, CancellationToken stop)
+    // A session holding the lock in the way that keeps this silo out: not its own old one (the server may not have seen it
+    // die yet), and, for a silo of a Redis cluster, one holding it alone (the cluster's other silos share it).
+    private async Task<(int Pid, string Client)?> OtherHolderAsync(NpgsqlConnection connection, CancellationToken stop)
     {
         await using var command = new NpgsqlCommand(
             "SELECT l.pid, coalesce(host(a.client_addr), 'a local socket') FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid " +
             "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = @space AND l.objid = hashtext(@service)::oid AND l.objsubid = 2 " +
-            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())", connection);
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND l.pid <> @mine " +
+            "AND (NOT @clustered OR l.mode = 'ExclusiveLock')", connection);
         command.Parameters.AddWithValue("space", LockSpace);
         command.Parameters.AddWithValue("service", serviceId);
+        command.Parameters.AddWithValue("mine", heldBy);
+        command.Parameters.AddWithValue("clustered", clustered);
         await using var reader = await command.ExecuteReaderAsync(stop);
         return await reader.ReadAsync(stop) ? (reader.GetInt32(0), reader.GetString(1)) : null;
     }
@@ -205,16 +216,16 @@ public sealed partial class StandaloneSiloLock(IdempotencyDatabase database, str
         }
     }
 
-    [LoggerMessage(Level = LogLevel.Warning, Message = "Another silo without Redis serves '{ServiceId}' from this PostgreSQL database; waiting for it to stop.")]
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Silos of another kind (with Redis, or without) serve '{ServiceId}' from this PostgreSQL database; waiting for them to stop.")]
     private static partial void LogWaiting(ILogger logger, string serviceId);
 
-    [LoggerMessage(Level = LogLevel.Information, Message = "The lock of standalone service '{ServiceId}' was lost with its PostgreSQL session and is held again.")]
+    [LoggerMessage(Level = LogLevel.Information, Message = "The lock of service '{ServiceId}' was lost with its PostgreSQL session and is held again.")]
     private static partial void LogRetaken(ILogger logger, string serviceId);
 
-    [LoggerMessage(Level = LogLevel.Error, Message = "The lock of standalone service '{ServiceId}' was lost with its PostgreSQL session, and another silo without Redis " +
+    [LoggerMessage(Level = LogLevel.Error, Message = "The lock of service '{ServiceId}' was lost with its PostgreSQL session, and a silo of another kind " +
         "has taken it (PostgreSQL session {Pid}, from {Client}): two clusters now serve this service from one database. Stop one, or give every silo ConnectionStrings__Redis.")]
     private static partial void LogTakenByAnother(ILogger logger, string serviceId, int pid, string client);
 
-    [LoggerMessage(Level = LogLevel.Warning, Message = "Checking the lock of standalone service '{ServiceId}' failed ({Reason}); the next check tries again.")]
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Checking the lock of service '{ServiceId}' failed ({Reason}); the next check tries again.")]
     private static partial void LogCheckFailed(ILogger logger, string serviceId, string reason);
 }

@@ -9,9 +9,12 @@ using OrleansIdempotency.Testing;
 
 namespace OrleansIdempotency.Silo.Tests;
 
-/// <summary>Silos without Redis are clusters of one: two of them must not serve one service from one database.</summary>
+/// <summary>
+/// Silos without Redis are clusters of one: two of them, or one beside a Redis cluster, must not serve one service from
+/// one database.
+/// </summary>
 [Collection(ServersCollection.Name)]
-public sealed class StandaloneSiloLockTests(ServersFixture servers)
+public sealed class ServiceLockTests(ServersFixture servers)
 {
     [Fact]
     public async Task SecondLockOfAService_WaitsForTheFirst_AndRefusesWhileItIsHeld_OtherServicesAreApart()
@@ -32,6 +35,36 @@ public sealed class StandaloneSiloLockTests(ServersFixture servers)
         await waiting.WaitAsync(TimeSpan.FromSeconds(10));
 
         Assert.Contains("ConnectionStrings__Redis", refused.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public async Task SilosOfARedisCluster_ShareTheLock_AndASiloWithoutRedisIsRefusedBesideThem_AndTheyBesideIt()
+    {
+        await using var database = new IdempotencyDatabase(await servers.Postgres.CreateDatabaseAsync());
+        await using var clusteredA = Lock(database, "orders", TimeSpan.FromSeconds(2), clustered: true);
+        await using var clusteredB = Lock(database, "orders", TimeSpan.FromSeconds(2), clustered: true);
+        await using var standalone = Lock(database, "orders", TimeSpan.FromSeconds(2));
+        await using var lateClustered = Lock(database, "orders", TimeSpan.FromSeconds(2), clustered: true);
+
+        await clusteredA.AcquireAsync(CancellationToken.None);
+        await clusteredB.AcquireAsync(CancellationToken.None);
+        var standaloneRefused = await Assert.ThrowsAsync<InvalidOperationException>(() => standalone.AcquireAsync(CancellationToken.None));
+        await clusteredA.ReleaseAsync();
+        await clusteredB.ReleaseAsync();
+        await standalone.AcquireAsync(CancellationToken.None);
+        var clusteredRefused = await Assert.ThrowsAsync<InvalidOperationException>(() => lateClustered.AcquireAsync(CancellationToken.None));
+
+        Assert.Contains("Redis cluster", standaloneRefused.Message, StringComparison.Ordinal);
+        Assert.Contains("A silo without Redis serves 'orders'", clusteredRefused.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public async Task SiloOfARedisCluster_HoldsTheServiceLockShared()
+    {
+        var settings = await TestClusterSettings.CreateAsync(servers);
+        await using var silo = await TestSilo.StartAsync(settings);
+
+        Assert.Equal(["ShareLock"], await AdvisoryLockModesAsync(settings["ConnectionStrings:Postgres"]!));
     }
 
     [Fact]
@@ -83,8 +116,8 @@ public sealed class StandaloneSiloLockTests(ServersFixture servers)
         var connectionString = await servers.Postgres.CreateDatabaseAsync();
         await using var database = new IdempotencyDatabase(connectionString);
         var clock = new FakeTimeProvider(DateTimeOffset.UtcNow);
-        var log = new FakeLogger<StandaloneSiloLock>();
-        await using var running = new StandaloneSiloLock(database, "orders", clock, log) { CheckInterval = TimeSpan.FromSeconds(10) };
+        var log = new FakeLogger<ServiceLock>();
+        await using var running = new ServiceLock(database, "orders", clustered: false, clock, log) { CheckInterval = TimeSpan.FromSeconds(10) };
         await running.AcquireAsync(CancellationToken.None);
 
         // PostgreSQL ends the lock's session, as a restart does: at its next check the silo holds the lock again.
@@ -141,22 +174,29 @@ public sealed class StandaloneSiloLockTests(ServersFixture servers)
         (await AdvisoryLockHoldersAsync(settings["ConnectionStrings:Postgres"]!)).Count;
 
     // The sessions holding an advisory lock in the database.
-    private static async Task<List<int>> AdvisoryLockHoldersAsync(string connectionString)
+    private static async Task<List<int>> AdvisoryLockHoldersAsync(string connectionString) =>
+        [.. (await AdvisoryLockRowsAsync(connectionString)).Select(l => l.Pid)];
+
+    // How each advisory lock in the database is held (ShareLock, ExclusiveLock).
+    private static async Task<List<string>> AdvisoryLockModesAsync(string connectionString) =>
+        [.. (await AdvisoryLockRowsAsync(connectionString)).Select(l => l.Mode)];
+
+    private static async Task<List<(int Pid, string Mode)>> AdvisoryLockRowsAsync(string connectionString)
     {
         await using var connection = new NpgsqlConnection(connectionString + ";Pooling=false");
         await connection.OpenAsync();
         await using var command = new NpgsqlCommand(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())", connection);
+            "SELECT pid, mode FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())", connection);
         await using var reader = await command.ExecuteReaderAsync();
-        var holders = new List<int>();
+        var locks = new List<(int, string)>();
         while (await reader.ReadAsync())
         {
-            holders.Add(reader.GetInt32(0));
+            locks.Add((reader.GetInt32(0), reader.GetString(1)));
         }
 
-        return holders;
+        return locks;
     }
 
-    private static StandaloneSiloLock Lock(IdempotencyDatabase database, string service, TimeSpan timeout) =>
-        new(database, service, TimeProvider.System, NullLogger<StandaloneSiloLock>.Instance) { StartupTimeout = timeout };
+    private static ServiceLock Lock(IdempotencyDatabase database, string service, TimeSpan timeout, bool clustered = false) =>
+        new(database, service, clustered, TimeProvider.System, NullLogger<ServiceLock>.Instance) { StartupTimeout = timeout };
 }
