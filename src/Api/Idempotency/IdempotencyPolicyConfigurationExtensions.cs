@@ -20,8 +20,8 @@ public static class IdempotencyPolicyConfigurationExtensions
             Retention = Read(section, nameof(IdempotencyPolicy.Retention), policy.Retention, v => TimeSpan.Parse(v, CultureInfo.InvariantCulture)),
             Lease = Read(section, nameof(IdempotencyPolicy.Lease), policy.Lease, v => TimeSpan.Parse(v, CultureInfo.InvariantCulture)),
             WaitTimeout = Read(section, nameof(IdempotencyPolicy.WaitTimeout), policy.WaitTimeout, v => TimeSpan.Parse(v, CultureInfo.InvariantCulture)),
-            ConcurrentDuplicates = Read(section, nameof(IdempotencyPolicy.ConcurrentDuplicates), policy.ConcurrentDuplicates, Enum.Parse<ConcurrentDuplicateHandling>),
-            OnLapsedLease = Read(section, nameof(IdempotencyPolicy.OnLapsedLease), policy.OnLapsedLease, Enum.Parse<LapsedLeasePolicy>),
+            ConcurrentDuplicates = Read(section, nameof(IdempotencyPolicy.ConcurrentDuplicates), policy.ConcurrentDuplicates, EnumName<ConcurrentDuplicateHandling>),
+            OnLapsedLease = Read(section, nameof(IdempotencyPolicy.OnLapsedLease), policy.OnLapsedLease, EnumName<LapsedLeasePolicy>),
             MaxStoredResponseBytes = Read(section, nameof(IdempotencyPolicy.MaxStoredResponseBytes), policy.MaxStoredResponseBytes, v => int.Parse(v, CultureInfo.InvariantCulture)),
             MaxRequestBodyBytes = Read(section, nameof(IdempotencyPolicy.MaxRequestBodyBytes), policy.MaxRequestBodyBytes, v => long.Parse(v, CultureInfo.InvariantCulture)),
             KeyRequired = Read(section, nameof(IdempotencyPolicy.KeyRequired), policy.KeyRequired, bool.Parse),
@@ -41,9 +41,16 @@ public static class IdempotencyPolicyConfigurationExtensions
         {
             return parse(value);
         }
-        catch (FormatException ex)
+        catch (Exception ex) when (ex is FormatException or OverflowException)
         {
             throw new InvalidOperationException($"Idempotency setting {name} = '{value}' is not valid.", ex);
         }
     }
+
+    // One of the enum's names, in any case; a number, which Enum.Parse would take whether the enum defines it or not, is not.
+    private static T EnumName<T>(string value)
+        where T : struct, Enum =>
+        Enum.TryParse<T>(value, ignoreCase: true, out var parsed) && Enum.IsDefined(parsed) && !char.IsAsciiDigit(value.Trim()[0]) && value.Trim()[0] != '-'
+            ? parsed
+            : throw new FormatException($"Expected one of: {string.Join(", ", Enum.GetNames<T>())}.");
 }

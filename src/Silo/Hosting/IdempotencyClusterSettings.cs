@@ -49,16 +49,26 @@ public sealed record IdempotencyClusterSettings(
         return new(
             Postgres: NullIfEmpty(configuration.GetConnectionString("Postgres")),
             Redis: NullIfEmpty(configuration.GetConnectionString("Redis")),
-            Role: Enum.Parse<IdempotencyClusterRole>(orleans["Role"] ?? nameof(IdempotencyClusterRole.Silo), ignoreCase: true),
+            Role: ReadRole(orleans["Role"]),
             ClusterId: NullIfEmpty(orleans["ClusterId"]) ?? DefaultId,
             ServiceId: NullIfEmpty(orleans["ServiceId"]) ?? DefaultId,
-            SiloPort: Port(endpoints["SiloPort"], 11111),
-            GatewayPort: Port(endpoints["GatewayPort"], 30000),
+            SiloPort: ReadPort(endpoints["SiloPort"], 11111, "SiloPort"),
+            GatewayPort: ReadPort(endpoints["GatewayPort"], 30000, "GatewayPort"),
             AdvertisedHost: NullIfEmpty(endpoints["AdvertisedHost"]) ?? "127.0.0.1");
     }
 
     private static string? NullIfEmpty(string? value) => string.IsNullOrWhiteSpace(value) ? null : value;
 
-    private static int Port(string? value, int defaultPort) =>
-        value is null ? defaultPort : int.Parse(value, NumberStyles.None, CultureInfo.InvariantCulture);
+    private static IdempotencyClusterRole ReadRole(string? value) => value switch
+    {
+        _ when string.IsNullOrWhiteSpace(value) => IdempotencyClusterRole.Silo,
+        _ when value.Trim().Equals(nameof(IdempotencyClusterRole.Silo), StringComparison.OrdinalIgnoreCase) => IdempotencyClusterRole.Silo,
+        _ when value.Trim().Equals(nameof(IdempotencyClusterRole.Client), StringComparison.OrdinalIgnoreCase) => IdempotencyClusterRole.Client,
+        _ => throw new InvalidOperationException($"Orleans:Role is '{value}': expected Silo or Client."),
+    };
+
+    private static int ReadPort(string? value, int defaultPort, string setting) =>
+        string.IsNullOrWhiteSpace(value) ? defaultPort
+        : int.TryParse(value.Trim(), NumberStyles.None, CultureInfo.InvariantCulture, out var port) && port is > 0 and <= 65535 ? port
+        : throw new InvalidOperationException($"Orleans:Endpoints:{setting} is '{value}': expected a port number, 1 to 65535.");
 }
