@@ -86,10 +86,22 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
         }
     }
 
-    // The synchronous path blocks on the asynchronous one, keying and waiting alike, as HttpClient.Send blocks anyway
-    // (never resuming on the caller's SynchronizationContext, which is blocked here).
-    protected override HttpResponseMessage Send(HttpRequestMessage request, CancellationToken cancellationToken) =>
-        SendAsync(request, cancellationToken).GetAwaiter().GetResult();
+    // The synchronous path blocks on the asynchronous one, keying and waiting alike, as HttpClient.Send blocks anyway.
+    // Off the caller's SynchronizationContext, which is blocked here: an inner handler that awaits without
+    // ConfigureAwait(false) would otherwise wait for the very thread it holds up.
+    protected override HttpResponseMessage Send(HttpRequestMessage request, CancellationToken cancellationToken)
+    {
+        var callers = SynchronizationContext.Current;
+        SynchronizationContext.SetSynchronizationContext(null);
+        try
+        {
+            return SendAsync(request, cancellationToken).GetAwaiter().GetResult();
+        }
+        finally
+        {
+            SynchronizationContext.SetSynchronizationContext(callers);
+        }
+    }
 
     // A content of unknown length stops at the bound as it is read (HttpRequestException, naming the bound); one whose
     // length is known is refused before a byte of it is read.

@@ -324,7 +324,8 @@ public sealed class IdempotencyKeyHandlerTests
         {
             if (AnswersLater)
             {
-                await Task.Delay(10, cancellationToken).ConfigureAwait(false);
+                // Resuming on the caller's context, as an inner handler written without ConfigureAwait(false) does.
+                await Task.Delay(10, cancellationToken);
             }
 
             return Answer(request, request.Content is null ? "" : await request.Content.ReadAsStringAsync(cancellationToken));
