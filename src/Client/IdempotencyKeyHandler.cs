@@ -87,21 +87,10 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
     }
 
     // The synchronous path blocks on the asynchronous one, keying and waiting alike, as HttpClient.Send blocks anyway.
-    // Off the caller's SynchronizationContext, which is blocked here: an inner handler that awaits without
-    // ConfigureAwait(false) would otherwise wait for the very thread it holds up.
-    protected override HttpResponseMessage Send(HttpRequestMessage request, CancellationToken cancellationToken)
-    {
-        var callers = SynchronizationContext.Current;
-        SynchronizationContext.SetSynchronizationContext(null);
-        try
-        {
-            return SendAsync(request, cancellationToken).GetAwaiter().GetResult();
-        }
-        finally
-        {
-            SynchronizationContext.SetSynchronizationContext(callers);
-        }
-    }
+    // On the thread pool, off the caller's SynchronizationContext and TaskScheduler, which are blocked here: an inner
+    // handler that awaits without ConfigureAwait(false) would otherwise wait for the very thread it holds up.
+    protected override HttpResponseMessage Send(HttpRequestMessage request, CancellationToken cancellationToken) =>
+        Task.Run(() => SendAsync(request, cancellationToken), cancellationToken).GetAwaiter().GetResult();
 
     // A content of unknown length stops at the bound as it is read (HttpRequestException, naming the bound); one whose
     // length is known is refused before a byte of it is read.
@@ -150,16 +139,22 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
         }
 
         // A problem is a few hundred bytes; the buffer lets the caller read the body still, if it is returned.
-        await response.Content.LoadIntoBufferAsync(MaxProblemBytes, cancellationToken).ConfigureAwait(false);
+        if (response.Content.Headers.ContentLength > MaxProblemBytes)
+        {
+            return false;
+        }
+
         try
         {
+            await response.Content.LoadIntoBufferAsync(MaxProblemBytes, cancellationToken).ConfigureAwait(false);
             using var problem = JsonDocument.Parse(await response.Content.ReadAsStreamAsync(cancellationToken).ConfigureAwait(false));
             return problem.RootElement.ValueKind == JsonValueKind.Object
                 && problem.RootElement.TryGetProperty("type", out var type) && type.ValueKind == JsonValueKind.String
                 && type.GetString()!.EndsWith("/request-in-progress", StringComparison.Ordinal);
         }
-        catch (JsonException)
+        catch (Exception ex) when (ex is JsonException or HttpRequestException)
         {
+            // Not JSON, or larger than any problem of the layer's (its length unknown until read): not the layer's.
             return false;
         }
     }

@@ -172,6 +172,20 @@ public sealed class IdempotencyKeyHandlerTests
     }
 
     [Fact]
+    public async Task ConflictWithAProblemLargerThanAnyOfTheLayers_IsReturnedWhole()
+    {
+        var body = "{\"type\":\"https://orleans-idempotency.dev/problems/request-in-progress\",\"detail\":\"" + new string('x', 70_000) + "\"}";
+        var server = new Server(_ => Conflict(new RetryConditionHeaderValue(TimeSpan.FromSeconds(1)), "application/problem+json", body), Created);
+        using var client = Client(server);
+
+        var response = await client.PostAsync("/orders", Json());
+
+        Assert.Equal(HttpStatusCode.Conflict, response.StatusCode);
+        Assert.Equal(body, await response.Content.ReadAsStringAsync());
+        Assert.Single(server.Attempts);
+    }
+
+    [Fact]
     public async Task CancellationWhileWaiting_EndsTheRequest()
     {
         var server = new Server(InProgress(TimeSpan.FromSeconds(5)));

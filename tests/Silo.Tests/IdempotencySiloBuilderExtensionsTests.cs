@@ -4,11 +4,14 @@ using Microsoft.Extensions.Options;
 using Orleans.Configuration;
 using Orleans.Storage;
 using OrleansIdempotency.Grains;
+using OrleansIdempotency.Silo.Hosting;
 using OrleansIdempotency.Silo.Storage;
+using OrleansIdempotency.Testing;
 
 namespace OrleansIdempotency.Silo.Tests;
 
-public sealed class IdempotencySiloBuilderExtensionsTests
+[Collection(ServersCollection.Name)]
+public sealed class IdempotencySiloBuilderExtensionsTests(ServersFixture servers)
 {
     private static ClaimRequest Claim() => new(Guid.NewGuid(), [4, 2], TimeSpan.FromMinutes(1), TimeSpan.FromHours(1));
 
@@ -102,6 +105,18 @@ public sealed class IdempotencySiloBuilderExtensionsTests
         Assert.Contains("ConnectionStrings__Postgres", error.Message, StringComparison.Ordinal);
         Assert.Contains("Orleans__AllowInMemoryRecords=true", error.Message, StringComparison.Ordinal);
         Assert.Contains("Production", error.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public async Task HostAddingPostgresItself_OutsideDevelopment_StartsWithoutTheSettingForInMemoryRecords()
+    {
+        var connectionString = await servers.Postgres.CreateDatabaseAsync();
+
+        await using var silo = await TestSilo.StartAsync(
+            new Dictionary<string, string?> { ["Orleans:AllowInMemoryRecords"] = "false" },
+            configure: builder => builder.AddIdempotencyPostgresStorage(connectionString));
+
+        Assert.IsNotType<InMemoryRecordStorage>(silo.Host.Services.GetRequiredKeyedService<IGrainStorage>(IdempotencyGrain.StorageName));
     }
 
     /// <summary>

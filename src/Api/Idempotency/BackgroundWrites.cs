@@ -31,6 +31,7 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
     private long completionBytes;
     private bool draining;
     private bool storeDown;
+    private bool probeReleaseFirst;
 
     /// <summary>How many writes wait for the store.</summary>
     public int Waiting
@@ -79,8 +80,13 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
         bool start;
         lock (gate)
         {
-            if (stopped.IsCancellationRequested
-                || (write.IsCompletion ? completionBytes + write.Bytes > MaxCompletionBytes : releases.Count >= MaxReleases))
+            if (stopped.IsCancellationRequested)
+            {
+                LogLeftWaiting(logger, write.Key, write.Kind);
+                return;
+            }
+
+            if (write.IsCompletion ? completionBytes + write.Bytes > MaxCompletionBytes : releases.Count >= MaxReleases)
             {
                 LogTooManyWaiting(logger, write.Key, write.Kind);
                 return;
@@ -120,9 +126,9 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
 
     private async Task DrainUntilEmptyAsync()
     {
-        // Every write of a batch failing turns the next into a probe of one, which rotates through the writes: one
-        // that fails for a reason of its own (its silo down, say) does not hold back the others once the store is
-        // back. Some failing slows the batches down, without making them probes.
+        // Every write of a batch failing turns the next into a probe of one, which rotates through the writes of both
+        // kinds: one that fails for a reason of its own (its silo down, say) does not hold back the others once the
+        // store is back. Some failing slows the batches down, without making them probes.
         var allFailed = 0;
         while (Take(allFailed == 0 ? BatchSize : 1) is { Count: > 0 } batch)
         {
@@ -165,7 +171,12 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
         var batch = new List<Write>(count);
         lock (gate)
         {
-            while (batch.Count < count && (completions.TryDequeue(out var write) || releases.TryDequeue(out write)))
+            // A probe alternates between the two kinds: a completion failing for a reason of its own (its silo gone)
+            // would otherwise be every probe, and keep the store looking down for the releases behind it.
+            probeReleaseFirst = count == 1 && !probeReleaseFirst;
+            var first = probeReleaseFirst ? releases : completions;
+            var second = probeReleaseFirst ? completions : releases;
+            while (batch.Count < count && (first.TryDequeue(out var write) || second.TryDequeue(out write)))
             {
                 completionBytes -= write.Bytes;
                 if (now < write.GiveUpAt)

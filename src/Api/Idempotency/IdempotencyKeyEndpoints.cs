@@ -250,7 +250,7 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
         try
         {
             using var document = JsonDocument.Parse(body);
-            return Once.OnceExecutor.StoredJson(document.RootElement) is not null;
+            return Once.OnceExecutor.StoredJson(document.RootElement, out _) is not null;
         }
         catch (JsonException)
         {

@@ -47,10 +47,10 @@ public static class IdempotencyPolicyConfigurationExtensions
         }
     }
 
-    // One of the enum's names, in any case; a number, which Enum.Parse would take whether the enum defines it or not, is not.
+    // One of the enum's names, in any case: not a number, nor a list of names, which Enum.Parse would take as well.
     private static T EnumName<T>(string value)
         where T : struct, Enum =>
-        Enum.TryParse<T>(value, ignoreCase: true, out var parsed) && Enum.IsDefined(parsed) && !char.IsAsciiDigit(value.Trim()[0]) && value.Trim()[0] != '-'
-            ? parsed
+        Enum.GetNames<T>().FirstOrDefault(name => name.Equals(value.Trim(), StringComparison.OrdinalIgnoreCase)) is { } name
+            ? Enum.Parse<T>(name)
             : throw new FormatException($"Expected one of: {string.Join(", ", Enum.GetNames<T>())}.");
 }

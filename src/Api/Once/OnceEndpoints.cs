@@ -131,7 +131,7 @@ internal sealed class OnceHttp(
             return;
         }
 
-        if (OnceExecutor.StoredJson(result) is not { } bytes)
+        if (OnceExecutor.StoredJson(result, out _) is not { } bytes)
         {
             await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid,
                 "The \"result\" cannot be stored: one of its strings escapes half of a surrogate pair (\\ud800 alone, say), which no UTF-8 text holds.", key);
@@ -299,8 +299,7 @@ internal sealed class OnceHttp(
     {
         if (stored.BodyOmitted)
         {
-            await problems.WriteAsync(context, IdempotencyProblem.ResponseNotStored,
-                $"The key completed, but its {stored.BodyLength}-byte result was larger than the layer stores.", key);
+            await problems.WriteAsync(context, IdempotencyProblem.ResponseNotStored, OnceExecutor.NotStored(stored), key);
             return;
         }
 

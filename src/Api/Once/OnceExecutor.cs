@@ -33,20 +33,30 @@ internal sealed partial class OnceExecutor(
     internal static IdempotencyKey HttpGrainKey(string callerScope, string key) => new("once:http:" + callerScope, key);
 
     /// <summary>
-    /// <paramref name="result"/> as stored: its JSON in UTF-8, or null when it cannot be written (valid JSON text whose
-    /// string escapes half a surrogate pair, which no UTF-8 holds: stored, every replay of it would fail).
+    /// <paramref name="result"/> as stored: its JSON in UTF-8, once read back as <typeparamref name="T"/>; null, with
+    /// <paramref name="why"/>, when it cannot be written (a cycle) or does not read back (a string escaping half a
+    /// surrogate pair is written, escaped, but taken back by no reader): stored, every replay of it would fail.
     /// </summary>
-    internal static byte[]? StoredJson(JsonElement result)
+    internal static byte[]? StoredJson<T>(T result, out Exception? why)
     {
         try
         {
-            return JsonSerializer.SerializeToUtf8Bytes(result, Json);
+            var body = JsonSerializer.SerializeToUtf8Bytes(result, Json);
+            _ = JsonSerializer.Deserialize<T>(body, Json);
+            why = null;
+            return body;
         }
-        catch (JsonException)
+        catch (Exception ex) when (ex is not OutOfMemoryException)
         {
+            why = ex;
             return null;
         }
     }
+
+    /// <summary>Why a completed key's result cannot be given: <paramref name="stored"/> holds none.</summary>
+    internal static string NotStored(StoredResponse stored) => stored.BodyLength > 0
+        ? $"The key completed, but its {stored.BodyLength}-byte result was larger than the layer stores."
+        : "The key completed, but its result could not be stored as JSON that reads back.";
 
     /// <summary>SHA-256 of the input, the fingerprint a claim carries.</summary>
     internal static byte[] Fingerprint(string input) => SHA256.HashData(Encoding.UTF8.GetBytes(input));
@@ -108,25 +118,15 @@ internal sealed partial class OnceExecutor(
     }
 
     /// <summary>
-    /// <paramref name="result"/> as stored: its JSON when that fits and reads back as <typeparamref name="T"/>; else
-    /// marked not stored, so that later calls are refused as <see cref="OnceRefusal.ResultNotStored"/> instead of each
-    /// failing to read it (a string holding half a surrogate pair is written, escaped, but read back by no reader) or
-    /// the key lapsing into an unknown outcome though it is known to have run (a result that cannot be written).
+    /// <paramref name="result"/> as stored: its JSON when that reads back and fits; else marked not stored, so that
+    /// later calls are refused as <see cref="OnceRefusal.ResultNotStored"/> instead of each failing to read it, or the
+    /// key lapsing into an unknown outcome though it is known to have run.
     /// </summary>
     private StoredResponse StoredResult<T>(T result, IdempotencyPolicy policy, string key)
     {
-        byte[] body;
-        try
+        if (StoredJson(result, out var why) is not { } body)
         {
-            body = JsonSerializer.SerializeToUtf8Bytes(result, Json);
-            if (body.Length <= policy.MaxStoredResponseBytes)
-            {
-                _ = JsonSerializer.Deserialize<T>(body, Json);
-            }
-        }
-        catch (Exception ex) when (ex is not OutOfMemoryException)
-        {
-            LogResultNotStorable(logger, key, ex);
+            LogResultNotStorable(logger, key, why!);
             return new StoredResponse(ResultStatus, [], [], true, 0);
         }
 
@@ -137,9 +137,7 @@ internal sealed partial class OnceExecutor(
 
     private static T Replay<T>(string key, StoredResponse stored) =>
         stored.BodyOmitted
-            ? throw new OnceRefusedException(OnceRefusal.ResultNotStored, key, stored.BodyLength > 0
-                ? $"Key '{key}' completed, but its {stored.BodyLength}-byte result was larger than the layer stores. It is not run again."
-                : $"Key '{key}' completed, but its result could not be stored as JSON that reads back. It is not run again.")
+            ? throw new OnceRefusedException(OnceRefusal.ResultNotStored, key, $"{NotStored(stored)} Key '{key}' is not run again.")
             : JsonSerializer.Deserialize<T>(stored.Body, Json)!;
 
     [LoggerMessage(Level = LogLevel.Error, Message = "Once key {Key}: the action ran, but its result cannot be stored as JSON that reads back; later calls are refused as result-not-stored.")]

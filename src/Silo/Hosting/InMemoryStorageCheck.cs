@@ -1,4 +1,8 @@
 using Microsoft.Extensions.Configuration;
+using Microsoft.Extensions.DependencyInjection;
+using Orleans.Storage;
+using OrleansIdempotency.Grains;
+using OrleansIdempotency.Silo.Storage;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 
@@ -10,7 +14,8 @@ namespace OrleansIdempotency.Silo.Hosting;
 /// reach it (a secret not mounted, a misspelt name) would otherwise serve every key from memory, forget them all on
 /// restart and share none with its other replicas, running retried actions again, with nothing but a warning.
 /// </summary>
-internal sealed partial class InMemoryStorageCheck(IHostEnvironment environment, IConfiguration configuration, ILogger<InMemoryStorageCheck> logger)
+internal sealed partial class InMemoryStorageCheck(
+    IServiceProvider services, IHostEnvironment environment, IConfiguration configuration, ILogger<InMemoryStorageCheck> logger)
     : ILifecycleParticipant<ISiloLifecycle>
 {
     /// <summary>The setting that allows in-memory records outside Development.</summary>
@@ -21,6 +26,12 @@ internal sealed partial class InMemoryStorageCheck(IHostEnvironment environment,
 
     private Task Check(CancellationToken cancellationToken)
     {
+        // The storage the grains will use, not the configuration's account of it: a host may add PostgreSQL itself.
+        if (services.GetKeyedService<IGrainStorage>(IdempotencyGrain.StorageName) is not InMemoryRecordStorage)
+        {
+            return Task.CompletedTask;
+        }
+
         if (!environment.IsDevelopment() && !configuration.GetValue<bool>(AllowSetting))
         {
             throw new InvalidOperationException(

@@ -13,6 +13,8 @@ public sealed class IdempotencyPolicyConfigurationTests
     [InlineData("ConcurrentDuplicates", "2")]
     [InlineData("OnLapsedLease", "5")]
     [InlineData("OnLapsedLease", "-1")]
+    [InlineData("OnLapsedLease", "+1")]
+    [InlineData("OnLapsedLease", "Reclaim,Reclaim")]
     [InlineData("MaxStoredResponseBytes", "99999999999")]
     [InlineData("Lease", "soon")]
     [InlineData("KeyRequired", "yes")]
