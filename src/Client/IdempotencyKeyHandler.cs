@@ -133,19 +133,14 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
     /// </summary>
     private static async Task<bool> IsInProgressProblemAsync(HttpResponseMessage response, CancellationToken cancellationToken)
     {
-        if (response.Content.Headers.ContentType?.MediaType != "application/problem+json")
-        {
-            return false;
-        }
-
-        // A problem is a few hundred bytes; the buffer lets the caller read the body still, if it is returned.
-        if (response.Content.Headers.ContentLength > MaxProblemBytes)
+        if (response.Content.Headers.ContentType?.MediaType != "application/problem+json" || response.Content.Headers.ContentLength > MaxProblemBytes)
         {
             return false;
         }
 
         try
         {
+            // Buffered, so that the caller can still read the body if the response is returned.
             await response.Content.LoadIntoBufferAsync(MaxProblemBytes, cancellationToken).ConfigureAwait(false);
             using var problem = JsonDocument.Parse(await response.Content.ReadAsStreamAsync(cancellationToken).ConfigureAwait(false));
             return problem.RootElement.ValueKind == JsonValueKind.Object

@@ -8,8 +8,8 @@ namespace OrleansIdempotency.AspNetCore;
 /// the background until each lands or its time is up. While the store stays down one write is tried at a time, about
 /// once a second, however many wait: an outage at R requests a second, each leaving a release behind, costs the
 /// store and the cluster one call a second, not R times the lease's retries. Once one lands, the rest follow in
-/// batches. Completions go first: each must land before its lease ends, when the store would refuse it; a release
-/// can wait for as long as its key is kept.
+/// batches. Completions go first in a batch: each must land before its lease ends, when the store would refuse it; a
+/// release can wait for as long as its key is kept. Probes alternate between the two kinds.
 /// </summary>
 internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger) : IDisposable
 {
@@ -164,7 +164,8 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
         }
     }
 
-    // Up to count writes, completions first, leaving out those whose time is up; none ends the drain.
+    // Up to count writes, completions first (a probe of one alternates), leaving out those whose time is up; none ends
+    // the drain.
     private List<Write> Take(int count)
     {
         var now = time.GetUtcNow();
