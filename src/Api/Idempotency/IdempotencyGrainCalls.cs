@@ -41,11 +41,11 @@ internal sealed partial class IdempotencyGrainCalls(
                 LogAskingAgain(logger, grain.GetPrimaryKeyString(), attempt, ex.GetType().Name);
                 await Task.Delay(Backoff(attempt), time, cancellationToken);
             }
-            catch (Exception ex) when (!IsLostInCluster(ex) && ex is not OperationCanceledException && ++storeFailures == 1)
+            catch (Exception ex) when (!IsLostInCluster(ex) && !CallerLeft(ex, cancellationToken) && ++storeFailures == 1)
             {
                 LogAskingAgain(logger, grain.GetPrimaryKeyString(), attempt, ex.GetType().Name);
             }
-            catch (Exception ex) when (ex is not OperationCanceledException)
+            catch (Exception ex) when (!CallerLeft(ex, cancellationToken))
             {
                 throw new IdempotencyUnavailableException($"The idempotency store did not answer for {grain.GetPrimaryKeyString()}: {ex.Message}", ex);
             }
@@ -169,6 +169,11 @@ internal sealed partial class IdempotencyGrainCalls(
     public void Dispose() => background.Dispose();
 
     internal static TimeSpan Backoff(int attempt) => TimeSpan.FromMilliseconds(Math.Min(1000, 50 * (1 << Math.Min(attempt, 5))));
+
+    // A cancellation is the caller's only when the caller cancelled: one from within (a storage command cancelled on
+    // its own) is the store failing, and fails closed like any other failure instead of escaping as a 500.
+    private static bool CallerLeft(Exception exception, CancellationToken cancellationToken) =>
+        exception is OperationCanceledException && cancellationToken.IsCancellationRequested;
 
     /// <summary>The answer may be lost rather than negative: the call may have run, and asking again is safe.</summary>
     private static bool IsLostInCluster(Exception exception) => exception is TimeoutException

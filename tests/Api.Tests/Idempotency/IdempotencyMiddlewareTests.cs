@@ -596,6 +596,29 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task StoreFailingWithACancellationOfItsOwn_Returns503_AndNothingRuns()
+    {
+        // A storage command cancelled within the store, not by the client: the store failing, not the client leaving.
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+        var failure = fixture.Store.Failure;
+        fixture.Store.Failure = () => new OperationCanceledException("A storage command was cancelled.");
+        HttpContext context;
+        try
+        {
+            context = await fixture.WhileStoreDownAsync(() => harness.SendAsync(key));
+        }
+        finally
+        {
+            fixture.Store.Failure = failure;
+        }
+
+        Assert.Equal(503, context.Response.StatusCode);
+        Assert.Equal(0, harness.Executions);
+        Assert.Equal(201, (await harness.SendAsync(key)).Response.StatusCode);
+    }
+
+    [Fact]
     public async Task ClaimThatLandsAfterItsCallerGot503_CannotHoldTheKey_SoTheRetryRuns()
     {
         var harness = Harness();

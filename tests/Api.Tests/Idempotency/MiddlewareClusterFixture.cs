@@ -71,6 +71,9 @@ public sealed class SwitchableStorage(IGrainStorage inner, SwitchableStorage.Swi
     {
         public bool Down { get; set; }
 
+        /// <summary>What a call fails with while the store is down: an I/O error unless a test says otherwise.</summary>
+        public Func<Exception> Failure { get; set; } = () => new IOException("The store is down (test switch).");
+
         // Per key: a test's hook must not be taken by another test's key (background releases write at any time).
         private readonly ConcurrentDictionary<GrainId, Func<Task>> beforeNextWrite = new();
         private readonly ConcurrentDictionary<GrainId, TaskCompletionSource<Func<Task>>> lostWrites = new();
@@ -119,7 +122,7 @@ public sealed class SwitchableStorage(IGrainStorage inner, SwitchableStorage.Swi
         internal Task Refuse(GrainId grain)
         {
             refused.AddOrUpdate(grain, 1, (_, n) => n + 1);
-            return Unavailable();
+            return Task.FromException(Failure());
         }
     }
 
