@@ -41,7 +41,26 @@ public sealed class TestSilo : IAsyncDisposable
             configure?.Invoke(silo);
         });
         var host = builder.Build();
-        await host.StartAsync();
+        try
+        {
+            await host.StartAsync();
+        }
+        catch
+        {
+            // A silo refused at start must not keep its ports, its Redis entry or its lock for the rest of the run; one
+            // refused before it started cannot be stopped, only disposed.
+            try
+            {
+                await host.StopAsync(TimeSpan.FromSeconds(10));
+            }
+            catch (InvalidOperationException)
+            {
+            }
+
+            host.Dispose();
+            throw;
+        }
+
         return new TestSilo(host);
     }
 
