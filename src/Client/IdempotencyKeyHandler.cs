@@ -92,18 +92,30 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
     protected override HttpResponseMessage Send(HttpRequestMessage request, CancellationToken cancellationToken) =>
         Task.Run(() => SendAsync(request, cancellationToken), cancellationToken).GetAwaiter().GetResult();
 
-    // A content of unknown length stops at the bound as it is read (HttpRequestException, naming the bound); one whose
-    // length is known is refused before a byte of it is read.
-    private Task BufferAsync(HttpContent content, CancellationToken cancellationToken)
+    // One whose length is known is refused before a byte of it is read; one of unknown length stops at the bound as it
+    // is read. Either way InvalidOperationException, which retry policies do not take for a passing failure, as they
+    // take the HttpRequestException HttpContent throws.
+    private async Task BufferAsync(HttpContent content, CancellationToken cancellationToken)
     {
         var max = options.MaxBufferedContentBytes;
         if (content.Headers.ContentLength > max)
         {
-            throw new InvalidOperationException($"The request's content ({content.Headers.ContentLength} bytes) is larger than the {max} bytes {nameof(IdempotencyKeyOptions)}.{nameof(IdempotencyKeyOptions.MaxBufferedContentBytes)} lets a keyed request buffer to send it again.");
+            throw TooLarge($"The request's content ({content.Headers.ContentLength} bytes)", max, null);
         }
 
-        return content.LoadIntoBufferAsync(max, cancellationToken);
+        try
+        {
+            await content.LoadIntoBufferAsync(max, cancellationToken).ConfigureAwait(false);
+        }
+        catch (HttpRequestException ex) when (ex.HttpRequestError == HttpRequestError.ConfigurationLimitExceeded)
+        {
+            throw TooLarge("The request's content", max, ex);
+        }
     }
+
+    private static InvalidOperationException TooLarge(string content, long max, Exception? inner) => new(
+        $"{content} is larger than the {max} bytes {nameof(IdempotencyKeyOptions)}.{nameof(IdempotencyKeyOptions.MaxBufferedContentBytes)} lets a keyed request buffer to send it again.",
+        inner);
 
     private void AddKey(HttpRequestMessage request)
     {

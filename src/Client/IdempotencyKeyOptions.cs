@@ -22,7 +22,7 @@ public sealed class IdempotencyKeyOptions
     /// <summary>
     /// The largest content a keyed request buffers so that it can be sent again: 10 MiB by default, the server's
     /// default <c>MaxRequestBodyBytes</c> (a larger body is refused there with 413 anyway). A larger content fails
-    /// before anything is sent, instead of being held in memory whole; raise both together (at most
+    /// before anything is sent (<see cref="InvalidOperationException"/>), instead of being held in memory whole; raise both together (at most
     /// <see cref="int.MaxValue"/>, the most an <see cref="HttpContent"/> buffers).
     /// </summary>
     public long MaxBufferedContentBytes { get; init; } = 10 * 1024 * 1024;

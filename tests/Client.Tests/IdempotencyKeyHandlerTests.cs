@@ -249,11 +249,12 @@ public sealed class IdempotencyKeyHandlerTests
         var thirteen = "{\"amount\":50}"u8.ToArray();
 
         var known = await Assert.ThrowsAsync<InvalidOperationException>(() => client.PostAsync("/orders", new ByteArrayContent(thirteen)));
-        await Assert.ThrowsAsync<HttpRequestException>(() => client.PostAsync("/orders", new StreamContent(new OneWayStream(thirteen))));
+        var streamed = await Assert.ThrowsAsync<InvalidOperationException>(() => client.PostAsync("/orders", new StreamContent(new OneWayStream(thirteen))));
         await client.PostAsync("/orders", new StreamContent(new OneWayStream(thirteen[..12])));
         await client.PutAsync("/orders/1", new ByteArrayContent(thirteen));
 
         Assert.Contains(nameof(IdempotencyKeyOptions.MaxBufferedContentBytes), known.Message, StringComparison.Ordinal);
+        Assert.Contains(nameof(IdempotencyKeyOptions.MaxBufferedContentBytes), streamed.Message, StringComparison.Ordinal);
         Assert.Equal(["{\"amount\":50", "{\"amount\":50}"], server.Attempts.Select(a => a.Body));
     }
 
