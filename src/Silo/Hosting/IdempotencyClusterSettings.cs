@@ -59,13 +59,12 @@ public sealed record IdempotencyClusterSettings(
 
     private static string? NullIfEmpty(string? value) => string.IsNullOrWhiteSpace(value) ? null : value;
 
-    private static IdempotencyClusterRole ReadRole(string? value) => value switch
-    {
-        _ when string.IsNullOrWhiteSpace(value) => IdempotencyClusterRole.Silo,
-        _ when value.Trim().Equals(nameof(IdempotencyClusterRole.Silo), StringComparison.OrdinalIgnoreCase) => IdempotencyClusterRole.Silo,
-        _ when value.Trim().Equals(nameof(IdempotencyClusterRole.Client), StringComparison.OrdinalIgnoreCase) => IdempotencyClusterRole.Client,
-        _ => throw new InvalidOperationException($"Orleans:Role is '{value}': expected Silo or Client."),
-    };
+    // A role's name in any case; not a number, which Enum.Parse would take whether the enum defines it or not.
+    private static IdempotencyClusterRole ReadRole(string? value) =>
+        string.IsNullOrWhiteSpace(value) ? IdempotencyClusterRole.Silo
+        : Enum.GetNames<IdempotencyClusterRole>().FirstOrDefault(name => name.Equals(value.Trim(), StringComparison.OrdinalIgnoreCase)) is { } role
+            ? Enum.Parse<IdempotencyClusterRole>(role)
+        : throw new InvalidOperationException($"Orleans:Role is '{value}': expected Silo or Client.");
 
     private static int ReadPort(string? value, int defaultPort, string setting) =>
         string.IsNullOrWhiteSpace(value) ? defaultPort
