@@ -24,7 +24,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     private readonly Stream inner = client.Stream;
     private byte[] buffer = [];
     private int copied;
-    private PipeWriter? writer;
+    private ActionPipe? writer;
     private bool writerCompleted;
     private bool clientLost;
 
@@ -67,7 +67,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
 
     Stream IHttpResponseBodyFeature.Stream => this;
 
-    PipeWriter IHttpResponseBodyFeature.Writer => writer ??= PipeWriter.Create(this, new StreamPipeWriterOptions(leaveOpen: true));
+    PipeWriter IHttpResponseBodyFeature.Writer => writer ??= new ActionPipe(PipeWriter.Create(this, new StreamPipeWriterOptions(leaveOpen: true)));
 
     /// <summary>The copied body; valid when not <see cref="Overflowed"/>.</summary>
     public byte[] ToArray() => Overflowed ? [] : buffer.AsSpan(0, copied).ToArray();
@@ -97,6 +97,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
 
     public override void Write(ReadOnlySpan<byte> buffer)
     {
+        PassPipe();
         Copy(buffer);
         if (clientLost)
         {
@@ -117,6 +118,11 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
 
     public override ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken = default)
     {
+        if (writer is { Holds: true })
+        {
+            return PassPipeThenWriteAsync(buffer, cancellationToken);
+        }
+
         Copy(buffer.Span);
         if (clientLost)
         {
@@ -136,6 +142,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
 
     public override void Flush()
     {
+        PassPipe();
         NoteStart();
         if (clientLost)
         {
@@ -153,6 +160,11 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
 
     public override Task FlushAsync(CancellationToken cancellationToken)
     {
+        if (writer is { Holds: true })
+        {
+            return PassPipeThenFlushAsync(cancellationToken);
+        }
+
         NoteStart();
         return ToClientAsync(static (inner, cancel) => inner.FlushAsync(cancel), inner, cancellationToken);
     }
@@ -183,6 +195,27 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
 
     // The action's to call, not to act on: the layer still needs the copy (ReturnBuffer), and writes keep working.
     protected override void Dispose(bool disposing) => base.Dispose(disposing);
+
+    private async ValueTask PassPipeThenWriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken)
+    {
+        await writer!.FlushAsync(cancellationToken);
+        await WriteAsync(buffer, cancellationToken);
+    }
+
+    private async Task PassPipeThenFlushAsync(CancellationToken cancellationToken)
+    {
+        await writer!.FlushAsync(cancellationToken);
+        await FlushAsync(cancellationToken);
+    }
+
+    // A synchronous write by the action: the pipe has no synchronous flush, and the action chose to block.
+    private void PassPipe()
+    {
+        if (writer is { Holds: true })
+        {
+            writer.FlushAsync().AsTask().GetAwaiter().GetResult();
+        }
+    }
 
     // A client that has gone fails writes (or drops them unseen); its action must not fail for it. Only what a closed
     // connection throws (Kestrel's reset and abort exceptions are of these kinds): any other failure is the action's.
@@ -281,5 +314,91 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
 
         data.CopyTo(buffer.AsSpan(copied));
         copied += data.Length;
+    }
+
+    /// <summary>
+    /// The action's <c>BodyWriter</c>: a server keeps one pipe behind a response's stream and its writer, so bytes
+    /// the action left in the pipe unflushed go out before what it then writes to the stream. Passing them on from
+    /// the stream's side must not pass them again while the pipe itself is passing them to the stream.
+    /// </summary>
+    private sealed class ActionPipe(PipeWriter pipe) : PipeWriter
+    {
+        private bool passing;
+
+        /// <summary>True when the pipe holds bytes the stream has not been given and is not being given them now.</summary>
+        public bool Holds => !passing && pipe.UnflushedBytes > 0;
+
+        public override bool CanGetUnflushedBytes => true;
+
+        public override long UnflushedBytes => pipe.UnflushedBytes;
+
+        public override void Advance(int bytes) => pipe.Advance(bytes);
+
+        public override Memory<byte> GetMemory(int sizeHint = 0) => pipe.GetMemory(sizeHint);
+
+        public override Span<byte> GetSpan(int sizeHint = 0) => pipe.GetSpan(sizeHint);
+
+        public override void CancelPendingFlush() => pipe.CancelPendingFlush();
+
+        public override void Complete(Exception? exception = null)
+        {
+            passing = true;
+            try
+            {
+                pipe.Complete(exception);
+            }
+            finally
+            {
+                passing = false;
+            }
+        }
+
+        public override async ValueTask CompleteAsync(Exception? exception = null)
+        {
+            passing = true;
+            try
+            {
+                await pipe.CompleteAsync(exception);
+            }
+            finally
+            {
+                passing = false;
+            }
+        }
+
+        public override ValueTask<FlushResult> FlushAsync(CancellationToken cancellationToken = default) =>
+            Passing(static (pipe, _, cancel) => pipe.FlushAsync(cancel), 0, cancellationToken);
+
+        public override ValueTask<FlushResult> WriteAsync(ReadOnlyMemory<byte> source, CancellationToken cancellationToken = default) =>
+            Passing(static (pipe, source, cancel) => pipe.WriteAsync(source, cancel), source, cancellationToken);
+
+        // Set before the call: the pipe writes to the stream from within it, before it returns.
+        private ValueTask<FlushResult> Passing<T>(Func<PipeWriter, T, CancellationToken, ValueTask<FlushResult>> send, T state, CancellationToken cancellationToken)
+        {
+            passing = true;
+            var sending = default(ValueTask<FlushResult>);
+            try
+            {
+                sending = send(pipe, state, cancellationToken);
+            }
+            finally
+            {
+                passing = !sending.IsCompleted;
+            }
+
+            return sending.IsCompleted ? sending : AwaitAsync(sending);
+        }
+
+        private async ValueTask<FlushResult> AwaitAsync(ValueTask<FlushResult> sending)
+        {
+            try
+            {
+                return await sending;
+            }
+            finally
+            {
+                passing = false;
+            }
+        }
     }
 }

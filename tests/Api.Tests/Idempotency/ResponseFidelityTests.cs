@@ -114,6 +114,39 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
         Assert.Equal(Json, replay.Body());
     }
 
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public async Task BodyWriterBytesNotYetFlushed_ComeBeforeWhatTheActionThenWritesToBody(bool writesAsync)
+    {
+        // As a server's own body feature keeps them: one pipe behind both, so order is the order of the writes.
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 201;
+            context.Response.BodyWriter.Write("{\"id\":"u8);
+            if (writesAsync)
+            {
+                await context.Response.Body.WriteAsync("\"order-1\""u8.ToArray());
+                await context.Response.Body.FlushAsync();
+            }
+            else
+            {
+                context.Response.Body.Write("\"order-1\""u8);
+                context.Response.Body.Flush();
+            }
+
+            context.Response.BodyWriter.Write("}"u8);
+        });
+        var key = MiddlewareHarness.NewKey();
+
+        var first = await harness.SendAsync(key);
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal("{\"id\":\"order-1\"}", first.Body());
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal("{\"id\":\"order-1\"}", replay.Body());
+    }
+
     [Fact]
     public async Task ActionThatDisposesTheResponseStream_IsStoredAndReplayed()
     {
