@@ -29,6 +29,10 @@ public static class IdempotencyTransitions
         {
             case IdempotencyStatus.Completed:
                 return new(new ClaimResult(ClaimOutcome.Completed, Response: current.Response, ExpiresAt: current.ExpiresAt), null);
+            case IdempotencyStatus.OutcomeUnknown when current.AttemptId == request.AttemptId && request.AsksAgainOnlyUnanswered:
+                // Its lease lapsed while its answer was lost, and a retry found it so first: the doubt was about an
+                // attempt that knows it has not run the action (as its late release does, see Release).
+                return Acquire(current, request, now);
             case IdempotencyStatus.OutcomeUnknown:
                 return new(new ClaimResult(ClaimOutcome.OutcomeUnknown), null);
             case IdempotencyStatus.InProgress when now < current.LeaseExpiresAt:

@@ -176,6 +176,24 @@ public sealed class IdempotencyTransitionsTests
     }
 
     [Fact]
+    public void Claim_SameAttemptAskingAgain_AfterAnotherFoundItsClaimLapsed_GetsAFreshClaim_ForItNeverRan()
+    {
+        // Its answer lost in a failover longer than the lease; a retry got there first and found the lease lapsed.
+        var request = Request();
+        var (record, token) = Claimed(request);
+        var unknown = Claim(record, Request(), T0 + Lease).Next!;
+
+        var (result, next) = Claim(unknown, request, T0 + Lease + TimeSpan.FromSeconds(1));
+
+        Assert.Equal(ClaimOutcome.Acquired, result.Outcome);
+        Assert.Equal(token.FencingToken + 1, result.Token!.Value.FencingToken);
+        Assert.Equal(IdempotencyStatus.InProgress, next!.Status);
+        Assert.False(Complete(next, token, Created, T0 + Lease).Result);
+        Assert.Equal(ClaimOutcome.OutcomeUnknown, Claim(unknown, request with { AsksAgainOnlyUnanswered = false }, T0 + Lease).Result.Outcome);
+        Assert.Equal(ClaimOutcome.OutcomeUnknown, Claim(unknown, Request(), T0 + Lease).Result.Outcome);
+    }
+
+    [Fact]
     public void InProgressRecord_WithALiveLease_OutlivesItsRetention_AndRenewalPushesTheRetentionOut()
     {
         var (renewed, token) = Claimed();

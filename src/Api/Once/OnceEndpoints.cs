@@ -74,9 +74,10 @@ internal sealed class OnceHttp(
         }
 
         var policy = Policy;
-        // The caller's own attempt id may come back after the caller ran the operation: never given a lapsed claim.
+        // The caller's own attempt id may come back after the caller ran the operation: never given a lapsed claim. One
+        // made here is asked again only by this call, while it has no answer.
         var request = new ClaimRequest(body.Attempt ?? AttemptId.New(), OnceExecutor.Fingerprint(body.Input ?? ""), policy.Lease, policy.Retention,
-            policy.OnLapsedLease, AsksAgainOnlyUnanswered: false);
+            policy.OnLapsedLease, AsksAgainOnlyUnanswered: body.Attempt is null);
         ClaimResult claim;
         try
         {

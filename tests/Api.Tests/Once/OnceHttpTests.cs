@@ -192,6 +192,43 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
         Assert.Equal(409, (await CallAsync(once.ReleaseAsync, key, body)).Status);
     }
 
+    [Fact]
+    public async Task ClaimWithoutAttempt_WhoseAnswerWasLostUntilItsLeaseLapsed_IsGivenAgain_ForNothingRan()
+    {
+        // The claim was written, its answer lost; the cluster answered again only after the lease (shorter than the
+        // retry budget) had run out. The attempt was made here and asked again only unanswered: not in doubt.
+        var lease = TimeSpan.FromSeconds(1);
+        var shortLease = Create(fixture, IdempotencyPolicy.Default with { Lease = lease });
+        var key = NewKey();
+        var grain = Grain(key).GetGrainId();
+        var lostWrite = fixture.Store.LoseNextWriteInAnOutage(grain);
+        var failure = fixture.Store.Failure;
+        fixture.Store.Failure = () => new TimeoutException("The silo did not answer (test switch).");
+        try
+        {
+            var claiming = CallAsync(shortLease.ClaimAsync, key, "");
+            await (await lostWrite)();
+            fixture.Time.Advance(lease);
+            fixture.Store.Down = false;
+            await MiddlewareHarness.WaitUntilAsync(async () =>
+            {
+                fixture.Time.Advance(TimeSpan.FromMilliseconds(100));
+                await Task.Delay(10);
+                return claiming.IsCompleted;
+            });
+
+            var claim = await claiming;
+            Assert.Equal(201, claim.Status);
+            Assert.Equal("acquired", claim.Json.GetProperty("status").GetString());
+            Assert.Equal(IdempotencyStatus.InProgress, (await Grain(key).GetAsync()).Status);
+        }
+        finally
+        {
+            fixture.Store.Failure = failure;
+            fixture.Store.Down = false;
+        }
+    }
+
     private static async Task<(int Status, JsonElement Json)> CallAsync(
         Func<HttpContext, string, Task> call, string key, string body, CancellationToken requestAborted = default)
     {
