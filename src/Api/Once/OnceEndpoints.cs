@@ -53,6 +53,10 @@ internal sealed class OnceHttp(
 {
     private const int MaxKeyLength = 255;
 
+    // Beside the result: the token, a claim's input, JSON's framing and whitespace. A body is read no further than this
+    // and the largest result stored, however much the client sends.
+    private const int BodyHeadroomBytes = 64 * 1024;
+
     private static readonly JsonSerializerOptions Json = new(OnceExecutor.Json)
     {
         DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
@@ -238,14 +242,27 @@ internal sealed class OnceHttp(
             return null;
         }
 
+        var maxBodyBytes = (long)policy.MaxStoredResponseBytes + BodyHeadroomBytes;
         T? body;
         try
         {
-            using var buffer = new MemoryStream();
-            await context.Request.Body.CopyToAsync(buffer, context.RequestAborted);
+            using var buffer = await ReadBodyAsync(context.Request, maxBodyBytes, context.RequestAborted);
+            if (buffer is null)
+            {
+                await problems.WriteAsync(context, IdempotencyProblem.BodyTooLarge,
+                    $"The body is larger than the {maxBodyBytes} bytes a Once call takes (the largest result stored, {policy.MaxStoredResponseBytes} bytes, and {BodyHeadroomBytes} more).", key);
+                return null;
+            }
+
             body = buffer.Length == 0 && allowEmptyBody
                 ? JsonSerializer.Deserialize<T>("{}", Json)
                 : JsonSerializer.Deserialize<T>(buffer.GetBuffer().AsSpan(0, (int)buffer.Length), Json);
+        }
+        catch (BadHttpRequestException ex)
+        {
+            // The client's fault, found by the server as the body is read (cut off, malformed chunking, too slow).
+            await problems.WriteAsync(context, IdempotencyProblem.BodyUnreadable(ex.StatusCode), ex.Message, key);
+            return null;
         }
         catch (JsonException ex)
         {
@@ -260,6 +277,31 @@ internal sealed class OnceHttp(
         }
 
         return (calls.Grain(OnceExecutor.HttpGrainKey(scope, key)), body);
+    }
+
+    // Null when the body is longer than maxBytes.
+    private static async Task<MemoryStream?> ReadBodyAsync(HttpRequest request, long maxBytes, CancellationToken cancellationToken)
+    {
+        if (request.ContentLength > maxBytes)
+        {
+            return null;
+        }
+
+        var buffer = new MemoryStream();
+        var chunk = new byte[16 * 1024];
+        int read;
+        while ((read = await request.Body.ReadAsync(chunk, cancellationToken)) > 0)
+        {
+            if (buffer.Length + read > maxBytes)
+            {
+                await buffer.DisposeAsync();
+                return null;
+            }
+
+            buffer.Write(chunk, 0, read);
+        }
+
+        return buffer;
     }
 
     private async Task<ClaimToken?> TokenAsync(HttpContext context, string key, OnceTokenBody body)

@@ -153,3 +153,23 @@ internal static class HttpContextExtensions
 
     public static IHttpResponseBodyFeature BodyFeature(this HttpContext context) => context.Features.GetRequiredFeature<IHttpResponseBodyFeature>();
 }
+
+/// <summary>A request body Kestrel gives up on partway, as it does on a broken chunk or a body that comes too slowly.</summary>
+internal sealed class RefusedBody(int status) : MemoryStream("{\"amount\""u8.ToArray())
+{
+    private bool started;
+
+    public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
+    {
+        if (started)
+        {
+            throw new BadHttpRequestException("The request body could not be read (test).", status);
+        }
+
+        started = true;
+        return base.ReadAsync(buffer, cancellationToken);
+    }
+
+    public override Task<int> ReadAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken) =>
+        ReadAsync(buffer.AsMemory(offset, count), cancellationToken).AsTask();
+}

@@ -229,16 +229,74 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
         }
     }
 
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task BodyLargerThanTheLargestResultStored_Is413_ReadNoFurther_AndTheClaimStaysHeld(bool announcesItsLength)
+    {
+        var key = NewKey();
+        var token = (await CallAsync(once.ClaimAsync, key, "")).Json.GetProperty("token").GetString();
+        var endless = new EndlessResult(token!);
+
+        var response = await CallAsync(once.CompleteAsync, key, endless, announcesItsLength ? 50L * 1024 * 1024 : null);
+
+        Assert.Equal(413, response.Status);
+        Assert.EndsWith("body-too-large", response.Json.GetProperty("type").GetString());
+        Assert.InRange(endless.BytesRead, 0, IdempotencyPolicy.Default.MaxStoredResponseBytes + (announcesItsLength ? 0 : 128 * 1024));
+        Assert.Equal(200, (await CallAsync(once.CompleteAsync, key, JsonSerializer.Serialize(new { token, result = 1 }))).Status);
+    }
+
+    [Fact]
+    public async Task BodyTheServerRefusesAsItIsRead_IsItsProblem_WithTheServersStatus()
+    {
+        var key = NewKey();
+        var cutOff = new RefusedBody(400);
+
+        var response = await CallAsync(once.ClaimAsync, key, cutOff, null);
+
+        Assert.Equal(400, response.Status);
+        Assert.EndsWith("body-unreadable", response.Json.GetProperty("type").GetString());
+        Assert.Equal(IdempotencyStatus.None, (await Grain(key).GetAsync()).Status);
+    }
+
+    private static Task<(int Status, JsonElement Json)> CallAsync(
+        Func<HttpContext, string, Task> call, string key, string body, CancellationToken requestAborted = default) =>
+        CallAsync(call, key, new MemoryStream(Encoding.UTF8.GetBytes(body)), null, requestAborted);
+
     private static async Task<(int Status, JsonElement Json)> CallAsync(
-        Func<HttpContext, string, Task> call, string key, string body, CancellationToken requestAborted = default)
+        Func<HttpContext, string, Task> call, string key, Stream body, long? contentLength, CancellationToken requestAborted = default)
     {
         var context = new DefaultHttpContext { RequestAborted = requestAborted };
         context.Request.Method = "POST";
-        context.Request.Body = new MemoryStream(Encoding.UTF8.GetBytes(body));
+        context.Request.Body = body;
+        context.Request.ContentLength = contentLength;
         context.Response.Body = new MemoryStream();
         context.User = new ClaimsPrincipal(new ClaimsIdentity([new Claim(ClaimTypes.NameIdentifier, "alice")], "test"));
         await call(context, key);
         var bytes = ((MemoryStream)context.Response.Body).ToArray();
         return (context.Response.StatusCode, bytes.Length == 0 ? default : JsonDocument.Parse(bytes).RootElement);
+    }
+
+    /// <summary>A completion whose result string never ends; counts what was read of it.</summary>
+    private sealed class EndlessResult(string token) : MemoryStream
+    {
+        private readonly byte[] start = Encoding.UTF8.GetBytes($"{{\"token\":\"{token}\",\"result\":\"");
+
+        public long BytesRead { get; private set; }
+
+        public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
+        {
+            var span = buffer.Span;
+            for (var i = 0; i < span.Length; i++)
+            {
+                span[i] = BytesRead + i < start.Length ? start[BytesRead + i] : (byte)'x';
+            }
+
+            BytesRead += span.Length;
+            return ValueTask.FromResult(span.Length);
+        }
+
+        public override Task<int> ReadAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken) =>
+            ReadAsync(buffer.AsMemory(offset, count), cancellationToken).AsTask();
     }
 }
