@@ -399,6 +399,24 @@ public sealed class PostgresStorageTests(ServersFixture servers)
     }
 
     [Fact]
+    public async Task SiloClockBehindPostgres_StillReplaysItsKey_UntilItsRetentionEndsByThatClock()
+    {
+        // The purge goes by PostgreSQL's clock: a silo 2 s behind it writes expiries that PostgreSQL reads as 2 s early.
+        var settings = await TestClusterSettings.CreateAsync(servers, redis: false);
+        await using var silo = await TestSilo.StartAsync(settings, s => s.Services.AddSingleton<TimeProvider>(new OffsetClock(TimeSpan.FromSeconds(-2))));
+        var key = NewKey();
+        await CompleteAsync(silo.Grains.GetIdempotencyGrain(key), TimeSpan.FromSeconds(3));
+        var purger = silo.Host.Services.GetRequiredService<ExpiredRecordPurger>();
+
+        // Past the record's expiry by PostgreSQL's clock, a second before it by the silo's.
+        await Task.Delay(TimeSpan.FromSeconds(1.5));
+        await purger.PurgeExpiredAsync(CancellationToken.None);
+        await silo.Grains.GetGrain<IManagementGrain>(0).ForceActivationCollection(TimeSpan.Zero);
+
+        AssertReplays(await silo.Grains.GetIdempotencyGrain(key).ClaimAsync(Claim()));
+    }
+
+    [Fact]
     public async Task StoreOutage_FailsClosed_ThenServiceResumesByItself()
     {
         var settings = await TestClusterSettings.CreateAsync(servers, redis: false);
@@ -490,5 +508,10 @@ public sealed class PostgresStorageTests(ServersFixture servers)
             await Second.DisposeAsync();
             await First.DisposeAsync();
         }
+    }
+
+    private sealed class OffsetClock(TimeSpan offset) : TimeProvider
+    {
+        public override DateTimeOffset GetUtcNow() => base.GetUtcNow() + offset;
     }
 }

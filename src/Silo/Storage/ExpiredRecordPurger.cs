@@ -43,14 +43,22 @@ public sealed partial class ExpiredRecordPurger(
     }
 
     /// <summary>
-    /// One round of the purge: every record expired by PostgreSQL's clock, the clock that also refuses late claims, so
-    /// that what is purged and what may still land are judged by one clock whatever the silos' clocks say.
+    /// How long after its expiry by PostgreSQL's clock a record is kept. An expiry is written by the clock of the silo
+    /// that completed the key; a silo behind PostgreSQL's clock still replays the key for that long, and would run it
+    /// again on a row purged early. Storage only has to stay bounded: purging late costs a few minutes of rows.
+    /// </summary>
+    public static readonly TimeSpan Grace = TimeSpan.FromMinutes(5);
+
+    /// <summary>
+    /// One round of the purge: every record expired <see cref="Grace"/> ago by PostgreSQL's clock, the clock that also
+    /// refuses late claims, so that what is purged and what may still land are judged by one clock whatever the silos'
+    /// clocks say.
     /// </summary>
     public async Task PurgeExpiredAsync(CancellationToken cancellationToken)
     {
         var (now, offset) = await DatabaseClock.ReadAsync(database.MaintenanceDataSource, time, cancellationToken);
         DatabaseClock.Check(logger, offset);
-        var deleted = await PurgeAsync(now, cancellationToken);
+        var deleted = await PurgeAsync(now - Grace, cancellationToken);
         if (deleted > 0)
         {
             LogPurged(logger, deleted);
