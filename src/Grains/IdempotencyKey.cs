@@ -1,5 +1,7 @@
+using System.Buffers;
 using System.Globalization;
 using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
 using System.Security.Cryptography;
 using System.Text;
 
@@ -13,6 +15,9 @@ public readonly record struct IdempotencyKey(string Scope, string Key)
     /// <summary>The most UTF-8 bytes of a scope a grain key holds as it is; a longer one is stood for by its digest.</summary>
     public const int MaxScopeBytes = 2048;
 
+    private const string Digest = "scope-sha256:";
+    private const string Utf16Digest = "scope-utf16-sha256:";
+
     /// <summary>The grain's primary key. The scope is length-prefixed, so no scope or key can forge another pair.</summary>
     public string ToGrainKey()
     {
@@ -21,15 +26,44 @@ public readonly record struct IdempotencyKey(string Scope, string Key)
     }
 
     /// <summary>
-    /// The scope as the grain key holds it. The grain key is part of its row in PostgreSQL's primary-key index, whose
-    /// entries hold at most about 2.7 KB: a longer scope (a raw token in a header) would fail every write, answered
-    /// 503 as if the store were down. The bound leaves room below that for a key of 255 characters.
+    /// The scope as the grain key holds it: as it is, or its digest when the grain key could not hold it as it is. The
+    /// grain key is part of its row in PostgreSQL's primary-key index, whose entries hold at most about 2.7 KB: a longer
+    /// scope (a raw token in a header) would fail every write, answered 503 as if the store were down. The bound leaves
+    /// room below that for a key of 255 characters. PostgreSQL's text holds no NUL (a JSON claim may: "\u0000"), and a
+    /// grain key is UTF-8, where every lone surrogate becomes U+FFFD: two scopes would share one grain.
     /// </summary>
-    public static string StoredScope(string scope) =>
-        // A UTF-16 character is at most 3 UTF-8 bytes: a short scope, every usual one, is not counted.
-        scope.Length * 3 > MaxScopeBytes && Encoding.UTF8.GetByteCount(scope) > MaxScopeBytes
-            ? "scope-sha256:" + Convert.ToBase64String(SHA256.HashData(Encoding.UTF8.GetBytes(scope)))
+    public static string StoredScope(string scope)
+    {
+        var span = scope.AsSpan();
+        if (span.IndexOfAnyInRange('\uD800', '\uDFFF') >= 0 && !IsWellFormed(span))
+        {
+            // Hashed as it is, in UTF-16: its UTF-8 is the lossy form that merges scopes.
+            return Utf16Digest + Convert.ToBase64String(SHA256.HashData(MemoryMarshal.AsBytes(span)));
+        }
+
+        // A UTF-16 character is at most 3 UTF-8 bytes: a short scope, every usual one, is not counted. A scope that
+        // reads as a digest is digested too, so that none forges another's.
+        return (scope.Length * 3 > MaxScopeBytes && Encoding.UTF8.GetByteCount(scope) > MaxScopeBytes)
+            || span.Contains('\0') || span.StartsWith(Digest, StringComparison.Ordinal) || span.StartsWith(Utf16Digest, StringComparison.Ordinal)
+            ? Digest + Convert.ToBase64String(SHA256.HashData(Encoding.UTF8.GetBytes(scope)))
             : scope;
+    }
+
+    /// <summary>True when <paramref name="text"/> holds no lone surrogate: its UTF-8 is every character of it.</summary>
+    public static bool IsWellFormed(ReadOnlySpan<char> text)
+    {
+        while (!text.IsEmpty)
+        {
+            if (Rune.DecodeFromUtf16(text, out _, out var used) != OperationStatus.Done)
+            {
+                return false;
+            }
+
+            text = text[used..];
+        }
+
+        return true;
+    }
 
     /// <inheritdoc/>
     public override string ToString() => ToGrainKey();

@@ -40,4 +40,36 @@ public sealed class IdempotencyKeyTests(ClusterFixture fixture)
         Assert.Equal(digested, IdempotencyKey.StoredScope(scope) != scope);
         Assert.NotEqual(new IdempotencyKey(scope, "k").ToGrainKey(), new IdempotencyKey(scope + "x", "k").ToGrainKey());
     }
+
+    [Fact]
+    public void Scope_ThatReadsAsAnotherScopesDigest_NamesAnotherGrainKey()
+    {
+        var longScope = new string('a', IdempotencyKey.MaxScopeBytes + 1);
+        var digest = IdempotencyKey.StoredScope(longScope);
+
+        Assert.NotEqual(new IdempotencyKey(longScope, "k").ToGrainKey(), new IdempotencyKey(digest, "k").ToGrainKey());
+    }
+
+    // Built here: an attribute's strings are stored as UTF-8, which would turn these into U+FFFD before the test ran.
+    private static readonly (string Scope, string Other)[] Unholdable = [("x\uD800", "x\uDBFF"), ("x\uDC00y", "x\uFFFDy"), ("a\0b", "a\0c")];
+
+    [Theory]
+    [InlineData(0)]
+    [InlineData(1)]
+    [InlineData(2)]
+    public void Scopes_ThatUtf8OrPostgresTextCannotHold_NameGrainKeysOfTheirOwn_ThatBothCanHold(int pair)
+    {
+        var (scope, other) = Unholdable[pair];
+        var grainKey = new IdempotencyKey(scope, "k").ToGrainKey();
+
+        Assert.NotEqual(grainKey, new IdempotencyKey(other, "k").ToGrainKey());
+        Assert.Equal(grainKey, System.Text.Encoding.UTF8.GetString(System.Text.Encoding.UTF8.GetBytes(grainKey)));
+        Assert.DoesNotContain('\0', grainKey);
+    }
+
+    [Fact]
+    public void Scope_WithAPairOfSurrogates_IsHeldAsItIs()
+    {
+        Assert.Equal("x\uD83D\uDE00", IdempotencyKey.StoredScope("x\uD83D\uDE00"));
+    }
 }

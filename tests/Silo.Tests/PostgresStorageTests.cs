@@ -417,6 +417,21 @@ public sealed class PostgresStorageTests(ServersFixture servers)
     }
 
     [Fact]
+    public async Task ScopeWithANul_IsStoredInPostgres_AndReplays()
+    {
+        // A JSON claim may hold "\u0000", which PostgreSQL's text cannot: every write of such a scope failed, as 503.
+        var settings = await TestClusterSettings.CreateAsync(servers, redis: false);
+        await using var silo = await TestSilo.StartAsync(settings);
+        var key = new IdempotencyKey("tenant\0a", Guid.NewGuid().ToString("N"));
+
+        await CompleteAsync(silo.Grains.GetIdempotencyGrain(key), TimeSpan.FromHours(1));
+        await silo.Grains.GetGrain<IManagementGrain>(0).ForceActivationCollection(TimeSpan.Zero);
+
+        AssertReplays(await silo.Grains.GetIdempotencyGrain(key).ClaimAsync(Claim()));
+        Assert.Equal(ClaimOutcome.Acquired, (await silo.Grains.GetIdempotencyGrain(key with { Scope = "tenant\0b" }).ClaimAsync(Claim())).Outcome);
+    }
+
+    [Fact]
     public async Task StoreOutage_FailsClosed_ThenServiceResumesByItself()
     {
         var settings = await TestClusterSettings.CreateAsync(servers, redis: false);

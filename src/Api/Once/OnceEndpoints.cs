@@ -51,8 +51,6 @@ internal sealed class OnceHttp(
     IOptions<IdempotencyOptions> options,
     TimeProvider time)
 {
-    private const int MaxKeyLength = 255;
-
     // Beside the result: the token, a claim's input, JSON's framing and whitespace. A body is read no further than this
     // and the largest result stored, however much the client sends.
     private const int BodyHeadroomBytes = 64 * 1024;
@@ -227,9 +225,9 @@ internal sealed class OnceHttp(
         where T : class
     {
         context.Response.Headers.CacheControl = "no-store";
-        if (key.Length > MaxKeyLength || key.Any(c => c is < '!' or > '~'))
+        if (key.Length > IdempotencyKeyHeader.MaxLength || key.Any(c => c is < '!' or > '~'))
         {
-            await problems.WriteAsync(context, IdempotencyProblem.KeyInvalid, $"A key is 1 to {MaxKeyLength} visible ASCII characters.", null);
+            await problems.WriteAsync(context, IdempotencyProblem.KeyInvalid, $"A key is 1 to {IdempotencyKeyHeader.MaxLength} visible ASCII characters.", null);
             return null;
         }
 

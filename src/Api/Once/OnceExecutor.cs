@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using System.Security.Cryptography;
 using System.Text;
 using System.Text.Json;
@@ -58,14 +59,25 @@ internal sealed partial class OnceExecutor(
         ? $"The key completed, but its {stored.BodyLength}-byte result was larger than the layer stores."
         : "The key completed, but its result could not be stored as JSON that reads back.";
 
-    /// <summary>SHA-256 of the input, the fingerprint a claim carries.</summary>
-    internal static byte[] Fingerprint(string input) => SHA256.HashData(Encoding.UTF8.GetBytes(input));
+    /// <summary>
+    /// SHA-256 of the input, the fingerprint a claim carries: of its UTF-8, or of its UTF-16 when it holds a lone
+    /// surrogate, which UTF-8 would turn into U+FFFD and so give two inputs one fingerprint.
+    /// </summary>
+    internal static byte[] Fingerprint(string input) => IdempotencyKey.IsWellFormed(input)
+        ? SHA256.HashData(Encoding.UTF8.GetBytes(input))
+        : SHA256.HashData(MemoryMarshal.AsBytes(input.AsSpan()));
 
     public async Task<T> ExecuteOnceAsync<T>(OnceKey key, Func<CancellationToken, Task<T>> action, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(key);
         ArgumentException.ThrowIfNullOrEmpty(key.Key);
         ArgumentException.ThrowIfNullOrEmpty(key.Scope);
+        if (key.Key.Length > IdempotencyKeyHeader.MaxLength || key.Key.Contains('\0') || !IdempotencyKey.IsWellFormed(key.Key))
+        {
+            // Stored as it is in the grain key, beside a scope that may use the rest of what PostgreSQL's index holds.
+            throw new ArgumentException($"A key is 1 to {IdempotencyKeyHeader.MaxLength} characters of text: no NUL, no lone surrogate.", nameof(key));
+        }
+
         ArgumentNullException.ThrowIfNull(action);
         var policy = options.Value.DefaultPolicy;
         var grain = calls.Grain(GrainKey(key.Scope, key.Key));

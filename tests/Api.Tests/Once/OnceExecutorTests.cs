@@ -86,6 +86,33 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task InputsThatDifferOnlyInALoneSurrogate_AreDifferentInputs()
+    {
+        var once = Executor();
+        var key = NewKey();
+        await once.ExecuteOnceAsync(new OnceKey(key, Input: "x\uD800"), ChargeAsync);
+
+        var refused = await Assert.ThrowsAsync<OnceRefusedException>(() => once.ExecuteOnceAsync(new OnceKey(key, Input: "x\uDBFF"), ChargeAsync));
+
+        Assert.Equal(OnceRefusal.KeyReused, refused.Reason);
+        Assert.Equal(1, runs);
+    }
+
+    [Theory]
+    [InlineData(256, -1)]
+    [InlineData(8, '\0')]
+    [InlineData(8, 0xD800)]
+    public async Task KeyNoGrainKeyHoldsAsItIs_IsRefusedAsAnArgument_AndNothingRuns(int length, int andThen)
+    {
+        // A character code, not a string: an attribute's strings are stored as UTF-8, which has no lone surrogate.
+        var key = new string('k', length) + (andThen < 0 ? "" : ((char)andThen).ToString());
+
+        await Assert.ThrowsAsync<ArgumentException>(() => Executor().ExecuteOnceAsync(new OnceKey(key), ChargeAsync));
+
+        Assert.Equal(0, runs);
+    }
+
+    [Fact]
     public async Task KeysOfDifferentScopes_NeverMeet_NorTheKeysOfIdempotentEndpoints()
     {
         var once = Executor();
