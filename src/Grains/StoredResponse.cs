@@ -17,10 +17,33 @@ public readonly record struct StoredHeader([property: Id(0)] string Name, [prope
 /// True when the body was larger than the storage cap: the first caller got all of it, but it cannot be replayed.
 /// </param>
 /// <param name="BodyLength">The length of the original body in bytes, whether or not it was stored.</param>
+/// <param name="Trailers">
+/// The trailers that followed the body (HTTP/2 and later; a gRPC call's status is one), null when it had none. Read as
+/// null from a record stored before them.
+/// </param>
 [GenerateSerializer, Immutable, Alias("OrleansIdempotency.StoredResponse")]
 public sealed record StoredResponse(
     [property: Id(0)] int StatusCode,
     [property: Id(1)] IReadOnlyList<StoredHeader> Headers,
     [property: Id(2)] byte[] Body,
     [property: Id(3)] bool BodyOmitted,
-    [property: Id(4)] long BodyLength);
+    [property: Id(4)] long BodyLength,
+    [property: Id(5)] IReadOnlyList<StoredHeader>? Trailers = null)
+{
+    /// <summary>The characters of every stored header's and trailer's name and value: what they cost beside the body.</summary>
+    public long HeaderChars => Chars(Headers) + (Trailers is null ? 0 : Chars(Trailers));
+
+    /// <summary>How many headers and trailers are stored.</summary>
+    public int HeaderCount => Headers.Count + (Trailers?.Count ?? 0);
+
+    private static long Chars(IReadOnlyList<StoredHeader> headers)
+    {
+        long chars = 0;
+        foreach (var header in headers)
+        {
+            chars += header.Name.Length + header.Value.Length;
+        }
+
+        return chars;
+    }
+}

@@ -70,7 +70,7 @@ public sealed class IdempotencyStorageSerializerTests
         {
             Status = IdempotencyStatus.Completed,
             ExpiresAt = Now.AddHours(24),
-            Response = new StoredResponse(201, [new("Location", "/orders/7")], [1, 2, 3], false, 3),
+            Response = new StoredResponse(201, [new("Location", "/orders/7")], [1, 2, 3], false, 3, [new("grpc-status", "0")]),
         };
 
         var read = Serializer.Deserialize<IdempotencyRecord>(Serializer.Serialize(record));
@@ -78,5 +78,20 @@ public sealed class IdempotencyStorageSerializerTests
         Assert.Equal(record.ExpiresAt, read.ExpiresAt);
         Assert.Equal(record.Response.Body, read.Response!.Body);
         Assert.Equal(record.Response.Headers, read.Response.Headers);
+        Assert.Equal(record.Response.Trailers, read.Response.Trailers);
+    }
+
+    [Fact]
+    public void Record_StoredBeforeResponsesHadTrailers_IsReadWithoutThem()
+    {
+        // A completed record as the version before trailers wrote it (Location: /orders/7, body 1 2 3, fencing token 7).
+        const string Stored = "AAABm3wBBAAAAOZ30h/b/wEg6AAJQQFBIQAAAAAAAAAAAAAAAAAAAAABHSGAAAAAAAAAAACBAAAAAAAAAADgIYAAAAAAAAAAAIEAAAAAAAAAAOAhgADAYd+RSd4IgQAAAAAAAAAA4CHoAEoGMQE3+ZE2f1JlYWRPbmx5TGlzdEludGVyZmFjZUNvZGVjYDFbW09ybGVhbnNJZGVtcG90ZW5jeS5TdG9yZWRIZWFkZXJdXQADIehAEUxvY2F0aW9uQRMvb3JkZXJzLzfg4EEHAQIDAQEBDeCBAAAAAAAAAADg";
+
+        var read = Serializer.Deserialize<IdempotencyRecord>(new BinaryData(Convert.FromBase64String(Stored)));
+
+        Assert.Equal(7, read.FencingToken);
+        Assert.Equal([new StoredHeader("Location", "/orders/7")], read.Response!.Headers);
+        Assert.Equal([1, 2, 3], read.Response.Body);
+        Assert.Null(read.Response.Trailers);
     }
 }

@@ -157,7 +157,7 @@ internal sealed partial class IdempotencyGrainCalls(
         }
         catch (IdempotencyUnavailableException)
         {
-            background.AddCompletion(grain, complete, response.Body.Length + response.Headers.Sum(h => h.Name.Length + h.Value.Length), time.GetUtcNow() + lease);
+            background.AddCompletion(grain, complete, response.Body.Length + response.HeaderChars, time.GetUtcNow() + lease);
             return true;
         }
     }

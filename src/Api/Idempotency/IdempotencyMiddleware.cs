@@ -274,7 +274,8 @@ internal sealed partial class IdempotencyMiddleware(
             return;
         }
 
-        var stored = new StoredResponse(response.StatusCode, StoredHeaders(response.Headers, policy, capture.ArrivedEncoded), capture.ToArray(), capture.Overflowed, capture.BytesWritten);
+        var stored = new StoredResponse(response.StatusCode, StoredHeaders(response.Headers, policy, capture.ArrivedEncoded), capture.ToArray(), capture.Overflowed, capture.BytesWritten,
+            StoredTrailers(context.Features.Get<IHttpResponseTrailersFeature>()?.Trailers));
         // The client may be gone; the outcome is stored regardless, for its retry.
         if (!await calls.CompleteAsync(grain, token, stored, policy.Lease))
         {
@@ -299,6 +300,15 @@ internal sealed partial class IdempotencyMiddleware(
 
         response.Headers[ReplayedHeader] = "true";
         metrics.Record(IdempotencyResults.Replayed);
+        // A response that cannot carry them (HTTP/1.1) goes without, as the first one would have.
+        if (stored.Trailers is { Count: > 0 } trailers && response.SupportsTrailers())
+        {
+            foreach (var trailer in trailers)
+            {
+                response.AppendTrailer(trailer.Name, trailer.Value);
+            }
+        }
+
         if (stored.Body.Length == 0)
         {
             // 204 and 304 must not carry a body, nor a Content-Length that announces one.
@@ -376,6 +386,27 @@ internal sealed partial class IdempotencyMiddleware(
                 : new StringValues(stored.Skip(first).Take(end - first).Select(h => h.Value).ToArray());
             first = end;
         }
+    }
+
+    // Every trailer: unlike headers, which servers and middleware add of their own (Date, Set-Cookie), trailers are
+    // the action's account of its response (a gRPC call's status), which a replay without them would misstate.
+    private static List<StoredHeader>? StoredTrailers(IHeaderDictionary? trailers)
+    {
+        if (trailers is not { Count: > 0 })
+        {
+            return null;
+        }
+
+        var stored = new List<StoredHeader>();
+        foreach (var (name, values) in trailers)
+        {
+            foreach (var value in values)
+            {
+                stored.Add(new StoredHeader(name, value ?? ""));
+            }
+        }
+
+        return stored;
     }
 
     // Content-Encoding only when the body's bytes arrived encoded (ResponseCapture.ArrivedEncoded).

@@ -54,7 +54,7 @@ internal sealed class ReplayCache(IOptions<IdempotencyOptions> options, TimeProv
         }
 
         var size = EntryOverheadBytes + fingerprint.Length + response.Body.Length + ((key.Scope.Length + key.Key.Length) * sizeof(char))
-            + response.Headers.Sum(h => EntryOverheadBytes / 8 + ((h.Name.Length + h.Value.Length) * sizeof(char)));
+            + (response.HeaderCount * (EntryOverheadBytes / 8)) + (response.HeaderChars * sizeof(char));
         var budget = options.Value.ReplayCacheBytes;
         if (size > budget / 16)
         {

@@ -148,6 +148,44 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task TrailersOfTheFirstResponse_AreReplayed_WhereTheResponseCanCarryThem()
+    {
+        // As a gRPC backend behind the gateway answers: its status in the trailers, after the body.
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 200;
+            await context.Response.WriteAsync(Json);
+            context.Response.AppendTrailer("grpc-status", "5");
+            context.Response.AppendTrailer("grpc-message", "not found");
+        });
+        var key = MiddlewareHarness.NewKey();
+        HttpContext Request(bool carriesTrailers) => MiddlewareHarness.Request(key, configure: c =>
+        {
+            if (carriesTrailers)
+            {
+                c.Features.Set<IHttpResponseTrailersFeature>(new Trailers());
+            }
+        });
+
+        await harness.SendAsync(Request(carriesTrailers: true));
+        var replay = await harness.SendAsync(Request(carriesTrailers: true));
+        var withoutTrailers = await harness.SendAsync(Request(carriesTrailers: false));
+
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        var trailers = replay.Features.GetRequiredFeature<IHttpResponseTrailersFeature>().Trailers;
+        Assert.Equal("5", trailers["grpc-status"]);
+        Assert.Equal("not found", trailers["grpc-message"]);
+        Assert.Equal(Json, replay.Body());
+        Assert.Equal(Json, withoutTrailers.Body());
+        Assert.Equal(1, harness.Executions);
+    }
+
+    private sealed class Trailers : IHttpResponseTrailersFeature
+    {
+        IHeaderDictionary IHttpResponseTrailersFeature.Trailers { get; set; } = new HeaderDictionary();
+    }
+
+    [Fact]
     public async Task ActionThatDisposesTheResponseStream_IsStoredAndReplayed()
     {
         var harness = Harness(async context =>
