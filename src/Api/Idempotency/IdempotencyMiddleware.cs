@@ -170,8 +170,9 @@ internal sealed partial class IdempotencyMiddleware(
                 renewal.Dispose();
                 Restore(context.Features, clientBody, connection, stream);
                 // Once its response has begun the action has most likely taken effect, and its client may hold part of
-                // an answer: its key is left to lapse (outcome unknown) rather than run again.
-                if (!lifetime.InDoubt && !capture.Started && !context.Response.HasStarted && policy.ReleasesOnException(exception, context))
+                // an answer: its key is left to lapse (outcome unknown) rather than run again. So once it cut its own
+                // response off, as a proxy does when its backend fails after the request went out.
+                if (!lifetime.InDoubt && !lifetime.Aborted && !capture.Started && !context.Response.HasStarted && policy.ReleasesOnException(exception, context))
                 {
                     await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease, policy.Retention);
                     metrics.Record(IdempotencyResults.Released);

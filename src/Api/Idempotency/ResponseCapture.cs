@@ -78,7 +78,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
         if (writer is not null && !writerCompleted)
         {
             writerCompleted = true;
-            await writer.CompleteAsync();
+            await writer.CompleteAsAskedAsync();
         }
     }
 
@@ -324,6 +324,8 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     private sealed class ActionPipe(PipeWriter pipe) : PipeWriter
     {
         private bool passing;
+        private bool completed;
+        private Exception? completedWith;
 
         /// <summary>True when the pipe holds bytes the stream has not been given and is not being given them now.</summary>
         public bool Holds => !passing && pipe.UnflushedBytes > 0;
@@ -332,29 +334,37 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
 
         public override long UnflushedBytes => pipe.UnflushedBytes;
 
-        public override void Advance(int bytes) => pipe.Advance(bytes);
+        public override void Advance(int bytes)
+        {
+            ThrowIfCompleted();
+            pipe.Advance(bytes);
+        }
 
-        public override Memory<byte> GetMemory(int sizeHint = 0) => pipe.GetMemory(sizeHint);
+        public override Memory<byte> GetMemory(int sizeHint = 0)
+        {
+            ThrowIfCompleted();
+            return pipe.GetMemory(sizeHint);
+        }
 
-        public override Span<byte> GetSpan(int sizeHint = 0) => pipe.GetSpan(sizeHint);
+        public override Span<byte> GetSpan(int sizeHint = 0)
+        {
+            ThrowIfCompleted();
+            return pipe.GetSpan(sizeHint);
+        }
 
         public override void CancelPendingFlush() => pipe.CancelPendingFlush();
 
+        // A server's writer completes without blocking and sends what is left after; the stream pipe would send it
+        // with a synchronous write, which Kestrel refuses (AllowSynchronousIO). It is sent as the action returns.
         public override void Complete(Exception? exception = null)
         {
-            passing = true;
-            try
-            {
-                pipe.Complete(exception);
-            }
-            finally
-            {
-                passing = false;
-            }
+            completed = true;
+            completedWith ??= exception;
         }
 
         public override async ValueTask CompleteAsync(Exception? exception = null)
         {
+            completed = true;
             passing = true;
             try
             {
@@ -366,27 +376,48 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
             }
         }
 
+        /// <summary>Completes the pipe as the action asked (with its exception, if it gave one), or as a server does at the end.</summary>
+        public ValueTask CompleteAsAskedAsync() => CompleteAsync(completedWith);
+
         public override ValueTask<FlushResult> FlushAsync(CancellationToken cancellationToken = default) =>
             Passing(static (pipe, _, cancel) => pipe.FlushAsync(cancel), 0, cancellationToken);
 
-        public override ValueTask<FlushResult> WriteAsync(ReadOnlyMemory<byte> source, CancellationToken cancellationToken = default) =>
-            Passing(static (pipe, source, cancel) => pipe.WriteAsync(source, cancel), source, cancellationToken);
+        public override ValueTask<FlushResult> WriteAsync(ReadOnlyMemory<byte> source, CancellationToken cancellationToken = default)
+        {
+            ThrowIfCompleted();
+            return Passing(static (pipe, source, cancel) => pipe.WriteAsync(source, cancel), source, cancellationToken);
+        }
+
+        private void ThrowIfCompleted()
+        {
+            if (completed)
+            {
+                throw new InvalidOperationException("Writing is not allowed after the writer was completed.");
+            }
+        }
 
         // Set before the call: the pipe writes to the stream from within it, before it returns.
         private ValueTask<FlushResult> Passing<T>(Func<PipeWriter, T, CancellationToken, ValueTask<FlushResult>> send, T state, CancellationToken cancellationToken)
         {
             passing = true;
-            var sending = default(ValueTask<FlushResult>);
+            ValueTask<FlushResult> sending;
             try
             {
                 sending = send(pipe, state, cancellationToken);
             }
-            finally
+            catch
             {
-                passing = !sending.IsCompleted;
+                passing = false;
+                throw;
             }
 
-            return sending.IsCompleted ? sending : AwaitAsync(sending);
+            if (sending.IsCompleted)
+            {
+                passing = false;
+                return sending;
+            }
+
+            return AwaitAsync(sending);
         }
 
         private async ValueTask<FlushResult> AwaitAsync(ValueTask<FlushResult> sending)

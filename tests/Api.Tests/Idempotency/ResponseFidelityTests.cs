@@ -283,6 +283,92 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task ActionThatResetsItsStreamThenThrows_LeavesTheKeyInDoubt_InsteadOfReleasingIt()
+    {
+        // Kestrel fires the request's token after a reset or an abort, not within it: the exception cannot tell.
+        var harness = Harness(context =>
+        {
+            context.Features.GetRequiredFeature<IHttpResetFeature>().Reset(2);
+            throw new InvalidOperationException("The backend failed after the request was sent.");
+        });
+        var key = MiddlewareHarness.NewKey();
+
+        await Assert.ThrowsAsync<InvalidOperationException>(() =>
+            harness.SendAsync(MiddlewareHarness.Request(key, configure: c => c.Features.Set<IHttpResetFeature>(new Http2Stream()))));
+
+        await harness.AssertLeftInDoubtAsync(key);
+    }
+
+    [Fact]
+    public async Task ActionThatCompletesBodyWriterSynchronously_IsStoredAndReplayed_WhereTheServerRefusesSynchronousWrites()
+    {
+        // Kestrel's writer completes without blocking; its stream refuses synchronous writes (AllowSynchronousIO).
+        var harness = Harness(context =>
+        {
+            context.Response.StatusCode = 201;
+            context.Response.BodyWriter.Write(Encoding.UTF8.GetBytes(Json));
+            context.Response.BodyWriter.Complete();
+            return Task.CompletedTask;
+        });
+        var key = MiddlewareHarness.NewKey();
+        HttpContext Request() => MiddlewareHarness.Request(key, configure: c => c.Response.Body = new AsynchronousOnly());
+
+        var first = await harness.SendAsync(Request());
+        var replay = await harness.SendAsync(Request());
+
+        Assert.Equal(Json, first.Body());
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(Json, replay.Body());
+    }
+
+    /// <summary>A response body that refuses synchronous writes, as Kestrel's does unless AllowSynchronousIO is set.</summary>
+    private sealed class AsynchronousOnly : MemoryStream
+    {
+        // MemoryStream's asynchronous writes are its synchronous ones, run inline.
+        private bool asynchronous;
+
+        public override async ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken = default)
+        {
+            asynchronous = true;
+            try
+            {
+                await base.WriteAsync(buffer, cancellationToken);
+            }
+            finally
+            {
+                asynchronous = false;
+            }
+        }
+
+        public override Task WriteAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken) =>
+            WriteAsync(buffer.AsMemory(offset, count), cancellationToken).AsTask();
+
+        public override Task FlushAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+
+        public override void Write(byte[] buffer, int offset, int count)
+        {
+            RefuseSynchronous();
+            base.Write(buffer, offset, count);
+        }
+
+        public override void Write(ReadOnlySpan<byte> buffer)
+        {
+            RefuseSynchronous();
+            base.Write(buffer);
+        }
+
+        public override void Flush() => RefuseSynchronous();
+
+        private void RefuseSynchronous()
+        {
+            if (!asynchronous)
+            {
+                throw new InvalidOperationException("Synchronous operations are disallowed.");
+            }
+        }
+    }
+
+    [Fact]
     public async Task ActionThatReplacesItsResponseOnceBegun_LeavesTheKeyInDoubt_InsteadOfReleasingIt()
     {
         // A proxy whose client has gone (so nothing was sent) answers 502 when the backend fails mid-body: the
