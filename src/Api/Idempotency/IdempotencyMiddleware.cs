@@ -83,6 +83,13 @@ internal sealed partial class IdempotencyMiddleware(
             await RejectAsync(context, IdempotencyProblem.BodyUnreadable(ex.StatusCode), ex.Message, key);
             return;
         }
+        catch (Exception ex) when (ex is IOException or OperationCanceledException && context.RequestAborted.IsCancellationRequested)
+        {
+            // The client went away mid-body (an HTTP/2 reset, a closed connection): no one to answer, nothing claimed.
+            // Not left to escape as an unhandled server error.
+            metrics.Record(IdempotencyResults.Rejected);
+            return;
+        }
 
         if (fingerprint is null)
         {

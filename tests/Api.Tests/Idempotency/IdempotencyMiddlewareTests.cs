@@ -1023,6 +1023,27 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task ClientThatResetsItsRequestMidBody_IsLeftWithoutAnswer_NotA500_AndNothingRunsOrIsClaimed()
+    {
+        // An HTTP/2 stream reset while the layer reads the body: Kestrel's read fails with an IOException.
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+        using var gone = new CancellationTokenSource();
+        await gone.CancelAsync();
+        var context = MiddlewareHarness.Request(key, configure: c =>
+        {
+            c.Request.Body = new RefusedBody(new IOException("The client reset the request stream."));
+            c.RequestAborted = gone.Token;
+        });
+
+        await harness.SendAsync(context);
+
+        Assert.False(context.Response.HasStarted);
+        Assert.Equal(0, harness.Executions);
+        Assert.Equal(IdempotencyStatus.None, (await harness.Grain(key).GetAsync()).Status);
+    }
+
+    [Fact]
     public async Task ActionThatFailsAfterItsClientLeft_LeavesTheKeyInDoubt_InsteadOfReleasingIt()
     {
         using var disconnect = new CancellationTokenSource();

@@ -155,15 +155,20 @@ internal static class HttpContextExtensions
 }
 
 /// <summary>A request body Kestrel gives up on partway, as it does on a broken chunk or a body that comes too slowly.</summary>
-internal sealed class RefusedBody(int status) : MemoryStream("{\"amount\""u8.ToArray())
+internal sealed class RefusedBody(Exception failure) : MemoryStream("{\"amount\""u8.ToArray())
 {
     private bool started;
+
+    public RefusedBody(int status)
+        : this(new BadHttpRequestException("The request body could not be read (test).", status))
+    {
+    }
 
     public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
     {
         if (started)
         {
-            throw new BadHttpRequestException("The request body could not be read (test).", status);
+            throw failure;
         }
 
         started = true;
