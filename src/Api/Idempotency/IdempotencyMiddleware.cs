@@ -83,11 +83,11 @@ internal sealed partial class IdempotencyMiddleware(
             await RejectAsync(context, IdempotencyProblem.BodyUnreadable(ex.StatusCode), ex.Message, key);
             return;
         }
-        catch (Exception ex) when (ex is IOException or OperationCanceledException && context.RequestAborted.IsCancellationRequested)
+        catch (Exception ex) when (ex is IOException or OperationCanceledException && ClientLeft(context))
         {
             // The client went away mid-body (an HTTP/2 reset, a closed connection): no one to answer, nothing claimed.
-            // Not left to escape as an unhandled server error.
-            metrics.Record(IdempotencyResults.Rejected);
+            // Not left to escape as an unhandled server error. (A request time-out's cancellation goes on to the
+            // middleware that answers it.)
             return;
         }
 
@@ -177,8 +177,8 @@ internal sealed partial class IdempotencyMiddleware(
                 renewal.Dispose();
                 Restore(context.Features, clientBody, connection, stream);
                 // Once its response has begun the action has most likely taken effect, and its client may hold part of
-                // an answer: its key is left to lapse (outcome unknown) rather than run again. So once it cut its own
-                // response off, as a proxy does when its backend fails after the request went out.
+                // an answer: its key is left to lapse (outcome unknown) rather than run again. The same holds once the
+                // action cut its own response off, as a proxy does when its backend fails after the request went out.
                 if (!lifetime.InDoubt && !lifetime.Aborted && !capture.Started && !context.Response.HasStarted && policy.ReleasesOnException(exception, context))
                 {
                     await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease, policy.Retention);

@@ -1023,6 +1023,25 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task RequestTimeoutFiringWhileTheBodyIsRead_ReachesTheTimeoutMiddleware_NotAnEmpty200()
+    {
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+        using var timeout = new CancellationTokenSource();
+        await timeout.CancelAsync();
+        var context = MiddlewareHarness.Request(key, configure: c =>
+        {
+            c.RequestAborted = timeout.Token;
+            c.Features.Set<Microsoft.AspNetCore.Http.Timeouts.IHttpRequestTimeoutFeature>(new TimedOut(timeout.Token));
+        });
+
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => harness.SendAsync(context));
+
+        Assert.Equal(0, harness.Executions);
+        Assert.Equal(IdempotencyStatus.None, (await harness.Grain(key).GetAsync()).Status);
+    }
+
+    [Fact]
     public async Task ClientThatResetsItsRequestMidBody_IsLeftWithoutAnswer_NotA500_AndNothingRunsOrIsClaimed()
     {
         // An HTTP/2 stream reset while the layer reads the body: Kestrel's read fails with an IOException.
