@@ -175,6 +175,7 @@ internal sealed partial class IdempotencyMiddleware(
             catch (Exception exception)
             {
                 renewal.Dispose();
+                await capture.SendCompletedWriterAsync();
                 Restore(context.Features, clientBody, connection, stream);
                 // Once its response has begun the action has most likely taken effect, and its client may hold part of
                 // an answer: its key is left to lapse (outcome unknown) rather than run again. The same holds once the

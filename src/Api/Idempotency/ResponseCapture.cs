@@ -67,7 +67,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
 
     Stream IHttpResponseBodyFeature.Stream => this;
 
-    PipeWriter IHttpResponseBodyFeature.Writer => writer ??= new ActionPipe(PipeWriter.Create(this, new StreamPipeWriterOptions(leaveOpen: true)));
+    PipeWriter IHttpResponseBodyFeature.Writer => writer ??= new ActionPipe(this, PipeWriter.Create(this, new StreamPipeWriterOptions(leaveOpen: true)));
 
     /// <summary>The copied body; valid when not <see cref="Overflowed"/>.</summary>
     public byte[] ToArray() => Overflowed ? [] : buffer.AsSpan(0, copied).ToArray();
@@ -81,6 +81,12 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
             await writer.CompleteAsAskedAsync();
         }
     }
+
+    /// <summary>
+    /// Sends what the action completed its <c>BodyWriter</c> with, if it did: a server would have sent it then, and it
+    /// goes to the client even when the action fails afterwards.
+    /// </summary>
+    public Task SendCompletedWriterAsync() => writer is { CompletedByAction: true } ? FlushWriterAsync() : Task.CompletedTask;
 
     /// <summary>Gives the copy's buffer back to the pool; the copy is gone after this.</summary>
     public void ReturnBuffer()
@@ -321,11 +327,14 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     /// the action left in the pipe unflushed go out before what it then writes to the stream. Passing them on from
     /// the stream's side must not pass them again while the pipe itself is passing them to the stream.
     /// </summary>
-    private sealed class ActionPipe(PipeWriter pipe) : PipeWriter
+    private sealed class ActionPipe(ResponseCapture capture, PipeWriter pipe) : PipeWriter
     {
         private bool passing;
         private bool completed;
         private Exception? completedWith;
+
+        /// <summary>True once the action completed the pipe itself: its response is then begun and whole.</summary>
+        public bool CompletedByAction { get; private set; }
 
         /// <summary>True when the pipe holds bytes the stream has not been given and is not being given them now.</summary>
         public bool Holds => !passing && pipe.UnflushedBytes > 0;
@@ -354,12 +363,15 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
 
         public override void CancelPendingFlush() => pipe.CancelPendingFlush();
 
-        // A server's writer completes without blocking and sends what is left after; the stream pipe would send it
-        // with a synchronous write, which Kestrel refuses (AllowSynchronousIO). It is sent as the action returns.
+        // Kestrel's writer starts sending what is left without blocking; the stream pipe would send it with a
+        // synchronous write, which Kestrel refuses (AllowSynchronousIO). It is sent as the action returns or fails
+        // (SendCompletedWriterAsync), and the response counts as begun from here, as Kestrel's has.
         public override void Complete(Exception? exception = null)
         {
             completed = true;
+            CompletedByAction = true;
             completedWith ??= exception;
+            capture.NoteStart();
         }
 
         public override async ValueTask CompleteAsync(Exception? exception = null)

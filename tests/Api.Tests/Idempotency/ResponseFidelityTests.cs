@@ -321,6 +321,26 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
         Assert.Equal(Json, replay.Body());
     }
 
+    [Fact]
+    public async Task ActionThatCompletesBodyWriterThenThrows_ItsClientGetsTheResponse_AndTheKeyIsLeftInDoubt()
+    {
+        // Kestrel sends a completed writer's response at once: the action's later failure does not take it back.
+        var harness = Harness(context =>
+        {
+            context.Response.StatusCode = 201;
+            context.Response.BodyWriter.Write(Encoding.UTF8.GetBytes(Json));
+            context.Response.BodyWriter.Complete();
+            throw new InvalidOperationException("A step after the response failed.");
+        });
+        var key = MiddlewareHarness.NewKey();
+        var first = MiddlewareHarness.Request(key, configure: c => c.Response.Body = new AsynchronousOnly());
+
+        await Assert.ThrowsAsync<InvalidOperationException>(() => harness.SendAsync(first));
+
+        Assert.Equal(Json, first.Body());
+        await harness.AssertLeftInDoubtAsync(key);
+    }
+
     /// <summary>A response body that refuses synchronous writes, as Kestrel's does unless AllowSynchronousIO is set.</summary>
     private sealed class AsynchronousOnly : MemoryStream
     {
