@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.Text.Json;
 using System.Text.Json.Serialization;
 using Microsoft.Extensions.Options;
@@ -64,7 +65,7 @@ internal sealed class OnceHttp(
 
     public async Task ClaimAsync(HttpContext context, string key)
     {
-        if (await BeginAsync<OnceClaimBody>(context, key, allowEmptyBody: true) is not var (grain, body))
+        if (await BeginAsync<OnceClaimBody>(context, key, allowEmptyBody: true, carriesAResult: false) is not var (grain, body))
         {
             return;
         }
@@ -122,7 +123,7 @@ internal sealed class OnceHttp(
 
     public async Task CompleteAsync(HttpContext context, string key)
     {
-        if (await BeginAsync<OnceTokenBody>(context, key, allowEmptyBody: false) is not var (grain, body)
+        if (await BeginAsync<OnceTokenBody>(context, key, allowEmptyBody: false, carriesAResult: true) is not var (grain, body)
             || await TokenAsync(context, key, body) is not { } token)
         {
             return;
@@ -156,7 +157,7 @@ internal sealed class OnceHttp(
 
     public async Task RenewAsync(HttpContext context, string key)
     {
-        if (await BeginAsync<OnceTokenBody>(context, key, allowEmptyBody: false) is not var (grain, body)
+        if (await BeginAsync<OnceTokenBody>(context, key, allowEmptyBody: false, carriesAResult: true) is not var (grain, body)
             || await TokenAsync(context, key, body) is not { } token)
         {
             return;
@@ -170,7 +171,7 @@ internal sealed class OnceHttp(
 
     public async Task ReleaseAsync(HttpContext context, string key)
     {
-        if (await BeginAsync<OnceTokenBody>(context, key, allowEmptyBody: false) is not var (grain, body)
+        if (await BeginAsync<OnceTokenBody>(context, key, allowEmptyBody: false, carriesAResult: true) is not var (grain, body)
             || await TokenAsync(context, key, body) is not { } token)
         {
             return;
@@ -185,7 +186,7 @@ internal sealed class OnceHttp(
 
     public async Task ReadAsync(HttpContext context, string key)
     {
-        if (await BeginAsync<OnceClaimBody>(context, key, allowEmptyBody: true) is not var (grain, _))
+        if (await BeginAsync<OnceClaimBody>(context, key, allowEmptyBody: true, carriesAResult: false) is not var (grain, _))
         {
             return;
         }
@@ -221,7 +222,9 @@ internal sealed class OnceHttp(
     }
 
     // The key's grain and the request's body, or null once a problem has been answered.
-    private async Task<(IIdempotencyGrain Grain, T Body)?> BeginAsync<T>(HttpContext context, string key, bool allowEmptyBody)
+    // carriesAResult: a body that may hold a result to store is bounded by the largest result stored (and room for the
+    // rest); any other (a claim's input, only hashed) by the bound of an idempotent request's body.
+    private async Task<(IIdempotencyGrain Grain, T Body)?> BeginAsync<T>(HttpContext context, string key, bool allowEmptyBody, bool carriesAResult)
         where T : class
     {
         context.Response.Headers.CacheControl = "no-store";
@@ -240,15 +243,16 @@ internal sealed class OnceHttp(
             return null;
         }
 
-        var maxBodyBytes = (long)policy.MaxStoredResponseBytes + BodyHeadroomBytes;
+        var maxBodyBytes = carriesAResult ? (long)policy.MaxStoredResponseBytes + BodyHeadroomBytes : policy.MaxRequestBodyBytes;
         T? body;
         try
         {
             using var buffer = await ReadBodyAsync(context.Request, maxBodyBytes, context.RequestAborted);
             if (buffer is null)
             {
-                await problems.WriteAsync(context, IdempotencyProblem.BodyTooLarge,
-                    $"The body is larger than the {maxBodyBytes} bytes a Once call takes (the largest result stored, {policy.MaxStoredResponseBytes} bytes, and {BodyHeadroomBytes} more).", key);
+                await problems.WriteAsync(context, IdempotencyProblem.BodyTooLarge, carriesAResult
+                    ? $"The body is larger than the {maxBodyBytes} bytes this call takes: the largest result stored, {policy.MaxStoredResponseBytes} bytes, and {BodyHeadroomBytes} more. Send the result without indentation."
+                    : $"The body is larger than the {maxBodyBytes} bytes this call takes.", key);
                 return null;
             }
 
@@ -265,6 +269,11 @@ internal sealed class OnceHttp(
         catch (JsonException ex)
         {
             await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid, $"The body is not the JSON object this call takes: {ex.Message}", key);
+            return null;
+        }
+        catch (Exception ex) when (ex is IOException or OperationCanceledException && IdempotencyMiddleware.ClientLeft(context))
+        {
+            // The caller went away mid-body: no one to answer.
             return null;
         }
 
@@ -286,17 +295,24 @@ internal sealed class OnceHttp(
         }
 
         var buffer = new MemoryStream();
-        var chunk = new byte[16 * 1024];
-        int read;
-        while ((read = await request.Body.ReadAsync(chunk, cancellationToken)) > 0)
+        var chunk = ArrayPool<byte>.Shared.Rent(16 * 1024);
+        try
         {
-            if (buffer.Length + read > maxBytes)
+            int read;
+            while ((read = await request.Body.ReadAsync(chunk, cancellationToken)) > 0)
             {
-                await buffer.DisposeAsync();
-                return null;
-            }
+                if (buffer.Length + read > maxBytes)
+                {
+                    await buffer.DisposeAsync();
+                    return null;
+                }
 
-            buffer.Write(chunk, 0, read);
+                buffer.Write(chunk, 0, read);
+            }
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(chunk);
         }
 
         return buffer;

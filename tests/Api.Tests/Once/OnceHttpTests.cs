@@ -232,18 +232,51 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
     [Theory]
     [InlineData(false)]
     [InlineData(true)]
-    public async Task BodyLargerThanTheLargestResultStored_Is413_ReadNoFurther_AndTheClaimStaysHeld(bool announcesItsLength)
+    public async Task ResultBodyLargerThanTheLargestResultStored_Is413_ReadNoFurther_AndTheClaimStaysHeld(bool announcesItsLength)
     {
         var key = NewKey();
         var token = (await CallAsync(once.ClaimAsync, key, "")).Json.GetProperty("token").GetString();
-        var endless = new EndlessResult(token!);
+        var large = new LargeResult(token!, 3 * 1024 * 1024);
 
-        var response = await CallAsync(once.CompleteAsync, key, endless, announcesItsLength ? 50L * 1024 * 1024 : null);
+        var response = await CallAsync(once.CompleteAsync, key, large, announcesItsLength ? large.Length : null);
 
         Assert.Equal(413, response.Status);
         Assert.EndsWith("body-too-large", response.Json.GetProperty("type").GetString());
-        Assert.InRange(endless.BytesRead, 0, IdempotencyPolicy.Default.MaxStoredResponseBytes + (announcesItsLength ? 0 : 128 * 1024));
+        if (announcesItsLength)
+        {
+            Assert.Equal(0, large.BytesRead);
+        }
+        else
+        {
+            Assert.InRange(large.BytesRead, 0, IdempotencyPolicy.Default.MaxStoredResponseBytes + (128 * 1024));
+        }
+
         Assert.Equal(200, (await CallAsync(once.CompleteAsync, key, JsonSerializer.Serialize(new { token, result = 1 }))).Status);
+    }
+
+    [Fact]
+    public async Task ClaimInputLargerThanTheLargestResult_IsTaken_UpToTheBoundOfARequestBody()
+    {
+        // An input is only hashed, as an idempotent request's body is.
+        var small = Create(fixture, IdempotencyPolicy.Default with { MaxStoredResponseBytes = 1024, MaxRequestBodyBytes = 200 * 1024 });
+        var input = new string('i', 100 * 1024);
+
+        Assert.Equal(201, (await CallAsync(small.ClaimAsync, NewKey(), JsonSerializer.Serialize(new { input }))).Status);
+        var tooLarge = await CallAsync(small.ClaimAsync, NewKey(), JsonSerializer.Serialize(new { input = input + input }));
+        Assert.Equal(413, tooLarge.Status);
+        Assert.EndsWith("body-too-large", tooLarge.Json.GetProperty("type").GetString());
+    }
+
+    [Fact]
+    public async Task CallerThatLeavesMidBody_IsLeftWithoutAnswer_NotA500_AndNothingIsClaimed()
+    {
+        var key = NewKey();
+        using var gone = new CancellationTokenSource();
+        await gone.CancelAsync();
+
+        await CallAsync(once.ClaimAsync, key, new RefusedBody(new IOException("The client reset the request stream.")), null, gone.Token);
+
+        Assert.Equal(IdempotencyStatus.None, (await Grain(key).GetAsync()).Status);
     }
 
     [Fact]
@@ -277,19 +310,22 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
         return (context.Response.StatusCode, bytes.Length == 0 ? default : JsonDocument.Parse(bytes).RootElement);
     }
 
-    /// <summary>A completion whose result string never ends; counts what was read of it.</summary>
-    private sealed class EndlessResult(string token) : MemoryStream
+    /// <summary>A completion whose result string is <c>length</c> bytes long; counts what was read of it.</summary>
+    private sealed class LargeResult(string token, long length) : MemoryStream
     {
         private readonly byte[] start = Encoding.UTF8.GetBytes($"{{\"token\":\"{token}\",\"result\":\"");
+
+        public override long Length => length;
 
         public long BytesRead { get; private set; }
 
         public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
         {
-            var span = buffer.Span;
+            var span = buffer.Span[..(int)Math.Min(buffer.Length, length - BytesRead)];
             for (var i = 0; i < span.Length; i++)
             {
-                span[i] = BytesRead + i < start.Length ? start[BytesRead + i] : (byte)'x';
+                var at = BytesRead + i;
+                span[i] = at < start.Length ? start[at] : at >= length - 2 ? "\"}"u8[(int)(at - (length - 2))] : (byte)'x';
             }
 
             BytesRead += span.Length;
