@@ -35,7 +35,7 @@ public readonly record struct IdempotencyKey(string Scope, string Key)
     public static string StoredScope(string scope)
     {
         var span = scope.AsSpan();
-        if (span.IndexOfAnyInRange('\uD800', '\uDFFF') >= 0 && !IsWellFormed(span))
+        if (HasLoneSurrogate(span))
         {
             // Hashed as it is, in UTF-16: its UTF-8 is the lossy form that merges scopes.
             return Utf16Digest + Convert.ToBase64String(SHA256.HashData(MemoryMarshal.AsBytes(span)));
@@ -49,20 +49,25 @@ public readonly record struct IdempotencyKey(string Scope, string Key)
             : scope;
     }
 
-    /// <summary>True when <paramref name="text"/> holds no lone surrogate: its UTF-8 is every character of it.</summary>
-    public static bool IsWellFormed(ReadOnlySpan<char> text)
+    /// <summary>True when <paramref name="text"/> holds half of a surrogate pair alone, which UTF-8 cannot hold.</summary>
+    public static bool HasLoneSurrogate(ReadOnlySpan<char> text)
     {
+        if (text.IndexOfAnyInRange('\uD800', '\uDFFF') < 0)
+        {
+            return false;
+        }
+
         while (!text.IsEmpty)
         {
             if (Rune.DecodeFromUtf16(text, out _, out var used) != OperationStatus.Done)
             {
-                return false;
+                return true;
             }
 
             text = text[used..];
         }
 
-        return true;
+        return false;
     }
 
     /// <inheritdoc/>

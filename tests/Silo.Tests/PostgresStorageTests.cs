@@ -401,15 +401,14 @@ public sealed class PostgresStorageTests(ServersFixture servers)
     [Fact]
     public async Task SiloClockBehindPostgres_StillReplaysItsKey_UntilItsRetentionEndsByThatClock()
     {
-        // The purge goes by PostgreSQL's clock: a silo 2 s behind it writes expiries that PostgreSQL reads as 2 s early.
+        // The purge goes by PostgreSQL's clock: a silo 30 s behind it writes expiries that PostgreSQL reads as 30 s
+        // early. This record is past its expiry by PostgreSQL's clock as it is written, 20 s before it by the silo's.
         var settings = await TestClusterSettings.CreateAsync(servers, redis: false);
-        await using var silo = await TestSilo.StartAsync(settings, s => s.Services.AddSingleton<TimeProvider>(new OffsetClock(TimeSpan.FromSeconds(-2))));
+        await using var silo = await TestSilo.StartAsync(settings, s => s.Services.AddSingleton<TimeProvider>(new OffsetClock(TimeSpan.FromSeconds(-30))));
         var key = NewKey();
-        await CompleteAsync(silo.Grains.GetIdempotencyGrain(key), TimeSpan.FromSeconds(3));
+        await CompleteAsync(silo.Grains.GetIdempotencyGrain(key), TimeSpan.FromSeconds(20));
         var purger = silo.Host.Services.GetRequiredService<ExpiredRecordPurger>();
 
-        // Past the record's expiry by PostgreSQL's clock, a second before it by the silo's.
-        await Task.Delay(TimeSpan.FromSeconds(1.5));
         await purger.PurgeExpiredAsync(CancellationToken.None);
         await silo.Grains.GetGrain<IManagementGrain>(0).ForceActivationCollection(TimeSpan.Zero);
 

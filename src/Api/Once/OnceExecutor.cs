@@ -63,19 +63,19 @@ internal sealed partial class OnceExecutor(
     /// SHA-256 of the input, the fingerprint a claim carries: of its UTF-8, or of its UTF-16 when it holds a lone
     /// surrogate, which UTF-8 would turn into U+FFFD and so give two inputs one fingerprint.
     /// </summary>
-    internal static byte[] Fingerprint(string input) => IdempotencyKey.IsWellFormed(input)
-        ? SHA256.HashData(Encoding.UTF8.GetBytes(input))
-        : SHA256.HashData(MemoryMarshal.AsBytes(input.AsSpan()));
+    internal static byte[] Fingerprint(string input) => IdempotencyKey.HasLoneSurrogate(input)
+        ? SHA256.HashData(MemoryMarshal.AsBytes(input.AsSpan()))
+        : SHA256.HashData(Encoding.UTF8.GetBytes(input));
 
     public async Task<T> ExecuteOnceAsync<T>(OnceKey key, Func<CancellationToken, Task<T>> action, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(key);
         ArgumentException.ThrowIfNullOrEmpty(key.Key);
         ArgumentException.ThrowIfNullOrEmpty(key.Scope);
-        if (key.Key.Length > IdempotencyKeyHeader.MaxLength || key.Key.Contains('\0') || !IdempotencyKey.IsWellFormed(key.Key))
+        if (key.Key.Contains('\0') || IdempotencyKey.HasLoneSurrogate(key.Key) || Encoding.UTF8.GetByteCount(key.Key) > IdempotencyKeyHeader.MaxLength)
         {
             // Stored as it is in the grain key, beside a scope that may use the rest of what PostgreSQL's index holds.
-            throw new ArgumentException($"A key is 1 to {IdempotencyKeyHeader.MaxLength} characters of text: no NUL, no lone surrogate.", nameof(key));
+            throw new ArgumentException($"A key is 1 to {IdempotencyKeyHeader.MaxLength} bytes of UTF-8 text: no NUL, no lone surrogate.", nameof(key));
         }
 
         ArgumentNullException.ThrowIfNull(action);

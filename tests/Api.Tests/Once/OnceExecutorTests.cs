@@ -99,17 +99,26 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
     }
 
     [Theory]
-    [InlineData(256, -1)]
-    [InlineData(8, '\0')]
-    [InlineData(8, 0xD800)]
-    public async Task KeyNoGrainKeyHoldsAsItIs_IsRefusedAsAnArgument_AndNothingRuns(int length, int andThen)
+    [InlineData('k', 256, -1)]
+    [InlineData('\u20ac', 86, -1)]
+    [InlineData('k', 8, 0)]
+    [InlineData('k', 8, 0xD800)]
+    public async Task KeyNoGrainKeyHoldsAsItIs_IsRefusedAsAnArgument_AndNothingRuns(char fill, int count, int last)
     {
         // A character code, not a string: an attribute's strings are stored as UTF-8, which has no lone surrogate.
-        var key = new string('k', length) + (andThen < 0 ? "" : ((char)andThen).ToString());
+        var key = new string(fill, count) + (last < 0 ? "" : ((char)last).ToString());
 
         await Assert.ThrowsAsync<ArgumentException>(() => Executor().ExecuteOnceAsync(new OnceKey(key), ChargeAsync));
 
         Assert.Equal(0, runs);
+    }
+
+    [Fact]
+    public async Task KeyOf255Utf8Bytes_IsTaken()
+    {
+        await Executor().ExecuteOnceAsync(new OnceKey(new string('\u20ac', 73) + Guid.NewGuid()), ChargeAsync);
+
+        Assert.Equal(1, runs);
     }
 
     [Fact]
