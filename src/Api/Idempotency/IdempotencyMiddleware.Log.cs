@@ -11,6 +11,9 @@ internal sealed partial class IdempotencyMiddleware
     [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: the action ended with {Exception} after the client left; its claim is left to lapse, since the action may have taken effect.")]
     private static partial void LogLeftInDoubt(ILogger logger, string key, string exception);
 
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: the response the action completed before it failed could not be sent ({Reason}).")]
+    private static partial void LogCompletedResponseUnsent(ILogger logger, string key, string reason);
+
     [LoggerMessage(Level = LogLevel.Warning, Message = "A caller authenticated by {AuthenticationType} has no scope (by default its NameIdentifier or sub claim): refused with 403, since it would otherwise share keys with every such caller. Set the policy's Scope to a claim it carries.")]
     private static partial void LogUnscopedCaller(ILogger logger, string? authenticationType);
 }

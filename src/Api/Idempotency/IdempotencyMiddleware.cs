@@ -175,8 +175,17 @@ internal sealed partial class IdempotencyMiddleware(
             catch (Exception exception)
             {
                 renewal.Dispose();
-                await capture.SendCompletedWriterAsync();
                 Restore(context.Features, clientBody, connection, stream);
+                try
+                {
+                    await capture.SendCompletedResponseAsync();
+                }
+                catch (Exception unsent)
+                {
+                    // The action's own exception is the one to report; its key stays in doubt either way.
+                    LogCompletedResponseUnsent(logger, grain.GetPrimaryKeyString(), unsent.GetType().Name);
+                }
+
                 // Once its response has begun the action has most likely taken effect, and its client may hold part of
                 // an answer: its key is left to lapse (outcome unknown) rather than run again. The same holds once the
                 // action cut its own response off, as a proxy does when its backend fails after the request went out.

@@ -83,10 +83,17 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     }
 
     /// <summary>
-    /// Sends what the action completed its <c>BodyWriter</c> with, if it did: a server would have sent it then, and it
-    /// goes to the client even when the action fails afterwards.
+    /// Sends and ends the response whose <c>BodyWriter</c> the action completed, if it did: a server would have done so
+    /// then, and the client gets it even when the action fails afterwards.
     /// </summary>
-    public Task SendCompletedWriterAsync() => writer is { CompletedByAction: true } ? FlushWriterAsync() : Task.CompletedTask;
+    public async Task SendCompletedResponseAsync()
+    {
+        if (writer is { CompletedByAction: true })
+        {
+            await FlushWriterAsync();
+            await ToClientAsync(static (client, _) => client.CompleteAsync(), client, CancellationToken.None);
+        }
+    }
 
     /// <summary>Gives the copy's buffer back to the pool; the copy is gone after this.</summary>
     public void ReturnBuffer()
@@ -365,16 +372,35 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
 
         // Kestrel's writer starts sending what is left without blocking; the stream pipe would send it with a
         // synchronous write, which Kestrel refuses (AllowSynchronousIO). It is sent as the action returns or fails
-        // (SendCompletedWriterAsync), and the response counts as begun from here, as Kestrel's has.
+        // (SendCompletedResponseAsync).
         public override void Complete(Exception? exception = null)
         {
             completed = true;
-            CompletedByAction = true;
             completedWith ??= exception;
-            capture.NoteStart();
+            CompletedByTheAction(exception);
         }
 
         public override async ValueTask CompleteAsync(Exception? exception = null)
+        {
+            CompletedByTheAction(exception);
+            await CompletePipeAsync(exception);
+        }
+
+        /// <summary>Completes the pipe as the action asked (with its exception, if it gave one), or as a server does at the end.</summary>
+        public ValueTask CompleteAsAskedAsync() => CompletePipeAsync(completedWith);
+
+        // Completed without an exception, the response is whole and, as a server's, begun: from here on it is sent
+        // even if the action fails. Completed with one, a server discards what was not sent and answers 500.
+        private void CompletedByTheAction(Exception? exception)
+        {
+            if (exception is null)
+            {
+                CompletedByAction = true;
+                capture.NoteStart();
+            }
+        }
+
+        private async ValueTask CompletePipeAsync(Exception? exception)
         {
             completed = true;
             passing = true;
@@ -387,9 +413,6 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
                 passing = false;
             }
         }
-
-        /// <summary>Completes the pipe as the action asked (with its exception, if it gave one), or as a server does at the end.</summary>
-        public ValueTask CompleteAsAskedAsync() => CompleteAsync(completedWith);
 
         public override ValueTask<FlushResult> FlushAsync(CancellationToken cancellationToken = default) =>
             Passing(static (pipe, _, cancel) => pipe.FlushAsync(cancel), 0, cancellationToken);

@@ -243,7 +243,8 @@ internal sealed class OnceHttp(
             return null;
         }
 
-        var maxBodyBytes = carriesAResult ? (long)policy.MaxStoredResponseBytes + BodyHeadroomBytes : policy.MaxRequestBodyBytes;
+        // Bounded by what one buffer holds, too: a policy's request bound may be set beyond it.
+        var maxBodyBytes = carriesAResult ? (long)policy.MaxStoredResponseBytes + BodyHeadroomBytes : Math.Min(policy.MaxRequestBodyBytes, Array.MaxLength);
         T? body;
         try
         {

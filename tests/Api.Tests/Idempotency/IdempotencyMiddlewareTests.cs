@@ -1048,10 +1048,9 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         var harness = Harness();
         var key = MiddlewareHarness.NewKey();
         using var gone = new CancellationTokenSource();
-        await gone.CancelAsync();
         var context = MiddlewareHarness.Request(key, configure: c =>
         {
-            c.Request.Body = new RefusedBody(new IOException("The client reset the request stream."));
+            c.Request.Body = new RefusedBody(new IOException("The client reset the request stream.")) { AsItFails = gone.Cancel };
             c.RequestAborted = gone.Token;
         });
 

@@ -164,10 +164,14 @@ internal sealed class RefusedBody(Exception failure) : MemoryStream("{\"amount\"
     {
     }
 
+    /// <summary>Runs as the read fails: a reset client's request token fires with it.</summary>
+    public Action? AsItFails { get; init; }
+
     public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
     {
         if (started)
         {
+            AsItFails?.Invoke();
             throw failure;
         }
 

@@ -333,12 +333,48 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
             throw new InvalidOperationException("A step after the response failed.");
         });
         var key = MiddlewareHarness.NewKey();
-        var first = MiddlewareHarness.Request(key, configure: c => c.Response.Body = new AsynchronousOnly());
+        var body = new AsynchronousOnly();
+        var server = new CompletionRecordingBody(body);
+        var first = MiddlewareHarness.Request(key, configure: c =>
+        {
+            c.Response.Body = body;
+            c.Features.Set<IHttpResponseBodyFeature>(server);
+        });
 
         await Assert.ThrowsAsync<InvalidOperationException>(() => harness.SendAsync(first));
 
         Assert.Equal(Json, first.Body());
+        Assert.True(server.Completed);
         await harness.AssertLeftInDoubtAsync(key);
+    }
+
+    [Fact]
+    public async Task ActionThatCompletesBodyWriterWithAnException_ThenThrows_HasItsKeyReleased_AsNothingWasSent()
+    {
+        // A writer completed with an exception sends nothing: a server answers 500 and the action did not answer.
+        var harness = Harness(context =>
+        {
+            context.Response.BodyWriter.Write(Encoding.UTF8.GetBytes(Json));
+            context.Response.BodyWriter.Complete(new InvalidOperationException("The body could not be made."));
+            throw new InvalidOperationException("The body could not be made.");
+        });
+        var key = MiddlewareHarness.NewKey();
+
+        await Assert.ThrowsAsync<InvalidOperationException>(() => harness.SendAsync(MiddlewareHarness.Request(key)));
+
+        Assert.Equal(IdempotencyStatus.None, (await harness.Grain(key).GetAsync()).Status);
+    }
+
+    /// <summary>A server's body feature that records whether the response was ended.</summary>
+    private sealed class CompletionRecordingBody(Stream body) : StreamResponseBodyFeature(body)
+    {
+        public bool Completed { get; private set; }
+
+        public override Task CompleteAsync()
+        {
+            Completed = true;
+            return base.CompleteAsync();
+        }
     }
 
     /// <summary>A response body that refuses synchronous writes, as Kestrel's does unless AllowSynchronousIO is set.</summary>

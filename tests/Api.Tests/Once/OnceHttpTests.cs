@@ -272,9 +272,8 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
     {
         var key = NewKey();
         using var gone = new CancellationTokenSource();
-        await gone.CancelAsync();
 
-        await CallAsync(once.ClaimAsync, key, new RefusedBody(new IOException("The client reset the request stream.")), null, gone.Token);
+        await CallAsync(once.ClaimAsync, key, new RefusedBody(new IOException("The client reset the request stream.")) { AsItFails = gone.Cancel }, null, gone.Token);
 
         Assert.Equal(IdempotencyStatus.None, (await Grain(key).GetAsync()).Status);
     }
