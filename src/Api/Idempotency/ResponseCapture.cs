@@ -389,6 +389,15 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
         /// <summary>Completes the pipe as the action asked (with its exception, if it gave one), or as a server does at the end.</summary>
         public ValueTask CompleteAsAskedAsync() => CompletePipeAsync(completedWith);
 
+        public override ValueTask<FlushResult> FlushAsync(CancellationToken cancellationToken = default) =>
+            Passing(static (pipe, _, cancel) => pipe.FlushAsync(cancel), 0, cancellationToken);
+
+        public override ValueTask<FlushResult> WriteAsync(ReadOnlyMemory<byte> source, CancellationToken cancellationToken = default)
+        {
+            ThrowIfCompleted();
+            return Passing(static (pipe, source, cancel) => pipe.WriteAsync(source, cancel), source, cancellationToken);
+        }
+
         // Completed without an exception, the response is whole and, as a server's, begun: from here on it is sent
         // even if the action fails. Completed with one, a server discards what was not sent and answers 500.
         private void CompletedByTheAction(Exception? exception)
@@ -412,15 +421,6 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
             {
                 passing = false;
             }
-        }
-
-        public override ValueTask<FlushResult> FlushAsync(CancellationToken cancellationToken = default) =>
-            Passing(static (pipe, _, cancel) => pipe.FlushAsync(cancel), 0, cancellationToken);
-
-        public override ValueTask<FlushResult> WriteAsync(ReadOnlyMemory<byte> source, CancellationToken cancellationToken = default)
-        {
-            ThrowIfCompleted();
-            return Passing(static (pipe, source, cancel) => pipe.WriteAsync(source, cancel), source, cancellationToken);
         }
 
         private void ThrowIfCompleted()

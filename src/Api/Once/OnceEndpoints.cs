@@ -52,8 +52,8 @@ internal sealed class OnceHttp(
     IOptions<IdempotencyOptions> options,
     TimeProvider time)
 {
-    // Beside the result: the token, a claim's input, JSON's framing and whitespace. A body is read no further than this
-    // and the largest result stored, however much the client sends.
+    // Beside a result: the token, JSON's framing and whitespace. A body that may carry a result is read no further
+    // than this and the largest result stored, however much the client sends.
     private const int BodyHeadroomBytes = 64 * 1024;
 
     private static readonly JsonSerializerOptions Json = new(OnceExecutor.Json)

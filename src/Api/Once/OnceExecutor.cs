@@ -72,13 +72,13 @@ internal sealed partial class OnceExecutor(
         ArgumentNullException.ThrowIfNull(key);
         ArgumentException.ThrowIfNullOrEmpty(key.Key);
         ArgumentException.ThrowIfNullOrEmpty(key.Scope);
+        ArgumentNullException.ThrowIfNull(action);
         if (key.Key.Contains('\0') || IdempotencyKey.HasLoneSurrogate(key.Key) || Encoding.UTF8.GetByteCount(key.Key) > IdempotencyKeyHeader.MaxLength)
         {
             // Stored as it is in the grain key, beside a scope that may use the rest of what PostgreSQL's index holds.
             throw new ArgumentException($"A key is 1 to {IdempotencyKeyHeader.MaxLength} bytes of UTF-8 text: no NUL, no lone surrogate.", nameof(key));
         }
 
-        ArgumentNullException.ThrowIfNull(action);
         var policy = options.Value.DefaultPolicy;
         var grain = calls.Grain(GrainKey(key.Scope, key.Key));
         var request = new ClaimRequest(AttemptId.New(), Fingerprint(key.Input ?? ""), policy.Lease, policy.Retention, policy.OnLapsedLease);
