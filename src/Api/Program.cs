@@ -9,7 +9,7 @@ var builder = WebApplication.CreateBuilder(args);
 builder.AddIdempotencyCluster();
 builder.Services.AddIdempotency(options =>
 {
-    options.DefaultPolicy = options.DefaultPolicy.Configure(builder.Configuration.GetSection("Idempotency"));
+    options.DefaultPolicy = options.DefaultPolicy.Configure(builder.Configuration.GetSection("Idempotency")).KeepingUnknownWritesInDoubt();
     options.AddPolicy(DemoEndpoints.PaymentsPolicy, policy => policy with { ConcurrentDuplicates = ConcurrentDuplicateHandling.Reject });
 });
 builder.AddDemo();

@@ -6,12 +6,12 @@ using Npgsql;
 namespace OrleansIdempotency.Api.Demo;
 
 /// <summary>
-/// Answers 503 with <c>Retry-After</c> when an action's own database fails transiently (PostgreSQL restarting, a
-/// connection refused), as the layer does for its store. By the time this runs, the idempotency middleware has
-/// released the key (the action threw; <see cref="AspNetCore.IdempotencyPolicy.ReleasesOnException"/>), so the retry it
-/// invites runs the action again under the same key. (A connection lost after the action's commit was sent is
-/// ambiguous; an endpoint whose side effect must never repeat keeps such keys in doubt through that policy.)
-/// Other exceptions are left to the default handler (500 problem details).
+/// Answers 503 when an action's own database fails transiently (PostgreSQL restarting, a connection refused), as the
+/// layer does for its store. By the time this runs, the idempotency middleware has released the key (the action
+/// threw; <see cref="AspNetCore.IdempotencyPolicy.ReleasesOnException"/>), so the retry it invites with
+/// <c>Retry-After</c> runs the action again under the same key. A connection lost after the write was sent
+/// (<see cref="DemoWriteInDoubtException"/>) kept its key in doubt instead: no retry is invited, since it would be
+/// answered 409 until an operator settles the key. Other exceptions are left to the default handler (500).
 /// </summary>
 internal sealed class DemoStoreUnavailableHandler(IProblemDetailsService problems) : IExceptionHandler
 {
@@ -22,8 +22,13 @@ internal sealed class DemoStoreUnavailableHandler(IProblemDetailsService problem
             return false;
         }
 
+        var inDoubt = exception is DemoWriteInDoubtException;
         context.Response.StatusCode = StatusCodes.Status503ServiceUnavailable;
-        context.Response.Headers.RetryAfter = "1";
+        if (!inDoubt)
+        {
+            context.Response.Headers.RetryAfter = "1";
+        }
+
         return await problems.TryWriteAsync(new ProblemDetailsContext
         {
             HttpContext = context,
@@ -32,7 +37,9 @@ internal sealed class DemoStoreUnavailableHandler(IProblemDetailsService problem
             {
                 Status = StatusCodes.Status503ServiceUnavailable,
                 Title = "Demo database unavailable",
-                Detail = "The action's database could not be reached. Retry with the same key.",
+                Detail = inDoubt
+                    ? "The connection to the action's database broke after its write was sent, so whether it took effect is unknown. The key is kept: it is not run again, and an operator settles it."
+                    : "The action's database could not be reached. Retry with the same key.",
             },
         });
     }
@@ -43,6 +50,7 @@ internal sealed class DemoStoreUnavailableHandler(IProblemDetailsService problem
     /// </summary>
     internal static bool IsDatabaseUnreachable(Exception exception) => exception switch
     {
+        DemoWriteInDoubtException => true,
         PostgresException postgres => postgres.SqlState.StartsWith("08", StringComparison.Ordinal)
             || postgres.SqlState is PostgresErrorCodes.AdminShutdown or PostgresErrorCodes.CrashShutdown or PostgresErrorCodes.CannotConnectNow
             || postgres.IsTransient,

@@ -26,7 +26,7 @@ internal sealed partial class PostgresDemoStore(NpgsqlDataSource dataSource, ILo
             },
         };
         // One batch is one implicit transaction: the order and its charge land together or not at all.
-        await batch.ExecuteNonQueryAsync(cancellationToken);
+        await WriteAsync(batch.ExecuteNonQueryAsync(cancellationToken));
     }
 
     public async Task<IReadOnlyList<Order>> GetOrdersAsync(string user, CancellationToken cancellationToken) =>
@@ -39,11 +39,13 @@ internal sealed partial class PostgresDemoStore(NpgsqlDataSource dataSource, ILo
 
     public async Task AddPaymentAsync(string user, string? requestKey, Payment payment, CancellationToken cancellationToken)
     {
-        await using var command = dataSource.CreateCommand(
-            "INSERT INTO demo_payments (id, user_id, request_key, amount, currency, created_at) VALUES (@id, @user, @key, @amount, @currency, @created)");
+        await using var connection = await dataSource.OpenConnectionAsync(cancellationToken);
+        await using var command = new NpgsqlCommand(
+            "INSERT INTO demo_payments (id, user_id, request_key, amount, currency, created_at) VALUES (@id, @user, @key, @amount, @currency, @created)",
+            connection);
         Add(command.Parameters, ("id", payment.Id), ("user", user), ("key", (object?)requestKey ?? DBNull.Value),
             ("amount", payment.Amount), ("currency", payment.Currency), ("created", payment.CreatedAt));
-        await command.ExecuteNonQueryAsync(cancellationToken);
+        await WriteAsync(command.ExecuteNonQueryAsync(cancellationToken));
     }
 
     public async Task<IReadOnlyList<Payment>> GetPaymentsAsync(string user, CancellationToken cancellationToken)
@@ -116,6 +118,20 @@ internal sealed partial class PostgresDemoStore(NpgsqlDataSource dataSource, ILo
         }
 
         return orders;
+    }
+
+    // A write on an open connection: a failure from here on may follow its commit. (Opening it fails before anything is
+    // sent, and is safe to retry.)
+    private static async Task WriteAsync(Task<int> writing)
+    {
+        try
+        {
+            await writing;
+        }
+        catch (Exception ex) when (DemoWriteInDoubtException.LeavesTheWriteUnknown(ex))
+        {
+            throw new DemoWriteInDoubtException(ex);
+        }
     }
 
     private static NpgsqlBatchCommand Command(string sql, params (string Name, object Value)[] parameters)

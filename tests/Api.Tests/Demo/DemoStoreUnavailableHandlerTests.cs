@@ -43,6 +43,30 @@ public sealed class DemoStoreUnavailableHandlerTests
     }
 
     [Fact]
+    public async Task WriteOfUnknownOutcome_Answers503_WithoutInvitingARetry()
+    {
+        var (handler, context) = Create();
+        var lost = new DemoWriteInDoubtException(new NpgsqlException("Exception while reading from stream", new IOException()));
+
+        Assert.True(await handler.TryHandleAsync(context, lost, default));
+
+        Assert.Equal(503, context.Response.StatusCode);
+        Assert.False(context.Response.Headers.ContainsKey("Retry-After"));
+        var problem = JsonDocument.Parse(((MemoryStream)context.Response.Body).ToArray()).RootElement;
+        Assert.Contains("unknown", problem.GetProperty("detail").GetString(), StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void WriteFailure_LeavesItsOutcomeUnknown_OnlyWhenTheConnectionFailed_NotWhenPostgresAnswered()
+    {
+        Assert.True(DemoWriteInDoubtException.LeavesTheWriteUnknown(new NpgsqlException("Exception while reading from stream", new IOException())));
+        Assert.True(DemoWriteInDoubtException.LeavesTheWriteUnknown(new NpgsqlException("Exception while reading from stream", new TimeoutException())));
+        Assert.True(DemoWriteInDoubtException.LeavesTheWriteUnknown(new TimeoutException()));
+        Assert.False(DemoWriteInDoubtException.LeavesTheWriteUnknown(new PostgresException("terminating", "FATAL", "FATAL", PostgresErrorCodes.AdminShutdown)));
+        Assert.False(DemoWriteInDoubtException.LeavesTheWriteUnknown(new PostgresException("duplicate key", "ERROR", "ERROR", PostgresErrorCodes.UniqueViolation)));
+    }
+
+    [Fact]
     public async Task OtherExceptions_AreLeftToTheDefaultHandler()
     {
         var (handler, context) = Create();
