@@ -15,7 +15,7 @@ public sealed class ApiKeyAuthenticationOptions : AuthenticationSchemeOptions
     public Dictionary<string, string> Keys { get; set; } = new(StringComparer.Ordinal);
 }
 
-/// <summary>Authenticates <c>Authorization: Bearer &lt;api key&gt;</c>; answers 401 as problem+json.</summary>
+/// <summary>Authenticates <c>Authorization: Bearer &lt;api key&gt;</c>; answers 401 and 403 as problem+json.</summary>
 internal sealed class ApiKeyAuthenticationHandler(
     IOptionsMonitor<ApiKeyAuthenticationOptions> options,
     ILoggerFactory logger,
@@ -51,4 +51,10 @@ internal sealed class ApiKeyAuthenticationHandler(
             title: "Unauthorized",
             detail: "Send 'Authorization: Bearer <api key>'.").ExecuteAsync(Context);
     }
+
+    protected override Task HandleForbiddenAsync(AuthenticationProperties properties) =>
+        Results.Problem(
+            statusCode: StatusCodes.Status403Forbidden,
+            title: "Forbidden",
+            detail: "This API key's user may not use this endpoint.").ExecuteAsync(Context);
 }

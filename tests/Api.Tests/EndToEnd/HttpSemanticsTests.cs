@@ -175,6 +175,8 @@ public sealed class HttpSemanticsTests(EndToEndFixture fixture)
         var asOperator = await ops.GetAsync(path);
 
         Assert.Equal(HttpStatusCode.Forbidden, asAlice.StatusCode);
+        Assert.Equal("application/problem+json", asAlice.Content.Headers.ContentType?.MediaType);
+        Assert.Equal(403, JsonDocument.Parse(await asAlice.Content.ReadAsStringAsync()).RootElement.GetProperty("status").GetInt32());
         Assert.Equal(HttpStatusCode.OK, asOperator.StatusCode);
         var state = JsonDocument.Parse(await asOperator.Content.ReadAsStringAsync()).RootElement;
         Assert.Equal("completed", state.GetProperty("status").GetString());
