@@ -72,6 +72,20 @@ public sealed class IdempotencySiloBuilderExtensionsTests(ServersFixture servers
         Assert.Contains("Orleans:DirectoryCacheSize", error.Message, StringComparison.Ordinal);
     }
 
+    [Theory]
+    [InlineData("120")]
+    [InlineData("soon")]
+    [InlineData("-00:01:00")]
+    public async Task IdempotencyGrainAge_NotAPositiveDurationAsHoursMinutesSeconds_IsRefusedAtStart_NamingTheSetting(string age)
+    {
+        var error = await Assert.ThrowsAsync<InvalidOperationException>(() => TestSilo.StartAsync(new Dictionary<string, string?>
+        {
+            ["Orleans:Collection:IdempotencyGrainAge"] = age,
+        }));
+
+        Assert.Contains("IdempotencyGrainAge", error.Message, StringComparison.Ordinal);
+    }
+
     [Fact]
     public async Task DirectoryCache_IsBoundedByDefault_FarBelowOrleansMillion()
     {

@@ -17,9 +17,9 @@ public static class IdempotencyPolicyConfigurationExtensions
         ArgumentNullException.ThrowIfNull(section);
         return (policy with
         {
-            Retention = Read(section, nameof(IdempotencyPolicy.Retention), policy.Retention, v => TimeSpan.Parse(v, CultureInfo.InvariantCulture)),
-            Lease = Read(section, nameof(IdempotencyPolicy.Lease), policy.Lease, v => TimeSpan.Parse(v, CultureInfo.InvariantCulture)),
-            WaitTimeout = Read(section, nameof(IdempotencyPolicy.WaitTimeout), policy.WaitTimeout, v => TimeSpan.Parse(v, CultureInfo.InvariantCulture)),
+            Retention = Read(section, nameof(IdempotencyPolicy.Retention), policy.Retention, Duration),
+            Lease = Read(section, nameof(IdempotencyPolicy.Lease), policy.Lease, Duration),
+            WaitTimeout = Read(section, nameof(IdempotencyPolicy.WaitTimeout), policy.WaitTimeout, Duration),
             ConcurrentDuplicates = Read(section, nameof(IdempotencyPolicy.ConcurrentDuplicates), policy.ConcurrentDuplicates, EnumName<ConcurrentDuplicateHandling>),
             OnLapsedLease = Read(section, nameof(IdempotencyPolicy.OnLapsedLease), policy.OnLapsedLease, EnumName<LapsedLeasePolicy>),
             MaxStoredResponseBytes = Read(section, nameof(IdempotencyPolicy.MaxStoredResponseBytes), policy.MaxStoredResponseBytes, v => int.Parse(v, CultureInfo.InvariantCulture)),
@@ -43,9 +43,14 @@ public static class IdempotencyPolicyConfigurationExtensions
         }
         catch (Exception ex) when (ex is FormatException or OverflowException)
         {
-            throw new InvalidOperationException($"Idempotency setting {name} = '{value}' is not valid.", ex);
+            throw new InvalidOperationException($"Idempotency setting {name} = '{value}' is not valid: {ex.Message}", ex);
         }
     }
+
+    // hh:mm:ss, with days before them if need be: TimeSpan alone reads a bare number as days ("10" as ten days).
+    private static TimeSpan Duration(string value) => value.Contains(':', StringComparison.Ordinal)
+        ? TimeSpan.Parse(value, CultureInfo.InvariantCulture)
+        : throw new FormatException("A duration is hh:mm:ss (00:00:30 for 30 seconds), or d.hh:mm:ss.");
 
     // One of the enum's names, in any case: not a number, nor a list of names, which Enum.Parse would take as well.
     private static T EnumName<T>(string value)

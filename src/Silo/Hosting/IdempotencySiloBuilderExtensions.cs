@@ -1,3 +1,4 @@
+using System.Globalization;
 using System.Net;
 using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
@@ -78,8 +79,8 @@ public static class IdempotencySiloBuilderExtensions
         // duplicate found in progress does not wait for this: it is freed at once (IdempotencyGrain.CompleteAsync).
         var collection = configuration.GetSection("Orleans:Collection");
         silo.Services.Configure<GrainCollectionOptions>(collection);
-        silo.Services.Configure<GrainCollectionOptions>(options => options.ClassSpecificCollectionAge[typeof(IdempotencyGrain).FullName!] =
-            collection.GetValue("IdempotencyGrainAge", TimeSpan.FromMinutes(2)));
+        var grainAge = collection["IdempotencyGrainAge"] is { Length: > 0 } age ? GrainAge(age) : TimeSpan.FromMinutes(2);
+        silo.Services.Configure<GrainCollectionOptions>(options => options.ClassSpecificCollectionAge[typeof(IdempotencyGrain).FullName!] = grainAge);
         // Orleans caches where each grain it placed or looked up lives, up to a million entries for 4 minutes by default,
         // and keeps an entry after its activation is gone. With a grain per key that held about 300 bytes and three
         // objects for each of the keys of the last 4 minutes (a million at these rates), all of it work for every full
@@ -96,6 +97,13 @@ public static class IdempotencySiloBuilderExtensions
         silo.Services.TryAddSingleton(TimeProvider.System);
         return silo;
     }
+
+    // hh:mm:ss, as the README gives it: a bare number would be read as days ("120" as four months).
+    private static TimeSpan GrainAge(string value) =>
+        value.Contains(':', StringComparison.Ordinal) && TimeSpan.TryParse(value, CultureInfo.InvariantCulture, out var age) && age > TimeSpan.Zero
+            ? age
+            : throw new InvalidOperationException(
+                $"Orleans:Collection:IdempotencyGrainAge = '{value}' is not valid: a positive duration as hh:mm:ss (00:02:00 for two minutes).");
 
     /// <summary>
     /// Keeps idempotency records in this silo's memory (the embedded default, <see cref="InMemoryRecordStorage"/>):
