@@ -15,6 +15,11 @@ public static class DemoEndpoints
         payments.MapPost("", CreatePaymentAsync).RequireIdempotency(PaymentsPolicy);
         payments.MapGet("", (ClaimsPrincipal user, IDemoStore store, CancellationToken cancellationToken) =>
             store.GetPaymentsAsync(UserId(user), cancellationToken));
+        // Where a created payment's Location points.
+        payments.MapGet("/{id}", async Task<IResult> (string id, ClaimsPrincipal user, IDemoStore store, CancellationToken cancellationToken) =>
+            (await store.GetPaymentsAsync(UserId(user), cancellationToken)).FirstOrDefault(p => p.Id == id) is { } payment
+                ? TypedResults.Ok(payment)
+                : TypedResults.Problem(statusCode: StatusCodes.Status404NotFound, title: "Not Found", detail: "The caller has no payment with this id."));
 
         // The same tiny handler with and without the layer, so its cost can be measured as a ratio in one run.
         var bench = app.MapGroup("/bench").RequireAuthorization();

@@ -237,6 +237,11 @@ public sealed class HttpSemanticsTests(EndToEndFixture fixture)
         Assert.Equal(body, replayBody);
         Assert.Contains(JsonDocument.Parse(body).RootElement.GetProperty("id").GetString()!, await alice.GetStringAsync("/payments"), StringComparison.Ordinal);
         Assert.Equal(1, await fixture.CountAsync("demo_payments", key));
+        var located = await alice.GetAsync(created.Headers.Location);
+        Assert.Equal(HttpStatusCode.OK, located.StatusCode);
+        Assert.Equal(JsonDocument.Parse(body).RootElement.GetProperty("id").GetString(),
+            JsonDocument.Parse(await located.Content.ReadAsStringAsync()).RootElement.GetProperty("id").GetString());
+        Assert.Equal(HttpStatusCode.NotFound, (await bob.GetAsync(created.Headers.Location)).StatusCode);
     }
 
     [Fact]
