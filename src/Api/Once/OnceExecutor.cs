@@ -61,10 +61,11 @@ internal sealed partial class OnceExecutor(
 
     /// <summary>
     /// SHA-256 of the input, the fingerprint a claim carries: of its UTF-8, or of its UTF-16 when it holds a lone
-    /// surrogate, which UTF-8 would turn into U+FFFD and so give two inputs one fingerprint.
+    /// surrogate, which UTF-8 would turn into U+FFFD and so give two inputs one fingerprint. The UTF-16 form starts
+    /// with 0xFF, a byte no UTF-8 holds, so that no input's UTF-16 reads as another's UTF-8.
     /// </summary>
     internal static byte[] Fingerprint(string input) => IdempotencyKey.HasLoneSurrogate(input)
-        ? SHA256.HashData(MemoryMarshal.AsBytes(input.AsSpan()))
+        ? SHA256.HashData([0xFF, .. MemoryMarshal.AsBytes(input.AsSpan())])
         : SHA256.HashData(Encoding.UTF8.GetBytes(input));
 
     public async Task<T> ExecuteOnceAsync<T>(OnceKey key, Func<CancellationToken, Task<T>> action, CancellationToken cancellationToken = default)

@@ -98,6 +98,19 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
         Assert.Equal(1, runs);
     }
 
+    [Fact]
+    public async Task InputWithALoneSurrogate_NeverSharesAFingerprintWithAnotherInput()
+    {
+        // The UTF-16 of the first is the UTF-8 of the second: 00 D8 80 00.
+        var once = Executor();
+        var key = NewKey();
+        await once.ExecuteOnceAsync(new OnceKey(key, Input: "\uD800\u0080"), ChargeAsync);
+
+        var refused = await Assert.ThrowsAsync<OnceRefusedException>(() => once.ExecuteOnceAsync(new OnceKey(key, Input: "\u0000\u0600\u0000"), ChargeAsync));
+
+        Assert.Equal(OnceRefusal.KeyReused, refused.Reason);
+    }
+
     [Theory]
     [InlineData('k', 256, -1)]
     [InlineData('\u20ac', 86, -1)]
