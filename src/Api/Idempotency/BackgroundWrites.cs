@@ -1,4 +1,3 @@
-using Orleans.Runtime;
 using OrleansIdempotency.Grains;
 
 namespace OrleansIdempotency.AspNetCore;

@@ -125,21 +125,21 @@ internal sealed partial class IdempotencyGrainCalls(
     public async Task ReleaseAsync(IIdempotencyGrain grain, Guid attemptId, TimeSpan lease, TimeSpan retention)
     {
         Func<IIdempotencyGrain, Task<bool>> release = g => g.ReleaseAsync(attemptId, lease);
-        if (background.StoreSeemsDown)
+        // While the store seems down it waits its turn at once: during an outage every failed request leaves a release.
+        if (!background.StoreSeemsDown)
         {
-            // It waits its turn at once: during an outage every failed request leaves a release.
-            background.AddRelease(grain, release, time.GetUtcNow() + retention);
-            return;
+            try
+            {
+                await CallAsync(grain, release, CancellationToken.None);
+                return;
+            }
+            catch (IdempotencyUnavailableException)
+            {
+                // It waits in the background, as below.
+            }
         }
 
-        try
-        {
-            await CallAsync(grain, release, CancellationToken.None);
-        }
-        catch (IdempotencyUnavailableException)
-        {
-            background.AddRelease(grain, release, time.GetUtcNow() + retention);
-        }
+        background.AddRelease(grain, release, time.GetUtcNow() + retention);
     }
 
     /// <summary>

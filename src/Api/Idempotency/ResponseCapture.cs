@@ -86,14 +86,8 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     /// Sends and ends the response whose <c>BodyWriter</c> the action completed, if it did: a server would have done so
     /// then, and the client gets it even when the action fails afterwards.
     /// </summary>
-    public async Task SendCompletedResponseAsync()
-    {
-        if (writer is { CompletedByAction: true })
-        {
-            await FlushWriterAsync();
-            await ToClientAsync(static (client, _) => client.CompleteAsync(), client, CancellationToken.None);
-        }
-    }
+    public Task SendCompletedResponseAsync() =>
+        writer is { CompletedByAction: true } ? ((IHttpResponseBodyFeature)this).CompleteAsync() : Task.CompletedTask;
 
     /// <summary>Gives the copy's buffer back to the pool; the copy is gone after this.</summary>
     public void ReturnBuffer()
@@ -371,8 +365,8 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
         public override void CancelPendingFlush() => pipe.CancelPendingFlush();
 
         // Kestrel's writer starts sending what is left without blocking; the stream pipe would send it with a
-        // synchronous write, which Kestrel refuses (AllowSynchronousIO). It is sent as the action returns or fails
-        // (SendCompletedResponseAsync).
+        // synchronous write, which Kestrel refuses (AllowSynchronousIO). It is sent as the action returns
+        // (FlushWriterAsync), or if it throws (SendCompletedResponseAsync).
         public override void Complete(Exception? exception = null)
         {
             completed = true;

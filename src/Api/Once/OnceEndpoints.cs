@@ -65,7 +65,7 @@ internal sealed class OnceHttp(
 
     public async Task ClaimAsync(HttpContext context, string key)
     {
-        if (await BeginAsync<OnceClaimBody>(context, key, allowEmptyBody: true, carriesAResult: false) is not var (grain, body))
+        if (await BeginAsync<OnceClaimBody>(context, key, tokenCall: false) is not var (grain, body))
         {
             return;
         }
@@ -123,7 +123,7 @@ internal sealed class OnceHttp(
 
     public async Task CompleteAsync(HttpContext context, string key)
     {
-        if (await BeginAsync<OnceTokenBody>(context, key, allowEmptyBody: false, carriesAResult: true) is not var (grain, body)
+        if (await BeginAsync<OnceTokenBody>(context, key, tokenCall: true) is not var (grain, body)
             || await TokenAsync(context, key, body) is not { } token)
         {
             return;
@@ -157,7 +157,7 @@ internal sealed class OnceHttp(
 
     public async Task RenewAsync(HttpContext context, string key)
     {
-        if (await BeginAsync<OnceTokenBody>(context, key, allowEmptyBody: false, carriesAResult: true) is not var (grain, body)
+        if (await BeginAsync<OnceTokenBody>(context, key, tokenCall: true) is not var (grain, body)
             || await TokenAsync(context, key, body) is not { } token)
         {
             return;
@@ -171,7 +171,7 @@ internal sealed class OnceHttp(
 
     public async Task ReleaseAsync(HttpContext context, string key)
     {
-        if (await BeginAsync<OnceTokenBody>(context, key, allowEmptyBody: false, carriesAResult: true) is not var (grain, body)
+        if (await BeginAsync<OnceTokenBody>(context, key, tokenCall: true) is not var (grain, body)
             || await TokenAsync(context, key, body) is not { } token)
         {
             return;
@@ -186,7 +186,7 @@ internal sealed class OnceHttp(
 
     public async Task ReadAsync(HttpContext context, string key)
     {
-        if (await BeginAsync<OnceClaimBody>(context, key, allowEmptyBody: true, carriesAResult: false) is not var (grain, _))
+        if (await BeginAsync<OnceClaimBody>(context, key, tokenCall: false) is not var (grain, _))
         {
             return;
         }
@@ -222,9 +222,10 @@ internal sealed class OnceHttp(
     }
 
     // The key's grain and the request's body, or null once a problem has been answered.
-    // carriesAResult: a body that may hold a result to store is bounded by the largest result stored (and room for the
-    // rest); any other (a claim's input, only hashed) by the bound of an idempotent request's body.
-    private async Task<(IIdempotencyGrain Grain, T Body)?> BeginAsync<T>(HttpContext context, string key, bool allowEmptyBody, bool carriesAResult)
+    // tokenCall: complete, renew or release, whose body names the token and may hold a result to store: it is required,
+    // and bounded by the largest result stored (and room for the rest). A claim's or a read's may be empty; its input,
+    // only hashed, is bounded as an idempotent request's body is.
+    private async Task<(IIdempotencyGrain Grain, T Body)?> BeginAsync<T>(HttpContext context, string key, bool tokenCall)
         where T : class
     {
         context.Response.Headers.CacheControl = "no-store";
@@ -244,20 +245,20 @@ internal sealed class OnceHttp(
         }
 
         // Bounded by what one buffer holds, too: a policy's request bound may be set beyond it.
-        var maxBodyBytes = carriesAResult ? (long)policy.MaxStoredResponseBytes + BodyHeadroomBytes : Math.Min(policy.MaxRequestBodyBytes, Array.MaxLength);
+        var maxBodyBytes = tokenCall ? (long)policy.MaxStoredResponseBytes + BodyHeadroomBytes : Math.Min(policy.MaxRequestBodyBytes, Array.MaxLength);
         T? body;
         try
         {
             using var buffer = await ReadBodyAsync(context.Request, maxBodyBytes, context.RequestAborted);
             if (buffer is null)
             {
-                await problems.WriteAsync(context, IdempotencyProblem.BodyTooLarge, carriesAResult
+                await problems.WriteAsync(context, IdempotencyProblem.BodyTooLarge, tokenCall
                     ? $"The body is larger than the {maxBodyBytes} bytes this call takes: the largest result stored, {policy.MaxStoredResponseBytes} bytes, and {BodyHeadroomBytes} more. Send the result without indentation."
                     : $"The body is larger than the {maxBodyBytes} bytes this call takes.", key);
                 return null;
             }
 
-            body = buffer.Length == 0 && allowEmptyBody
+            body = buffer.Length == 0 && !tokenCall
                 ? JsonSerializer.Deserialize<T>("{}", Json)
                 : JsonSerializer.Deserialize<T>(buffer.GetBuffer().AsSpan(0, (int)buffer.Length), Json);
         }

@@ -51,8 +51,8 @@ public sealed partial class ExpiredRecordPurger(
 
     /// <summary>
     /// One round of the purge: every record expired <see cref="Grace"/> ago by PostgreSQL's clock, the clock that also
-    /// refuses late claims, so that what is purged and what may still land are judged by one clock whatever the silos'
-    /// clocks say.
+    /// refuses late claims, so that what is purged and what may still land are judged by one clock, whatever the silos'
+    /// clocks say within that grace.
     /// </summary>
     public async Task PurgeExpiredAsync(CancellationToken cancellationToken)
     {

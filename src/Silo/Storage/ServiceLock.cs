@@ -15,7 +15,7 @@ namespace OrleansIdempotency.Silo.Storage;
 /// <remarks>
 /// PostgreSQL drops the lock with the session: when the process exits or is killed, when its host vanishes (within a
 /// minute: the session is probed), or when the connection is lost, as in a PostgreSQL restart. A running silo checks
-/// its session every <see cref="CheckInterval"/> and takes the lock again in a new one; should a silo of another kind
+/// its session every <see cref="CheckInterval"/> and takes the lock again in a new one; should a silo that forms another cluster
 /// have taken it meanwhile, it says so, loudly, since two clusters then serve the service. Two Redis clusters of one
 /// service (two ClusterIds at once) both share it, and are not detected: run one ClusterId per service at a time.
 /// </remarks>
@@ -31,7 +31,7 @@ public sealed partial class ServiceLock(IdempotencyDatabase database, string ser
     private Task keeping = Task.CompletedTask;
     private int disposed;
 
-    /// <summary>How long a starting silo waits for the silos of another kind serving its service to stop. The default is 60 seconds.</summary>
+    /// <summary>How long a starting silo waits for the silos of another cluster serving its service to stop. The default is 60 seconds.</summary>
     public TimeSpan StartupTimeout { get; init; } = TimeSpan.FromSeconds(60);
 
     /// <summary>How often a running silo checks that its lock's session lives. The default is 10 seconds.</summary>
@@ -82,7 +82,7 @@ public sealed partial class ServiceLock(IdempotencyDatabase database, string ser
         keeping = KeepAsync(stopping.Token);
     }
 
-    /// <summary>Lets a silo of another kind serve the service, once no silo of this one holds the lock.</summary>
+    /// <summary>Lets another cluster's silos serve the service, once no silo of this one holds the lock.</summary>
     public async Task ReleaseAsync()
     {
         if (Volatile.Read(ref disposed) == 0)
@@ -216,13 +216,13 @@ public sealed partial class ServiceLock(IdempotencyDatabase database, string ser
         }
     }
 
-    [LoggerMessage(Level = LogLevel.Warning, Message = "Silos of another kind (with Redis, or without) serve '{ServiceId}' from this PostgreSQL database; waiting for them to stop.")]
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Silos of another cluster (a silo without Redis, or a Redis cluster) serve '{ServiceId}' from this PostgreSQL database; waiting for them to stop.")]
     private static partial void LogWaiting(ILogger logger, string serviceId);
 
     [LoggerMessage(Level = LogLevel.Information, Message = "The lock of service '{ServiceId}' was lost with its PostgreSQL session and is held again.")]
     private static partial void LogRetaken(ILogger logger, string serviceId);
 
-    [LoggerMessage(Level = LogLevel.Error, Message = "The lock of service '{ServiceId}' was lost with its PostgreSQL session, and a silo of another kind " +
+    [LoggerMessage(Level = LogLevel.Error, Message = "The lock of service '{ServiceId}' was lost with its PostgreSQL session, and a silo of another cluster " +
         "has taken it (PostgreSQL session {Pid}, from {Client}): two clusters now serve this service from one database. Stop one, or give every silo ConnectionStrings__Redis.")]
     private static partial void LogTakenByAnother(ILogger logger, string serviceId, int pid, string client);
 

@@ -305,9 +305,7 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
         // Kestrel's writer completes without blocking; its stream refuses synchronous writes (AllowSynchronousIO).
         var harness = Harness(context =>
         {
-            context.Response.StatusCode = 201;
-            context.Response.BodyWriter.Write(Encoding.UTF8.GetBytes(Json));
-            context.Response.BodyWriter.Complete();
+            CreatesThroughACompletedWriter(context);
             return Task.CompletedTask;
         });
         var key = MiddlewareHarness.NewKey();
@@ -327,9 +325,7 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
         // Kestrel sends a completed writer's response at once: the action's later failure does not take it back.
         var harness = Harness(context =>
         {
-            context.Response.StatusCode = 201;
-            context.Response.BodyWriter.Write(Encoding.UTF8.GetBytes(Json));
-            context.Response.BodyWriter.Complete();
+            CreatesThroughACompletedWriter(context);
             throw new InvalidOperationException("A step after the response failed.");
         });
         var key = MiddlewareHarness.NewKey();
@@ -375,6 +371,13 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
             Completed = true;
             return base.CompleteAsync();
         }
+    }
+
+    private static void CreatesThroughACompletedWriter(HttpContext context)
+    {
+        context.Response.StatusCode = 201;
+        context.Response.BodyWriter.Write(Encoding.UTF8.GetBytes(Json));
+        context.Response.BodyWriter.Complete();
     }
 
     /// <summary>A response body that refuses synchronous writes, as Kestrel's does unless AllowSynchronousIO is set.</summary>
