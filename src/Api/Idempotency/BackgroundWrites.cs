@@ -12,12 +12,15 @@ namespace OrleansIdempotency.AspNetCore;
 /// </summary>
 internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger) : IDisposable
 {
-    /// <summary>The most releases that wait (about 200 bytes each); beyond it a release is given up at once.</summary>
+    /// <summary>
+    /// The most releases that wait (about 200 bytes each), counting those being tried; beyond it a release is given
+    /// up at once.
+    /// </summary>
     public const int MaxReleases = 100_000;
 
     /// <summary>
-    /// The most bytes of responses that completions waiting hold; beyond it a completion is given up at once. Apart
-    /// from the releases' bound: an outage's releases never crowd out an action's completion.
+    /// The most bytes of responses that completions waiting hold, counting those being tried; beyond it a completion
+    /// is given up at once. Apart from the releases' bound: an outage's releases never crowd out an action's completion.
     /// </summary>
     public const long MaxCompletionBytes = 256L << 20;
 
@@ -27,7 +30,10 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
     private readonly Queue<Write> completions = new();
     private readonly Queue<Write> releases = new();
     private readonly CancellationTokenSource stopped = new();
+
+    // What the bounds count: the writes queued and those out being tried, which a failed try queues again.
     private long completionBytes;
+    private int releasesHeld;
     private bool draining;
     private bool storeDown;
     private bool probeReleaseFirst;
@@ -85,12 +91,13 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
                 return;
             }
 
-            if (write.IsCompletion ? completionBytes + write.Bytes > MaxCompletionBytes : releases.Count >= MaxReleases)
+            if (write.IsCompletion ? completionBytes + write.Bytes > MaxCompletionBytes : releasesHeld >= MaxReleases)
             {
                 LogTooManyWaiting(logger, write.Key, write.Kind);
                 return;
             }
 
+            Hold(write, 1);
             Enqueue(write);
             start = !draining;
             draining = true;
@@ -139,6 +146,7 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
                 {
                     if (landed[i])
                     {
+                        Hold(batch[i], -1);
                         continue;
                     }
 
@@ -146,6 +154,7 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
                     if (stopped.IsCancellationRequested)
                     {
                         LogLeftWaiting(logger, batch[i].Key, batch[i].Kind);
+                        Hold(batch[i], -1);
                     }
                     else
                     {
@@ -178,12 +187,14 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
             var second = probeReleaseFirst ? completions : releases;
             while (batch.Count < count && (first.TryDequeue(out var write) || second.TryDequeue(out write)))
             {
-                completionBytes -= write.Bytes;
                 if (now < write.GiveUpAt)
                 {
                     batch.Add(write);
+                    continue;
                 }
-                else if (write.IsCompletion)
+
+                Hold(write, -1);
+                if (write.IsCompletion)
                 {
                     LogLeaseEnded(logger, write.Key);
                 }
@@ -203,10 +214,19 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
         return batch;
     }
 
-    private void Enqueue(Write write)
+    private void Enqueue(Write write) => (write.IsCompletion ? completions : releases).Enqueue(write);
+
+    // Counts a write in (1) or out (-1) of the bounds; called under the gate.
+    private void Hold(Write write, int sign)
     {
-        completionBytes += write.Bytes;
-        (write.IsCompletion ? completions : releases).Enqueue(write);
+        if (write.IsCompletion)
+        {
+            completionBytes += sign * write.Bytes;
+        }
+        else
+        {
+            releasesHeld += sign;
+        }
     }
 
     private async Task<bool> TryAsync(Write write)

@@ -629,7 +629,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
 
         // The outage ends; the attempt's release, retried in the background, gets through.
         fixture.Store.Down = false;
-        await ClockRunsUntilAsync(() => fixture.Store.WritesOf(grain) > 0);
+        await fixture.ClockRunsUntilAsync(() => fixture.Store.WritesOf(grain) > 0);
 
         // Only then does the claim written before the outage reach the store.
         await Assert.ThrowsAnyAsync<InconsistentStateException>(await lostWrite);
@@ -658,7 +658,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         // The claim's lease lapses; the release, waking then, fails once more.
         var refused = fixture.Store.RefusedOf(grain);
         fixture.Time.Advance(IdempotencyPolicy.Default.Lease - failsAfter);
-        await ClockRunsUntilAsync(() => fixture.Store.RefusedOf(grain) > refused);
+        await fixture.ClockRunsUntilAsync(() => fixture.Store.RefusedOf(grain) > refused);
 
         await StoreReturns_RetryFindsTheKeyInDoubt_UntilTheReleaseLandsAsync(harness, key, grain);
     }
@@ -675,7 +675,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
 
         // The store stays down for twice the lease; the release keeps trying all along.
         var refused = fixture.Store.RefusedOf(grain);
-        await RunClockAsync(IdempotencyPolicy.Default.Lease * 2);
+        await fixture.RunClockAsync(IdempotencyPolicy.Default.Lease * 2);
         Assert.True(fixture.Store.RefusedOf(grain) > refused + 10, "The release stopped trying during the outage.");
 
         await StoreReturns_RetryFindsTheKeyInDoubt_UntilTheReleaseLandsAsync(harness, key, grain);
@@ -690,7 +690,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         fixture.Store.Down = false;
         Assert.Equal(409, (await harness.SendAsync(key)).Response.StatusCode);
         var writes = fixture.Store.WritesOf(grain);
-        await ClockRunsUntilAsync(() => fixture.Store.WritesOf(grain) > writes);
+        await fixture.ClockRunsUntilAsync(() => fixture.Store.WritesOf(grain) > writes);
 
         Assert.Equal(201, (await harness.SendAsync(key)).Response.StatusCode);
         Assert.Equal(1, harness.Executions);
@@ -705,10 +705,10 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         var answers = await fixture.WhileStoreDownAsync(async () =>
         {
             var answers = await Task.WhenAll(keys.Select(k => harness.SendAsync(k)));
-            await RunClockAsync(TimeSpan.FromSeconds(2));
+            await fixture.RunClockAsync(TimeSpan.FromSeconds(2));
             await MiddlewareHarness.WaitUntilAsync(() => Task.FromResult(harness.Calls.WaitingForTheStore == keys.Length));
             var refused = grains.Sum(fixture.Store.RefusedOf);
-            await RunClockAsync(TimeSpan.FromSeconds(10));
+            await fixture.RunClockAsync(TimeSpan.FromSeconds(10));
 
             // Each release retried on its own, about once a second, would have made ~400 writes in these 10 s.
             Assert.InRange(grains.Sum(fixture.Store.RefusedOf) - refused, 1, 25);
@@ -716,7 +716,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         });
         Assert.All(answers, answer => Assert.Equal(503, answer.Response.StatusCode));
 
-        await ClockRunsUntilAsync(() => grains.All(g => fixture.Store.WritesOf(g) > 0));
+        await fixture.ClockRunsUntilAsync(() => grains.All(g => fixture.Store.WritesOf(g) > 0));
     }
 
     [Fact]
@@ -737,7 +737,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
 
         await MiddlewareHarness.WaitUntilAsync(() => Task.FromResult(harness.Calls.WaitingForTheStore == released.Length + 1));
         fixture.Store.Down = false;
-        await ClockRunsUntilAsync(() => fixture.Store.WritesOf(completedGrain) > 1);
+        await fixture.ClockRunsUntilAsync(() => fixture.Store.WritesOf(completedGrain) > 1);
 
         // In the first batch once a probe (of either kind) lands, beside at most 31 releases that may land as it is
         // written: not behind the 100 (a queue in order of arrival put 97 before it).
@@ -772,7 +772,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
 
         fixture.Store.Down = false;
         var back = fixture.Time.GetUtcNow();
-        await ClockRunsUntilAsync(() => released.All(g => fixture.Store.WritesOf(g) > 0));
+        await fixture.ClockRunsUntilAsync(() => released.All(g => fixture.Store.WritesOf(g) > 0));
         failing = false;
 
         Assert.True(fixture.Time.GetUtcNow() - back < TimeSpan.FromSeconds(10), "The releases waited for the completion's lease to end.");
@@ -789,14 +789,14 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         {
             await calls.ReleaseAsync(first, Guid.NewGuid(), policy.Lease, policy.Retention);
             Assert.True(fixture.Store.RefusedOf(first.GetGrainId()) > 0);
-            await RunClockAsync(TimeSpan.FromSeconds(2));
+            await fixture.RunClockAsync(TimeSpan.FromSeconds(2));
 
             await calls.ReleaseAsync(second, Guid.NewGuid(), policy.Lease, policy.Retention);
             Assert.Equal(0, fixture.Store.RefusedOf(second.GetGrainId()));
             return true;
         });
 
-        await ClockRunsUntilAsync(() => fixture.Store.WritesOf(first.GetGrainId()) > 0 && fixture.Store.WritesOf(second.GetGrainId()) > 0);
+        await fixture.ClockRunsUntilAsync(() => fixture.Store.WritesOf(first.GetGrainId()) > 0 && fixture.Store.WritesOf(second.GetGrainId()) > 0);
         Assert.Equal(0, calls.WaitingForTheStore);
     }
 
@@ -816,7 +816,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
             return true;
         });
 
-        await RunClockAsync(TimeSpan.FromSeconds(3));
+        await fixture.RunClockAsync(TimeSpan.FromSeconds(3));
         Assert.Equal(0, fixture.Store.WritesOf(grain.GetGrainId()));
         Assert.Contains(log.Collector.GetSnapshot(), record => record.Level == LogLevel.Error && record.Message.Contains(grain.GetPrimaryKeyString()));
     }
@@ -1193,25 +1193,8 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         var keys = Enumerable.Range(0, releases).Select(_ => MiddlewareHarness.NewKey()).ToArray();
         fixture.Store.Down = true;
         Assert.All(await Task.WhenAll(keys.Select(k => harness.SendAsync(k))), answer => Assert.Equal(503, answer.Response.StatusCode));
-        await RunClockAsync(TimeSpan.FromSeconds(2));
+        await fixture.RunClockAsync(TimeSpan.FromSeconds(2));
         return (harness, key, running, first, [.. keys.Select(k => harness.Grain(k).GetGrainId())]);
-    }
-
-    // Moves the fake clock on in steps until condition holds (for at most 10 s of real time).
-    private Task ClockRunsUntilAsync(Func<bool> condition) => MiddlewareHarness.WaitUntilAsync(() =>
-    {
-        fixture.Time.Advance(TimeSpan.FromMilliseconds(200));
-        return Task.FromResult(condition());
-    });
-
-    // Moves the fake clock on by span in steps, giving background retries real time to run at each.
-    private async Task RunClockAsync(TimeSpan span)
-    {
-        for (var run = TimeSpan.Zero; run < span; run += TimeSpan.FromMilliseconds(250))
-        {
-            fixture.Time.Advance(TimeSpan.FromMilliseconds(250));
-            await Task.Delay(10);
-        }
     }
 
     // A key whose first request runs until the returned source completes.

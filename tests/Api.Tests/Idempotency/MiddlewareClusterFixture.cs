@@ -46,6 +46,23 @@ public sealed class MiddlewareClusterFixture : IAsyncLifetime
         }
     }
 
+    /// <summary>Moves the fake clock on in steps until <paramref name="condition"/> holds (for at most 10 s of real time).</summary>
+    public Task ClockRunsUntilAsync(Func<bool> condition) => MiddlewareHarness.WaitUntilAsync(() =>
+    {
+        Time.Advance(TimeSpan.FromMilliseconds(200));
+        return Task.FromResult(condition());
+    });
+
+    /// <summary>Moves the fake clock on by <paramref name="span"/> in steps, giving background retries real time to run at each.</summary>
+    public async Task RunClockAsync(TimeSpan span)
+    {
+        for (var run = TimeSpan.Zero; run < span; run += TimeSpan.FromMilliseconds(250))
+        {
+            Time.Advance(TimeSpan.FromMilliseconds(250));
+            await Task.Delay(10);
+        }
+    }
+
     public async Task InitializeAsync()
     {
         var builder = new InProcessTestClusterBuilder(initialSilosCount: 1);

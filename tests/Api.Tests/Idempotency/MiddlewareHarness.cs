@@ -2,6 +2,7 @@ using System.Text;
 using Microsoft.AspNetCore.Http;
 using Microsoft.AspNetCore.Http.Features;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 using Microsoft.Extensions.Options;
 using OrleansIdempotency.Grains;
@@ -18,7 +19,8 @@ internal sealed class MiddlewareHarness
     private readonly IdempotencyMiddleware middleware;
     private int executions;
 
-    public MiddlewareHarness(MiddlewareClusterFixture fixture, RequestDelegate endpoint, IdempotencyPolicy? policy = null, IIdempotencyMetadata? metadata = null)
+    public MiddlewareHarness(MiddlewareClusterFixture fixture, RequestDelegate endpoint, IdempotencyPolicy? policy = null, IIdempotencyMetadata? metadata = null,
+        ILogger<IdempotencyGrainCalls>? callsLog = null)
     {
         this.fixture = fixture;
         var options = Options.Create(new IdempotencyOptions { DefaultPolicy = policy ?? IdempotencyPolicy.Default, ClusterRetryBudget = TimeSpan.FromSeconds(2) });
@@ -29,7 +31,7 @@ internal sealed class MiddlewareHarness
             Interlocked.Increment(ref executions);
             return endpoint(context);
         };
-        Calls = fixture.Calls(options);
+        Calls = fixture.Calls(options, callsLog);
         middleware = new IdempotencyMiddleware(
             Endpoint,
             options,

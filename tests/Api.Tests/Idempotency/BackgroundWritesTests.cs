@@ -1,0 +1,140 @@
+using Microsoft.AspNetCore.Http;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Testing;
+using Microsoft.Extensions.Time.Testing;
+using OrleansIdempotency.Grains;
+
+namespace OrleansIdempotency.AspNetCore.Tests;
+
+/// <summary>
+/// The writes a request could not get through to the store: how long a completion may wait (its lease), and how
+/// many writes wait at most, each kind bounded apart.
+/// </summary>
+[Collection(MiddlewareClusterCollection.Name)]
+public sealed class BackgroundWritesTests(MiddlewareClusterFixture fixture)
+{
+    private static readonly DateTimeOffset Never = DateTimeOffset.MaxValue;
+
+    private static readonly TimeSpan Lease = IdempotencyPolicy.Default.Lease;
+
+    [Fact]
+    public async Task CompletionThatCannotReachTheStoreForItsWholeLease_IsGivenUp_AndItsKeyIsInDoubt_NotRunAgain()
+    {
+        var (harness, key, log, running, first) = await RunningAsync();
+
+        await fixture.WhileStoreDownAsync(async () =>
+        {
+            running.SetResult();
+            Assert.Equal(201, (await first).Response.StatusCode);
+            await MiddlewareHarness.WaitUntilAsync(() => Task.FromResult(harness.Calls.WaitingForTheStore == 1));
+            await fixture.RunClockAsync(Lease + TimeSpan.FromSeconds(2));
+            await fixture.ClockRunsUntilAsync(() => Errors(log, key).Count > 0);
+            return true;
+        });
+
+        await AssertInDoubtAsync(harness, key, log, "whole lease", "was refused");
+    }
+
+    [Fact]
+    public async Task CompletionThatReachesTheStoreAfterTheGrainsLeaseEnded_IsRefused_AndItsKeyIsInDoubt_NotRunAgain()
+    {
+        var (harness, key, log, running, first) = await RunningAsync();
+
+        await fixture.WhileStoreDownAsync(async () =>
+        {
+            // Half a lease in, with no renewal landing, the action ends: its completion may wait until a lease from now,
+            // but the grain's lease, which began at the claim, ends half a lease before that.
+            await fixture.RunClockAsync(Lease / 2);
+            running.SetResult();
+            Assert.Equal(201, (await first).Response.StatusCode);
+            await MiddlewareHarness.WaitUntilAsync(() => Task.FromResult(harness.Calls.WaitingForTheStore == 1));
+            await fixture.RunClockAsync(Lease / 2 + TimeSpan.FromSeconds(2));
+            return true;
+        });
+
+        // Once back, the store has the completion before the lease it would be given up at.
+        await fixture.ClockRunsUntilAsync(() => Errors(log, key).Count > 0);
+        await AssertInDoubtAsync(harness, key, log, "was refused", "whole lease");
+    }
+
+    [Fact]
+    public async Task ReleasesBeyondTheirBound_CountingOneBeingTried_AreGivenUpAtOnce_AndLogged()
+    {
+        var log = new FakeLogger();
+        using var writes = new BackgroundWrites(new FakeTimeProvider(), log);
+        var tried = new TaskCompletionSource();
+        var failing = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
+        writes.AddRelease(Grain(), _ =>
+        {
+            tried.TrySetResult();
+            return failing.Task;
+        }, Never);
+        await tried.Task;
+
+        // The first is out being tried as the others arrive; its try fails and queues it again behind them.
+        var one = Grain();
+        for (var i = 1; i < BackgroundWrites.MaxReleases; i++)
+        {
+            writes.AddRelease(one, NeverLands, Never);
+        }
+
+        var beyond = Grain();
+        writes.AddRelease(beyond, NeverLands, Never);
+        failing.SetException(new IOException("The store is down."));
+
+        await MiddlewareHarness.WaitUntilAsync(() => Task.FromResult(writes.Waiting == BackgroundWrites.MaxReleases));
+        Assert.Contains(Errors(log, beyond.GetPrimaryKeyString()), message => message.Contains("too many writes"));
+    }
+
+    [Fact]
+    public void CompletionsBeyondTheirBytes_AreGivenUpAtOnce_WhileReleasesFillTheirOwnBound()
+    {
+        var log = new FakeLogger();
+        using var writes = new BackgroundWrites(new FakeTimeProvider(), log);
+        var released = Grain();
+        for (var i = 0; i < BackgroundWrites.MaxReleases; i++)
+        {
+            writes.AddRelease(released, NeverLands, Never);
+        }
+
+        var nearlyAll = Grain();
+        var beyond = Grain();
+        var theRest = Grain();
+        writes.AddCompletion(nearlyAll, NeverLands, BackgroundWrites.MaxCompletionBytes - 100, Never);
+        writes.AddCompletion(beyond, NeverLands, 101, Never);
+        writes.AddCompletion(theRest, NeverLands, 100, Never);
+
+        Assert.Empty(Errors(log, nearlyAll.GetPrimaryKeyString()));
+        Assert.Contains(Errors(log, beyond.GetPrimaryKeyString()), message => message.Contains("too many writes"));
+        Assert.Empty(Errors(log, theRest.GetPrimaryKeyString()));
+    }
+
+    // A key whose action runs until the returned source completes, with the log of the writes that wait for the store.
+    private async Task<(MiddlewareHarness Harness, string Key, FakeLogger Log, TaskCompletionSource Running, Task<HttpContext> First)> RunningAsync()
+    {
+        var log = new FakeLogger<IdempotencyGrainCalls>();
+        var running = new TaskCompletionSource();
+        var harness = new MiddlewareHarness(fixture, MiddlewareHarness.CreatesAfter(running.Task), callsLog: log);
+        var key = MiddlewareHarness.NewKey();
+        var first = harness.SendAsync(key);
+        await MiddlewareHarness.WaitUntilAsync(() => Task.FromResult(harness.Executions == 1));
+        return (harness, key, log, running, first);
+    }
+
+    // The key's retry finds its outcome unknown, the action having run once, and the log says why, once.
+    private static async Task AssertInDoubtAsync(MiddlewareHarness harness, string key, FakeLogger log, string why, string notWhy)
+    {
+        Assert.Equal(409, (await harness.SendAsync(key)).Response.StatusCode);
+        Assert.Equal(1, harness.Executions);
+        var errors = Errors(log, key);
+        Assert.Contains(errors, message => message.Contains(why));
+        Assert.DoesNotContain(errors, message => message.Contains(notWhy));
+    }
+
+    private static Task<bool> NeverLands(IIdempotencyGrain grain) => Task.FromException<bool>(new IOException("The store is down."));
+
+    private static List<string> Errors(FakeLogger log, string key) =>
+        [.. log.Collector.GetSnapshot().Where(r => r.Level == LogLevel.Error && r.Message.Contains(key)).Select(r => r.Message)];
+
+    private IIdempotencyGrain Grain() => fixture.Grains.GetIdempotencyGrain(new IdempotencyKey("user:alice", MiddlewareHarness.NewKey()));
+}
