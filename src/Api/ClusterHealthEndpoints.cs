@@ -1,25 +1,58 @@
 namespace OrleansIdempotency.Api;
 
-/// <summary><c>GET /health</c>: whether this process reaches the cluster, how many silos are active, how many grains are activated.</summary>
+/// <summary>
+/// <c>GET /health</c>: whether this process reaches the cluster, how many silos are active, how many grains are
+/// activated on those that answer in time, and how many did not.
+/// </summary>
 public static class ClusterHealthEndpoints
 {
+    // Each active silo is asked apart: a silo frozen but not yet declared dead (a long GC pause, a stalled VM) would
+    // otherwise hold up the whole answer, and turn every API node's health check red for one silo's stall.
+    private static readonly TimeSpan SiloAnswers = TimeSpan.FromSeconds(2);
+
+    private static readonly TimeSpan ClusterAnswers = TimeSpan.FromSeconds(5);
+
     public static IEndpointRouteBuilder MapClusterHealth(this IEndpointRouteBuilder app)
     {
         app.MapGet("/health", async (IGrainFactory grains, CancellationToken cancellationToken) =>
         {
+            var management = grains.GetGrain<IManagementGrain>(0);
+            Dictionary<SiloAddress, SiloStatus> hosts;
             try
             {
-                var management = grains.GetGrain<IManagementGrain>(0);
-                var hosts = await management.GetHosts(onlyActive: true, cancellationToken).WaitAsync(TimeSpan.FromSeconds(5), cancellationToken);
-                var activations = await management.GetTotalActivationCount(cancellationToken).WaitAsync(TimeSpan.FromSeconds(5), cancellationToken);
-                // The managed heap as the last garbage collection left it: live data, not what the process has reserved.
-                return Results.Ok(new { status = "ok", activeSilos = hosts.Count, activations, managedHeapBytes = GC.GetGCMemoryInfo().HeapSizeBytes });
+                hosts = await management.GetHosts(onlyActive: true, cancellationToken).WaitAsync(ClusterAnswers, cancellationToken);
             }
             catch (Exception ex) when (ex is not OperationCanceledException)
             {
                 return Results.Problem(statusCode: 503, title: "Cluster unreachable", detail: ex.Message);
             }
+
+            var counts = await Task.WhenAll(hosts.Keys.Select(silo => ActivationsOnAsync(management, silo, cancellationToken)));
+            var unresponsive = counts.Count(count => count is null);
+            return Results.Ok(new
+            {
+                status = unresponsive == 0 ? "ok" : "degraded",
+                activeSilos = hosts.Count,
+                unresponsiveSilos = unresponsive,
+                activations = counts.Sum(count => count ?? 0),
+                // The managed heap as the last garbage collection left it: live data, not what the process has reserved.
+                managedHeapBytes = GC.GetGCMemoryInfo().HeapSizeBytes,
+            });
         });
         return app;
+    }
+
+    // Null when the silo did not answer in time.
+    private static async Task<int?> ActivationsOnAsync(IManagementGrain management, SiloAddress silo, CancellationToken cancellationToken)
+    {
+        try
+        {
+            var statistics = await management.GetRuntimeStatistics([silo], cancellationToken).WaitAsync(SiloAnswers, cancellationToken);
+            return statistics[0].ActivationCount;
+        }
+        catch (Exception ex) when (ex is not OperationCanceledException)
+        {
+            return null;
+        }
     }
 }

@@ -47,4 +47,27 @@ public sealed class EmbeddedDefaultTests : IAsyncLifetime
         var orders = await client.GetFromJsonAsync<List<Dictionary<string, object>>>("/orders");
         Assert.Equal(Rounds, orders!.Count);
     }
+
+    [Fact]
+    public async Task Health_ReportsItsSilo_AndCountsTheActivationOfAKeyInProgress()
+    {
+        using var client = api.Client();
+        var before = await client.GetFromJsonAsync<Health>("/health");
+        Assert.Equal(("ok", 1, 0), (before!.Status, before.ActiveSilos, before.UnresponsiveSilos));
+        Assert.True(before.ManagedHeapBytes > 0);
+
+        // A key completed at once deactivates at once; one whose action runs stays activated while it runs.
+        var running = client.SendAsync("/orders", Guid.NewGuid().ToString(), Requests.OrderBody, ("X-Demo-Delay-Ms", "3000"));
+        var most = before.Activations;
+        while (!running.IsCompleted && most <= before.Activations)
+        {
+            most = Math.Max(most, (await client.GetFromJsonAsync<Health>("/health"))!.Activations);
+            await Task.Delay(50);
+        }
+
+        Assert.Equal(HttpStatusCode.Created, (await running).Response.StatusCode);
+        Assert.True(most > before.Activations, $"{before.Activations} activations before the key, at most {most} while it ran.");
+    }
+
+    private sealed record Health(string Status, int ActiveSilos, int UnresponsiveSilos, long Activations, long ManagedHeapBytes);
 }

@@ -46,7 +46,9 @@ public sealed class FaultCluster : IAsyncDisposable
 
     public List<NodeProcess> Apis { get; } = [];
 
-    public static async Task<FaultCluster> StartAsync(int silos, int apis, IReadOnlyDictionary<string, string>? apiSettings = null)
+    /// <param name="clusterSettings">Settings of every process, over the harness's own (its fast failover, say).</param>
+    public static async Task<FaultCluster> StartAsync(int silos, int apis, IReadOnlyDictionary<string, string>? apiSettings = null,
+        IReadOnlyDictionary<string, string>? clusterSettings = null)
     {
         var postgres = await PostgresServer.StartAsync();
         RedisServer? redis = null;
@@ -55,6 +57,11 @@ public sealed class FaultCluster : IAsyncDisposable
         {
             redis = await RedisServer.StartAsync();
             cluster = new FaultCluster(postgres, redis, await postgres.CreateDatabaseAsync());
+            foreach (var (key, value) in clusterSettings ?? new Dictionary<string, string>())
+            {
+                cluster.Environment[key] = value;
+            }
+
             for (var i = 0; i < silos; i++)
             {
                 cluster.Silos.Add(NodeProcess.Silo($"silo{i}", cluster.Environment));
@@ -99,6 +106,16 @@ public sealed class FaultCluster : IAsyncDisposable
         api.Start();
         await WaitUntilServingAsync(Silos.Count(s => s.IsRunning), TimeSpan.FromSeconds(60), api);
         return api;
+    }
+
+    /// <summary>Adds and starts one more silo, and waits until every running API sees it active.</summary>
+    public async Task<NodeProcess> AddSiloAsync(string name)
+    {
+        var silo = NodeProcess.Silo(name, Environment);
+        Silos.Add(silo);
+        silo.Start();
+        await WaitUntilServingAsync(Silos.Count(s => s.IsRunning), TimeSpan.FromSeconds(60));
+        return silo;
     }
 
     /// <summary>Waits until every running API answers <c>/health</c> with <paramref name="silos"/> active silos.</summary>
