@@ -113,32 +113,53 @@ public sealed class ServiceLockTests(ServersFixture servers)
     [Fact]
     public async Task LockLostWithItsSession_IsTakenAgainAtTheNextCheck_OrTheLossIsReportedWhenAnotherSiloTookIt()
     {
-        var connectionString = await servers.Postgres.CreateDatabaseAsync();
-        await using var database = new IdempotencyDatabase(connectionString);
-        var clock = new FakeTimeProvider(DateTimeOffset.UtcNow);
-        var log = new FakeLogger<ServiceLock>();
-        await using var running = new ServiceLock(database, "orders", clustered: false, clock, log) { CheckInterval = TimeSpan.FromSeconds(10) };
-        await running.AcquireAsync(CancellationToken.None);
+        await using var running = await RunningLock.StartAsync(servers, clustered: false);
 
         // PostgreSQL ends the lock's session, as a restart does: at its next check the silo holds the lock again.
-        var first = await EndLockSessionAsync(connectionString);
-        await UntilAsync(clock, async () => await LockHolderAsync(connectionString) is { } pid && pid != first
-            && log.Collector.GetSnapshot().Any(r => r.Level == LogLevel.Information && r.Message.Contains("held again", StringComparison.Ordinal)));
+        var first = await EndLockSessionAsync(running.ConnectionString);
+        await UntilAsync(running.Clock, async () => await LockHolderAsync(running.ConnectionString) is { } pid && pid != first && running.HeldAgain);
 
         // Lost again, and another silo without Redis starts in between: the running one says two clusters serve it.
-        await EndLockSessionAsync(connectionString);
-        await using var second = Lock(database, "orders", TimeSpan.FromSeconds(10));
-        await second.AcquireAsync(CancellationToken.None);
-        await UntilAsync(clock, () => Task.FromResult(log.Collector.GetSnapshot().Any(r => r.Level == LogLevel.Error)));
-        var error = log.Collector.GetSnapshot().Single(r => r.Level == LogLevel.Error).Message;
-        Assert.Contains("two clusters", error, StringComparison.Ordinal);
-        Assert.Contains($"session {await LockHolderAsync(connectionString)}", error, StringComparison.Ordinal);
+        await AssertTakenByASiloWithoutRedisIsReportedAsync(running);
     }
 
-    // Ends the session that holds the database's advisory lock, as PostgreSQL's restart would; returns its pid once gone.
-    private static async Task<int> EndLockSessionAsync(string connectionString)
+    [Fact]
+    public async Task ClusterSilosLockLostWithItsSession_IsTakenAgainSharedBesideItsClusterMate_OrTheLossIsReportedWhenASiloWithoutRedisTookIt()
     {
-        var pid = await LockHolderAsync(connectionString) ?? throw new InvalidOperationException("Nobody holds the lock.");
+        await using var running = await RunningLock.StartAsync(servers, clustered: true);
+        var runningSession = await LockHolderAsync(running.ConnectionString) ?? throw new InvalidOperationException("The lock is not held.");
+        await using var mate = Lock(running.Database, "orders", TimeSpan.FromSeconds(2), clustered: true);
+        await mate.AcquireAsync(CancellationToken.None);
+
+        // PostgreSQL ends the running silo's session: at its next check it shares the lock with its mate again, quietly.
+        await EndLockSessionAsync(running.ConnectionString, runningSession);
+        await UntilAsync(running.Clock, async () => await AdvisoryLockModesAsync(running.ConnectionString) is ["ShareLock", "ShareLock"] && running.HeldAgain);
+        Assert.DoesNotContain(running.Log.Collector.GetSnapshot(), r => r.Level == LogLevel.Error);
+
+        // The mate stops, the session is lost again, and a silo without Redis starts in between: two clusters serve it.
+        await mate.DisposeAsync();
+        await AssertTakenByASiloWithoutRedisIsReportedAsync(running);
+        Assert.Equal(["ExclusiveLock"], await AdvisoryLockModesAsync(running.ConnectionString));
+    }
+
+    // The running lock's session ends, a silo without Redis takes the lock, and at its next check the running one says
+    // that two clusters serve the service, naming the other's session.
+    private static async Task AssertTakenByASiloWithoutRedisIsReportedAsync(RunningLock running)
+    {
+        await EndLockSessionAsync(running.ConnectionString);
+        await using var standalone = Lock(running.Database, "orders", TimeSpan.FromSeconds(10));
+        await standalone.AcquireAsync(CancellationToken.None);
+        await UntilAsync(running.Clock, () => Task.FromResult(running.Log.Collector.GetSnapshot().Any(r => r.Level == LogLevel.Error)));
+        var error = running.Log.Collector.GetSnapshot().Single(r => r.Level == LogLevel.Error).Message;
+        Assert.Contains("two clusters", error, StringComparison.Ordinal);
+        Assert.Contains($"session {await LockHolderAsync(running.ConnectionString)}", error, StringComparison.Ordinal);
+    }
+
+    // Ends the session that holds the database's advisory lock (or the given one of several), as PostgreSQL's restart
+    // would; returns its pid once gone.
+    private static async Task<int> EndLockSessionAsync(string connectionString, int? session = null)
+    {
+        var pid = session ?? await LockHolderAsync(connectionString) ?? throw new InvalidOperationException("Nobody holds the lock.");
         await using var connection = new NpgsqlConnection(connectionString + ";Pooling=false");
         await connection.OpenAsync();
         await using (var end = new NpgsqlCommand("SELECT pg_terminate_backend(@pid)", connection))
@@ -147,7 +168,7 @@ public sealed class ServiceLockTests(ServersFixture servers)
             await end.ExecuteScalarAsync();
         }
 
-        for (var waited = 0; await LockHolderAsync(connectionString) == pid; waited += 50)
+        for (var waited = 0; (await AdvisoryLockHoldersAsync(connectionString)).Contains(pid); waited += 50)
         {
             Assert.True(waited < 10_000, "The lock's session did not end.");
             await Task.Delay(50);
@@ -199,4 +220,41 @@ public sealed class ServiceLockTests(ServersFixture servers)
 
     private static ServiceLock Lock(IdempotencyDatabase database, string service, TimeSpan timeout, bool clustered = false) =>
         new(database, service, clustered, TimeProvider.System, NullLogger<ServiceLock>.Instance) { StartupTimeout = timeout };
+
+    /// <summary>A running silo's lock of service "orders" in a database of its own, on a fake clock, checked every 10 s.</summary>
+    private sealed class RunningLock : IAsyncDisposable
+    {
+        private RunningLock(string connectionString, bool clustered)
+        {
+            ConnectionString = connectionString;
+            Database = new IdempotencyDatabase(connectionString);
+            Lock = new ServiceLock(Database, "orders", clustered, Clock, Log) { CheckInterval = TimeSpan.FromSeconds(10) };
+        }
+
+        public string ConnectionString { get; }
+
+        public IdempotencyDatabase Database { get; }
+
+        public FakeTimeProvider Clock { get; } = new(DateTimeOffset.UtcNow);
+
+        public FakeLogger<ServiceLock> Log { get; } = new();
+
+        public ServiceLock Lock { get; }
+
+        /// <summary>True once the lock said it holds the lock again after losing it.</summary>
+        public bool HeldAgain => Log.Collector.GetSnapshot().Any(r => r.Level == LogLevel.Information && r.Message.Contains("held again", StringComparison.Ordinal));
+
+        public static async Task<RunningLock> StartAsync(ServersFixture servers, bool clustered)
+        {
+            var running = new RunningLock(await servers.Postgres.CreateDatabaseAsync(), clustered);
+            await running.Lock.AcquireAsync(CancellationToken.None);
+            return running;
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            await Lock.DisposeAsync();
+            await Database.DisposeAsync();
+        }
+    }
 }

@@ -138,13 +138,23 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
         var allFailed = 0;
         while (Take(allFailed == 0 ? BatchSize : 1) is { Count: > 0 } batch)
         {
-            var landed = await Task.WhenAll(batch.Select(TryAsync));
+            var tries = batch.Select(TryAsync).ToArray();
+            try
+            {
+                await Task.WhenAll(tries);
+            }
+            catch (Exception)
+            {
+                // A try that threw (its failure could not be logged, say) is tried again like one that failed: a write
+                // dropped here would stay counted against the bounds, and its key in doubt.
+            }
+
             var failed = 0;
             lock (gate)
             {
                 for (var i = 0; i < batch.Count; i++)
                 {
-                    if (landed[i])
+                    if (tries[i].IsCompletedSuccessfully && tries[i].Result)
                     {
                         Hold(batch[i], -1);
                         continue;

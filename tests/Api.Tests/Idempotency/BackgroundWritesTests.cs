@@ -42,13 +42,13 @@ public sealed class BackgroundWritesTests(MiddlewareClusterFixture fixture)
 
         await fixture.WhileStoreDownAsync(async () =>
         {
-            // Half a lease in, with no renewal landing, the action ends: its completion may wait until a lease from now,
-            // but the grain's lease, which began at the claim, ends half a lease before that.
-            await fixture.RunClockAsync(Lease / 2);
+            // Three quarters of a lease in, with no renewal landing, the action ends: its completion may wait until a
+            // lease from now, but the grain's lease, which began at the claim, ends a quarter of a lease from now.
+            await fixture.RunClockAsync(Lease * 3 / 4);
             running.SetResult();
             Assert.Equal(201, (await first).Response.StatusCode);
             await MiddlewareHarness.WaitUntilAsync(() => Task.FromResult(harness.Calls.WaitingForTheStore == 1));
-            await fixture.RunClockAsync(Lease / 2 + TimeSpan.FromSeconds(2));
+            await fixture.RunClockAsync(Lease / 4 + TimeSpan.FromSeconds(2));
             return true;
         });
 
@@ -97,6 +97,10 @@ public sealed class BackgroundWritesTests(MiddlewareClusterFixture fixture)
             writes.AddRelease(released, NeverLands, Never);
         }
 
+        var releaseBeyond = Grain();
+        writes.AddRelease(releaseBeyond, NeverLands, Never);
+        Assert.Contains(Errors(log, releaseBeyond.GetPrimaryKeyString()), message => message.Contains("too many writes"));
+
         var nearlyAll = Grain();
         var beyond = Grain();
         var theRest = Grain();
@@ -107,6 +111,21 @@ public sealed class BackgroundWritesTests(MiddlewareClusterFixture fixture)
         Assert.Empty(Errors(log, nearlyAll.GetPrimaryKeyString()));
         Assert.Contains(Errors(log, beyond.GetPrimaryKeyString()), message => message.Contains("too many writes"));
         Assert.Empty(Errors(log, theRest.GetPrimaryKeyString()));
+    }
+
+    [Fact]
+    public async Task WriteWhoseFailureCannotBeLogged_IsTriedAgain_NotLost()
+    {
+        var time = new FakeTimeProvider();
+        using var writes = new BackgroundWrites(time, new FailingLog("a background write failed"));
+        var tries = 0;
+        writes.AddRelease(Grain(), _ => Interlocked.Increment(ref tries) == 1 ? NeverLands(null!) : Task.FromResult(true), Never);
+
+        await MiddlewareHarness.WaitUntilAsync(() =>
+        {
+            time.Advance(TimeSpan.FromMilliseconds(200));
+            return Task.FromResult(Volatile.Read(ref tries) == 2 && writes.Waiting == 0);
+        });
     }
 
     // A key whose action runs until the returned source completes, with the log of the writes that wait for the store.
@@ -135,6 +154,23 @@ public sealed class BackgroundWritesTests(MiddlewareClusterFixture fixture)
 
     private static List<string> Errors(FakeLogger log, string key) =>
         [.. log.Collector.GetSnapshot().Where(r => r.Level == LogLevel.Error && r.Message.Contains(key)).Select(r => r.Message)];
+
+    // A log that cannot be written for the messages holding a text (its disk full, say); the others it drops.
+    private sealed class FailingLog(string failsFor) : ILogger
+    {
+        public IDisposable? BeginScope<TState>(TState state)
+            where TState : notnull => null;
+
+        public bool IsEnabled(LogLevel logLevel) => true;
+
+        public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter)
+        {
+            if (formatter(state, exception).Contains(failsFor, StringComparison.Ordinal))
+            {
+                throw new IOException("The log cannot be written.");
+            }
+        }
+    }
 
     private IIdempotencyGrain Grain() => fixture.Grains.GetIdempotencyGrain(new IdempotencyKey("user:alice", MiddlewareHarness.NewKey()));
 }
