@@ -22,7 +22,7 @@ public static class ClusterHealthEndpoints
             {
                 hosts = await management.GetHosts(onlyActive: true, cancellationToken).WaitAsync(ClusterAnswers, cancellationToken);
             }
-            catch (Exception ex) when (ex is not OperationCanceledException)
+            catch (Exception ex) when (!cancellationToken.IsCancellationRequested)
             {
                 return Results.Problem(statusCode: 503, title: "Cluster unreachable", detail: ex.Message);
             }
@@ -42,7 +42,7 @@ public static class ClusterHealthEndpoints
         return app;
     }
 
-    // Null when the silo did not answer in time.
+    // Null when the silo did not answer in time, or has gone since membership listed it.
     private static async Task<int?> ActivationsOnAsync(IManagementGrain management, SiloAddress silo, CancellationToken cancellationToken)
     {
         try
@@ -50,7 +50,7 @@ public static class ClusterHealthEndpoints
             var statistics = await management.GetRuntimeStatistics([silo], cancellationToken).WaitAsync(SiloAnswers, cancellationToken);
             return statistics[0].ActivationCount;
         }
-        catch (Exception ex) when (ex is not OperationCanceledException)
+        catch (Exception) when (!cancellationToken.IsCancellationRequested)
         {
             return null;
         }

@@ -53,7 +53,7 @@ public sealed class EmbeddedDefaultTests : IAsyncLifetime
     {
         using var client = api.Client();
         var before = await client.GetFromJsonAsync<Health>("/health");
-        Assert.Equal(("ok", 1, 0), (before!.Status, before.ActiveSilos, before.UnresponsiveSilos));
+        Assert.Equal(("ok", 1, (int?)0), (before!.Status, before.ActiveSilos, before.UnresponsiveSilos));
         Assert.True(before.ManagedHeapBytes > 0);
 
         // A key completed at once deactivates at once; one whose action runs stays activated while it runs.
@@ -69,5 +69,5 @@ public sealed class EmbeddedDefaultTests : IAsyncLifetime
         Assert.True(most > before.Activations, $"{before.Activations} activations before the key, at most {most} while it ran.");
     }
 
-    private sealed record Health(string Status, int ActiveSilos, int UnresponsiveSilos, long Activations, long ManagedHeapBytes);
+    private sealed record Health(string Status, int ActiveSilos, int? UnresponsiveSilos, long Activations, long ManagedHeapBytes);
 }

@@ -23,7 +23,9 @@ public sealed class HealthTests(ITestOutputHelper output)
         await using var cluster = await FaultCluster.StartAsync(silos: 1, apis: 1, clusterSettings: SlowFailover);
         using var client = new HttpClient { BaseAddress = cluster.Apis[0].BaseAddress, Timeout = TimeSpan.FromSeconds(30) };
 
-        // The API asks through the one gateway it had when it first asked, silo0's, which stays up.
+        // The API asks through silo0's gateway, which stays up: it learns of silo1's only at its next refresh of the
+        // gateway list, a minute on. (An API node whose calls go through the frozen silo's gateway stalls with it,
+        // its health check as well as its requests, until the silo is declared dead.)
         var frozen = await cluster.AddSiloAsync("silo1");
         frozen.Pause();
         var (status, health) = await HealthAsync(client);
