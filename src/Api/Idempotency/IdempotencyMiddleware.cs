@@ -409,20 +409,21 @@ internal sealed partial class IdempotencyMiddleware(
     // Every trailer: unlike headers, which servers and middleware add of their own (Date, Set-Cookie), trailers are
     // the action's account of its response (a gRPC call's status), which a replay without them would misstate.
     private static List<StoredHeader>? StoredTrailers(IHeaderDictionary? trailers) =>
-        trailers is { Count: > 0 } ? Stored(trailers, static _ => true) : null;
+        trailers is { Count: > 0 } ? Stored(trailers, 0, static (_, _) => true) : null;
 
     // Content-Encoding only when the body's bytes arrived encoded (ResponseCapture.ArrivedEncoded).
     private static List<StoredHeader> StoredHeaders(IHeaderDictionary headers, IdempotencyPolicy policy, bool bodyEncoded) =>
-        Stored(headers, name => policy.StoredHeaders.Contains(name) && !IdempotencyPolicy.NeverStoredHeaders.Contains(name)
-            && (bodyEncoded || !string.Equals(name, HeaderNames.ContentEncoding, StringComparison.OrdinalIgnoreCase)));
+        Stored(headers, (policy, bodyEncoded), static (state, name) => state.policy.StoredHeaders.Contains(name) && !IdempotencyPolicy.NeverStoredHeaders.Contains(name)
+            && (state.bodyEncoded || !string.Equals(name, HeaderNames.ContentEncoding, StringComparison.OrdinalIgnoreCase)));
 
-    // Each value of each header kept, in order: one sent twice is stored twice.
-    private static List<StoredHeader> Stored(IHeaderDictionary headers, Func<string, bool> keep)
+    // Each value of each header kept, in order: one sent twice is stored twice. (A state, not a closure: this runs for
+    // every new key.)
+    private static List<StoredHeader> Stored<TState>(IHeaderDictionary headers, TState state, Func<TState, string, bool> keep)
     {
         var stored = new List<StoredHeader>();
         foreach (var (name, values) in headers)
         {
-            if (keep(name))
+            if (keep(state, name))
             {
                 foreach (var value in values)
                 {
