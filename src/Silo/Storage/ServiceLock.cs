@@ -157,7 +157,7 @@ public sealed partial class ServiceLock(IdempotencyDatabase database, string ser
                         LogRetaken(logger, serviceId);
                         takenByAnother = false;
                     }
-                    else if (await OtherHolderAsync(fresh, stop) is { } holder && !takenByAnother)
+                    else if (!takenByAnother && await OtherHolderAsync(fresh, stop) is { } holder)
                     {
                         // Not our old session, which the server may not have seen die yet (it then holds the lock on).
                         LogTakenByAnother(logger, serviceId, holder.Pid, holder.Client);
