@@ -226,6 +226,36 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task LongAction_KeepsItsClaimByRenewal_AndItsResultIsStored()
+    {
+        var once = Executor();
+        var key = NewKey();
+        var grain = fixture.Grains.GetIdempotencyGrain(OnceExecutor.GrainKey("default", key));
+        var started = new TaskCompletionSource();
+        var release = new TaskCompletionSource();
+        var running = once.ExecuteOnceAsync(key, async ct =>
+        {
+            started.TrySetResult();
+            await release.Task;
+            return await ChargeAsync(ct);
+        });
+        await started.Task.WaitAsync(TimeSpan.FromSeconds(10));
+
+        // Four renewal periods of a third of the lease each: well past the lease it was claimed with.
+        for (var i = 0; i < 4; i++)
+        {
+            var before = (await grain.GetAsync()).LeaseExpiresAt;
+            fixture.Time.Advance(IdempotencyPolicy.Default.Lease / 3);
+            await MiddlewareHarness.WaitUntilAsync(async () => (await grain.GetAsync()).LeaseExpiresAt > before);
+        }
+
+        release.SetResult();
+        var result = await running;
+        Assert.Equal(result, await once.ExecuteOnceAsync(key, ChargeAsync));
+        Assert.Equal(1, runs);
+    }
+
+    [Fact]
     public async Task StoreDown_FailsClosed_AndTheActionDoesNotRun()
     {
         var once = Executor();

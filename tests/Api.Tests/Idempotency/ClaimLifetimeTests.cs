@@ -1,0 +1,48 @@
+using Microsoft.AspNetCore.Http;
+using OrleansIdempotency.Grains;
+
+namespace OrleansIdempotency.AspNetCore.Tests;
+
+/// <summary>How long a key's claim and record last through the middleware: the endpoint's retention, a client gone early.</summary>
+[Collection(MiddlewareClusterCollection.Name)]
+public sealed class ClaimLifetimeTests(MiddlewareClusterFixture fixture)
+{
+    [Fact]
+    public async Task EndpointsOwnRetention_KeepsItsKeyThatLong_ThenTheKeyRunsAgain()
+    {
+        var retention = TimeSpan.FromHours(1);
+        var harness = new MiddlewareHarness(fixture, MiddlewareHarness.Creates(), IdempotencyPolicy.Default with { Retention = retention });
+        var key = MiddlewareHarness.NewKey();
+        Assert.Equal(201, (await harness.SendAsync(key)).Response.StatusCode);
+
+        fixture.Time.Advance(retention - TimeSpan.FromMinutes(1));
+        var replay = await harness.SendAsync(key);
+        fixture.Time.Advance(TimeSpan.FromMinutes(2));
+        var afterRetention = await harness.SendAsync(key);
+
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(201, afterRetention.Response.StatusCode);
+        Assert.False(afterRetention.Response.Headers.ContainsKey("Idempotent-Replayed"));
+        Assert.Equal(2, harness.Executions);
+    }
+
+    [Fact]
+    public async Task ClientThatLeavesWhileItsClaimIsWritten_GetsNoAnswer_NothingRuns_AndItsRetryRunsAtOnce()
+    {
+        var harness = new MiddlewareHarness(fixture, MiddlewareHarness.Creates());
+        var key = MiddlewareHarness.NewKey();
+        var grain = harness.Grain(key);
+        using var leaving = new CancellationTokenSource();
+        fixture.Store.BeforeNextWrite(grain.GetGrainId(), () => leaving.CancelAsync());
+
+        var left = await harness.SendAsync(MiddlewareHarness.Request(key, configure: context => context.RequestAborted = leaving.Token));
+        Assert.Equal(0, harness.Executions);
+        Assert.False(left.Response.HasStarted);
+        Assert.Equal(0, ((MemoryStream)left.Response.Body).Length);
+
+        // No lease has to lapse: the claim written for the client that left is given back.
+        await MiddlewareHarness.WaitUntilAsync(async () => (await grain.GetAsync()).Status != IdempotencyStatus.InProgress);
+        Assert.Equal(201, (await harness.SendAsync(key)).Response.StatusCode);
+        Assert.Equal(1, harness.Executions);
+    }
+}
