@@ -32,5 +32,6 @@ public sealed class ClusterRestartTests(ITestOutputHelper output)
         Assert.Equal(0, verdict.Duplicates);
         Assert.Equal(0, verdict.Disagreements);
         Assert.Equal(0, verdict.OutcomeUnknown);
+        Assert.Equal(0, verdict.ServerErrors);
     }
 }
