@@ -114,6 +114,34 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
         Assert.Equal(Json, replay.Body());
     }
 
+    [Fact]
+    public async Task FileSentByTheAction_IsStoredAsItsClientGotIt_AndReplayed()
+    {
+        var file = Path.GetTempFileName();
+        try
+        {
+            await File.WriteAllTextAsync(file, "header;" + Json + ";trailer");
+            var harness = Harness(context =>
+            {
+                context.Response.StatusCode = 201;
+                return context.Response.SendFileAsync(file, "header;".Length, Json.Length);
+            });
+            var key = MiddlewareHarness.NewKey();
+
+            var first = await harness.SendAsync(key);
+            File.Delete(file);
+            var replay = await harness.SendAsync(key);
+
+            Assert.Equal(Json, first.Body());
+            Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+            Assert.Equal(Json, replay.Body());
+        }
+        finally
+        {
+            File.Delete(file);
+        }
+    }
+
     [Theory]
     [InlineData(true)]
     [InlineData(false)]
