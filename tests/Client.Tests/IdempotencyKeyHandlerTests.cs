@@ -44,6 +44,17 @@ public sealed class IdempotencyKeyHandlerTests
     }
 
     [Fact]
+    public async Task Patch_WithoutAKey_GetsOne_AsAPostDoes()
+    {
+        var server = new Server(Created);
+        using var client = Client(server);
+
+        await client.PatchAsync("/orders/1", Json());
+
+        Assert.Matches("^\"[0-9a-f-]{36}\"$", server.Attempts.Single().Key);
+    }
+
+    [Fact]
     public async Task KeyTheCallerSet_IsKept_AndOtherMethodsGetNone()
     {
         var server = new Server(Created);
