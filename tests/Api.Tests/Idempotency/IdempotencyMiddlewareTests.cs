@@ -176,6 +176,40 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task DefaultStoredHeaders_AreEachReplayed_AsTheActionSetThem()
+    {
+        var set = new Dictionary<string, string>
+        {
+            ["Content-Type"] = "application/json",
+            ["Content-Language"] = "fr",
+            ["Content-Location"] = "/orders/7",
+            ["Location"] = "/orders/7",
+            ["ETag"] = "\"v1\"",
+            ["Last-Modified"] = "Thu, 01 Jan 2026 00:00:00 GMT",
+            ["Cache-Control"] = "private, max-age=60",
+        };
+        Assert.Equal(IdempotencyPolicy.DefaultStoredHeaders.Order(StringComparer.OrdinalIgnoreCase),
+            set.Keys.Append("Content-Encoding").Order(StringComparer.OrdinalIgnoreCase));
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 201;
+            foreach (var (name, value) in set)
+            {
+                context.Response.Headers[name] = value;
+            }
+
+            await context.Response.WriteAsync("{}");
+        });
+        var key = MiddlewareHarness.NewKey();
+
+        await harness.SendAsync(key);
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.All(set, header => Assert.Equal(header.Value, replay.Response.Headers[header.Key].ToString()));
+    }
+
+    [Fact]
     public async Task StoredHeaders_IncludeTheOnesTheEndpointNames_ButNeverSetCookie()
     {
         var harness = Harness(policy: IdempotencyPolicy.Default.WithStoredHeaders("X-Not-Stored", "Set-Cookie"));
