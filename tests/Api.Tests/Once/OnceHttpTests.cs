@@ -255,6 +255,37 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task ResultThatFitsTheBodyButNotTheStore_Is413_AndTheClaimStaysHeld()
+    {
+        // A body may exceed the largest result by its token and some room: the result itself is measured after.
+        var small = Create(fixture, IdempotencyPolicy.Default with { MaxStoredResponseBytes = 1024 });
+        var key = NewKey();
+        var token = (await CallAsync(small.ClaimAsync, key, "")).Json.GetProperty("token").GetString();
+
+        var tooLarge = await CallAsync(small.CompleteAsync, key, JsonSerializer.Serialize(new { token, result = new string('r', 2000) }));
+
+        Assert.Equal(413, tooLarge.Status);
+        Assert.EndsWith("body-too-large", tooLarge.Json.GetProperty("type").GetString());
+        Assert.Equal(200, (await CallAsync(small.CompleteAsync, key, JsonSerializer.Serialize(new { token, result = 1 }))).Status);
+        Assert.Equal(1, (await CallAsync(small.ReadAsync, key, "")).Json.GetProperty("result").GetInt32());
+    }
+
+    [Theory]
+    [InlineData(256, 'k')]
+    [InlineData(4, 'é')]
+    [InlineData(4, ' ')]
+    public async Task KeyOfThePathNotVisibleAsciiUpTo255_Is400KeyInvalid_AndNothingIsClaimed(int length, char fill)
+    {
+        var key = "job" + new string(fill, length - 3);
+
+        var refused = await CallAsync(once.ClaimAsync, key, "");
+
+        Assert.Equal(400, refused.Status);
+        Assert.EndsWith("key-invalid", refused.Json.GetProperty("type").GetString());
+        Assert.Equal(0, fixture.Store.WritesOf(Grain(key).GetGrainId()));
+    }
+
+    [Fact]
     public async Task ClaimInputLargerThanTheLargestResult_IsTaken_UpToTheBoundOfARequestBody()
     {
         // An input is only hashed, as an idempotent request's body is.
