@@ -208,6 +208,20 @@ public sealed class IdempotencyKeyEndpointsTests(MiddlewareClusterFixture fixtur
         Assert.Equal(1, harness.Executions);
     }
 
+    [Fact]
+    public async Task ResolutionWithABodyLargerThanTheLayerStores_Is400_AndChangesNothing()
+    {
+        var (harness, inDoubt) = await KeyInDoubtAsync();
+        var body = JsonSerializer.Serialize(new { response = new { status = 201, body = new string('b', IdempotencyPolicy.Default.MaxStoredResponseBytes + 1) } });
+
+        var response = await CallAsync(keys.ResolveAsync, inDoubt, body);
+
+        Assert.Equal(400, response.Status);
+        Assert.Contains("are stored", response.Json.GetProperty("detail").GetString(), StringComparison.Ordinal);
+        Assert.Equal(409, (await harness.SendAsync(inDoubt)).Response.StatusCode);
+        Assert.Equal(1, harness.Executions);
+    }
+
     private static async Task<(int Status, JsonElement Json)> CallAsync(Func<HttpContext, Task> call, string? key, string body, string? scope = "user:alice")
     {
         var context = new DefaultHttpContext();
