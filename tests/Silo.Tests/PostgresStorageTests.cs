@@ -373,6 +373,74 @@ public sealed class PostgresStorageTests(ServersFixture servers)
     }
 
     [Fact]
+    public async Task ScheduledPurge_DeletesExpiredRowsInBatchesEachInterval_AndGoesOnAfterARoundFailed()
+    {
+        var settings = await TestClusterSettings.CreateAsync(servers, redis: false);
+        await using var silo = await TestSilo.StartAsync(settings);
+        await using var database = new NpgsqlConnection(settings["ConnectionStrings:Postgres"]);
+        await database.OpenAsync();
+        var clock = new FakeTimeProvider(DateTimeOffset.UtcNow);
+        var log = new FakeLogger<ExpiredRecordPurger>();
+        using var purger = new ExpiredRecordPurger(silo.Host.Services.GetRequiredService<IdempotencyDatabase>(),
+            Options.Create(new IdempotencyStorageOptions { PurgeInterval = TimeSpan.FromMinutes(1), PurgeBatchSize = 2 }), clock, log);
+        await purger.StartAsync(CancellationToken.None);
+        try
+        {
+            // Five rows, two to a batch: one round deletes them all.
+            await ExpiredRowsAsync(silo, database, 5);
+            clock.Advance(TimeSpan.FromMinutes(1));
+            await UntilAsync(async () => await RowsAsync(database) == 0);
+
+            // A round the database fails (the table gone for a moment) is logged; the next one purges.
+            await ExpiredRowsAsync(silo, database, 3);
+            await ExecuteAsync(database, "ALTER TABLE OrleansStorage RENAME TO OrleansStorageAway");
+            clock.Advance(TimeSpan.FromMinutes(1));
+            await UntilAsync(() => Task.FromResult(log.Collector.GetSnapshot().Any(r => r.Level == LogLevel.Warning && r.Message.Contains("failed", StringComparison.Ordinal))));
+            await ExecuteAsync(database, "ALTER TABLE OrleansStorageAway RENAME TO OrleansStorage");
+            Assert.Equal(3, await RowsAsync(database));
+            clock.Advance(TimeSpan.FromMinutes(1));
+            await UntilAsync(async () => await RowsAsync(database) == 0);
+        }
+        finally
+        {
+            await purger.StopAsync(CancellationToken.None);
+        }
+    }
+
+    // Completes count keys, then moves every row's expiry an hour back: past the purge's grace by PostgreSQL's clock.
+    private static async Task ExpiredRowsAsync(TestSilo silo, NpgsqlConnection database, int count)
+    {
+        for (var i = 0; i < count; i++)
+        {
+            await CompleteAsync(silo.Grains.GetIdempotencyGrain(NewKey()), TimeSpan.FromHours(1));
+        }
+
+        await ExecuteAsync(database, "UPDATE OrleansStorage SET ExpiresAt = now() - interval '1 hour'");
+    }
+
+    private static async Task<long> RowsAsync(NpgsqlConnection database)
+    {
+        await using var command = new NpgsqlCommand("SELECT count(*) FROM OrleansStorage", database);
+        return (long)(await command.ExecuteScalarAsync())!;
+    }
+
+    private static async Task ExecuteAsync(NpgsqlConnection database, string sql)
+    {
+        await using var command = new NpgsqlCommand(sql, database);
+        await command.ExecuteNonQueryAsync();
+    }
+
+    // Polls the condition for at most 10 seconds.
+    private static async Task UntilAsync(Func<Task<bool>> condition)
+    {
+        for (var waited = 0; !await condition(); waited += 50)
+        {
+            Assert.True(waited < 10_000, "The condition never held.");
+            await Task.Delay(50);
+        }
+    }
+
+    [Fact]
     public async Task SiloClockApartFromPostgres_IsWarnedOfAtStart_AndThePurgeGoesByPostgresClock()
     {
         var settings = await TestClusterSettings.CreateAsync(servers, redis: false);
