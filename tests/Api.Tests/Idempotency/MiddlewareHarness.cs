@@ -24,7 +24,7 @@ internal sealed class MiddlewareHarness
     {
         this.fixture = fixture;
         var options = Options.Create(new IdempotencyOptions { DefaultPolicy = policy ?? IdempotencyPolicy.Default, ClusterRetryBudget = TimeSpan.FromSeconds(2) });
-        var meters = new ServiceCollection().AddMetrics().BuildServiceProvider().GetRequiredService<System.Diagnostics.Metrics.IMeterFactory>();
+        var meters = Meters = new ServiceCollection().AddMetrics().BuildServiceProvider().GetRequiredService<System.Diagnostics.Metrics.IMeterFactory>();
         Metadata = metadata ?? new IdempotentAttribute();
         Endpoint = context =>
         {
@@ -44,6 +44,9 @@ internal sealed class MiddlewareHarness
     }
 
     public IIdempotencyMetadata Metadata { get; }
+
+    /// <summary>The meters of this harness's middleware alone.</summary>
+    public System.Diagnostics.Metrics.IMeterFactory Meters { get; }
 
     /// <summary>The middleware's grain calls, with the writes they retry in the background.</summary>
     public IdempotencyGrainCalls Calls { get; }
