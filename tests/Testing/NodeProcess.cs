@@ -103,7 +103,8 @@ public sealed class NodeProcess
 /// <summary>Where the built silo and API are: next to this test project's own configuration.</summary>
 public static class Binaries
 {
-    private static readonly string Root = FindRoot();
+    /// <summary>The repository's root: where OrleansIdempotency.sln is.</summary>
+    public static readonly string Root = FindRoot();
     private static readonly string Configuration = new DirectoryInfo(AppContext.BaseDirectory.TrimEnd(Path.DirectorySeparatorChar)).Parent!.Name;
 
     public static string Silo => Find("Silo");

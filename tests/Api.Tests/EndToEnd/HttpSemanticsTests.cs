@@ -45,7 +45,7 @@ public sealed class HttpSemanticsTests(EndToEndFixture fixture)
         Assert.Equal("application/problem+json", response.ContentType()!.MediaType);
         Assert.Contains("describedby", response.Headers.GetValues("Link").Single(), StringComparison.Ordinal);
         var problem = JsonDocument.Parse(body).RootElement;
-        foreach (var member in new[] { "type", "title", "status", "detail", "instance", "idempotencyKey", "retryable" })
+        foreach (var member in new[] { "type", "title", "status", "detail", "instance", "idempotencyKey", "retryable", "traceId" })
         {
             Assert.True(problem.TryGetProperty(member, out _), member);
         }

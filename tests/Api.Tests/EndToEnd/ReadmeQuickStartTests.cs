@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Text.Json;
 using System.Text.RegularExpressions;
+using OrleansIdempotency.Testing;
 
 namespace OrleansIdempotency.Api.Tests.EndToEnd;
 
@@ -33,7 +34,7 @@ public sealed partial class ReadmeQuickStartTests(EndToEndFixture fixture)
     /// <summary>The <c>curl</c> commands of the README's quick-start block, continuation lines joined.</summary>
     private static List<string> QuickStartCommands()
     {
-        var readme = File.ReadAllText(FindReadme());
+        var readme = File.ReadAllText(Path.Combine(Binaries.Root, "README.md"));
         var block = QuickStartBlock().Match(readme);
         Assert.True(block.Success, "README.md has no <!-- quickstart --> block.");
         return block.Groups["body"].Value.Replace("\\\n", " ", StringComparison.Ordinal)
@@ -53,20 +54,6 @@ public sealed partial class ReadmeQuickStartTests(EndToEndFixture fixture)
         await process.WaitForExitAsync();
         Assert.True(process.ExitCode == 0, $"'{command}' failed: {await process.StandardError.ReadToEndAsync()}");
         return output;
-    }
-
-    private static string FindReadme()
-    {
-        for (var directory = new DirectoryInfo(AppContext.BaseDirectory); directory is not null; directory = directory.Parent)
-        {
-            var candidate = Path.Combine(directory.FullName, "README.md");
-            if (File.Exists(candidate))
-            {
-                return candidate;
-            }
-        }
-
-        throw new FileNotFoundException("README.md not found above the test binaries.");
     }
 
     [GeneratedRegex("<!-- quickstart -->\\s*```sh\\n(?<body>.*?)```", RegexOptions.Singleline)]
