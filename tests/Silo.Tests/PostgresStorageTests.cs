@@ -407,6 +407,27 @@ public sealed class PostgresStorageTests(ServersFixture servers)
         }
     }
 
+    [Fact]
+    public async Task ScheduledPurge_ThatFailsInAnyWay_IsLogged_AndGoesOn_RatherThanStopTheSilo()
+    {
+        var connectionString = await servers.Postgres.CreateDatabaseAsync();
+        var database = new IdempotencyDatabase(connectionString);
+        var clock = new FakeTimeProvider(DateTimeOffset.UtcNow);
+        var log = new FakeLogger<ExpiredRecordPurger>();
+        using var purger = new ExpiredRecordPurger(database, Options.Create(new IdempotencyStorageOptions { PurgeInterval = TimeSpan.FromMinutes(1) }), clock, log);
+        await purger.StartAsync(CancellationToken.None);
+
+        // Not an Npgsql failure: a data source gone (ObjectDisposedException).
+        await database.DisposeAsync();
+        clock.Advance(TimeSpan.FromMinutes(1));
+        await UntilAsync(() => Task.FromResult(log.Collector.GetSnapshot().Any(r => r.Level == LogLevel.Warning)));
+        clock.Advance(TimeSpan.FromMinutes(1));
+        await UntilAsync(() => Task.FromResult(log.Collector.GetSnapshot().Count(r => r.Level == LogLevel.Warning) == 2));
+
+        Assert.False(purger.ExecuteTask!.IsCompleted);
+        await purger.StopAsync(CancellationToken.None);
+    }
+
     // Completes count keys, then moves every row's expiry an hour back: past the purge's grace by PostgreSQL's clock.
     private static async Task ExpiredRowsAsync(TestSilo silo, NpgsqlConnection database, int count)
     {

@@ -1,7 +1,6 @@
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Options;
-using Npgsql;
 
 namespace OrleansIdempotency.Silo.Storage;
 
@@ -74,9 +73,10 @@ public sealed partial class ExpiredRecordPurger(
             {
                 await PurgeExpiredAsync(stoppingToken);
             }
-            catch (Exception ex) when (ex is NpgsqlException or TimeoutException && !stoppingToken.IsCancellationRequested)
+            catch (Exception ex) when (!stoppingToken.IsCancellationRequested)
             {
-                // The next tick tries again; an outage delays purging, never correctness.
+                // The next tick tries again; an outage delays purging, never correctness. Whatever failed, the loop goes
+                // on: a background service that throws stops its host, and this one would take the silo down with it.
                 LogPurgeFailed(logger, ex);
             }
         }
