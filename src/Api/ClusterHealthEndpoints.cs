@@ -45,9 +45,12 @@ public static class ClusterHealthEndpoints
     // Null when the silo did not answer in time, or has gone since membership listed it.
     private static async Task<int?> ActivationsOnAsync(IManagementGrain management, SiloAddress silo, CancellationToken cancellationToken)
     {
+        // Cancelled, not only given up on: a frozen silo would otherwise hold each probe's call until Orleans' time-out.
+        using var answers = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        answers.CancelAfter(SiloAnswers);
         try
         {
-            var statistics = await management.GetRuntimeStatistics([silo], cancellationToken).WaitAsync(SiloAnswers, cancellationToken);
+            var statistics = await management.GetRuntimeStatistics([silo], answers.Token).WaitAsync(SiloAnswers, cancellationToken);
             return statistics[0].ActivationCount;
         }
         catch (Exception) when (!cancellationToken.IsCancellationRequested)

@@ -138,6 +138,7 @@ public sealed class ServiceLockTests(ServersFixture servers)
 
         // The mate stops, the session is lost again, and a silo without Redis starts in between: two clusters serve it.
         await mate.DisposeAsync();
+        await UntilAsync(running.Clock, async () => (await AdvisoryLockHoldersAsync(running.ConnectionString)).Count == 1);
         await AssertTakenByASiloWithoutRedisIsReportedAsync(running);
     }
 

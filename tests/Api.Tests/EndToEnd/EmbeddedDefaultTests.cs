@@ -49,7 +49,7 @@ public sealed class EmbeddedDefaultTests : IAsyncLifetime
     }
 
     [Fact]
-    public async Task Health_ReportsItsSilo_AndCountsTheActivationOfAKeyInProgress()
+    public async Task Health_ReportsItsSilo_AndItsActivationsRiseWhileAKeyRuns()
     {
         using var client = api.Client();
         var before = await client.GetFromJsonAsync<Health>("/health");

@@ -23,9 +23,10 @@ public sealed class HealthTests(ITestOutputHelper output)
         await using var cluster = await FaultCluster.StartAsync(silos: 1, apis: 1, clusterSettings: SlowFailover);
         using var client = new HttpClient { BaseAddress = cluster.Apis[0].BaseAddress, Timeout = TimeSpan.FromSeconds(30) };
 
-        // The API asks through silo0's gateway, which stays up: it learns of silo1's only at its next refresh of the
-        // gateway list, a minute on. (An API node whose calls go through the frozen silo's gateway stalls with it,
-        // its health check as well as its requests, until the silo is declared dead.)
+        // The API asks through silo0's gateway, which stays up: a client's calls to one grain keep to the gateway they
+        // first went through while its connection holds, and the API first asked (starting) when silo0 was the only
+        // one. (An API node whose calls go through the frozen silo's gateway stalls with it, its health check as well
+        // as its requests, until the silo is declared dead.)
         var frozen = await cluster.AddSiloAsync("silo1");
         frozen.Pause();
         var (status, health) = await HealthAsync(client);
