@@ -136,8 +136,16 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
         // kinds: one that fails for a reason of its own (its silo down, say) does not hold back the others once the
         // store is back. Some failing slows the batches down, without making them probes.
         var allFailed = 0;
-        while (Take(allFailed == 0 ? BatchSize : 1) is { Count: > 0 } batch)
+        var givenUp = new List<Write>();
+        while (true)
         {
+            var batch = Take(allFailed == 0 ? BatchSize : 1, givenUp);
+            if (batch.Count == 0)
+            {
+                LogGivenUp(givenUp);
+                return;
+            }
+
             var tries = batch.Select(TryAsync).ToArray();
             try
             {
@@ -173,6 +181,8 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
                 }
             }
 
+            // Logged once none of the writes taken is out: a log that cannot be written then ends the drain, losing none.
+            LogGivenUp(givenUp);
             allFailed = failed == batch.Count ? allFailed + 1 : 0;
             Volatile.Write(ref storeDown, allFailed > 0);
             if (failed > 0)
@@ -182,9 +192,9 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
         }
     }
 
-    // Up to count writes, completions first (a probe of one alternates), leaving out those whose time is up; none ends
-    // the drain.
-    private List<Write> Take(int count)
+    // Up to count writes, completions first (a probe of one alternates), leaving out those whose time is up (added to
+    // givenUp); none ends the drain.
+    private List<Write> Take(int count, List<Write> givenUp)
     {
         var now = time.GetUtcNow();
         var batch = new List<Write>(count);
@@ -204,14 +214,7 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
                 }
 
                 Hold(write, -1);
-                if (write.IsCompletion)
-                {
-                    LogLeaseEnded(logger, write.Key);
-                }
-                else
-                {
-                    LogRetentionEnded(logger, write.Key);
-                }
+                givenUp.Add(write);
             }
 
             draining = batch.Count > 0;
@@ -222,6 +225,23 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
         }
 
         return batch;
+    }
+
+    private void LogGivenUp(List<Write> givenUp)
+    {
+        foreach (var write in givenUp)
+        {
+            if (write.IsCompletion)
+            {
+                LogLeaseEnded(logger, write.Key);
+            }
+            else
+            {
+                LogRetentionEnded(logger, write.Key);
+            }
+        }
+
+        givenUp.Clear();
     }
 
     private void Enqueue(Write write) => (write.IsCompletion ? completions : releases).Enqueue(write);

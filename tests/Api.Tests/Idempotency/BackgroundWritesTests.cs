@@ -128,6 +128,25 @@ public sealed class BackgroundWritesTests(MiddlewareClusterFixture fixture)
         });
     }
 
+    [Fact]
+    public async Task WriteGivenUpWhoseLogCannotBeWritten_DoesNotHoldBackTheWriteTakenWithIt()
+    {
+        var time = new FakeTimeProvider();
+        using var writes = new BackgroundWrites(time, new FailingLog("whole lease"));
+        var laterTries = 0;
+        writes.AddCompletion(Grain(), NeverLands, 1, time.GetUtcNow() + TimeSpan.FromSeconds(1));
+        writes.AddRelease(Grain(), _ => Interlocked.Increment(ref laterTries) == 1 ? NeverLands(null!) : Task.FromResult(true), Never);
+        writes.AddRelease(Grain(), _ => Task.FromResult(true), Never);
+
+        // The third lands at once, so the next round is a batch, not a probe of one: past the completion's lease, it
+        // gives the completion up (a log that cannot be written) as it takes the release that failed.
+        await MiddlewareHarness.WaitUntilAsync(() =>
+        {
+            time.Advance(TimeSpan.FromMilliseconds(500));
+            return Task.FromResult(Volatile.Read(ref laterTries) == 2);
+        });
+    }
+
     // A key whose action runs until the returned source completes, with the log of the writes that wait for the store.
     private async Task<(MiddlewareHarness Harness, string Key, FakeLogger Log, TaskCompletionSource Running, Task<HttpContext> First)> RunningAsync()
     {
