@@ -28,6 +28,11 @@ public static class IdempotencyClientBuilderExtensions
             client.UseLocalhostClustering(settings.GatewayPort, serviceId: settings.ServiceId, clusterId: settings.ClusterId);
         }
 
+        // A silo that froze (a long pause, a stalled VM) keeps its connections open: the client stops sending to its
+        // gateway only when it reads the gateway list again and finds the silo gone. At Orleans' default of a minute,
+        // half the calls of a client with two gateways failed for that long after the silo was declared dead.
+        client.Configure<GatewayOptions>(options => options.GatewayListRefreshPeriod = GatewayListRefreshPeriod);
+
         // A client may start before the silos (docker-compose starts them together): keep trying for a while
         // instead of failing the host.
         var waiting = System.Diagnostics.Stopwatch.StartNew();
@@ -43,6 +48,9 @@ public static class IdempotencyClientBuilderExtensions
         });
         return client;
     }
+
+    /// <summary>How often a client reads the cluster's gateways again: 5 seconds (a Redis read each time).</summary>
+    public static readonly TimeSpan GatewayListRefreshPeriod = TimeSpan.FromSeconds(5);
 
     /// <summary>How long a starting client keeps trying to reach the cluster: 60 seconds.</summary>
     public static readonly TimeSpan ConnectTimeout = TimeSpan.FromSeconds(60);
