@@ -26,7 +26,7 @@ public sealed class FrozenSiloTests(ITestOutputHelper output)
         // The API asks through silo0's gateway, which stays up: a client's calls to one grain keep to the gateway they
         // first went through while its connection holds, and the API first asked (starting) when silo0 was the only
         // one. (An API node whose calls go through the frozen silo's gateway stalls with it, its health check as well
-        // as its requests, until the silo is declared dead.)
+        // as its requests, until the silo is declared dead and the node reads the gateway list again.)
         var frozen = await cluster.AddSiloAsync("silo1");
         frozen.Pause();
         var (status, health) = await HealthAsync(client);
