@@ -52,12 +52,7 @@ public sealed class FrozenSiloTests(ITestOutputHelper output)
         // An API started once both silos are active sends to both gateways from its start.
         await using var cluster = await FaultCluster.StartAsync(silos: 2, apis: 1);
         var api = await cluster.AddApiAsync("api-both-gateways", settings: null);
-        using var client = new HttpClient
-        {
-            BaseAddress = api.BaseAddress,
-            Timeout = TimeSpan.FromSeconds(60),
-            DefaultRequestHeaders = { { "Authorization", "Bearer demo-alice" } },
-        };
+        using var client = Orders.Client(api);
 
         // Four new keys a second for 35 s from the freeze; the harness declares a silo dead within a few seconds.
         cluster.Silos[1].Pause();
@@ -69,7 +64,7 @@ public sealed class FrozenSiloTests(ITestOutputHelper output)
             {
                 var key = "frozen-" + Guid.NewGuid();
                 var sentAt = clock.Elapsed.TotalSeconds;
-                sends.Add(Task.Run(async () => (sentAt, key, await SendOrderAsync(client, key))));
+                sends.Add(Task.Run(async () => (sentAt, key, (await Orders.SendAsync(client, key)).Status)));
             }
 
             await Task.Delay(TimeSpan.FromSeconds(1));
@@ -90,17 +85,6 @@ public sealed class FrozenSiloTests(ITestOutputHelper output)
 
     private static string Describe(IEnumerable<(double SentAt, string Key, HttpStatusCode Status)> answers) =>
         string.Join(" ", answers.GroupBy(a => (int)a.Status).OrderBy(g => g.Key).Select(g => $"{g.Key}×{g.Count()}"));
-
-    private static async Task<HttpStatusCode> SendOrderAsync(HttpClient client, string key)
-    {
-        using var request = new HttpRequestMessage(HttpMethod.Post, "/orders")
-        {
-            Content = new StringContent(Workload.Body("/orders", key), System.Text.Encoding.UTF8, "application/json"),
-        };
-        request.Headers.Add("Idempotency-Key", key);
-        using var response = await client.SendAsync(request);
-        return response.StatusCode;
-    }
 
     private static async Task<(HttpStatusCode Status, Health? Health)> HealthAsync(HttpClient client)
     {

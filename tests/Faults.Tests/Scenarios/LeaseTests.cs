@@ -1,6 +1,4 @@
-using OrleansIdempotency.Testing;
 using System.Net;
-using System.Text;
 using OrleansIdempotency.Faults.Tests.Harness;
 using Xunit.Abstractions;
 
@@ -15,14 +13,14 @@ public sealed class LeaseTests(ITestOutputHelper output)
     public async Task ActionLongerThanItsLease_KeepsItsClaimByRenewal_AndIsStoredOnce()
     {
         await using var cluster = await FaultCluster.StartAsync(silos: 2, apis: 1, apiSettings: ShortLease);
-        using var client = Client(cluster.Apis[0]);
+        using var client = Orders.Client(cluster.Apis[0]);
         var key = "renewal-" + Guid.NewGuid();
 
-        var first = SendAsync(client, key, delayMs: 7000);
+        var first = Orders.SendAsync(client, key, delayMs: 7000);
         await Task.Delay(TimeSpan.FromSeconds(4));
-        var duringAction = await SendAsync(client, key, delayMs: 0);
+        var duringAction = await Orders.SendAsync(client, key, delayMs: 0);
         var original = await first;
-        var after = await SendAsync(client, key, delayMs: 0);
+        var after = await Orders.SendAsync(client, key, delayMs: 0);
 
         var sideEffects = (await cluster.SideEffectsAsync("demo_orders", key)).GetValueOrDefault(key);
         FaultReport.Write(output, $"lease renewal: action 7 s, lease 2 s: first={(int)original.Status} duplicate-during={(int)duringAction.Status} replay-after={(int)after.Status} side-effects={sideEffects}");
@@ -37,18 +35,18 @@ public sealed class LeaseTests(ITestOutputHelper output)
     public async Task ActionThatOutlivesItsLease_WhileItsProcessIsFrozen_CannotCompleteWithItsStaleClaim()
     {
         await using var cluster = await FaultCluster.StartAsync(silos: 2, apis: 2, apiSettings: ShortLease);
-        using var frozen = Client(cluster.Apis[0]);
-        using var other = Client(cluster.Apis[1]);
+        using var frozen = Orders.Client(cluster.Apis[0]);
+        using var other = Orders.Client(cluster.Apis[1]);
         var key = "stale-" + Guid.NewGuid();
 
-        var first = SendAsync(frozen, key, delayMs: 3000);
+        var first = Orders.SendAsync(frozen, key, delayMs: 3000);
         await cluster.WaitUntilClaimedAsync([key], TimeSpan.FromSeconds(30));
         cluster.Apis[0].Pause();
         await Task.Delay(TimeSpan.FromSeconds(4));
-        var whileFrozen = await SendAsync(other, key, delayMs: 0);
+        var whileFrozen = await Orders.SendAsync(other, key, delayMs: 0);
         cluster.Apis[0].Resume();
         var original = await first;
-        var after = await SendAsync(other, key, delayMs: 0);
+        var after = await Orders.SendAsync(other, key, delayMs: 0);
 
         var sideEffects = (await cluster.SideEffectsAsync("demo_orders", key)).GetValueOrDefault(key);
         FaultReport.Write(output, $"stale lease: frozen holder: first={(int)original.Status} while-frozen={(int)whileFrozen.Status} after={(int)after.Status} side-effects={sideEffects}");
@@ -59,21 +57,5 @@ public sealed class LeaseTests(ITestOutputHelper output)
         Assert.Equal(HttpStatusCode.Conflict, after.Status);
         Assert.Contains("outcome-unknown", after.Text, StringComparison.Ordinal);
         Assert.Equal(1, sideEffects);
-    }
-
-    private static HttpClient Client(NodeProcess api) =>
-        new() { BaseAddress = api.BaseAddress, Timeout = TimeSpan.FromSeconds(60), DefaultRequestHeaders = { { "Authorization", "Bearer demo-alice" } } };
-
-    private static async Task<(HttpStatusCode Status, byte[] Body, string Text)> SendAsync(HttpClient client, string key, int delayMs)
-    {
-        using var request = new HttpRequestMessage(HttpMethod.Post, "/orders")
-        {
-            Content = new StringContent(Workload.Body("/orders", key), Encoding.UTF8, "application/json"),
-        };
-        request.Headers.Add("Idempotency-Key", key);
-        request.Headers.Add("X-Demo-Delay-Ms", delayMs.ToString(System.Globalization.CultureInfo.InvariantCulture));
-        using var response = await client.SendAsync(request);
-        var body = await response.Content.ReadAsByteArrayAsync();
-        return (response.StatusCode, body, Encoding.UTF8.GetString(body));
     }
 }
