@@ -82,7 +82,7 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
 
     private void Add(Write write)
     {
-        bool start;
+        bool start, admitted;
         lock (gate)
         {
             if (stopped.IsCancellationRequested)
@@ -91,14 +91,15 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
                 return;
             }
 
-            if (write.IsCompletion ? completionBytes + write.Bytes > MaxCompletionBytes : releasesHeld >= MaxReleases)
+            admitted = write.IsCompletion ? completionBytes + write.Bytes <= MaxCompletionBytes : releasesHeld < MaxReleases;
+            if (admitted)
             {
-                LogTooManyWaiting(logger, write.Key, write.Kind);
-                return;
+                Hold(write, 1);
+                Enqueue(write);
             }
 
-            Hold(write, 1);
-            Enqueue(write);
+            // A write refused for its bound still restarts a drain that died (a bound full while nothing drains is full
+            // of queued writes), or those writes would wait for one to be admitted, which none would be.
             start = !draining;
             draining = true;
         }
@@ -106,6 +107,11 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
         if (start)
         {
             _ = Task.Run(DrainAsync);
+        }
+
+        if (!admitted)
+        {
+            LogTooManyWaiting(logger, write.Key, write.Kind);
         }
     }
 
@@ -137,6 +143,7 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
         // store is back. Some failing slows the batches down, without making them probes.
         var allFailed = 0;
         var givenUp = new List<Write>();
+        var refused = new List<Write>();
         while (true)
         {
             var batch = Take(allFailed == 0 ? BatchSize : 1, givenUp);
@@ -162,9 +169,14 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
             {
                 for (var i = 0; i < batch.Count; i++)
                 {
-                    if (tries[i].IsCompletedSuccessfully && tries[i].Result)
+                    if (tries[i].IsCompletedSuccessfully && tries[i].Result is { } taken)
                     {
                         Hold(batch[i], -1);
+                        if (!taken && batch[i].IsCompletion)
+                        {
+                            refused.Add(batch[i]);
+                        }
+
                         continue;
                     }
 
@@ -181,8 +193,10 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
                 }
             }
 
-            // Logged once none of the writes taken is out: a log that cannot be written then ends the drain, losing none.
+            // Logged once none of the writes taken is out: a log that cannot be written then ends the drain, losing none
+            // and trying none again.
             LogGivenUp(givenUp);
+            LogRefused(refused);
             allFailed = failed == batch.Count ? allFailed + 1 : 0;
             Volatile.Write(ref storeDown, allFailed > 0);
             if (failed > 0)
@@ -244,6 +258,16 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
         givenUp.Clear();
     }
 
+    private void LogRefused(List<Write> refused)
+    {
+        foreach (var write in refused)
+        {
+            LogCompletionRefused(logger, write.Key);
+        }
+
+        refused.Clear();
+    }
+
     private void Enqueue(Write write) => (write.IsCompletion ? completions : releases).Enqueue(write);
 
     // Counts a write in (1) or out (-1) of the bounds; called under the gate.
@@ -259,22 +283,18 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
         }
     }
 
-    private async Task<bool> TryAsync(Write write)
+    // Null when the write did not reach the store; else whether the store took it. Refused (a completion after its
+    // lease, a release of a claim no longer held) is an answer too: done.
+    private async Task<bool?> TryAsync(Write write)
     {
         try
         {
-            // Refused (a completion after its lease, a release of a claim no longer held) is an answer too: done.
-            if (!await write.Call(write.Grain) && write.IsCompletion)
-            {
-                LogCompletionRefused(logger, write.Key);
-            }
-
-            return true;
+            return await write.Call(write.Grain);
         }
         catch (Exception ex)
         {
             LogStillFailing(logger, write.Key, ex.GetType().Name);
-            return false;
+            return null;
         }
     }
 

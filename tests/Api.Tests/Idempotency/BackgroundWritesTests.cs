@@ -1,3 +1,4 @@
+using System.Collections.Concurrent;
 using Microsoft.AspNetCore.Http;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Testing;
@@ -147,6 +148,59 @@ public sealed class BackgroundWritesTests(MiddlewareClusterFixture fixture)
         });
     }
 
+    [Fact]
+    public async Task CompletionRefusedWhoseRefusalCannotBeLogged_IsNotTriedAgain()
+    {
+        var time = new FakeTimeProvider();
+        using var writes = new BackgroundWrites(time, new FailingLog("was refused"));
+        var tries = 0;
+        writes.AddCompletion(Grain(), _ =>
+        {
+            Interlocked.Increment(ref tries);
+            return Task.FromResult(false);
+        }, 1, Never);
+
+        await MiddlewareHarness.WaitUntilAsync(() => Task.FromResult(writes.Waiting == 0 && Volatile.Read(ref tries) == 1));
+        for (var i = 0; i < 10; i++)
+        {
+            time.Advance(TimeSpan.FromSeconds(1));
+            await Task.Delay(20);
+        }
+
+        Assert.Equal(1, Volatile.Read(ref tries));
+    }
+
+    [Fact]
+    public async Task WritesFillingTheirBound_WhenTheirDrainDied_AreDrainedOnceAWriteIsRefused()
+    {
+        var time = new FakeTimeProvider();
+        var log = new FailingLog("whole lease");
+        using var writes = new BackgroundWrites(time, log);
+        var storeUp = false;
+        Task<bool> Release(IIdempotencyGrain grain) => Volatile.Read(ref storeUp) ? Task.FromResult(true) : NeverLands(grain);
+
+        writes.AddCompletion(Grain(), NeverLands, 1, time.GetUtcNow() + TimeSpan.FromSeconds(1));
+        var released = Grain();
+        for (var i = 0; i < BackgroundWrites.MaxReleases; i++)
+        {
+            writes.AddRelease(released, Release, Never);
+        }
+
+        // Past its lease the completion is given up, and the log that cannot say so ends the drain, the releases queued.
+        await MiddlewareHarness.WaitUntilAsync(() =>
+        {
+            time.Advance(TimeSpan.FromMilliseconds(500));
+            return Task.FromResult(log.Written.Any(message => message.Contains("stopped draining")));
+        });
+        Assert.Equal(BackgroundWrites.MaxReleases, writes.Waiting);
+
+        Volatile.Write(ref storeUp, true);
+        writes.AddRelease(Grain(), Release, Never);
+
+        await MiddlewareHarness.WaitUntilAsync(() => Task.FromResult(writes.Waiting == 0));
+        Assert.Contains(log.Written, message => message.Contains("too many writes"));
+    }
+
     // A key whose action runs until the returned source completes, with the log of the writes that wait for the store.
     private async Task<(MiddlewareHarness Harness, string Key, FakeLogger Log, TaskCompletionSource Running, Task<HttpContext> First)> RunningAsync()
     {
@@ -174,9 +228,11 @@ public sealed class BackgroundWritesTests(MiddlewareClusterFixture fixture)
     private static List<string> Errors(FakeLogger log, string key) =>
         [.. log.Collector.GetSnapshot().Where(r => r.Level == LogLevel.Error && r.Message.Contains(key)).Select(r => r.Message)];
 
-    // A log that cannot be written for the messages holding a text (its disk full, say); the others it drops.
+    // A log that cannot be written for the messages holding a text (its disk full, say); the others it writes.
     private sealed class FailingLog(string failsFor) : ILogger
     {
+        public ConcurrentQueue<string> Written { get; } = new();
+
         public IDisposable? BeginScope<TState>(TState state)
             where TState : notnull => null;
 
@@ -188,6 +244,8 @@ public sealed class BackgroundWritesTests(MiddlewareClusterFixture fixture)
             {
                 throw new IOException("The log cannot be written.");
             }
+
+            Written.Enqueue(formatter(state, exception));
         }
     }
 
