@@ -1,5 +1,7 @@
 using System.Diagnostics.Metrics;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Testing;
 using Microsoft.Extensions.Options;
 using Orleans.Configuration;
 using Orleans.Storage;
@@ -122,16 +124,38 @@ public sealed class IdempotencySiloBuilderExtensionsTests(ServersFixture servers
     }
 
     [Fact]
-    public async Task HostAddingPostgresItself_OutsideDevelopment_StartsWithoutTheSettingForInMemoryRecords()
+    public async Task InMemoryRecordsWhereAllowed_StartWithAWarningThatKeysDoNotSurviveARestart()
+    {
+        using var log = new FakeLoggerProvider();
+
+        await using var silo = await TestSilo.StartAsync(
+            new Dictionary<string, string?>(), configure: builder => builder.Services.AddSingleton<ILoggerProvider>(log));
+
+        var warning = Assert.Single(InMemoryWarnings(log));
+        Assert.Contains("do not survive a restart", warning.Message, StringComparison.Ordinal);
+        Assert.Contains("ConnectionStrings__Postgres", warning.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public async Task HostAddingPostgresItself_OutsideDevelopment_StartsWithoutTheSettingForInMemoryRecords_OrTheirWarning()
     {
         var connectionString = await servers.Postgres.CreateDatabaseAsync();
+        using var log = new FakeLoggerProvider();
 
         await using var silo = await TestSilo.StartAsync(
             new Dictionary<string, string?> { ["Orleans:AllowInMemoryRecords"] = "false" },
-            configure: builder => builder.AddIdempotencyPostgresStorage(connectionString));
+            configure: builder =>
+            {
+                builder.AddIdempotencyPostgresStorage(connectionString);
+                builder.Services.AddSingleton<ILoggerProvider>(log);
+            });
 
         Assert.IsNotType<InMemoryRecordStorage>(silo.Host.Services.GetRequiredKeyedService<IGrainStorage>(IdempotencyGrain.StorageName));
+        Assert.Empty(InMemoryWarnings(log));
     }
+
+    private static IEnumerable<FakeLogRecord> InMemoryWarnings(FakeLoggerProvider log) =>
+        log.Collector.GetSnapshot().Where(r => r.Category == typeof(InMemoryStorageCheck).FullName && r.Level == LogLevel.Warning);
 
     /// <summary>
     /// The entries in this silo's grain-directory cache, as Orleans reports them (the <c>orleans-directory-cache-size</c>
