@@ -1,6 +1,8 @@
 using OrleansIdempotency.AspNetCore;
+using Microsoft.Net.Http.Headers;
 using Yarp.ReverseProxy.Configuration;
 using Yarp.ReverseProxy.Forwarder;
+using Yarp.ReverseProxy.Transforms;
 
 namespace OrleansIdempotency.Api.Gateway;
 
@@ -43,8 +45,33 @@ public static class GatewayExtensions
             return false;
         }
 
-        builder.Services.AddReverseProxy().LoadFromConfig(section).AddConfigFilter<IdempotentRouteValidator>();
+        builder.Services.AddReverseProxy().LoadFromConfig(section).AddConfigFilter<IdempotentRouteValidator>()
+            .AddTransforms(static transforms =>
+            {
+                if (IdempotencyOf(transforms.Route) is not null)
+                {
+                    transforms.AddRequestTransform(SendOnceAsync);
+                }
+            });
         return true;
+    }
+
+    /// <summary>
+    /// .NET's HTTP client sends a request again, on a new connection, when the backend closes one without a byte of
+    /// answer, unless the request's content had begun to go out: a backend that ran the request and died would run
+    /// it up to three more times. So a request without a body (no <c>Content-Length</c>, or HTTP/2 without data)
+    /// goes with an empty one, and none waits for 100 Continue (the layer has the whole body already).
+    /// </summary>
+    private static ValueTask SendOnceAsync(RequestTransformContext context)
+    {
+        if (context.ProxyRequest.Content is null)
+        {
+            // YARP's own empty content, made to carry this header: it refuses content replaced by a transform.
+            RequestTransform.AddHeader(context, HeaderNames.ContentLength, "0");
+        }
+
+        context.ProxyRequest.Headers.ExpectContinue = false;
+        return ValueTask.CompletedTask;
     }
 
     /// <summary>
