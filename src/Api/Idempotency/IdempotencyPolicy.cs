@@ -22,10 +22,12 @@ public sealed record IdempotencyPolicy
 {
     /// <summary>
     /// The headers stored with a response when their endpoint names no others (DESIGN §4), plus the two that
-    /// describe the stored bytes themselves (<c>Content-Encoding</c>, <c>Content-Language</c>).
+    /// describe the stored bytes themselves (<c>Content-Encoding</c>, <c>Content-Language</c>) and gRPC's status,
+    /// which an error answered before any message carries in its headers alone (a "trailers-only" answer).
     /// </summary>
     public static readonly FrozenSet<string> DefaultStoredHeaders = FrozenSet.ToFrozenSet(
-        ["Content-Type", "Content-Encoding", "Content-Language", "Content-Location", "Location", "ETag", "Last-Modified", "Cache-Control"],
+        ["Content-Type", "Content-Encoding", "Content-Language", "Content-Location", "Location", "ETag", "Last-Modified", "Cache-Control",
+         "grpc-status", "grpc-message", "grpc-status-details-bin"],
         StringComparer.OrdinalIgnoreCase);
 
     /// <summary>

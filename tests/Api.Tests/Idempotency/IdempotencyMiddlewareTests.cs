@@ -188,6 +188,9 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
             ["ETag"] = "\"v1\"",
             ["Last-Modified"] = "Thu, 01 Jan 2026 00:00:00 GMT",
             ["Cache-Control"] = "private, max-age=60",
+            ["grpc-status"] = "5",
+            ["grpc-message"] = "not found",
+            ["grpc-status-details-bin"] = "CAU",
         };
         Assert.Equal(IdempotencyPolicy.DefaultStoredHeaders.Order(StringComparer.OrdinalIgnoreCase),
             set.Keys.Append("Content-Encoding").Order(StringComparer.OrdinalIgnoreCase));

@@ -208,6 +208,32 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
         Assert.Equal(1, harness.Executions);
     }
 
+    [Fact]
+    public async Task GrpcErrorSentInItsHeadersAlone_IsReplayedWithItsStatus()
+    {
+        // gRPC's "trailers-only" answer, as a gRPC server sends an error raised before any message: no body, its status
+        // in the headers.
+        var harness = Harness(context =>
+        {
+            context.Response.StatusCode = 200;
+            context.Response.ContentType = "application/grpc";
+            context.Response.Headers["grpc-status"] = "5";
+            context.Response.Headers["grpc-message"] = "not found";
+            context.Response.Headers["grpc-status-details-bin"] = "CAU";
+            return Task.CompletedTask;
+        });
+        var key = MiddlewareHarness.NewKey();
+
+        await harness.SendAsync(key);
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal("5", replay.Response.Headers["grpc-status"]);
+        Assert.Equal("not found", replay.Response.Headers["grpc-message"]);
+        Assert.Equal("CAU", replay.Response.Headers["grpc-status-details-bin"]);
+        Assert.Equal(1, harness.Executions);
+    }
+
     private sealed class Trailers : IHttpResponseTrailersFeature
     {
         IHeaderDictionary IHttpResponseTrailersFeature.Trailers { get; set; } = new HeaderDictionary();
