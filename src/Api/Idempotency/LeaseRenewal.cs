@@ -12,6 +12,9 @@ namespace OrleansIdempotency.AspNetCore;
 /// that fails leaves time for another, and a claim that arrived with less than its lease left (one recovered after
 /// a lost answer keeps the lease it was written with) is renewed in time. What is left is reckoned on this
 /// process's clock, from when the claim or renewal was asked for: never later than the grain's own reckoning.
+/// Past that reckoning the renewals go on, a tenth of a lease apart, until the grain answers or the action ends: a
+/// renewal that failed may have landed (its answer lost), and only the grain knows whether its lease still runs
+/// (it refuses a renewal of one that lapsed).
 /// </remarks>
 internal sealed partial class LeaseRenewal : IDisposable
 {
@@ -48,8 +51,13 @@ internal sealed partial class LeaseRenewal : IDisposable
     private TimeSpan UntilNextRenewal()
     {
         var third = lease / 3;
-        var halfOfWhatIsLeft = (leaseEndsBy - time.GetUtcNow()) / 2;
-        return TimeSpan.FromTicks(Math.Clamp(halfOfWhatIsLeft.Ticks, Math.Min(ShortestWait.Ticks, third.Ticks), third.Ticks));
+        var left = leaseEndsBy - time.GetUtcNow();
+        if (left <= TimeSpan.Zero)
+        {
+            return lease / 10;
+        }
+
+        return TimeSpan.FromTicks(Math.Clamp(left.Ticks / 2, Math.Min(ShortestWait.Ticks, third.Ticks), third.Ticks));
     }
 
     private async void Tick()
@@ -76,7 +84,7 @@ internal sealed partial class LeaseRenewal : IDisposable
             LogRenewalFailed(logger, grain.GetPrimaryKeyString(), ex.GetType().Name);
         }
 
-        if (time.GetUtcNow() >= leaseEndsBy || Volatile.Read(ref stopped))
+        if (Volatile.Read(ref stopped))
         {
             return;
         }

@@ -1005,6 +1005,43 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task RenewalThatLandedButWhoseAnswerWasLost_IsFollowedByRenewalsPastThisProcesssReckoning_AndTheResultIsStored()
+    {
+        var started = new TaskCompletionSource();
+        var release = new TaskCompletionSource();
+        var harness = Harness(context =>
+        {
+            started.TrySetResult();
+            return MiddlewareHarness.CreatesAfter(release.Task)(context);
+        }, IdempotencyPolicy.Default with { Lease = TimeSpan.FromSeconds(30) });
+        var key = MiddlewareHarness.NewKey();
+        var grain = harness.Grain(key).GetGrainId();
+        var first = harness.SendAsync(key);
+        await started.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        var claimedUntil = (await harness.Grain(key).GetAsync()).LeaseExpiresAt;
+
+        // The first renewal lands, pushing the grain's lease 10 seconds past this process's reckoning, but its answer
+        // is lost; the store is then down until that reckoning has passed.
+        var writes = fixture.Store.WritesOf(grain);
+        fixture.Store.LoseNextAnswer(grain);
+        await fixture.ClockRunsUntilAsync(() => fixture.Store.WritesOf(grain) > writes);
+        await fixture.WhileStoreDownAsync(async () =>
+        {
+            await fixture.ClockRunsUntilAsync(() => fixture.Time.GetUtcNow() > claimedUntil + TimeSpan.FromSeconds(1));
+            return true;
+        });
+
+        // The grain, not this process, knows whether its lease still runs: a renewal now keeps the claim.
+        await fixture.ClockRunsUntilAsync(async () => (await harness.Grain(key).GetAsync()).LeaseExpiresAt > claimedUntil + TimeSpan.FromSeconds(15));
+        fixture.Time.Advance(TimeSpan.FromSeconds(15));
+        release.SetResult();
+        await first;
+
+        Assert.Equal("true", (await harness.SendAsync(key)).Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
     public async Task NamedPolicy_IsAppliedFromTheEndpointsMetadata()
     {
         var options = new IdempotencyOptions();
