@@ -924,14 +924,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     [Fact]
     public async Task LongAction_RenewsItsLease_AndItsResponseIsStored()
     {
-        var release = new TaskCompletionSource();
-        var started = new TaskCompletionSource();
-        var harness = Harness(context =>
-        {
-            // The renewal timer exists once the action runs; advancing the clock before that would skip a tick.
-            started.TrySetResult();
-            return MiddlewareHarness.CreatesAfter(release.Task)(context);
-        }, IdempotencyPolicy.Default with { Lease = TimeSpan.FromSeconds(30) });
+        var (harness, started, release) = LongAction();
         var key = MiddlewareHarness.NewKey();
         var first = harness.SendAsync(key);
         await started.Task.WaitAsync(TimeSpan.FromSeconds(10));
@@ -957,14 +950,8 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     {
         var writing = new TaskCompletionSource();
         var answer = new TaskCompletionSource();
-        var started = new TaskCompletionSource();
-        var release = new TaskCompletionSource();
         var renewalFailed = new TaskCompletionSource();
-        var harness = Harness(context =>
-        {
-            started.TrySetResult();
-            return MiddlewareHarness.CreatesAfter(release.Task)(context);
-        }, IdempotencyPolicy.Default with { Lease = TimeSpan.FromSeconds(30) });
+        var (harness, started, release) = LongAction();
         var key = MiddlewareHarness.NewKey();
         var grain = harness.Grain(key).GetGrainId();
         fixture.Store.BeforeNextWrite(grain, async () =>
@@ -1007,13 +994,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     [Fact]
     public async Task RenewalThatLandedButWhoseAnswerWasLost_IsFollowedByRenewalsPastThisProcesssReckoning_AndTheResultIsStored()
     {
-        var started = new TaskCompletionSource();
-        var release = new TaskCompletionSource();
-        var harness = Harness(context =>
-        {
-            started.TrySetResult();
-            return MiddlewareHarness.CreatesAfter(release.Task)(context);
-        }, IdempotencyPolicy.Default with { Lease = TimeSpan.FromSeconds(30) });
+        var (harness, started, release) = LongAction();
         var key = MiddlewareHarness.NewKey();
         var grain = harness.Grain(key).GetGrainId();
         var first = harness.SendAsync(key);
@@ -1039,6 +1020,20 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
 
         Assert.Equal("true", (await harness.SendAsync(key)).Response.Headers["Idempotent-Replayed"]);
         Assert.Equal(1, harness.Executions);
+    }
+
+    // An action under a 30-second lease that creates once released; started says it runs, and with it its renewal
+    // timer: advancing the clock before that would skip a tick.
+    private (MiddlewareHarness Harness, TaskCompletionSource Started, TaskCompletionSource Release) LongAction()
+    {
+        var started = new TaskCompletionSource();
+        var release = new TaskCompletionSource();
+        var harness = Harness(context =>
+        {
+            started.TrySetResult();
+            return MiddlewareHarness.CreatesAfter(release.Task)(context);
+        }, IdempotencyPolicy.Default with { Lease = TimeSpan.FromSeconds(30) });
+        return (harness, started, release);
     }
 
     [Fact]
