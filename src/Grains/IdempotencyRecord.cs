@@ -43,7 +43,7 @@ public sealed record IdempotencyRecord
     /// </summary>
     /// <remarks>The fencing token survives expiry so that tokens never repeat while the row exists.</remarks>
     public IdempotencyRecord AsOf(DateTimeOffset now) =>
-        Status != IdempotencyStatus.None && ExpiresAt <= now && !(Status == IdempotencyStatus.InProgress && now < LeaseExpiresAt)
+        (Status != IdempotencyStatus.None || Fingerprint.Length > 0) && ExpiresAt <= now && !(Status == IdempotencyStatus.InProgress && now < LeaseExpiresAt)
             ? new IdempotencyRecord { FencingToken = FencingToken }
             : this;
 

@@ -14,15 +14,17 @@ public static class IdempotencyTransitions
     public static Transition<ClaimResult> Claim(IdempotencyRecord stored, ClaimRequest request, DateTimeOffset now)
     {
         var current = stored.AsOf(now);
+
+        // DESIGN §4: the same key with a different request is refused, whatever state the key is in; a released key
+        // keeps the request it was claimed for until its retention ends (a new or expired one has none).
+        if ((current.Status != IdempotencyStatus.None || current.Fingerprint.Length > 0) && !current.Matches(request.Fingerprint))
+        {
+            return new(new ClaimResult(ClaimOutcome.Mismatch), null);
+        }
+
         if (current.Status == IdempotencyStatus.None)
         {
             return Acquire(current, request, now);
-        }
-
-        // DESIGN §4: the same key with a different request is refused, whatever state the key is in.
-        if (!current.Matches(request.Fingerprint))
-        {
-            return new(new ClaimResult(ClaimOutcome.Mismatch), null);
         }
 
         switch (current.Status)
@@ -109,8 +111,7 @@ public static class IdempotencyTransitions
         var current = stored.AsOf(now);
         if (current.Status is IdempotencyStatus.InProgress or IdempotencyStatus.OutcomeUnknown && current.AttemptId == attemptId)
         {
-            // The row stays until its retention ends so that fencing tokens keep rising.
-            return new(true, new IdempotencyRecord { FencingToken = current.FencingToken, ExpiresAt = current.ExpiresAt });
+            return new(true, Released(current));
         }
 
         return new(false, current.Status == IdempotencyStatus.None ? current with { ExpiresAt = Later(current.ExpiresAt, now + lease) } : null);
@@ -165,7 +166,7 @@ public static class IdempotencyTransitions
         // Completed under a token of its own: the attempt in doubt may still be alive, and its completion must not pass
         // for the settled one (Complete accepts a repeat from the claim a record was completed under).
         return new(ResolveOutcome.Settled, outcome is null
-            ? new IdempotencyRecord { FencingToken = current.FencingToken, ExpiresAt = current.ExpiresAt }
+            ? Released(current)
             : current with
             {
                 Status = IdempotencyStatus.Completed,
@@ -177,6 +178,15 @@ public static class IdempotencyTransitions
     }
 
     private static DateTimeOffset Later(DateTimeOffset a, DateTimeOffset b) => a > b ? a : b;
+
+    // The key free again: the row stays until its retention ends, so that fencing tokens keep rising and the request
+    // it was claimed for is the only one that may claim it again.
+    private static IdempotencyRecord Released(IdempotencyRecord claimed) => new()
+    {
+        Fingerprint = claimed.Fingerprint,
+        FencingToken = claimed.FencingToken,
+        ExpiresAt = claimed.ExpiresAt,
+    };
 
     // True when current is what Resolve made of claim's record with outcome (see its two results).
     private static bool SettledBy(IdempotencyRecord current, ClaimToken claim, StoredResponse? outcome) => outcome is null

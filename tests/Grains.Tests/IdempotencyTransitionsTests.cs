@@ -249,6 +249,25 @@ public sealed class IdempotencyTransitionsTests
     }
 
     [Fact]
+    public void ReleasedKey_RefusesADifferentRequest_UntilItsRetentionEnds()
+    {
+        // DESIGN §2: within the key's retention a different request under it is refused, released or not (a client
+        // that reused a key for another request after a 503).
+        var request = Request();
+        var (record, token) = Claimed(request);
+        var released = Release(record, request.AttemptId, Lease, T0 + TimeSpan.FromSeconds(1)).Next!;
+        var unknown = Claim(record, Request(), T0 + Lease).Next!;
+        var resolved = Resolve(unknown, null, token, T0 + Lease * 2).Next!;
+
+        foreach (var free in new[] { released, resolved })
+        {
+            Assert.Equal(new Transition<ClaimResult>(new ClaimResult(ClaimOutcome.Mismatch), null), Claim(free, Request(fingerprint: RequestB), T0 + Lease * 2));
+            Assert.Equal(ClaimOutcome.Acquired, Claim(free, Request(), T0 + Lease * 2).Result.Outcome);
+            Assert.Equal(ClaimOutcome.Acquired, Claim(free, Request(fingerprint: RequestB), T0 + Retention).Result.Outcome);
+        }
+    }
+
+    [Fact]
     public void Release_ByAnotherAttemptOfALiveClaim_OrOfACompletedKey_ChangesNothing()
     {
         var (record, token) = Claimed();

@@ -501,15 +501,18 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     [InlineData(408)]
     [InlineData(425)]
     [InlineData(429)]
-    public async Task RetryableStatus_ReleasesTheKey_SoTheRetryRuns(int status)
+    public async Task RetryableStatus_ReleasesTheKey_SoTheRetryRuns_ButNotAnotherRequest(int status)
     {
         var statuses = new Queue<int>([status, 201]);
         var harness = Harness(context => MiddlewareHarness.Creates(statuses.Dequeue())(context));
         var key = MiddlewareHarness.NewKey();
 
         Assert.Equal(status, (await harness.SendAsync(key)).Response.StatusCode);
+        // Released, the key is still the first request's: another under it is refused (DESIGN §2), nothing run.
+        var other = await harness.SendAsync(key, body: "{\"amount\":2}");
         var retry = await harness.SendAsync(key);
 
+        Assert.Equal(422, other.Response.StatusCode);
         Assert.Equal(201, retry.Response.StatusCode);
         Assert.Equal(2, harness.Executions);
         Assert.Equal("true", (await harness.SendAsync(key)).Response.Headers["Idempotent-Replayed"]);
