@@ -56,7 +56,8 @@ public enum OnceRefusal
 }
 
 /// <summary>The Once API refused a key; <see cref="Reason"/> says why.</summary>
-public sealed class OnceRefusedException(OnceRefusal reason, string key, string message) : Exception(message)
+public sealed class OnceRefusedException(OnceRefusal reason, string key, string message, Exception? innerException = null)
+    : Exception(message, innerException)
 {
     /// <summary>Why.</summary>
     public OnceRefusal Reason { get; } = reason;

@@ -56,9 +56,11 @@ internal sealed class OnceHttp(
     // than this and the largest result stored, however much the client sends.
     private const int BodyHeadroomBytes = 64 * 1024;
 
+    // A member a body does not take is refused: a misspelt "input" would be hashed as no input at all.
     private static readonly JsonSerializerOptions Json = new(OnceExecutor.Json)
     {
         DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
+        UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow,
     };
 
     private IdempotencyPolicy Policy => options.Value.DefaultPolicy;

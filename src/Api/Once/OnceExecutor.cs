@@ -1,6 +1,7 @@
 using System.Runtime.InteropServices;
 using System.Security.Cryptography;
 using System.Text;
+using System.Text.Encodings.Web;
 using System.Text.Json;
 using Microsoft.Extensions.Options;
 using OrleansIdempotency.AspNetCore;
@@ -21,8 +22,12 @@ internal sealed partial class OnceExecutor(
     /// <summary>The status a stored result carries, as an HTTP response would.</summary>
     internal const int ResultStatus = 200;
 
-    /// <summary>How results are written and read, here and over HTTP.</summary>
-    internal static readonly JsonSerializerOptions Json = JsonSerializerOptions.Web;
+    /// <summary>
+    /// How results are written and read, here and over HTTP: text beyond ASCII as its UTF-8, not escaped, since a result
+    /// is measured against what the layer stores as written (<c>\u0436</c> would count 6 bytes for 2). Results are
+    /// JSON data, never written into HTML.
+    /// </summary>
+    internal static readonly JsonSerializerOptions Json = new(JsonSerializerOptions.Web) { Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
 
     /// <summary>
     /// The grain key of a .NET caller's <paramref name="key"/>: a kind of scope of its own, apart from the keys of
@@ -148,10 +153,24 @@ internal sealed partial class OnceExecutor(
             : new StoredResponse(ResultStatus, [], [], true, body.Length);
     }
 
-    private static T Replay<T>(string key, StoredResponse stored) =>
-        stored.BodyOmitted
-            ? throw new OnceRefusedException(OnceRefusal.ResultNotStored, key, $"{NotStored(stored)} Key '{key}' is not run again.")
-            : JsonSerializer.Deserialize<T>(stored.Body, Json)!;
+    private static T Replay<T>(string key, StoredResponse stored)
+    {
+        if (stored.BodyOmitted)
+        {
+            throw new OnceRefusedException(OnceRefusal.ResultNotStored, key, $"{NotStored(stored)} Key '{key}' is not run again.");
+        }
+
+        try
+        {
+            return JsonSerializer.Deserialize<T>(stored.Body, Json)!;
+        }
+        catch (JsonException ex)
+        {
+            // Stored by a call asking another type, or settled by an operator with another value.
+            throw new OnceRefusedException(OnceRefusal.ResultNotStored, key,
+                $"The key completed, but its stored result does not read as {typeof(T).Name}. Key '{key}' is not run again.", ex);
+        }
+    }
 
     [LoggerMessage(Level = LogLevel.Error, Message = "Once key {Key}: the action ran, but its result cannot be stored as JSON that reads back; later calls are refused as result-not-stored.")]
     private static partial void LogResultNotStorable(ILogger logger, string key, Exception exception);

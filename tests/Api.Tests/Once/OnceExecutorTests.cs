@@ -284,6 +284,31 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task ResultOfNonAsciiText_WithinTheStoreAsUtf8_IsStoredAndReplayed()
+    {
+        // 800,000 UTF-8 bytes, within the 1 MiB stored; escaped as \u0436 it would be 2.4 MB.
+        var once = Executor();
+        var key = NewKey();
+        var text = new string('ж', 400_000);
+
+        Assert.Equal(text, await once.ExecuteOnceAsync(key, _ => Task.FromResult(text)));
+        Assert.Equal(text, await once.ExecuteOnceAsync(key, _ => Task.FromResult("again")));
+    }
+
+    [Fact]
+    public async Task StoredResultThatDoesNotReadAsTheTypeAsked_IsRefusedAsNotStored_NotAJsonError()
+    {
+        var once = Executor();
+        var key = NewKey();
+        await once.ExecuteOnceAsync(key, _ => Task.FromResult("charged"));
+
+        var refused = await Assert.ThrowsAsync<OnceRefusedException>(() => once.ExecuteOnceAsync(key, _ => Task.FromResult(new Charge(Guid.NewGuid(), 5))));
+
+        Assert.Equal(OnceRefusal.ResultNotStored, refused.Reason);
+        Assert.IsType<JsonException>(refused.InnerException);
+    }
+
+    [Fact]
     public async Task ResultThatDoesNotReadBackAsJson_IsReturnedOnce_AndLaterCallsAreRefusedAsNotStored()
     {
         var once = Executor();

@@ -270,6 +270,34 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
         Assert.Equal(1, (await CallAsync(small.ReadAsync, key, "")).Json.GetProperty("result").GetInt32());
     }
 
+    [Fact]
+    public async Task ResultOfNonAsciiText_IsMeasuredAndStoredAsItsUtf8_NotEscaped()
+    {
+        // 2,000 UTF-8 bytes: within the store's 3,000, though escaped as \u00e9 it would be 6,000.
+        var small = Create(fixture, IdempotencyPolicy.Default with { MaxStoredResponseBytes = 3000 });
+        var key = NewKey();
+        var token = (await CallAsync(small.ClaimAsync, key, "")).Json.GetProperty("token").GetString();
+        var text = new string('é', 1000);
+
+        Assert.Equal(200, (await CallAsync(small.CompleteAsync, key, JsonSerializer.Serialize(new { token, result = text }))).Status);
+        Assert.Equal(text, (await CallAsync(small.ReadAsync, key, "")).Json.GetProperty("result").GetString());
+    }
+
+    [Theory]
+    [InlineData("{\"inptu\":\"refund 42\"}")]
+    [InlineData("{\"input\":\"refund 42\",\"attempt\":\"8c1f43c2-5b8a-4f51-a3a8-6b7f9d4e2a10\",\"atempt\":1}")]
+    public async Task ClaimBodyWithAMemberItDoesNotTake_Is400_AndNothingIsClaimed(string body)
+    {
+        // A misspelt input would be hashed as no input at all, and the key's other requests not told apart from it.
+        var key = NewKey();
+
+        var refused = await CallAsync(once.ClaimAsync, key, body);
+
+        Assert.Equal(400, refused.Status);
+        Assert.EndsWith("request-invalid", refused.Json.GetProperty("type").GetString());
+        Assert.Equal(0, fixture.Store.WritesOf(Grain(key).GetGrainId()));
+    }
+
     [Theory]
     [InlineData(256, 'k')]
     [InlineData(4, 'é')]
