@@ -84,6 +84,48 @@ public sealed class PostgresStorageTests(ServersFixture servers)
     }
 
     [Fact]
+    public async Task SchemaOfANewerVersion_IsLeftAsItIs_ByAnOlderSiloStarting_WhileAnOlderOneIsReplaced()
+    {
+        // A rolling upgrade, or its rollback: an older silo restarting must not put its functions back under the newer
+        // silos running beside it (the database's functions are shared; silos read them on every write).
+        var connectionString = await servers.Postgres.CreateDatabaseAsync();
+        await using var database = new IdempotencyDatabase(connectionString);
+        var installer = new PostgresSchemaInstaller(database, TimeProvider.System, NullLogger<PostgresSchemaInstaller>.Instance);
+        await installer.InstallAsync(CancellationToken.None);
+        var installed = await ScalarAsync<string>(database, "SELECT QueryText FROM OrleansQuery WHERE QueryKey = 'WriteToStorageKey'");
+        var version = PostgresSchemaInstaller.Version;
+        Assert.Contains($"/* OrleansIdempotency schema {version} */", installed, StringComparison.Ordinal);
+
+        await ExecuteAsync(database,
+            $"UPDATE OrleansQuery SET QueryText = replace(QueryText, 'schema {version} ', 'schema {version + 1} ') WHERE QueryKey = 'WriteToStorageKey';" +
+            "CREATE OR REPLACE FUNCTION OrleansStorage_PayloadValidStill(payload bytea) RETURNS boolean LANGUAGE sql AS $$ SELECT true /* newer */ $$;");
+        await installer.InstallAsync(CancellationToken.None);
+
+        Assert.Contains($"schema {version + 1} ", await ScalarAsync<string>(database, "SELECT QueryText FROM OrleansQuery WHERE QueryKey = 'WriteToStorageKey'"), StringComparison.Ordinal);
+        Assert.Contains("newer", await ScalarAsync<string>(database, "SELECT prosrc FROM pg_proc WHERE proname = 'orleansstorage_payloadvalidstill'"), StringComparison.Ordinal);
+
+        // One written before versions were (its marker alone), or of an older version: replaced.
+        await ExecuteAsync(database,
+            $"UPDATE OrleansQuery SET QueryText = replace(QueryText, 'schema {version + 1} ', '') WHERE QueryKey = 'WriteToStorageKey';");
+        await installer.InstallAsync(CancellationToken.None);
+
+        Assert.Equal(installed, await ScalarAsync<string>(database, "SELECT QueryText FROM OrleansQuery WHERE QueryKey = 'WriteToStorageKey'"));
+        Assert.DoesNotContain("newer", await ScalarAsync<string>(database, "SELECT prosrc FROM pg_proc WHERE proname = 'orleansstorage_payloadvalidstill'"), StringComparison.Ordinal);
+    }
+
+    private static async Task<T> ScalarAsync<T>(IdempotencyDatabase database, string sql)
+    {
+        await using var command = database.DataSource.CreateCommand(sql);
+        return (T)(await command.ExecuteScalarAsync())!;
+    }
+
+    private static async Task ExecuteAsync(IdempotencyDatabase database, string sql)
+    {
+        await using var command = database.DataSource.CreateCommand(sql);
+        await command.ExecuteNonQueryAsync();
+    }
+
+    [Fact]
     public async Task CompletedKey_ReplaysAfterDeactivationAndAfterAFullClusterRestart()
     {
         var settings = await TestClusterSettings.CreateAsync(servers, redis: false);

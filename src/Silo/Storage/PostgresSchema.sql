@@ -21,7 +21,10 @@
 -- Needs Orleans 10.2.2 or later, whose provider treats "no row" and NULL as a version conflict. The queries carry
 -- the marker OrleansIdempotency so that the installer can tell them from another application's.
 --
--- Applied by the silo on every start, under an advisory lock; every statement is idempotent.
+-- Applied by the silo on every start, under an advisory lock; every statement is idempotent. The write query's text
+-- carries the schema's version (below; raise it with any change here): a silo finding a newer one installed leaves
+-- it as it is, so that an older silo restarting during a rolling upgrade, or its rollback, does not put its own
+-- functions back under the newer silos (they share them).
 
 CREATE TABLE IF NOT EXISTS OrleansQuery
 (
@@ -137,7 +140,7 @@ END
 $$;
 
 INSERT INTO OrleansQuery (QueryKey, QueryText) VALUES
-('WriteToStorageKey', '/* OrleansIdempotency */ SELECT OrleansStorage_Write(@GrainIdHash, @GrainTypeHash, @ServiceId, @GrainTypeString, @GrainIdN0, @GrainIdN1, @GrainIdExtensionString::text, @GrainStateVersion::integer, @PayloadBinary) AS NewGrainStateVersion'),
+('WriteToStorageKey', '/* OrleansIdempotency schema 2 */ SELECT OrleansStorage_Write(@GrainIdHash, @GrainTypeHash, @ServiceId, @GrainTypeString, @GrainIdN0, @GrainIdN1, @GrainIdExtensionString::text, @GrainStateVersion::integer, @PayloadBinary) AS NewGrainStateVersion'),
 ('ReadFromStorageKey', '
 SELECT PayloadBinary, Version
 FROM OrleansStorage

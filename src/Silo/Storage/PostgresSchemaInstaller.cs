@@ -1,3 +1,5 @@
+using System.Globalization;
+using System.Text.RegularExpressions;
 using Microsoft.Extensions.Logging;
 using Npgsql;
 using Orleans.Runtime;
@@ -17,6 +19,12 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
 
     private static readonly string Script = ReadScript();
 
+    /// <summary>
+    /// The version of the schema this silo installs, as its write query's text says (<c>/* OrleansIdempotency schema
+    /// N */</c>). One installed before versions were has the marker alone: version 1.
+    /// </summary>
+    public static int Version { get; } = VersionOf(Script) ?? throw new InvalidOperationException("PostgresSchema.sql names no schema version.");
+
     /// <summary>How long a starting silo waits for PostgreSQL to accept connections. The default is 60 seconds.</summary>
     public TimeSpan StartupTimeout { get; init; } = TimeSpan.FromSeconds(60);
 
@@ -31,8 +39,15 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
         {
             try
             {
-                await ApplyAsync(cancellationToken);
-                LogInstalled(logger);
+                if (await ApplyAsync(cancellationToken) is { } newer)
+                {
+                    LogNewerKept(logger, newer, Version);
+                }
+                else
+                {
+                    LogInstalled(logger);
+                }
+
                 DatabaseClock.Check(logger, (await DatabaseClock.ReadAsync(database.MaintenanceDataSource, time, cancellationToken)).Offset);
                 return;
             }
@@ -44,7 +59,8 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
         }
     }
 
-    private async Task ApplyAsync(CancellationToken cancellationToken)
+    // Null when applied; else the newer version found installed, and left as it is.
+    private async Task<int?> ApplyAsync(CancellationToken cancellationToken)
     {
         await using var connection = await database.MaintenanceDataSource.OpenConnectionAsync(cancellationToken);
         await using var transaction = await connection.BeginTransactionAsync(cancellationToken);
@@ -59,11 +75,19 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
             if ((bool)(await command.ExecuteScalarAsync(cancellationToken))!)
             {
                 command.CommandText = "SELECT QueryText FROM OrleansQuery WHERE QueryKey = 'WriteToStorageKey'";
-                if (await command.ExecuteScalarAsync(cancellationToken) is string existing && !existing.Contains(Marker, StringComparison.Ordinal))
+                if (await command.ExecuteScalarAsync(cancellationToken) is string existing)
                 {
-                    throw new InvalidOperationException(
-                        "This PostgreSQL database already holds another application's Orleans storage queries (OrleansQuery). " +
-                        "The queries are global to a database, so OrleansIdempotency needs a database of its own: point ConnectionStrings__Postgres at one.");
+                    if (!existing.Contains(Marker, StringComparison.Ordinal))
+                    {
+                        throw new InvalidOperationException(
+                            "This PostgreSQL database already holds another application's Orleans storage queries (OrleansQuery). " +
+                            "The queries are global to a database, so OrleansIdempotency needs a database of its own: point ConnectionStrings__Postgres at one.");
+                    }
+
+                    if ((VersionOf(existing) ?? 1) is var installed && installed > Version)
+                    {
+                        return installed;
+                    }
                 }
             }
         }
@@ -74,7 +98,14 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
         }
 
         await transaction.CommitAsync(cancellationToken);
+        return null;
     }
+
+    private static int? VersionOf(string queryText) =>
+        VersionMark().Match(queryText) is { Success: true } match ? int.Parse(match.Groups[1].ValueSpan, CultureInfo.InvariantCulture) : null;
+
+    [GeneratedRegex(@"/\* OrleansIdempotency schema ([0-9]{1,9}) \*/")]
+    private static partial Regex VersionMark();
 
     private static string ReadScript()
     {
@@ -86,6 +117,9 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
 
     [LoggerMessage(Level = LogLevel.Information, Message = "Idempotency schema applied to PostgreSQL.")]
     private static partial void LogInstalled(ILogger logger);
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "PostgreSQL holds the idempotency schema of a newer version ({Installed}) than this silo's ({Own}); it is left as it is. Upgrade this silo.")]
+    private static partial void LogNewerKept(ILogger logger, int installed, int own);
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "PostgreSQL is not reachable yet (attempt {Attempt}): {Reason}")]
     private static partial void LogWaiting(ILogger logger, int attempt, string reason);
