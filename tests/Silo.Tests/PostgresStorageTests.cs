@@ -415,6 +415,27 @@ public sealed class PostgresStorageTests(ServersFixture servers)
     }
 
     [Fact]
+    public async Task PurgeBatchSlowerThanTheConnectionStringsCommandTimeout_StillDeletes()
+    {
+        // A command time-out set for the records' writes (1 s here) is no bound for a batch of deletes: one that always
+        // ran out of it would roll back, round after round, and storage would grow without end.
+        var connectionString = await servers.Postgres.CreateDatabaseAsync();
+        await using var database = new IdempotencyDatabase(connectionString + ";Command Timeout=1");
+        await new PostgresSchemaInstaller(database, TimeProvider.System, NullLogger<PostgresSchemaInstaller>.Instance).InstallAsync(CancellationToken.None);
+        await ExecuteAsync(database, """
+            INSERT INTO OrleansStorage (GrainIdHash, GrainTypeHash, ServiceId, GrainTypeString, GrainIdN0, GrainIdN1,
+                                        GrainIdExtensionString, PayloadBinary, Version, ModifiedOn, ExpiresAt)
+            SELECT n, 0, 'purge', 'idempotency', n, 0, '', NULL, 1, now(), now() - interval '1 day' FROM generate_series(1, 500) AS n;
+            CREATE FUNCTION slow_delete() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.005); RETURN OLD; END $$;
+            CREATE TRIGGER slow_delete BEFORE DELETE ON OrleansStorage FOR EACH ROW EXECUTE FUNCTION slow_delete();
+            """);
+        var purger = new ExpiredRecordPurger(database, Options.Create(new IdempotencyStorageOptions()), TimeProvider.System, NullLogger<ExpiredRecordPurger>.Instance);
+
+        Assert.Equal(500, await purger.PurgeAsync(DateTimeOffset.UtcNow, CancellationToken.None));
+        Assert.Equal(0L, await ScalarAsync<long>(database, "SELECT count(*) FROM OrleansStorage"));
+    }
+
+    [Fact]
     public async Task ScheduledPurge_DeletesExpiredRowsInBatchesEachInterval_AndGoesOnAfterARoundFailed()
     {
         var settings = await TestClusterSettings.CreateAsync(servers, redis: false);

@@ -21,6 +21,10 @@ public sealed partial class ExpiredRecordPurger(
           AND ExpiresAt <= @cutoff
         """;
 
+    // A batch's own bound, not the connection string's command time-out, which is set for the records' short writes: a
+    // batch of large records (TOAST) outlasting that would roll back in every round, and storage grow without end.
+    private const int BatchTimeoutSeconds = 300;
+
     /// <summary>Deletes every record that expired at or before <paramref name="cutoff"/>.</summary>
     /// <returns>The number of records deleted.</returns>
     public async Task<long> PurgeAsync(DateTimeOffset cutoff, CancellationToken cancellationToken)
@@ -31,6 +35,7 @@ public sealed partial class ExpiredRecordPurger(
         do
         {
             await using var command = database.MaintenanceDataSource.CreateCommand(DeleteBatch);
+            command.CommandTimeout = BatchTimeoutSeconds;
             command.Parameters.AddWithValue("cutoff", cutoff);
             command.Parameters.AddWithValue("batch", batch);
             deleted = await command.ExecuteNonQueryAsync(cancellationToken);
