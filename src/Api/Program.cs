@@ -15,6 +15,7 @@ builder.Services.AddIdempotency(options =>
 builder.AddDemo();
 var gateway = builder.AddGateway();
 builder.Services.AddOpenApi(options => options.AddIdempotency());
+builder.Services.AddRequestTimeouts();
 
 var app = builder.Build();
 // Outside the idempotency middleware: it sees an action's exception first (and releases the key). Kestrel's own
@@ -28,6 +29,10 @@ app.UseExceptionHandler(new ExceptionHandlerOptions
 });
 app.UseAuthentication();
 app.UseAuthorization();
+// Endpoints' time-outs (a gateway route's Timeout, [RequestTimeout]) end the requests that run past them, apart from
+// idempotent ones: outside the layer, their time-out does not reach an action that may take effect (its answer is
+// stored for the retry).
+app.UseRequestTimeouts();
 app.UseIdempotency();
 app.MapControllers();
 app.MapDemoEndpoints();

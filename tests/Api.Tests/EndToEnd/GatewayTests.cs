@@ -56,6 +56,14 @@ public sealed class GatewayTests : IAsyncLifetime
         ["ReverseProxy:Routes:impatient:ClusterId"] = "impatient",
         ["ReverseProxy:Routes:impatient:Match:Path"] = "/impatient/{**rest}",
         ["ReverseProxy:Routes:impatient:Metadata:Idempotency"] = "payments",
+        // YARP's own request time-out, on a plain route and an idempotent one.
+        ["ReverseProxy:Routes:timed:ClusterId"] = "backend",
+        ["ReverseProxy:Routes:timed:Match:Path"] = "/timed/{**rest}",
+        ["ReverseProxy:Routes:timed:Timeout"] = "00:00:01",
+        ["ReverseProxy:Routes:timedCharges:ClusterId"] = "backend",
+        ["ReverseProxy:Routes:timedCharges:Match:Path"] = "/timed-charges/{**rest}",
+        ["ReverseProxy:Routes:timedCharges:Timeout"] = "00:00:01",
+        ["ReverseProxy:Routes:timedCharges:Metadata:Idempotency"] = GatewayExtensions.DefaultPolicyName,
         // A destination nobody listens on.
         ["ReverseProxy:Clusters:down:Destinations:one:Address"] = $"http://127.0.0.1:{FreePort.Next().ToString(CultureInfo.InvariantCulture)}/",
         ["ReverseProxy:Routes:down:ClusterId"] = "down",
@@ -255,6 +263,26 @@ public sealed class GatewayTests : IAsyncLifetime
 
         Assert.Equal(1, backend.Runs(key));
         Assert.Equal(HttpStatusCode.Conflict, retry);
+    }
+
+    [Fact]
+    public async Task RouteTimeout_CutsAPlainRoute_ButAnIdempotentRoutesBackendIsAwaitedAndItsAnswerStored()
+    {
+        // Cut off, an idempotent request's backend may still have run: its answer is what a retry must get.
+        using var client = Client("Bearer caller-1");
+        var key = Guid.NewGuid().ToString();
+
+        var (plain, _) = await client.SendAsync("/timed/charges?delayMs=2000", Guid.NewGuid().ToString(), "{\"amount\":5}");
+        var (first, firstBody) = await client.SendAsync("/timed-charges/charges?delayMs=2000", key, "{\"amount\":5}");
+        var (retry, retryBody) = await client.SendAsync("/timed-charges/charges?delayMs=2000", key, "{\"amount\":5}");
+
+        // YARP's answer to a request cut off (YARP 2.3 reads the time-out as the client leaving: 400), not the 500 of a
+        // route whose time-out no middleware applies.
+        Assert.True(plain.StatusCode is HttpStatusCode.BadRequest or HttpStatusCode.GatewayTimeout, $"the plain route answered {plain.StatusCode}");
+        Assert.Equal(HttpStatusCode.Created, first.StatusCode);
+        Assert.True(retry.IsReplay());
+        Assert.Equal(firstBody, retryBody);
+        Assert.Equal(1, backend.Runs(key));
     }
 
     [Fact]
