@@ -90,7 +90,8 @@ public sealed class PostgresStorageTests(ServersFixture servers)
         // silos running beside it (the database's functions are shared; silos read them on every write).
         var connectionString = await servers.Postgres.CreateDatabaseAsync();
         await using var database = new IdempotencyDatabase(connectionString);
-        var installer = new PostgresSchemaInstaller(database, TimeProvider.System, NullLogger<PostgresSchemaInstaller>.Instance);
+        var log = new FakeLogger<PostgresSchemaInstaller>();
+        var installer = new PostgresSchemaInstaller(database, TimeProvider.System, log);
         await installer.InstallAsync(CancellationToken.None);
         var installed = await ScalarAsync<string>(database, "SELECT QueryText FROM OrleansQuery WHERE QueryKey = 'WriteToStorageKey'");
         var version = PostgresSchemaInstaller.Version;
@@ -103,6 +104,7 @@ public sealed class PostgresStorageTests(ServersFixture servers)
 
         Assert.Contains($"schema {version + 1} ", await ScalarAsync<string>(database, "SELECT QueryText FROM OrleansQuery WHERE QueryKey = 'WriteToStorageKey'"), StringComparison.Ordinal);
         Assert.Contains("newer", await ScalarAsync<string>(database, "SELECT prosrc FROM pg_proc WHERE proname = 'orleansstorage_payloadvalidstill'"), StringComparison.Ordinal);
+        Assert.Contains(log.Collector.GetSnapshot(), r => r.Level == LogLevel.Warning && r.Message.Contains($"newer version ({version + 1})", StringComparison.Ordinal));
 
         // One written before versions were (its marker alone), or of an older version: replaced.
         await ExecuteAsync(database,
@@ -420,7 +422,8 @@ public sealed class PostgresStorageTests(ServersFixture servers)
         // A command time-out set for the records' writes (1 s here) is no bound for a batch of deletes: one that always
         // ran out of it would roll back, round after round, and storage would grow without end.
         var connectionString = await servers.Postgres.CreateDatabaseAsync();
-        await using var database = new IdempotencyDatabase(connectionString + ";Command Timeout=1");
+        await using var database = new IdempotencyDatabase(connectionString);
+        await using var impatient = new IdempotencyDatabase(connectionString + ";Command Timeout=1");
         await new PostgresSchemaInstaller(database, TimeProvider.System, NullLogger<PostgresSchemaInstaller>.Instance).InstallAsync(CancellationToken.None);
         await ExecuteAsync(database, """
             INSERT INTO OrleansStorage (GrainIdHash, GrainTypeHash, ServiceId, GrainTypeString, GrainIdN0, GrainIdN1,
@@ -429,7 +432,7 @@ public sealed class PostgresStorageTests(ServersFixture servers)
             CREATE FUNCTION slow_delete() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.005); RETURN OLD; END $$;
             CREATE TRIGGER slow_delete BEFORE DELETE ON OrleansStorage FOR EACH ROW EXECUTE FUNCTION slow_delete();
             """);
-        var purger = new ExpiredRecordPurger(database, Options.Create(new IdempotencyStorageOptions()), TimeProvider.System, NullLogger<ExpiredRecordPurger>.Instance);
+        var purger = new ExpiredRecordPurger(impatient, Options.Create(new IdempotencyStorageOptions()), TimeProvider.System, NullLogger<ExpiredRecordPurger>.Instance);
 
         Assert.Equal(500, await purger.PurgeAsync(DateTimeOffset.UtcNow, CancellationToken.None));
         Assert.Equal(0L, await ScalarAsync<long>(database, "SELECT count(*) FROM OrleansStorage"));

@@ -64,6 +64,12 @@ public static class GatewayExtensions
     /// </summary>
     private static ValueTask SendOnceAsync(RequestTransformContext context)
     {
+        // Only a request the layer runs under a claim: a GET passing through keeps its form, and .NET's resend of it.
+        if (!IdempotencyMiddleware.IsRunning(context.HttpContext))
+        {
+            return ValueTask.CompletedTask;
+        }
+
         if (context.ProxyRequest.Content is null)
         {
             // YARP's own empty content, made to carry this header: it refuses content replaced by a transform.

@@ -246,6 +246,9 @@ internal sealed partial class IdempotencyMiddleware(
         return shortOfItsLength ? "a body short of its Content-Length" : null;
     }
 
+    /// <summary>True while the layer runs <paramref name="context"/>'s action under a claim.</summary>
+    internal static bool IsRunning(HttpContext context) => context.Features.Get<IHttpRequestLifetimeFeature>() is DetachedRequestLifetime;
+
     /// <summary>
     /// Leaves the key of the idempotent action running for <paramref name="context"/> to its lease, whatever its
     /// response: the action cannot tell whether it took effect. Nothing for a request the layer is not running.

@@ -54,7 +54,7 @@ internal sealed partial class LeaseRenewal : IDisposable
         var left = leaseEndsBy - time.GetUtcNow();
         if (left <= TimeSpan.Zero)
         {
-            return lease / 10;
+            return TimeSpan.FromTicks(Math.Max(lease.Ticks / 10, ShortestWait.Ticks));
         }
 
         return TimeSpan.FromTicks(Math.Clamp(left.Ticks / 2, Math.Min(ShortestWait.Ticks, third.Ticks), third.Ticks));

@@ -17,13 +17,18 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
     // Written into our queries' text, so a database set up by anyone else's scripts is recognised, not overwritten.
     private const string Marker = "OrleansIdempotency";
 
+    // Where the script gives the write query's text, whose start names the schema's version.
+    private const string WriteQueryRow = "('WriteToStorageKey', '";
+
     private static readonly string Script = ReadScript();
 
     /// <summary>
     /// The version of the schema this silo installs, as its write query's text says (<c>/* OrleansIdempotency schema
     /// N */</c>). One installed before versions were has the marker alone: version 1.
     /// </summary>
-    public static int Version { get; } = VersionOf(Script) ?? throw new InvalidOperationException("PostgresSchema.sql names no schema version.");
+    public static int Version { get; } =
+        VersionOf(Script[(Script.IndexOf(WriteQueryRow, StringComparison.Ordinal) + WriteQueryRow.Length)..])
+        ?? throw new InvalidOperationException("PostgresSchema.sql's write query names no schema version.");
 
     /// <summary>How long a starting silo waits for PostgreSQL to accept connections. The default is 60 seconds.</summary>
     public TimeSpan StartupTimeout { get; init; } = TimeSpan.FromSeconds(60);
@@ -104,7 +109,7 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
     private static int? VersionOf(string queryText) =>
         VersionMark().Match(queryText) is { Success: true } match ? int.Parse(match.Groups[1].ValueSpan, CultureInfo.InvariantCulture) : null;
 
-    [GeneratedRegex(@"/\* OrleansIdempotency schema ([0-9]{1,9}) \*/")]
+    [GeneratedRegex(@"^/\* OrleansIdempotency schema ([0-9]{1,9}) \*/")]
     private static partial Regex VersionMark();
 
     private static string ReadScript()

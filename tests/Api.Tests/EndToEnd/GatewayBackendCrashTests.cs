@@ -1,3 +1,4 @@
+using System.Collections.Concurrent;
 using System.Globalization;
 using System.Net;
 using System.Net.Sockets;
@@ -14,7 +15,8 @@ public sealed class GatewayBackendCrashTests : IAsyncLifetime, IDisposable
 {
     private readonly TcpListener backend = new(IPAddress.Loopback, 0);
     private readonly CancellationTokenSource stopping = new();
-    private ApiServer gateway = null!;
+    private readonly ConcurrentQueue<string> heads = new();
+    private ApiServer? gateway;
     private Task accepting = Task.CompletedTask;
     private int requestsRead;
 
@@ -29,11 +31,17 @@ public sealed class GatewayBackendCrashTests : IAsyncLifetime, IDisposable
 
     public async Task DisposeAsync()
     {
-        await gateway.DisposeAsync();
+        if (gateway is not null)
+        {
+            await gateway.DisposeAsync();
+        }
+
         await stopping.CancelAsync();
         backend.Stop();
         await accepting;
     }
+
+    private ApiServer Gateway => gateway ?? throw new InvalidOperationException("The gateway did not start.");
 
     public void Dispose()
     {
@@ -60,21 +68,35 @@ public sealed class GatewayBackendCrashTests : IAsyncLifetime, IDisposable
         Assert.Equal(1, Volatile.Read(ref requestsRead));
     }
 
+    [Fact]
+    public async Task RequestTheLayerDoesNotRun_GoesToTheBackendAsItCame_NoBodyAdded()
+    {
+        // A GET on an idempotent route passes through the layer untouched, and keeps its form.
+        Assert.Equal(502, await SendAsync("/strict/status", Guid.NewGuid().ToString(), null, expectContinue: false, method: "GET"));
+
+        // (.NET's client may send it again on a new connection: a GET is safe to resend.)
+        var gets = heads.Where(head => head.StartsWith("GET /strict/status ", StringComparison.Ordinal)).ToList();
+        Assert.NotEmpty(gets);
+        Assert.All(gets, get => Assert.DoesNotContain("Content-Length", get, StringComparison.OrdinalIgnoreCase));
+    }
+
     // A null body is a POST with neither Content-Length nor Transfer-Encoding: no body, by HTTP/1.1's rules. The body
     // follows the head at once, even when it says it expects 100 Continue (as a client may).
-    private async Task<int> SendAsync(string path, string key, string? body, bool expectContinue)
+    private async Task<int> SendAsync(string path, string key, string? body, bool expectContinue, string method = "POST")
     {
         using var client = new TcpClient();
-        await client.ConnectAsync(gateway.BaseAddress.Host, gateway.BaseAddress.Port);
+        await client.ConnectAsync(Gateway.BaseAddress.Host, Gateway.BaseAddress.Port);
         await using var stream = client.GetStream();
-        var head = $"POST {path} HTTP/1.1\r\nHost: {gateway.BaseAddress.Authority}\r\nConnection: close\r\n" +
+        var head = $"{method} {path} HTTP/1.1\r\nHost: {Gateway.BaseAddress.Authority}\r\nConnection: close\r\n" +
             $"Idempotency-Key: {key}\r\nAuthorization: Bearer caller-1\r\n" + (expectContinue ? "Expect: 100-continue\r\n" : "") +
             (body is null ? "" : $"Content-Type: application/json\r\nContent-Length: {Encoding.UTF8.GetByteCount(body)}\r\n") + "\r\n" + body;
         await stream.WriteAsync(Encoding.UTF8.GetBytes(head));
         using var response = new StreamReader(stream, Encoding.ASCII);
         while (true)
         {
-            var status = int.Parse((await response.ReadLineAsync())!.Split(' ')[1], CultureInfo.InvariantCulture);
+            var line = await response.ReadLineAsync().WaitAsync(TimeSpan.FromSeconds(30));
+            Assert.True(line is not null, $"the gateway closed the connection of {path} without an answer");
+            var status = int.Parse(line.Split(' ')[1], CultureInfo.InvariantCulture);
             if (status != 100)
             {
                 return status;
@@ -133,6 +155,7 @@ public sealed class GatewayBackendCrashTests : IAsyncLifetime, IDisposable
         }
 
         var head = Encoding.ASCII.GetString([.. received], 0, headEnd);
+        heads.Enqueue(head);
         var length = head.Split("\r\n").FirstOrDefault(line => line.StartsWith("Content-Length:", StringComparison.OrdinalIgnoreCase)) is { } line
             ? int.Parse(line["Content-Length:".Length..], CultureInfo.InvariantCulture)
             : 0;
