@@ -286,6 +286,21 @@ public sealed class GatewayTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task RouteTimeout_BoundsADuplicatesWaitForTheKeyInProgress_WithA504()
+    {
+        using var client = Client("Bearer caller-1");
+        var key = Guid.NewGuid().ToString();
+
+        var first = client.SendAsync("/timed-charges/charges?delayMs=3000", key, "{\"amount\":5}");
+        await WaitUntilAsync(() => Task.FromResult(backend.Runs(key) == 1), "the backend never ran");
+        var (duplicate, _) = await client.SendAsync("/timed-charges/charges?delayMs=3000", key, "{\"amount\":5}");
+
+        Assert.Equal(HttpStatusCode.GatewayTimeout, duplicate.StatusCode);
+        Assert.Equal(HttpStatusCode.Created, (await first).Response.StatusCode);
+        Assert.Equal(1, backend.Runs(key));
+    }
+
+    [Fact]
     public async Task RouteNamingAPolicy_GetsThatPolicy()
     {
         // The demo's "payments" policy rejects a duplicate of a key in flight instead of waiting for it.
