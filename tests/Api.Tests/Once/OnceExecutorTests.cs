@@ -73,6 +73,30 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task CallWhileTheKeyRunsElsewhere_PastTheWait_IsRefusedAsInProgress_AndDoesNotRun()
+    {
+        var once = Executor();
+        var key = NewKey();
+        var release = new TaskCompletionSource();
+        var first = once.ExecuteOnceAsync(key, async ct =>
+        {
+            await release.Task;
+            return await ChargeAsync(ct);
+        });
+        await MiddlewareHarness.WaitUntilAsync(async () =>
+            await fixture.Grains.GetIdempotencyGrain(OnceExecutor.GrainKey("default", key)).GetAsync() is { Status: IdempotencyStatus.InProgress });
+
+        var second = once.ExecuteOnceAsync(key, ChargeAsync);
+        await fixture.ClockRunsUntilAsync(() => second.IsCompleted);
+        var refused = await Assert.ThrowsAsync<OnceRefusedException>(() => second);
+        release.SetResult();
+        await first;
+
+        Assert.Equal(OnceRefusal.InProgress, refused.Reason);
+        Assert.Equal(1, runs);
+    }
+
+    [Fact]
     public async Task SameKeyWithAnotherInput_IsRefusedAsKeyReused_AndNothingRuns()
     {
         var once = Executor();

@@ -97,6 +97,52 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task ReleaseOfItsClaimAfterTheLeaseLapsed_OrOnceFoundInDoubt_Is204_AndTheNextClaimRuns()
+    {
+        // The caller knows what no later caller could: its operation did not take effect.
+        foreach (var foundInDoubt in new[] { false, true })
+        {
+            var key = NewKey();
+            var token = (await CallAsync(once.ClaimAsync, key, "")).Json.GetProperty("token").GetString();
+            fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
+            if (foundInDoubt)
+            {
+                Assert.Equal(409, (await CallAsync(once.ClaimAsync, key, "")).Status);
+                Assert.Equal("outcomeUnknown", (await CallAsync(once.ReadAsync, key, "")).Json.GetProperty("status").GetString());
+            }
+
+            Assert.Equal(204, (await CallAsync(once.ReleaseAsync, key, JsonSerializer.Serialize(new { token }))).Status);
+            Assert.Equal(201, (await CallAsync(once.ClaimAsync, key, "")).Status);
+        }
+    }
+
+    [Fact]
+    public async Task CompleteAfterTheLeaseLapsed_Is409ClaimNotHeld_AndNothingIsStored()
+    {
+        var key = NewKey();
+        var token = (await CallAsync(once.ClaimAsync, key, "")).Json.GetProperty("token").GetString();
+        fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
+
+        var late = await CallAsync(once.CompleteAsync, key, JsonSerializer.Serialize(new { token, result = 1 }));
+
+        Assert.Equal(409, late.Status);
+        Assert.EndsWith("claim-not-held", late.Json.GetProperty("type").GetString());
+        Assert.Equal("lapsed", (await CallAsync(once.ReadAsync, key, "")).Json.GetProperty("status").GetString());
+    }
+
+    [Fact]
+    public async Task ClaimInputWithHalfASurrogatePairEscaped_Is400_AndNothingIsClaimed()
+    {
+        var key = NewKey();
+
+        var refused = await CallAsync(once.ClaimAsync, key, "{\"input\":\"refund \\ud800\"}");
+
+        Assert.Equal(400, refused.Status);
+        Assert.EndsWith("request-invalid", refused.Json.GetProperty("type").GetString());
+        Assert.Equal(0, fixture.Store.WritesOf(Grain(key).GetGrainId()));
+    }
+
+    [Fact]
     public async Task EmptyAttempt_Is400_SinceEveryCallerLeavingItUnsetWouldShareOneClaim()
     {
         var key = NewKey();
