@@ -137,6 +137,15 @@ public sealed class PostgresServer : IAsyncDisposable
         await WaitUntilReadyAsync(TimeSpan.FromSeconds(30));
     }
 
+    /// <summary>
+    /// Freezes the server (SIGSTOP to every one of its processes), as a stalled VM or a disk that stopped answering
+    /// does: its connections stay open and nothing answers, until <see cref="Thaw"/>.
+    /// </summary>
+    public void Freeze() => process?.SignalTree(19);
+
+    /// <summary>SIGCONT to every process of the server.</summary>
+    public void Thaw() => process?.SignalTree(18);
+
     /// <summary>A fast shutdown (SIGINT): clients are disconnected and the server exits cleanly.</summary>
     public Task StopAsync() => SignalAndWaitAsync(2);
 

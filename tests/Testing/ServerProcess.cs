@@ -89,6 +89,24 @@ public sealed class ServerProcess
         }
     }
 
+    /// <summary>
+    /// Sends <paramref name="signal"/> to the process and every process under it, parents first (a server run through
+    /// runuser is its grandchild, and its workers below that): SIGSTOP (19) then freezes the whole server before any of
+    /// it can start another, SIGCONT (18) thaws it.
+    /// </summary>
+    public void SignalTree(int signal)
+    {
+        var pending = new Queue<int>([process.Id]);
+        while (pending.TryDequeue(out var pid))
+        {
+            _ = Kill(pid, signal);
+            foreach (var child in ProcessCpu.ChildrenOf(pid))
+            {
+                pending.Enqueue(child);
+            }
+        }
+    }
+
     // libc's kill(2): .NET sends only SIGKILL, and a fresh machine need not have procps' kill.
     [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "kill", SetLastError = true)]
     private static extern int Kill(int pid, int signal);

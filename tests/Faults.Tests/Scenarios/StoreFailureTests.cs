@@ -1,3 +1,4 @@
+using System.Net;
 using OrleansIdempotency.Testing;
 using Npgsql;
 using OrleansIdempotency.Faults.Tests.Harness;
@@ -14,18 +15,36 @@ public sealed class StoreFailureTests(ITestOutputHelper output)
         await using var cluster = await FaultCluster.StartAsync(silos: 2, apis: 2);
         var (workload, verdict) = await RunThroughOutageAsync(cluster, "postgres down 10 s", "pg-down-", cluster.Postgres.StopAsync, cluster.Postgres.StartAgainAsync);
 
-        Assert.True(verdict.Unavailable > 0, "The outage should have been answered with 503s.");
-        // Whether the layer's claim or the action's own insert met the outage: 503 with Retry-After, never a 500.
-        Assert.Equal(verdict.ServerErrors, verdict.Unavailable);
-        Assert.True(workload.Stats.AllUnavailableHadRetryAfter);
-        Assert.Equal(0, verdict.Duplicates);
-        Assert.Equal(0, verdict.Disagreements);
-        Assert.Equal(0, verdict.Lost);
-        Assert.Equal(0, verdict.NotReplayed);
-        Assert.Equal(0, verdict.GaveUp);
+        await AssertFailedClosedAsync(cluster, workload, verdict, "pg-down-");
         Assert.Equal(0, verdict.OutcomeUnknown);
-        Assert.Equal(0, await SideEffectsWithoutAClaimAsync(cluster, "pg-down-"));
-        Assert.All(cluster.Silos.Concat(cluster.Apis), node => Assert.True(node.IsRunning, $"{node.Name} stopped"));
+    }
+
+    [Fact]
+    public async Task PostgresFrozenUnderLoad_AnswersWithinTheRetryBudget_503WhenItOutlastsIt_NoDuplicates_AndResumes()
+    {
+        // Frozen, not stopped: connections stay open and nothing answers, so every statement waits for its 5 s time-out
+        // and a write sent just before may land once it thaws (its caller told 503). What the stop test cannot show.
+        // Frozen for 25 s: longer than the API's 15 s retry budget, which must then answer 503, not wait for the thaw.
+        await using var cluster = await FaultCluster.StartAsync(silos: 2, apis: 2);
+        TimeSpan? probeTook = null;
+        HttpStatusCode? probeStatus = null;
+        async Task ProbeAsync()
+        {
+            await Task.Delay(TimeSpan.FromSeconds(1));
+            using var client = Orders.Client(cluster.Apis[0]);
+            var started = DateTime.UtcNow;
+            probeStatus = (await Orders.SendAsync(client, "probe-of-pg-frozen")).Status;
+            probeTook = DateTime.UtcNow - started;
+        }
+
+        var (workload, verdict) = await RunThroughOutageAsync(cluster, "postgres frozen 25 s", "pg-frozen-",
+            () => Task.Run(cluster.Postgres.Freeze), () => Task.Run(cluster.Postgres.Thaw), ProbeAsync, TimeSpan.FromSeconds(25));
+        output.WriteLine($"a new key sent 1 s into the freeze: {probeStatus} after {probeTook?.TotalSeconds:F1} s");
+
+        // Answered while still frozen (an answer after the thaw would have run the order: 201).
+        Assert.Equal(HttpStatusCode.ServiceUnavailable, probeStatus);
+        // Keys whose own insert timed out unanswered may be in doubt: that is their honest outcome.
+        await AssertFailedClosedAsync(cluster, workload, verdict, "pg-frozen-");
     }
 
     [Fact]
@@ -44,8 +63,9 @@ public sealed class StoreFailureTests(ITestOutputHelper output)
         Assert.All(cluster.Silos.Concat(cluster.Apis), node => Assert.True(node.IsRunning, $"{node.Name} stopped"));
     }
 
-    /// <summary>Runs the workload, takes a server down for 10 s two seconds in, brings it back, and checks the keys.</summary>
-    private async Task<(Workload Workload, Verdict Verdict)> RunThroughOutageAsync(FaultCluster cluster, string scenario, string prefix, Func<Task> stop, Func<Task> start)
+    /// <summary>Runs the workload, takes a server down (for 10 s unless told) two seconds in, brings it back, and checks the keys.</summary>
+    private async Task<(Workload Workload, Verdict Verdict)> RunThroughOutageAsync(
+        FaultCluster cluster, string scenario, string prefix, Func<Task> stop, Func<Task> start, Func<Task>? duringOutage = null, TimeSpan? outage = null)
     {
         var workload = new Workload(cluster.Apis.Select(a => a.BaseAddress!).ToList());
         // The actions' sleeps alone (3,000 keys, 8 at a time, 50 ms each) keep the load going for about 19 s, well past
@@ -55,9 +75,11 @@ public sealed class StoreFailureTests(ITestOutputHelper output)
         var run = workload.RunAsync(options);
         await Task.Delay(TimeSpan.FromSeconds(2));
         await stop();
-        await Task.Delay(TimeSpan.FromSeconds(10));
+        var during = duringOutage?.Invoke() ?? Task.CompletedTask;
+        await Task.Delay(outage ?? TimeSpan.FromSeconds(10));
         Assert.False(run.IsCompleted, "The load ended during the outage; the scenario proves nothing.");
         await start();
+        await during;
         await run;
 
         var verdict = await Checker.CheckAsync(scenario, cluster, workload, options);
@@ -65,6 +87,22 @@ public sealed class StoreFailureTests(ITestOutputHelper output)
         // Every key ran, once: none was left refused (a 4xx counts as an answer, not a side effect).
         Assert.Equal(options.Keys, verdict.SideEffects);
         return (workload, verdict);
+    }
+
+    // The outage answered with 503 and Retry-After, never another 5xx (whether the layer's claim or the action's own
+    // insert met it); no key ran twice, every reply agrees and replays, no action ran without a claim, no node died.
+    private static async Task AssertFailedClosedAsync(FaultCluster cluster, Workload workload, Verdict verdict, string prefix)
+    {
+        Assert.True(verdict.Unavailable > 0, "The outage should have been answered with 503s.");
+        Assert.Equal(verdict.ServerErrors, verdict.Unavailable);
+        Assert.True(workload.Stats.AllUnavailableHadRetryAfter);
+        Assert.Equal(0, verdict.Duplicates);
+        Assert.Equal(0, verdict.Disagreements);
+        Assert.Equal(0, verdict.Lost);
+        Assert.Equal(0, verdict.NotReplayed);
+        Assert.Equal(0, verdict.GaveUp);
+        Assert.Equal(0, await SideEffectsWithoutAClaimAsync(cluster, prefix));
+        Assert.All(cluster.Silos.Concat(cluster.Apis), node => Assert.True(node.IsRunning, $"{node.Name} stopped"));
     }
 
     /// <summary>Side effects whose key has no record in the idempotency store: an action that ran without a claim.</summary>
