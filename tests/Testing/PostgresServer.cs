@@ -154,6 +154,8 @@ public sealed class PostgresServer : IAsyncDisposable
 
     public async ValueTask DisposeAsync()
     {
+        // A frozen server would not act on its shutdown signal.
+        Thaw();
         await StopAsync();
         try
         {

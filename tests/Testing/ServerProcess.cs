@@ -90,12 +90,16 @@ public sealed class ServerProcess
     }
 
     /// <summary>
-    /// Sends <paramref name="signal"/> to the process and every process under it, parents first (a server run through
-    /// runuser is its grandchild, and its workers below that): SIGSTOP (19) then freezes the whole server before any of
-    /// it can start another, SIGCONT (18) thaws it.
+    /// Sends <paramref name="signal"/> to the process and every process under it (a server's workers), parents first:
+    /// SIGSTOP (19) then freezes the whole server before any of it can start another, SIGCONT (18) thaws it.
     /// </summary>
     public void SignalTree(int signal)
     {
+        if (process.HasExited)
+        {
+            return;
+        }
+
         var pending = new Queue<int>([process.Id]);
         while (pending.TryDequeue(out var pid))
         {

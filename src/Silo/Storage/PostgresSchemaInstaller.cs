@@ -27,8 +27,9 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
     /// N */</c>). One installed before versions were has the marker alone: version 1.
     /// </summary>
     public static int Version { get; } =
-        VersionOf(Script[(Script.IndexOf(WriteQueryRow, StringComparison.Ordinal) + WriteQueryRow.Length)..])
-        ?? throw new InvalidOperationException("PostgresSchema.sql's write query names no schema version.");
+        Script.IndexOf(WriteQueryRow, StringComparison.Ordinal) is var row and >= 0 && VersionOf(Script[(row + WriteQueryRow.Length)..]) is { } version
+            ? version
+            : throw new InvalidOperationException("PostgresSchema.sql's write query names no schema version.");
 
     /// <summary>How long a starting silo waits for PostgreSQL to accept connections. The default is 60 seconds.</summary>
     public TimeSpan StartupTimeout { get; init; } = TimeSpan.FromSeconds(60);
@@ -109,7 +110,8 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
     private static int? VersionOf(string queryText) =>
         VersionMark().Match(queryText) is { Success: true } match ? int.Parse(match.Groups[1].ValueSpan, CultureInfo.InvariantCulture) : null;
 
-    [GeneratedRegex(@"^/\* OrleansIdempotency schema ([0-9]{1,9}) \*/")]
+    // The first mark in the text: the write query's own (the script is read from that query's row on).
+    [GeneratedRegex(@"/\* OrleansIdempotency schema ([0-9]{1,9}) \*/")]
     private static partial Regex VersionMark();
 
     private static string ReadScript()

@@ -291,9 +291,10 @@ public sealed class GatewayTests : IAsyncLifetime
         using var client = Client("Bearer caller-1");
         var key = Guid.NewGuid().ToString();
 
-        var first = client.SendAsync("/timed-charges/charges?delayMs=3000", key, "{\"amount\":5}");
+        // The first runs 5 s: the duplicate, sent once it runs, meets its 1 s time-out well before the replay is there.
+        var first = client.SendAsync("/timed-charges/charges?delayMs=5000", key, "{\"amount\":5}");
         await WaitUntilAsync(() => Task.FromResult(backend.Runs(key) == 1), "the backend never ran");
-        var (duplicate, _) = await client.SendAsync("/timed-charges/charges?delayMs=3000", key, "{\"amount\":5}");
+        var (duplicate, _) = await client.SendAsync("/timed-charges/charges?delayMs=5000", key, "{\"amount\":5}");
 
         Assert.Equal(HttpStatusCode.GatewayTimeout, duplicate.StatusCode);
         Assert.Equal(HttpStatusCode.Created, (await first).Response.StatusCode);

@@ -86,8 +86,13 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
         await MiddlewareHarness.WaitUntilAsync(async () =>
             await fixture.Grains.GetIdempotencyGrain(OnceExecutor.GrainKey("default", key)).GetAsync() is { Status: IdempotencyStatus.InProgress });
 
+        // It waits (the clock standing still) for the key, and is refused only once the wait is over.
+        var waitStarted = fixture.Time.GetUtcNow();
         var second = once.ExecuteOnceAsync(key, ChargeAsync);
+        await Task.Delay(300);
+        Assert.False(second.IsCompleted, "The call was refused without waiting for the key.");
         await fixture.ClockRunsUntilAsync(() => second.IsCompleted);
+        Assert.True(fixture.Time.GetUtcNow() - waitStarted >= IdempotencyPolicy.Default.WaitTimeout, "Refused before its wait was over.");
         var refused = await Assert.ThrowsAsync<OnceRefusedException>(() => second);
         release.SetResult();
         await first;
