@@ -173,6 +173,34 @@ public sealed class InMemoryRecordStorageTests : IDisposable
     }
 
     [Fact]
+    public async Task StoreAtItsBound_RefusesNewKeys_StillTakesAndReadsThoseItHolds_AndTakesNewOnesOnceRecordsExpire()
+    {
+        // Bounded at a megabyte: one record of 600 KB fits, a second does not.
+        using var bounded = new InMemoryRecordStorage(TestSerializer.Storage, time, maxBytes: 1 << 20);
+        var large = new byte[600 * 1024];
+        var held = Key();
+        var state = new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1), large));
+        await bounded.WriteStateAsync(State, held, state);
+
+        var refused = await Assert.ThrowsAsync<IOException>(() => bounded.WriteStateAsync(State, Key(), new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1), large))));
+        Assert.Contains("ConnectionStrings__Postgres", refused.Message, StringComparison.Ordinal);
+
+        // A key it holds: updated, read, and a create of it refused as the conflict it is (a grain then reads it).
+        var updated = new byte[600 * 1024];
+        updated[0] = 7;
+        state.State = Record(TimeSpan.FromHours(1), updated);
+        await bounded.WriteStateAsync(State, held, state);
+        var read = new GrainState<IdempotencyRecord>();
+        await bounded.ReadStateAsync(State, held, read);
+        Assert.Equal(7, read.State!.Response!.Body[0]);
+        await Assert.ThrowsAsync<InconsistentStateException>(() => bounded.WriteStateAsync(State, held, new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1)))));
+
+        // Once it expires, its room goes to a new key.
+        time.Advance(TimeSpan.FromHours(2));
+        await bounded.WriteStateAsync(State, Key(), new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1), large)));
+    }
+
+    [Fact]
     public async Task Read_OfAKeyNeverWritten_IsAbsent_WithAFreshState()
     {
         var read = await ReadAsync(Key());

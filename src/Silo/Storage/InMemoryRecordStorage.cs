@@ -38,11 +38,19 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
     private readonly IdempotencyStorageSerializer serializer;
     private readonly TimeProvider time;
     private readonly ITimer purge;
+    private readonly long maxBytes;
 
-    public InMemoryRecordStorage(IdempotencyStorageSerializer serializer, TimeProvider time)
+    /// <param name="serializer">How records are written.</param>
+    /// <param name="time">The clock records expire by.</param>
+    /// <param name="maxBytes">
+    /// The most bytes of records held (keys and payloads) before a new key is refused; by default a quarter of the
+    /// memory this process may use (a container's limit, else the machine's).
+    /// </param>
+    public InMemoryRecordStorage(IdempotencyStorageSerializer serializer, TimeProvider time, long? maxBytes = null)
     {
         this.serializer = serializer;
         this.time = time;
+        this.maxBytes = maxBytes ?? GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / 4;
         purge = time.CreateTimer(_ => Purge(), null, PurgeInterval, PurgeInterval);
     }
 
@@ -78,6 +86,11 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
         var expiresAt = (record?.PurgeableAt ?? DateTimeOffset.MaxValue).UtcTicks;
         var claim = record?.Status == IdempotencyStatus.InProgress;
         long version = 0;
+        if (grainState.ETag is null && records.LiveBytes + key.Length + payload.Length > maxBytes && !records.Contains(key))
+        {
+            RefuseWhenFull(key.Length + payload.Length);
+        }
+
         var written = grainState.ETag is null
             ? records.TryAdd(key, payload, expiresAt, claim, out version)
             : TryParseIssued(grainState.ETag, out var expected) && records.TryReplace(key, expected, payload, expiresAt, claim, out version);
@@ -114,6 +127,20 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
     }
 
     public void Dispose() => purge.Dispose();
+
+    // A new key beyond the bound is refused (its caller answers 503: nothing runs without a claim) rather than the
+    // process running out of memory and forgetting every key; the keys held still complete, renew and replay. Records
+    // expired since the last purge are dropped first.
+    private void RefuseWhenFull(int bytes)
+    {
+        Purge();
+        if (records.LiveBytes + bytes > maxBytes)
+        {
+            throw new IOException(
+                $"The in-memory idempotency store holds {records.LiveBytes} bytes of records, its bound of {maxBytes}: new keys are refused " +
+                "until records expire. Set ConnectionStrings__Postgres for durable storage that is bounded by its disk.");
+        }
+    }
 
     /// <summary>Drops every record past <see cref="IdempotencyRecord.PurgeableAt"/>; a record rewritten meanwhile is kept.</summary>
     public void Purge() => records.Purge(time.GetUtcNow().UtcTicks);

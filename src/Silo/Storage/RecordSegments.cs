@@ -33,6 +33,7 @@ internal sealed class RecordSegments
     // Replaced, never resized in place, so that a reader without the lock sees a whole array.
     private volatile byte[]?[] segments = new byte[]?[16];
     private int count;
+    private long live;
 
     // The last shared segment let go, for the next one. Claims fill a segment every few thousand keys and let it go
     // moments later; a new one each time is a large-object allocation, which brings the next full garbage collection
@@ -51,6 +52,9 @@ internal sealed class RecordSegments
             }
         }
     }
+
+    /// <summary>How many bytes the live records take (their keys and payloads), whatever their segments hold.</summary>
+    public long LiveBytes => Volatile.Read(ref live);
 
     /// <summary>How many segments were allocated, not reused (for tests of their reuse).</summary>
     internal int Allocated { get; private set; }
@@ -90,6 +94,7 @@ internal sealed class RecordSegments
             key.CopyTo(bytes);
             payload.CopyTo(bytes[key.Length..]);
             liveBytes[segment] += length;
+            Volatile.Write(ref live, live + length);
             return (segment, offset);
         }
     }
@@ -99,6 +104,7 @@ internal sealed class RecordSegments
     {
         lock (gate)
         {
+            Volatile.Write(ref live, live - length);
             if ((liveBytes[segment] -= length) == 0 && !IsAppendedTo(segment))
             {
                 Free(segment);

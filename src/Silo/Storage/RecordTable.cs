@@ -65,6 +65,9 @@ internal sealed class RecordTable
     /// <summary>How many bytes the segments take, live or dead.</summary>
     public long SegmentBytes => segments.Bytes;
 
+    /// <summary>How many bytes the live records take: their keys and payloads.</summary>
+    public long LiveBytes => segments.LiveBytes;
+
     /// <summary>How many segments were allocated rather than reused (for tests of their reuse).</summary>
     internal int SegmentsAllocated => segments.Allocated;
 
