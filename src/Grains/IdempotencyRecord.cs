@@ -43,7 +43,7 @@ public sealed record IdempotencyRecord
     /// </summary>
     /// <remarks>The fencing token survives expiry so that tokens never repeat while the row exists.</remarks>
     public IdempotencyRecord AsOf(DateTimeOffset now) =>
-        (Status != IdempotencyStatus.None || Fingerprint.Length > 0) && ExpiresAt <= now && !(Status == IdempotencyStatus.InProgress && now < LeaseExpiresAt)
+        HoldsRequest && ExpiresAt <= now && !(Status == IdempotencyStatus.InProgress && now < LeaseExpiresAt)
             ? new IdempotencyRecord { FencingToken = FencingToken }
             : this;
 
@@ -53,6 +53,12 @@ public sealed record IdempotencyRecord
     /// </summary>
     public DateTimeOffset PurgeableAt =>
         Status == IdempotencyStatus.InProgress && LeaseExpiresAt > ExpiresAt ? LeaseExpiresAt : ExpiresAt;
+
+    /// <summary>
+    /// True when the record is of a request: claimed, completed or in doubt, or released but kept for its retention
+    /// (only that request may claim it again). A new or expired key's record holds none.
+    /// </summary>
+    public bool HoldsRequest => Status != IdempotencyStatus.None || Fingerprint.Length > 0;
 
     /// <summary>True when <paramref name="fingerprint"/> is the request that claimed the key.</summary>
     public bool Matches(ReadOnlySpan<byte> fingerprint) => Fingerprint.AsSpan().SequenceEqual(fingerprint);

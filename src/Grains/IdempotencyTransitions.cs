@@ -17,7 +17,7 @@ public static class IdempotencyTransitions
 
         // DESIGN §4: the same key with a different request is refused, whatever state the key is in; a released key
         // keeps the request it was claimed for until its retention ends (a new or expired one has none).
-        if ((current.Status != IdempotencyStatus.None || current.Fingerprint.Length > 0) && !current.Matches(request.Fingerprint))
+        if (current.HoldsRequest && !current.Matches(request.Fingerprint))
         {
             return new(new ClaimResult(ClaimOutcome.Mismatch), null);
         }

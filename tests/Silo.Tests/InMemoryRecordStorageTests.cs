@@ -175,7 +175,8 @@ public sealed class InMemoryRecordStorageTests : IDisposable
     [Fact]
     public async Task StoreAtItsBound_RefusesNewKeys_StillTakesAndReadsThoseItHolds_AndTakesNewOnesOnceRecordsExpire()
     {
-        // Bounded at a megabyte: one record of 600 KB fits, a second does not.
+        // Bounded at a megabyte: one record of 600 KB fits, a second does not (records that large take segments of
+        // their own, so what is held is the records' own bytes).
         using var bounded = new InMemoryRecordStorage(TestSerializer.Storage, time, maxBytes: 1 << 20);
         var large = new byte[600 * 1024];
         var held = Key();
@@ -195,9 +196,16 @@ public sealed class InMemoryRecordStorageTests : IDisposable
         Assert.Equal(7, read.State!.Response!.Body[0]);
         await Assert.ThrowsAsync<InconsistentStateException>(() => bounded.WriteStateAsync(State, held, new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1)))));
 
-        // Once it expires, its room goes to a new key.
+        // Once the held one expires (the minute's purge), its room goes to a new key.
         time.Advance(TimeSpan.FromHours(2));
         await bounded.WriteStateAsync(State, Key(), new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1), large)));
+
+        // A free key's record (a release's, kept for a lease) is let in at the bound: refused, the release would be
+        // retried for a day. A claim is not.
+        using var full = new InMemoryRecordStorage(TestSerializer.Storage, time, maxBytes: 1);
+        await full.WriteStateAsync(State, Key(), new GrainState<IdempotencyRecord>(new IdempotencyRecord { ExpiresAt = time.GetUtcNow() + TimeSpan.FromMinutes(1) }));
+        var claim = new IdempotencyRecord { Status = IdempotencyStatus.InProgress, Fingerprint = [1], LeaseExpiresAt = time.GetUtcNow() + TimeSpan.FromMinutes(1), ExpiresAt = time.GetUtcNow() + TimeSpan.FromHours(1) };
+        await Assert.ThrowsAsync<IOException>(() => full.WriteStateAsync(State, Key(), new GrainState<IdempotencyRecord>(claim)));
     }
 
     [Fact]

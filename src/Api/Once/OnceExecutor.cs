@@ -157,7 +157,7 @@ internal sealed partial class OnceExecutor(
     {
         if (stored.BodyOmitted)
         {
-            throw new OnceRefusedException(OnceRefusal.ResultNotStored, key, $"{NotStored(stored)} Key '{key}' is not run again.");
+            throw NotStoredRefusal(key, NotStored(stored));
         }
 
         try
@@ -167,10 +167,12 @@ internal sealed partial class OnceExecutor(
         catch (JsonException ex)
         {
             // Stored by a call asking another type, or settled by an operator with another value.
-            throw new OnceRefusedException(OnceRefusal.ResultNotStored, key,
-                $"The key completed, but its stored result does not read as {typeof(T).Name}. Key '{key}' is not run again.", ex);
+            throw NotStoredRefusal(key, $"The key completed, but its stored result does not read as {typeof(T).Name}.", ex);
         }
     }
+
+    private static OnceRefusedException NotStoredRefusal(string key, string why, Exception? inner = null) =>
+        new(OnceRefusal.ResultNotStored, key, $"{why} Key '{key}' is not run again.", inner);
 
     [LoggerMessage(Level = LogLevel.Error, Message = "Once key {Key}: the action ran, but its result cannot be stored as JSON that reads back; later calls are refused as result-not-stored.")]
     private static partial void LogResultNotStorable(ILogger logger, string key, Exception exception);

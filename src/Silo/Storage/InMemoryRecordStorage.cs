@@ -43,14 +43,15 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
     /// <param name="serializer">How records are written.</param>
     /// <param name="time">The clock records expire by.</param>
     /// <param name="maxBytes">
-    /// The most bytes of records held (keys and payloads) before a new key is refused; by default a quarter of the
-    /// memory this process may use (a container's limit, else the machine's).
+    /// The most bytes of records held (keys and payloads) before a new key is refused; by default an eighth of the
+    /// GC's memory limit (in a container, 75 % of its memory limit unless set; else the machine's memory). An eighth:
+    /// the segments holding records may be as little as a quarter live before the purge compacts them.
     /// </param>
     public InMemoryRecordStorage(IdempotencyStorageSerializer serializer, TimeProvider time, long? maxBytes = null)
     {
         this.serializer = serializer;
         this.time = time;
-        this.maxBytes = maxBytes ?? GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / 4;
+        this.maxBytes = maxBytes ?? GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / 8;
         purge = time.CreateTimer(_ => Purge(), null, PurgeInterval, PurgeInterval);
     }
 
@@ -86,9 +87,15 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
         var expiresAt = (record?.PurgeableAt ?? DateTimeOffset.MaxValue).UtcTicks;
         var claim = record?.Status == IdempotencyStatus.InProgress;
         long version = 0;
-        if (grainState.ETag is null && records.LiveBytes + key.Length + payload.Length > maxBytes && !records.Contains(key))
+        // A new key beyond the bound is refused (its caller answers 503: nothing runs without a claim) rather than the
+        // process running out of memory and forgetting every key; the keys held still complete, renew and replay, and
+        // a free key's record (a release's, kept for a lease) is let in, or that release would be retried for a day.
+        if (grainState.ETag is null && record?.Status != IdempotencyStatus.None && records.LiveBytes is var held
+            && held + key.Length + payload.Length > maxBytes && !records.Contains(key))
         {
-            RefuseWhenFull(key.Length + payload.Length);
+            throw new IOException(
+                $"The in-memory idempotency store holds {held} bytes of records, its bound of {maxBytes}: new keys are refused " +
+                "until records expire. Set ConnectionStrings__Postgres for durable storage that is bounded by its disk.");
         }
 
         var written = grainState.ETag is null
@@ -127,20 +134,6 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
     }
 
     public void Dispose() => purge.Dispose();
-
-    // A new key beyond the bound is refused (its caller answers 503: nothing runs without a claim) rather than the
-    // process running out of memory and forgetting every key; the keys held still complete, renew and replay. Records
-    // expired since the last purge are dropped first.
-    private void RefuseWhenFull(int bytes)
-    {
-        Purge();
-        if (records.LiveBytes + bytes > maxBytes)
-        {
-            throw new IOException(
-                $"The in-memory idempotency store holds {records.LiveBytes} bytes of records, its bound of {maxBytes}: new keys are refused " +
-                "until records expire. Set ConnectionStrings__Postgres for durable storage that is bounded by its disk.");
-        }
-    }
 
     /// <summary>Drops every record past <see cref="IdempotencyRecord.PurgeableAt"/>; a record rewritten meanwhile is kept.</summary>
     public void Purge() => records.Purge(time.GetUtcNow().UtcTicks);

@@ -53,7 +53,7 @@ internal sealed class RecordSegments
         }
     }
 
-    /// <summary>How many bytes the live records take (their keys and payloads), whatever their segments hold.</summary>
+    /// <summary>How many bytes the live records take (their keys and payloads), not the dead bytes their segments also hold.</summary>
     public long LiveBytes => Volatile.Read(ref live);
 
     /// <summary>How many segments were allocated, not reused (for tests of their reuse).</summary>
