@@ -1,5 +1,5 @@
-using OrleansIdempotency.AspNetCore;
 using Microsoft.Net.Http.Headers;
+using OrleansIdempotency.AspNetCore;
 using Yarp.ReverseProxy.Configuration;
 using Yarp.ReverseProxy.Forwarder;
 using Yarp.ReverseProxy.Transforms;
