@@ -50,7 +50,7 @@ public static class ClusterHealthEndpoints
         answers.CancelAfter(SiloAnswers);
         try
         {
-            var statistics = await management.GetRuntimeStatistics([silo], answers.Token).WaitAsync(SiloAnswers, cancellationToken);
+            var statistics = await management.GetRuntimeStatistics([silo], answers.Token).WaitAsync(answers.Token);
             return statistics[0].ActivationCount;
         }
         catch (Exception) when (!cancellationToken.IsCancellationRequested)

@@ -65,12 +65,12 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
         Assert.Equal(201, (await CallAsync(once.ClaimAsync, key, body)).Status);
         fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
 
-        Assert.Equal("lapsed", (await CallAsync(once.ReadAsync, key, "")).Json.GetProperty("status").GetString());
+        Assert.Equal("lapsed", await StatusOfAsync(once, key));
         var again = await CallAsync(once.ClaimAsync, key, body);
 
         Assert.Equal(409, again.Status);
         Assert.EndsWith("outcome-unknown", again.Json.GetProperty("type").GetString());
-        Assert.Equal("outcomeUnknown", (await CallAsync(once.ReadAsync, key, "")).Json.GetProperty("status").GetString());
+        Assert.Equal("outcomeUnknown", await StatusOfAsync(once, key));
     }
 
     [Fact]
@@ -103,12 +103,12 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
         foreach (var foundInDoubt in new[] { false, true })
         {
             var key = NewKey();
-            var token = (await CallAsync(once.ClaimAsync, key, "")).Json.GetProperty("token").GetString();
+            var token = await TokenOfANewClaimAsync(once, key);
             fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
             if (foundInDoubt)
             {
                 Assert.Equal(409, (await CallAsync(once.ClaimAsync, key, "")).Status);
-                Assert.Equal("outcomeUnknown", (await CallAsync(once.ReadAsync, key, "")).Json.GetProperty("status").GetString());
+                Assert.Equal("outcomeUnknown", await StatusOfAsync(once, key));
             }
 
             Assert.Equal(204, (await CallAsync(once.ReleaseAsync, key, JsonSerializer.Serialize(new { token }))).Status);
@@ -120,14 +120,14 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
     public async Task CompleteAfterTheLeaseLapsed_Is409ClaimNotHeld_AndNothingIsStored()
     {
         var key = NewKey();
-        var token = (await CallAsync(once.ClaimAsync, key, "")).Json.GetProperty("token").GetString();
+        var token = await TokenOfANewClaimAsync(once, key);
         fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
 
         var late = await CallAsync(once.CompleteAsync, key, JsonSerializer.Serialize(new { token, result = 1 }));
 
         Assert.Equal(409, late.Status);
         Assert.EndsWith("claim-not-held", late.Json.GetProperty("type").GetString());
-        Assert.Equal("lapsed", (await CallAsync(once.ReadAsync, key, "")).Json.GetProperty("status").GetString());
+        Assert.Equal("lapsed", await StatusOfAsync(once, key));
     }
 
     [Fact]
@@ -157,7 +157,7 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
     public async Task CompletionAskedAgainWithAnotherResult_KeepsTheFirst_AndSaysNothingElse()
     {
         var key = NewKey();
-        var token = (await CallAsync(once.ClaimAsync, key, "")).Json.GetProperty("token").GetString();
+        var token = await TokenOfANewClaimAsync(once, key);
 
         var first = await CallAsync(once.CompleteAsync, key, JsonSerializer.Serialize(new { token, result = 1 }));
         var second = await CallAsync(once.CompleteAsync, key, JsonSerializer.Serialize(new { token, result = 2 }));
@@ -199,7 +199,7 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
 
         Assert.Equal(409, release.Status);
         Assert.EndsWith("claim-not-held", release.Json.GetProperty("type").GetString());
-        Assert.Equal("inProgress", (await CallAsync(reclaiming.ReadAsync, key, "")).Json.GetProperty("status").GetString());
+        Assert.Equal("inProgress", await StatusOfAsync(reclaiming, key));
         Assert.Equal(200, (await CallAsync(reclaiming.CompleteAsync, key, JsonSerializer.Serialize(new { token = live, result = 1 }))).Status);
     }
 
@@ -229,7 +229,7 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
     {
         // The first answer lost on its way back: the caller asks again and must not be told another attempt owns the key.
         var key = NewKey();
-        var token = (await CallAsync(once.ClaimAsync, key, "")).Json.GetProperty("token").GetString();
+        var token = await TokenOfANewClaimAsync(once, key);
         var body = JsonSerializer.Serialize(new { token });
 
         Assert.Equal(204, (await CallAsync(once.ReleaseAsync, key, body)).Status);
@@ -281,7 +281,7 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
     public async Task ResultBodyLargerThanTheLargestResultStored_Is413_ReadNoFurther_AndTheClaimStaysHeld(bool announcesItsLength)
     {
         var key = NewKey();
-        var token = (await CallAsync(once.ClaimAsync, key, "")).Json.GetProperty("token").GetString();
+        var token = await TokenOfANewClaimAsync(once, key);
         var large = new LargeResult(token!, 3 * 1024 * 1024);
 
         var response = await CallAsync(once.CompleteAsync, key, large, announcesItsLength ? large.Length : null);
@@ -306,7 +306,7 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
         // A body may exceed the largest result by its token and some room: the result itself is measured after.
         var small = Create(fixture, IdempotencyPolicy.Default with { MaxStoredResponseBytes = 1024 });
         var key = NewKey();
-        var token = (await CallAsync(small.ClaimAsync, key, "")).Json.GetProperty("token").GetString();
+        var token = await TokenOfANewClaimAsync(small, key);
 
         var tooLarge = await CallAsync(small.CompleteAsync, key, JsonSerializer.Serialize(new { token, result = new string('r', 2000) }));
 
@@ -322,7 +322,7 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
         // 2,000 UTF-8 bytes: within the store's 3,000, though escaped as \u00e9 it would be 6,000.
         var small = Create(fixture, IdempotencyPolicy.Default with { MaxStoredResponseBytes = 3000 });
         var key = NewKey();
-        var token = (await CallAsync(small.ClaimAsync, key, "")).Json.GetProperty("token").GetString();
+        var token = await TokenOfANewClaimAsync(small, key);
         var text = new string('é', 1000);
 
         Assert.Equal(200, (await CallAsync(small.CompleteAsync, key, JsonSerializer.Serialize(new { token, result = text }))).Status);
@@ -395,6 +395,14 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
         Assert.EndsWith("body-unreadable", response.Json.GetProperty("type").GetString());
         Assert.Equal(IdempotencyStatus.None, (await Grain(key).GetAsync()).Status);
     }
+
+    // The token of a claim of a new key, without input or attempt.
+    private static async Task<string?> TokenOfANewClaimAsync(OnceHttp http, string key) =>
+        (await CallAsync(http.ClaimAsync, key, "")).Json.GetProperty("token").GetString();
+
+    // What GET /once/{key} says of the key: none, inProgress, lapsed, completed or outcomeUnknown.
+    private static async Task<string?> StatusOfAsync(OnceHttp http, string key) =>
+        (await CallAsync(http.ReadAsync, key, "")).Json.GetProperty("status").GetString();
 
     private static Task<(int Status, JsonElement Json)> CallAsync(
         Func<HttpContext, string, Task> call, string key, string body, CancellationToken requestAborted = default) =>
