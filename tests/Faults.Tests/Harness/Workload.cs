@@ -35,6 +35,7 @@ public sealed class WorkloadStats
     private long unavailable;
     private long conflicts;
     private long connectionErrors;
+    private long unavailableWithoutRetryAfter;
 
     public long Requests => Interlocked.Read(ref requests);
 
@@ -47,7 +48,13 @@ public sealed class WorkloadStats
 
     public long ConnectionErrors => Interlocked.Read(ref connectionErrors);
 
-    public bool AllUnavailableHadRetryAfter { get; set; } = true;
+    /// <summary>
+    /// Problem answers 503 without <c>Retry-After</c>: the demo's own write left in doubt, whose key is kept and a retry
+    /// not invited (every other 503 invites one).
+    /// </summary>
+    public long UnavailableWithoutRetryAfter => Interlocked.Read(ref unavailableWithoutRetryAfter);
+
+    internal void CountUnavailableWithoutRetryAfter() => Interlocked.Increment(ref unavailableWithoutRetryAfter);
 
     internal void Count(HttpStatusCode status)
     {
@@ -155,7 +162,7 @@ public sealed class Workload(IReadOnlyList<Uri> nodes)
                 var retryAfter = response.Headers.RetryAfter?.Delta;
                 if (response.StatusCode == HttpStatusCode.ServiceUnavailable && retryAfter is null && problemType is not null)
                 {
-                    Stats.AllUnavailableHadRetryAfter = false;
+                    Stats.CountUnavailableWithoutRetryAfter();
                 }
 
                 var retry = (int)response.StatusCode >= 500 || problemType?.EndsWith("/request-in-progress", StringComparison.Ordinal) == true;
