@@ -115,6 +115,23 @@ public sealed class PostgresStorageTests(ServersFixture servers)
         Assert.DoesNotContain("newer", await ScalarAsync<string>(database, "SELECT prosrc FROM pg_proc WHERE proname = 'orleansstorage_payloadvalidstill'"), StringComparison.Ordinal);
     }
 
+    [Fact]
+    public async Task Start_WarnsWhenRecordsCommitWithoutWaitingForDurability()
+    {
+        // synchronous_commit off acknowledges a claim before it is on disk: a crash of PostgreSQL takes it back. (The
+        // tests' server runs with fsync off, which the start warns of too, so it is asked of a durable one.)
+        await using var durable = await PostgresServer.StartAsync(durable: true);
+        var connectionString = await durable.CreateDatabaseAsync();
+        foreach (var (options, warned) in new[] { ("", false), ("-c synchronous_commit=off", true) })
+        {
+            await using var database = new IdempotencyDatabase(new NpgsqlConnectionStringBuilder(connectionString) { Options = options }.ConnectionString);
+            var log = new FakeLogger<PostgresSchemaInstaller>();
+            await new PostgresSchemaInstaller(database, TimeProvider.System, log).InstallAsync(CancellationToken.None);
+
+            Assert.Equal(warned, log.Collector.GetSnapshot().Any(r => r.Level == LogLevel.Warning && r.Message.Contains("before they are on disk", StringComparison.Ordinal)));
+        }
+    }
+
     private static async Task<T> ScalarAsync<T>(IdempotencyDatabase database, string sql)
     {
         await using var command = database.DataSource.CreateCommand(sql);

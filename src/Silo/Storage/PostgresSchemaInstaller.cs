@@ -55,6 +55,7 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
                 }
 
                 DatabaseClock.Check(logger, (await DatabaseClock.ReadAsync(database.MaintenanceDataSource, time, cancellationToken)).Offset);
+                await CheckCommitsDurableAsync(cancellationToken);
                 return;
             }
             catch (NpgsqlException ex) when (ex.IsTransient && time.GetUtcNow() < deadline)
@@ -107,6 +108,19 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
         return null;
     }
 
+    // A claim counts once PostgreSQL acknowledges its commit. With synchronous_commit off (for the database, the role
+    // or in the connection string's options) a crash of PostgreSQL can take back claims it acknowledged, with fsync off
+    // a crash of its machine can: their keys' retries would run again. Asked on the records' own connections.
+    private async Task CheckCommitsDurableAsync(CancellationToken cancellationToken)
+    {
+        await using var command = database.DataSource.CreateCommand(
+            "SELECT current_setting('synchronous_commit') = 'off' OR NOT current_setting('fsync')::boolean");
+        if (await command.ExecuteScalarAsync(cancellationToken) is true)
+        {
+            LogCommitsNotDurable(logger);
+        }
+    }
+
     private static int? VersionOf(string queryText) =>
         VersionMark().Match(queryText) is { Success: true } match ? int.Parse(match.Groups[1].ValueSpan, CultureInfo.InvariantCulture) : null;
 
@@ -127,6 +141,10 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "PostgreSQL holds the idempotency schema of a newer version ({Installed}) than this silo's ({Own}); it is left as it is. Upgrade this silo.")]
     private static partial void LogNewerKept(ILogger logger, int installed, int own);
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "PostgreSQL acknowledges idempotency records before they are on disk (synchronous_commit " +
+        "or fsync is off): a crash can lose claims it acknowledged, and their keys' retries would run again. Turn both on for the records' database.")]
+    private static partial void LogCommitsNotDurable(ILogger logger);
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "PostgreSQL is not reachable yet (attempt {Attempt}): {Reason}")]
     private static partial void LogWaiting(ILogger logger, int attempt, string reason);
