@@ -38,6 +38,28 @@ public sealed class ServiceLockTests(ServersFixture servers)
     }
 
     [Fact]
+    public async Task LockWaitedFor_OutlastsItsSessionLost_AndIsTakenOnceFree()
+    {
+        // A PostgreSQL restart while a starting silo waits for the lock ends its session: it waits on in a new one.
+        var connectionString = await servers.Postgres.CreateDatabaseAsync();
+        await using var database = new IdempotencyDatabase(connectionString);
+        await using var first = Lock(database, "orders", TimeSpan.FromSeconds(60));
+        await using var waiter = Lock(database, "orders", TimeSpan.FromSeconds(60));
+        await first.AcquireAsync(CancellationToken.None);
+        var holder = await LockHolderAsync(connectionString);
+        var waiting = waiter.AcquireAsync(CancellationToken.None);
+        var waiterSession = await WaitingSessionAsync(connectionString, holder);
+
+        await EndLockSessionAsync(connectionString, waiterSession);
+        await Task.Delay(TimeSpan.FromSeconds(1.5));
+        Assert.False(waiting.IsCompleted, "The waiter stopped waiting when its session ended.");
+        await first.ReleaseAsync();
+        await waiting.WaitAsync(TimeSpan.FromSeconds(10));
+
+        Assert.NotEqual(waiterSession, await LockHolderAsync(connectionString));
+    }
+
+    [Fact]
     public async Task SilosOfARedisCluster_ShareTheLock_AndASiloWithoutRedisIsRefusedBesideThem_AndTheyBesideIt()
     {
         await using var database = new IdempotencyDatabase(await servers.Postgres.CreateDatabaseAsync());
@@ -176,6 +198,29 @@ public sealed class ServiceLockTests(ServersFixture servers)
         }
 
         return pid;
+    }
+
+    // The session, other than the holder's, that a lock waiting to be taken asks in (its pid): the one asking for it.
+    private static async Task<int> WaitingSessionAsync(string connectionString, int? holder)
+    {
+        for (var waited = 0; ; waited += 50)
+        {
+            await using (var connection = new NpgsqlConnection(connectionString + ";Pooling=false"))
+            {
+                await connection.OpenAsync();
+                await using var find = new NpgsqlCommand(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() AND pid <> @holder " +
+                    "AND query LIKE '%pg_try_advisory_lock%'", connection);
+                find.Parameters.AddWithValue("holder", holder ?? 0);
+                if (await find.ExecuteScalarAsync() is int pid)
+                {
+                    return pid;
+                }
+            }
+
+            Assert.True(waited < 10_000, "No session asked for the lock.");
+            await Task.Delay(50);
+        }
     }
 
     private static async Task<int?> LockHolderAsync(string connectionString) =>

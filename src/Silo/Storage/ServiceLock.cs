@@ -42,16 +42,40 @@ public sealed partial class ServiceLock(IdempotencyDatabase database, string ser
         lifecycle.Subscribe(nameof(ServiceLock), ServiceLifecycleStage.RuntimeGrainServices, AcquireAsync, _ => ReleaseAsync());
 
     /// <summary>
-    /// Takes the lock, waiting up to <see cref="StartupTimeout"/> for the silo that holds it to stop; then keeps it.
+    /// Takes the lock, waiting up to <see cref="StartupTimeout"/> for the silo that holds it to stop, and through a lost
+    /// session (PostgreSQL restarting meanwhile); then keeps it.
     /// </summary>
     public async Task AcquireAsync(CancellationToken cancellationToken)
     {
         var deadline = time.GetUtcNow() + StartupTimeout;
-        var connection = await database.OpenSessionAsync(cancellationToken);
+        NpgsqlConnection? connection = null;
+        var refusedBefore = false;
         try
         {
-            for (var attempt = 1; !await TryLockAsync(connection, cancellationToken); attempt++)
+            while (true)
             {
+                try
+                {
+                    connection ??= await database.OpenSessionAsync(cancellationToken);
+                    if (await TryLockAsync(connection, cancellationToken))
+                    {
+                        break;
+                    }
+                }
+                catch (NpgsqlException ex) when (time.GetUtcNow() < deadline)
+                {
+                    // The session was lost with whatever it held: the next one asks again.
+                    LogSessionLost(logger, serviceId, ex.Message);
+                    if (connection is not null)
+                    {
+                        await connection.DisposeAsync();
+                        connection = null;
+                    }
+
+                    await Task.Delay(TimeSpan.FromSeconds(1), time, cancellationToken);
+                    continue;
+                }
+
                 if (time.GetUtcNow() >= deadline)
                 {
                     throw new InvalidOperationException(clustered
@@ -63,8 +87,9 @@ public sealed partial class ServiceLock(IdempotencyDatabase database, string ser
                           "ConnectionStrings__Redis on every one of them (or give this one a database of its own).");
                 }
 
-                if (attempt == 1)
+                if (!refusedBefore)
                 {
+                    refusedBefore = true;
                     LogWaiting(logger, serviceId);
                 }
 
@@ -73,7 +98,11 @@ public sealed partial class ServiceLock(IdempotencyDatabase database, string ser
         }
         catch
         {
-            await connection.DisposeAsync();
+            if (connection is not null)
+            {
+                await connection.DisposeAsync();
+            }
+
             throw;
         }
 
@@ -218,6 +247,9 @@ public sealed partial class ServiceLock(IdempotencyDatabase database, string ser
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "Silos of another cluster (a silo without Redis, or a Redis cluster) serve '{ServiceId}' from this PostgreSQL database; waiting for them to stop.")]
     private static partial void LogWaiting(ILogger logger, string serviceId);
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Taking the lock of service '{ServiceId}' lost its PostgreSQL session ({Reason}); asking again in a new one.")]
+    private static partial void LogSessionLost(ILogger logger, string serviceId, string reason);
 
     [LoggerMessage(Level = LogLevel.Information, Message = "The lock of service '{ServiceId}' was lost with its PostgreSQL session and is held again.")]
     private static partial void LogRetaken(ILogger logger, string serviceId);
