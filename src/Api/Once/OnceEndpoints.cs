@@ -1,6 +1,7 @@
 using System.Buffers;
 using System.Text.Json;
 using System.Text.Json.Serialization;
+using Microsoft.AspNetCore.Http.Features;
 using Microsoft.Extensions.Options;
 using OrleansIdempotency.AspNetCore;
 using OrleansIdempotency.Grains;
@@ -18,12 +19,52 @@ public static class OnceEndpoints
     public static RouteGroupBuilder MapOnce(this IEndpointRouteBuilder endpoints, string prefix = "/once")
     {
         var group = endpoints.MapGroup(prefix);
+        group.AddEndpointFilter(KeyAsSentAsync);
         group.MapPost("/{key}/claim", (HttpContext context, string key, OnceHttp once) => once.ClaimAsync(context, key));
         group.MapPost("/{key}/complete", (HttpContext context, string key, OnceHttp once) => once.CompleteAsync(context, key));
         group.MapPost("/{key}/renew", (HttpContext context, string key, OnceHttp once) => once.RenewAsync(context, key));
         group.MapPost("/{key}/release", (HttpContext context, string key, OnceHttp once) => once.ReleaseAsync(context, key));
         group.MapGet("/{key}", (HttpContext context, string key, OnceHttp once) => once.ReadAsync(context, key));
         return group;
+    }
+
+    // Kestrel decodes a path but for %2F, so the route's key reads a%2Fb both for the key a/b (sent as a%2Fb) and for the
+    // key a%2Fb (sent as a%252Fb): a key holding '%' is taken from the request's target as sent, decoded once.
+    private static async ValueTask<object?> KeyAsSentAsync(EndpointFilterInvocationContext invocation, EndpointFilterDelegate next)
+    {
+        var context = invocation.HttpContext;
+        var key = invocation.GetArgument<string>(1);
+        if (key.Contains('%'))
+        {
+            if (KeyInTarget(context, key) is not { } sent)
+            {
+                await context.RequestServices.GetRequiredService<IdempotencyProblems>().WriteAsync(context, IdempotencyProblem.KeyInvalid,
+                    "A key holding '%' is read from the path as sent: send it percent-encoded, in a path without '.' or '..' segments.", null);
+                return Results.Empty;
+            }
+
+            invocation.Arguments[1] = sent;
+        }
+
+        return await next(invocation);
+    }
+
+    // The key's segment of the request target, decoded, when the target's segments are the decoded path's: the key is the
+    // last segment of a read and the one before it of a call.
+    private static string? KeyInTarget(HttpContext context, string key)
+    {
+        var target = context.Features.Get<IHttpRequestFeature>()?.RawTarget;
+        if (target is null || !target.StartsWith('/'))
+        {
+            return null;
+        }
+
+        var sent = Segments(target.Split('?', 2)[0]);
+        var decoded = Segments(context.Request.PathBase.Add(context.Request.Path).Value ?? "");
+        var at = sent.Length - (HttpMethods.IsGet(context.Request.Method) ? 1 : 2);
+        return sent.Length == decoded.Length && at > 0 && decoded[at] == key ? Uri.UnescapeDataString(sent[at]) : null;
+
+        static string[] Segments(string path) => (path.EndsWith('/') ? path[..^1] : path).Split('/');
     }
 }
 

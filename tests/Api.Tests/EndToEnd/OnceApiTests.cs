@@ -152,6 +152,26 @@ public sealed class OnceApiTests(EndToEndFixture fixture)
     }
 
     [Fact]
+    public async Task KeysThatDifferInAnEncodedSlash_AreTwoKeys_EachFoundAgainAsSent()
+    {
+        // The key k/b goes as k%2Fb, the key k%2Fb as k%252Fb: Kestrel's path reads k%2Fb for both.
+        var id = NewKey();
+        var slash = id + "/b";
+        var escaped = id + "%2Fb";
+
+        var first = await alice.PostAsJsonAsync($"/once/{Uri.EscapeDataString(slash)}/claim", new { input = "a" });
+        var second = await alice.PostAsJsonAsync($"/once/{Uri.EscapeDataString(escaped)}/claim", new { input = "b" });
+        var token = (await Json(second)).GetProperty("token").GetString();
+        var completed = await alice.PostAsJsonAsync($"/once/{Uri.EscapeDataString(escaped)}/complete", new { token, result = 2 });
+
+        Assert.Equal(HttpStatusCode.Created, first.StatusCode);
+        Assert.Equal(HttpStatusCode.Created, second.StatusCode);
+        Assert.Equal(HttpStatusCode.OK, completed.StatusCode);
+        Assert.Equal("inProgress", (await Json(await alice.GetAsync($"/once/{Uri.EscapeDataString(slash)}"))).GetProperty("status").GetString());
+        Assert.Equal("completed", (await Json(await alice.GetAsync($"/once/{Uri.EscapeDataString(escaped)}"))).GetProperty("status").GetString());
+    }
+
+    [Fact]
     public async Task Unauthenticated_Is401()
     {
         using var anonymous = fixture.Api.Client(apiKey: null);
