@@ -32,6 +32,28 @@ public sealed class RedisClusteringTests(ServersFixture servers)
     }
 
     [Fact]
+    public async Task SiloStartedWhileRedisIsDown_WaitsForIt_AndJoins()
+    {
+        // Orleans reads the membership table once at start: without a wait the start failed ~10 s in.
+        var settings = await TestClusterSettings.CreateAsync(servers);
+        await servers.Redis.StopAsync();
+        Task<TestSilo> starting;
+        try
+        {
+            starting = TestSilo.StartAsync(settings);
+            await Task.Delay(TimeSpan.FromSeconds(15));
+            Assert.False(starting.IsCompleted, "The silo's start ended while Redis was down.");
+        }
+        finally
+        {
+            await servers.Redis.StartAgainAsync();
+        }
+
+        await using var started = await starting.WaitAsync(TimeSpan.FromSeconds(60));
+        await WaitForActiveSilosAsync(started.Grains, 1);
+    }
+
+    [Fact]
     public async Task ClientRole_FindsTheClusterThroughRedis_AndCallsItsGrains()
     {
         var settings = await TestClusterSettings.CreateAsync(servers);
