@@ -269,16 +269,20 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
         }
 
         // A key as a client sends it in the header, quoted, names the key it quotes (an operator pastes it from a log);
-        // any other is taken as it is: Once API keys from .NET need not be valid header values.
+        // any other is taken as it is, as is any key of ExecuteOnceAsync, which need not be a header value (quotes included).
         var named = key[0]!;
-        if (!named.StartsWith('"'))
-        {
-            return new IdempotencyKey(scope[0]!, named);
-        }
-
-        if (IdempotencyKeyHeader.TryRead(named, out var unquoted, out var error) != IdempotencyKeyHeader.Status.Valid)
+        var unquoted = named;
+        if (named.StartsWith('"') && !scope[0]!.StartsWith(Once.OnceExecutor.AppScopePrefix, StringComparison.Ordinal)
+            && IdempotencyKeyHeader.TryRead(named, out unquoted, out var error) != IdempotencyKeyHeader.Status.Valid)
         {
             await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid, $"The key is quoted as the header quotes it, but: {error}", null);
+            return null;
+        }
+
+        // No record holds another: PostgreSQL would refuse it, a failure no retry mends.
+        if (!Once.OnceExecutor.IsStorableKey(unquoted))
+        {
+            await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid, Once.OnceExecutor.StorableKeyRule, null);
             return null;
         }
 

@@ -29,11 +29,14 @@ internal sealed partial class OnceExecutor(
     /// </summary>
     internal static readonly JsonSerializerOptions Json = new(JsonSerializerOptions.Web) { Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
 
+    /// <summary>What the scope of every <see cref="ExecuteOnceAsync"/> key begins with.</summary>
+    internal const string AppScopePrefix = "once:app:";
+
     /// <summary>
     /// The grain key of a .NET caller's <paramref name="key"/>: a kind of scope of its own, apart from the keys of
     /// idempotent endpoints and from the Once API's HTTP callers (whatever <paramref name="scope"/> a caller names).
     /// </summary>
-    internal static IdempotencyKey GrainKey(string scope, string key) => new("once:app:" + scope, key);
+    internal static IdempotencyKey GrainKey(string scope, string key) => new(AppScopePrefix + scope, key);
 
     /// <summary>The grain key of an HTTP caller's <paramref name="key"/>, in the caller's own scope.</summary>
     internal static IdempotencyKey HttpGrainKey(string callerScope, string key) => new("once:http:" + callerScope, key);
@@ -73,16 +76,25 @@ internal sealed partial class OnceExecutor(
         ? SHA256.HashData([0xFF, .. MemoryMarshal.AsBytes(input.AsSpan())])
         : SHA256.HashData(Encoding.UTF8.GetBytes(input));
 
+    /// <summary>What <see cref="IsStorableKey"/> asks of a key.</summary>
+    internal static readonly string StorableKeyRule = $"A key is 1 to {IdempotencyKeyHeader.MaxLength} bytes of UTF-8 text: no NUL, no lone surrogate.";
+
+    /// <summary>
+    /// True for a key PostgreSQL can store as it is in the grain key (its text holds no NUL, UTF-8 no lone surrogate),
+    /// beside a scope that may use the rest of what its index holds.
+    /// </summary>
+    internal static bool IsStorableKey(string key) =>
+        key.Length > 0 && !key.Contains('\0') && !IdempotencyKey.HasLoneSurrogate(key) && Encoding.UTF8.GetByteCount(key) <= IdempotencyKeyHeader.MaxLength;
+
     public async Task<T> ExecuteOnceAsync<T>(OnceKey key, Func<CancellationToken, Task<T>> action, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(key);
         ArgumentException.ThrowIfNullOrEmpty(key.Key);
         ArgumentException.ThrowIfNullOrEmpty(key.Scope);
         ArgumentNullException.ThrowIfNull(action);
-        if (key.Key.Contains('\0') || IdempotencyKey.HasLoneSurrogate(key.Key) || Encoding.UTF8.GetByteCount(key.Key) > IdempotencyKeyHeader.MaxLength)
+        if (!IsStorableKey(key.Key))
         {
-            // Stored as it is in the grain key, beside a scope that may use the rest of what PostgreSQL's index holds.
-            throw new ArgumentException($"A key is 1 to {IdempotencyKeyHeader.MaxLength} bytes of UTF-8 text: no NUL, no lone surrogate.", nameof(key));
+            throw new ArgumentException(StorableKeyRule, nameof(key));
         }
 
         var policy = options.Value.DefaultPolicy;

@@ -174,6 +174,37 @@ public sealed class IdempotencyKeyEndpointsTests(MiddlewareClusterFixture fixtur
         Assert.EndsWith("request-invalid", badlyQuoted.Json.GetProperty("type").GetString());
     }
 
+    [Fact]
+    public async Task ExecuteOnceKeyBeginningWithAQuote_IsNamedAsItIs()
+    {
+        // ExecuteOnceAsync takes any text as a key: its keys are never a header's quoted form.
+        var key = new IdempotencyKey("once:app:jobs", $"\"{MiddlewareHarness.NewKey()}\"");
+        await fixture.Grains.GetIdempotencyGrain(key).ClaimAsync(new ClaimRequest(Guid.NewGuid(), [1], IdempotencyPolicy.Default.Lease, IdempotencyPolicy.Default.Retention));
+        fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
+
+        var read = await CallAsync(keys.ReadAsync, key.Key, "", key.Scope);
+
+        Assert.Equal("lapsed", read.Json.GetProperty("status").GetString());
+    }
+
+    [Fact]
+    public async Task KeysNoRecordCanHold_Are400_NotAStoreFailure()
+    {
+        // PostgreSQL's text holds no NUL, nor its index a longer key: asked of the store, each was a 503 to retry for ever.
+        string[] unstorable = ["a\0b", new string('é', 128)];
+        foreach (var key in unstorable)
+        {
+            var read = await CallAsync(keys.ReadAsync, key, "");
+            var resolved = await CallAsync(keys.ResolveAsync, key, "{\"release\":true}");
+
+            Assert.All(new[] { read, resolved }, r =>
+            {
+                Assert.Equal(400, r.Status);
+                Assert.EndsWith("request-invalid", r.Json.GetProperty("type").GetString());
+            });
+        }
+    }
+
     [Theory]
     [InlineData("user:alice", "k", "{\"release\":true,\"claim\":\"not-a-claim\"}")]
     [InlineData("user:alice", null, "{\"release\":true}")]
