@@ -1,5 +1,6 @@
 using System.Globalization;
 using System.Runtime.CompilerServices;
+using System.Runtime.ExceptionServices;
 using Microsoft.AspNetCore.Authentication;
 using Microsoft.AspNetCore.Http.Features;
 using Microsoft.AspNetCore.Http.Timeouts;
@@ -171,6 +172,10 @@ internal sealed partial class IdempotencyMiddleware(
 
                 await next(context);
                 await capture.FlushWriterAsync();
+                if (capture.WriterFailure is { } failure)
+                {
+                    ExceptionDispatchInfo.Throw(failure);
+                }
             }
             catch (Exception exception)
             {

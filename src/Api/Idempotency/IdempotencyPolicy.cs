@@ -112,14 +112,15 @@ public sealed record IdempotencyPolicy
     /// <summary>
     /// Whether an exception from the action releases the key so the client may retry under it. The default
     /// releases, unless the client had gone (the connection's <see cref="HttpContext.RequestAborted"/>, which the
-    /// action itself does not see: <see cref="DetachedRequestLifetime"/>): an action that failed once its client had
+    /// action itself does not see: <see cref="DetachedRequestLifetime"/>; not a request time-out outside this layer,
+    /// which fires that token too): an action that failed once its client had
     /// gone may have been cut off by it after taking effect, so its key is left to lapse into an unknown outcome
     /// rather than run twice. Not asked once the action's response has begun (a byte written, or the response
     /// started): the action has most likely taken effect and its client may hold part of an answer, so its key is
     /// left in doubt whatever this says.
     /// </summary>
     public Func<Exception, HttpContext, bool> ReleasesOnException { get; init; } =
-        static (_, context) => !context.RequestAborted.IsCancellationRequested;
+        static (_, context) => !IdempotencyMiddleware.ClientLeft(context);
 
     /// <summary>Adds <paramref name="headers"/> to the stored headers (never the ones in <see cref="NeverStoredHeaders"/>).</summary>
     public IdempotencyPolicy WithStoredHeaders(params string[] headers) =>

@@ -99,7 +99,7 @@ internal sealed class IdempotencyProblems(IOptions<IdempotencyOptions> options)
         writer.WriteString("title", problem.Title);
         writer.WriteNumber("status", problem.Status);
         writer.WriteString("detail", detail);
-        writer.WriteString("instance", context.Request.PathBase.Add(context.Request.Path).Value);
+        writer.WriteString("instance", context.Request.PathBase.Add(context.Request.Path).ToUriComponent());
         if (key is null)
         {
             writer.WriteNull("idempotencyKey");

@@ -83,6 +83,12 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     }
 
     /// <summary>
+    /// The exception the action completed its <c>BodyWriter</c> with, if it did: it failed, as if it had thrown it (a
+    /// server answers 500, or aborts a response begun).
+    /// </summary>
+    public Exception? WriterFailure => writer?.Failure;
+
+    /// <summary>
     /// Sends and ends the response whose <c>BodyWriter</c> the action completed, if it did: a server would have done so
     /// then, and the client gets it even when the action fails afterwards.
     /// </summary>
@@ -105,19 +111,24 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     public override void Write(ReadOnlySpan<byte> buffer)
     {
         PassPipe();
-        Copy(buffer);
-        if (clientLost)
+        var startedBefore = BeginWrite(buffer.Length);
+        if (!clientLost)
         {
-            return;
+            try
+            {
+                inner.Write(buffer);
+            }
+            catch (Exception e) when (LostClient(e))
+            {
+            }
+            catch
+            {
+                Refused(startedBefore);
+                throw;
+            }
         }
 
-        try
-        {
-            inner.Write(buffer);
-        }
-        catch (Exception e) when (LostClient(e))
-        {
-        }
+        Keep(buffer);
     }
 
     public override Task WriteAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken) =>
@@ -130,22 +141,39 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
             return PassPipeThenWriteAsync(buffer, cancellationToken);
         }
 
-        Copy(buffer.Span);
-        if (clientLost)
+        var startedBefore = BeginWrite(buffer.Length);
+        if (!clientLost)
         {
-            return ValueTask.CompletedTask;
+            ValueTask write;
+            try
+            {
+                write = inner.WriteAsync(buffer, cancellationToken);
+            }
+            catch (Exception e) when (LostClient(e))
+            {
+                write = ValueTask.CompletedTask;
+            }
+            catch
+            {
+                Refused(startedBefore);
+                throw;
+            }
+
+            if (!write.IsCompletedSuccessfully)
+            {
+                return KeepOnceWrittenAsync(write, buffer, startedBefore);
+            }
         }
 
-        try
-        {
-            var write = inner.WriteAsync(buffer, cancellationToken);
-            return write.IsCompletedSuccessfully ? write : ToClientAsync(write);
-        }
-        catch (Exception e) when (LostClient(e))
-        {
-            return ValueTask.CompletedTask;
-        }
+        Keep(buffer.Span);
+        return ValueTask.CompletedTask;
     }
+
+    // Beside Stream's default, which would write synchronously on another thread, and a server may refuse that.
+    public override IAsyncResult BeginWrite(byte[] buffer, int offset, int count, AsyncCallback? callback, object? state) =>
+        TaskToAsyncResult.Begin(WriteAsync(buffer, offset, count, CancellationToken.None), callback, state);
+
+    public override void EndWrite(IAsyncResult asyncResult) => TaskToAsyncResult.End(asyncResult);
 
     public override void Flush()
     {
@@ -237,7 +265,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
         return true;
     }
 
-    private async ValueTask ToClientAsync(ValueTask write)
+    private async ValueTask KeepOnceWrittenAsync(ValueTask write, ReadOnlyMemory<byte> buffer, bool startedBefore)
     {
         try
         {
@@ -246,6 +274,13 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
         catch (Exception e) when (LostClient(e))
         {
         }
+        catch
+        {
+            Refused(startedBefore);
+            throw;
+        }
+
+        Keep(buffer.Span);
     }
 
     private Task ToClientAsync<T>(Func<T, CancellationToken, Task> send, T target, CancellationToken cancellationToken)
@@ -288,13 +323,32 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
         }
     }
 
-    private void Copy(ReadOnlySpan<byte> data)
+    // Before the bytes are passed on, since an outer encoder sets its header as the response starts (NoteStart); true
+    // when the response had begun before them.
+    private bool BeginWrite(int length)
     {
-        if (data.Length > 0)
+        var startedBefore = Started;
+        if (length > 0)
         {
             NoteStart();
         }
 
+        return startedBefore;
+    }
+
+    // The server refused bytes (a synchronous write it does not allow, more than the Content-Length): they are not part
+    // of the response, which has not begun if they were to begin it and the server sent nothing.
+    private void Refused(bool startedBefore)
+    {
+        if (!startedBefore && !response.HasStarted)
+        {
+            Started = false;
+        }
+    }
+
+    // Once the client has them, or has gone: the copy is of the bytes the client got.
+    private void Keep(ReadOnlySpan<byte> data)
+    {
         BytesWritten += data.Length;
         if (Overflowed)
         {
@@ -336,6 +390,9 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
 
         /// <summary>True once the action completed the pipe itself: its response is then begun and whole.</summary>
         public bool CompletedByAction { get; private set; }
+
+        /// <summary>The exception the action completed the pipe with: it failed, as it would by throwing it.</summary>
+        public Exception? Failure { get; private set; }
 
         /// <summary>True when the pipe holds bytes the stream has not been given and is not being given them now.</summary>
         public bool Holds => !passing && pipe.UnflushedBytes > 0;
@@ -400,6 +457,10 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
             {
                 CompletedByAction = true;
                 capture.NoteStart();
+            }
+            else
+            {
+                Failure ??= exception;
             }
         }
 

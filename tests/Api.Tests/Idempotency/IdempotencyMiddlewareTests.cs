@@ -58,6 +58,15 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task ProblemInstance_IsThePathAsAUriReference()
+    {
+        // RFC 9457's instance is a URI reference: the decoded path would read "/orders/a b?c".
+        var context = await Harness().SendAsync(key: null, path: "/orders/a b?c");
+
+        Assert.Equal("/orders/a%20b%3Fc", context.Problem().GetProperty("instance").GetString());
+    }
+
+    [Fact]
     public async Task MissingKey_Returns400ProblemWithDescribedByLink_AndNothingRuns()
     {
         var harness = Harness();
@@ -493,6 +502,28 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         Assert.Equal(201, retry.Response.StatusCode);
         Assert.False(retry.Response.Headers.ContainsKey("Idempotent-Replayed"));
         Assert.Equal(2, harness.Executions);
+    }
+
+    [Fact]
+    public async Task ActionThrowingAfterARequestTimeoutOutsideTheLayerFired_ReleasesTheKey_ForItsClientIsStillThere()
+    {
+        // UseRequestTimeouts() fires the request's token too; the action, detached from it, failed on its own.
+        using var timeout = new CancellationTokenSource();
+        var harness = Harness(async _ =>
+        {
+            await timeout.CancelAsync();
+            throw new InvalidOperationException("boom");
+        });
+        var key = MiddlewareHarness.NewKey();
+        var context = MiddlewareHarness.Request(key, configure: c =>
+        {
+            c.RequestAborted = timeout.Token;
+            c.Features.Set<Microsoft.AspNetCore.Http.Timeouts.IHttpRequestTimeoutFeature>(new TimedOut(timeout.Token));
+        });
+
+        await Assert.ThrowsAsync<InvalidOperationException>(() => harness.SendAsync(context));
+
+        Assert.Equal(IdempotencyStatus.None, (await harness.Grain(key).GetAsync()).Status);
     }
 
     [Theory]

@@ -415,6 +415,107 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
         Assert.Equal(IdempotencyStatus.None, (await harness.Grain(key).GetAsync()).Status);
     }
 
+    [Fact]
+    public async Task ActionThatCompletesBodyWriterWithAnException_AndReturns_FailsAsIfItThrew_AndItsKeyIsReleased()
+    {
+        // A pipe's producer reports failure so: a server answers 500, and nothing of the body is an outcome.
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 201;
+            context.Response.BodyWriter.Write(Encoding.UTF8.GetBytes(Json));
+            await context.Response.BodyWriter.CompleteAsync(new IOException("The body's source failed."));
+        });
+        var key = MiddlewareHarness.NewKey();
+
+        await Assert.ThrowsAsync<IOException>(() => harness.SendAsync(MiddlewareHarness.Request(key)));
+        Assert.Equal(IdempotencyStatus.None, (await harness.Grain(key).GetAsync()).Status);
+        await Assert.ThrowsAsync<IOException>(() => harness.SendAsync(MiddlewareHarness.Request(key)));
+
+        Assert.Equal(2, harness.Executions);
+    }
+
+    [Fact]
+    public async Task ActionThatCompletesBodyWriterWithAnException_AfterPartOfItsBodyWentOut_LeavesTheKeyInDoubt()
+    {
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 201;
+            await context.Response.BodyWriter.WriteAsync(Encoding.UTF8.GetBytes(Json[..10]));
+            context.Response.BodyWriter.Complete(new IOException("The body's source failed."));
+        });
+        var key = MiddlewareHarness.NewKey();
+
+        await Assert.ThrowsAsync<IOException>(() => harness.SendAsync(MiddlewareHarness.Request(key)));
+
+        await harness.AssertLeftInDoubtAsync(key);
+    }
+
+    [Fact]
+    public async Task WriteTheServerRefusesBeforeAnythingWasSent_IsNoResponseBegun_AndTheKeyIsReleased()
+    {
+        // Kestrel refuses a synchronous write (AllowSynchronousIO) before it starts the response, then answers 500.
+        var harness = Harness(context =>
+        {
+            context.Response.StatusCode = 201;
+            context.Response.Body.Write(Encoding.UTF8.GetBytes(Json));
+            return Task.CompletedTask;
+        });
+        var key = MiddlewareHarness.NewKey();
+
+        await Assert.ThrowsAsync<InvalidOperationException>(() =>
+            harness.SendAsync(MiddlewareHarness.Request(key, configure: c => c.Response.Body = new AsynchronousOnly())));
+
+        Assert.Equal(IdempotencyStatus.None, (await harness.Grain(key).GetAsync()).Status);
+    }
+
+    [Fact]
+    public async Task BytesTheServerRefused_AreNotStored_OnlyTheAnswerTheClientGot()
+    {
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 201;
+            try
+            {
+                context.Response.Body.Write("AAA"u8);
+            }
+            catch (InvalidOperationException)
+            {
+                context.Response.StatusCode = 422;
+                await context.Response.Body.WriteAsync("BBB"u8.ToArray());
+            }
+        });
+        var key = MiddlewareHarness.NewKey();
+        HttpContext Request() => MiddlewareHarness.Request(key, configure: c => c.Response.Body = new AsynchronousOnly());
+
+        var first = await harness.SendAsync(Request());
+        var replay = await harness.SendAsync(Request());
+
+        Assert.Equal("BBB", first.Body());
+        Assert.Equal(422, replay.Response.StatusCode);
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal("BBB", replay.Body());
+    }
+
+    [Fact]
+    public async Task ActionWritingThroughBeginWrite_IsStoredAndReplayed_WhereTheServerRefusesSynchronousWrites()
+    {
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 201;
+            var bytes = Encoding.UTF8.GetBytes(Json);
+            await Task.Factory.FromAsync(context.Response.Body.BeginWrite, context.Response.Body.EndWrite, bytes, 0, bytes.Length, null);
+        });
+        var key = MiddlewareHarness.NewKey();
+        HttpContext Request() => MiddlewareHarness.Request(key, configure: c => c.Response.Body = new AsynchronousOnly());
+
+        var first = await harness.SendAsync(Request());
+        var replay = await harness.SendAsync(Request());
+
+        Assert.Equal(Json, first.Body());
+        Assert.Equal(Json, replay.Body());
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+    }
+
     /// <summary>A server's body feature that records whether the response was ended.</summary>
     private sealed class CompletionRecordingBody(Stream body) : StreamResponseBodyFeature(body)
     {
