@@ -152,18 +152,51 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
 
         try
         {
-            // Buffered, so that the caller can still read the body if the response is returned.
-            await response.Content.LoadIntoBufferAsync(MaxProblemBytes, cancellationToken).ConfigureAwait(false);
-            using var problem = JsonDocument.Parse(await response.Content.ReadAsStreamAsync(cancellationToken).ConfigureAwait(false));
+            if (await ReadProblemAsync(response, cancellationToken).ConfigureAwait(false) is not { } body)
+            {
+                return false;
+            }
+
+            using var problem = JsonDocument.Parse(body);
             return problem.RootElement.ValueKind == JsonValueKind.Object
                 && problem.RootElement.TryGetProperty("type", out var type) && type.ValueKind == JsonValueKind.String
                 && type.GetString()!.EndsWith("/request-in-progress", StringComparison.Ordinal);
         }
-        catch (Exception ex) when (ex is JsonException or HttpRequestException)
+        catch (JsonException)
         {
-            // Not JSON, or larger than any problem of the layer's (its length unknown until read): not the layer's.
             return false;
         }
+    }
+
+    /// <summary>
+    /// Reads the body of <paramref name="response"/> up to a bound, leaving it for the caller to read whole: the body
+    /// read, or null when it is larger than any problem of the layer's (its length unknown until read), not the layer's.
+    /// </summary>
+    private static async Task<ReadOnlyMemory<byte>?> ReadProblemAsync(HttpResponseMessage response, CancellationToken cancellationToken)
+    {
+        var content = response.Content;
+        var stream = await content.ReadAsStreamAsync(cancellationToken).ConfigureAwait(false);
+        var read = new byte[MaxProblemBytes + 1];
+        var length = 0;
+        for (int got; length < read.Length && (got = await stream.ReadAsync(read.AsMemory(length), cancellationToken).ConfigureAwait(false)) > 0;)
+        {
+            length += got;
+        }
+
+        var whole = length <= MaxProblemBytes;
+        HttpContent again = whole ? new ByteArrayContent(read, 0, length) : new StreamContent(new ReadAgainStream(read, stream));
+        foreach (var header in content.Headers)
+        {
+            again.Headers.TryAddWithoutValidation(header.Key, header.Value);
+        }
+
+        response.Content = again;
+        if (whole)
+        {
+            content.Dispose();
+        }
+
+        return whole ? read.AsMemory(0, length) : null;
     }
 
     /// <summary>

@@ -190,6 +190,26 @@ public sealed class IdempotencyKeyHandlerTests
     }
 
     [Fact]
+    public async Task LargeConflictOfUnknownLength_IsReturnedWhole_NotReadPastItsBound()
+    {
+        // Chunked, or decompressed: its length is known only once read.
+        var body = "{\"type\":\"https://other.example/problems/busy\",\"detail\":\"" + new string('x', 70_000) + "\"}";
+        var server = new Server(_ => new HttpResponseMessage(HttpStatusCode.Conflict)
+        {
+            Headers = { RetryAfter = new RetryConditionHeaderValue(TimeSpan.FromSeconds(1)) },
+            Content = new StreamContent(new OneWayStream(Encoding.UTF8.GetBytes(body))) { Headers = { ContentType = new MediaTypeHeaderValue("application/problem+json") } },
+        }, Created);
+        using var client = Client(server);
+
+        var response = await client.PostAsync("/orders", Json());
+
+        Assert.Equal(HttpStatusCode.Conflict, response.StatusCode);
+        Assert.Equal("application/problem+json", response.Content.Headers.ContentType?.MediaType);
+        Assert.Equal(body, await response.Content.ReadAsStringAsync());
+        Assert.Single(server.Attempts);
+    }
+
+    [Fact]
     public async Task CancellationWhileWaiting_EndsTheRequest()
     {
         var server = new Server(InProgress(TimeSpan.FromSeconds(5)));
