@@ -88,6 +88,21 @@ public sealed class IdempotencySiloBuilderExtensionsTests(ServersFixture servers
         Assert.Contains("IdempotencyGrainAge", error.Message, StringComparison.Ordinal);
     }
 
+    [Theory]
+    [InlineData("00:00:30", null)]
+    [InlineData(null, "00:03:00")]
+    public async Task IdempotencyGrainAge_WithinOrleansCollectionQuantum_IsRefusedAtStart_NamingBothSettings(string? age, string? quantum)
+    {
+        var error = await Assert.ThrowsAsync<InvalidOperationException>(() => TestSilo.StartAsync(new Dictionary<string, string?>
+        {
+            ["Orleans:Collection:IdempotencyGrainAge"] = age,
+            ["Orleans:Collection:CollectionQuantum"] = quantum,
+        }));
+
+        Assert.Contains("IdempotencyGrainAge", error.Message, StringComparison.Ordinal);
+        Assert.Contains("CollectionQuantum", error.Message, StringComparison.Ordinal);
+    }
+
     [Fact]
     public async Task DirectoryCache_IsBoundedByDefault_FarBelowOrleansMillion()
     {

@@ -85,6 +85,15 @@ public static class IdempotencySiloBuilderExtensions
         var collection = configuration.GetSection("Orleans:Collection");
         silo.Services.Configure<GrainCollectionOptions>(collection);
         var grainAge = collection["IdempotencyGrainAge"] is { Length: > 0 } age ? GrainAge(age) : TimeSpan.FromMinutes(2);
+        // Orleans refuses an age within its collection quantum at start, naming neither setting.
+        var quantum = TimeSpan.TryParse(collection["CollectionQuantum"], CultureInfo.InvariantCulture, out var set) ? set : new GrainCollectionOptions().CollectionQuantum;
+        if (grainAge <= quantum)
+        {
+            throw new InvalidOperationException(
+                $"Orleans:Collection:IdempotencyGrainAge is {grainAge}, not longer than Orleans:Collection:CollectionQuantum ({quantum}), how often " +
+                "Orleans collects idle activations: lengthen the age, or shorten the quantum.");
+        }
+
         silo.Services.Configure<GrainCollectionOptions>(options => options.ClassSpecificCollectionAge[typeof(IdempotencyGrain).FullName!] = grainAge);
         // Orleans caches where each grain it placed or looked up lives, up to a million entries for 4 minutes by default,
         // and keeps an entry after its activation is gone. With a grain per key that held about 300 bytes and three
