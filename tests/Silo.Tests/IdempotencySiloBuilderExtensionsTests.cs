@@ -1,5 +1,8 @@
 using System.Diagnostics.Metrics;
+using System.Net;
+using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Testing;
 using Microsoft.Extensions.Options;
@@ -101,6 +104,48 @@ public sealed class IdempotencySiloBuilderExtensionsTests(ServersFixture servers
 
         Assert.Contains("IdempotencyGrainAge", error.Message, StringComparison.Ordinal);
         Assert.Contains("CollectionQuantum", error.Message, StringComparison.Ordinal);
+    }
+
+    [Theory]
+    [InlineData("127.0.0.1", true)]
+    [InlineData("localhost", true)]
+    [InlineData("10.1.2.3", false)]
+    public void AdvertisedHost_ListensOnLoopbackAlone_WhenItIsOrResolvesToALoopbackAddress(string host, bool loopback)
+    {
+        // "localhost" was judged by its text: the silo listened on every address while it advertised 127.0.0.1.
+        using var built = Built(new Dictionary<string, string?>
+        {
+            ["ConnectionStrings:Redis"] = "127.0.0.1:1",
+            ["ConnectionStrings:Postgres"] = "Host=127.0.0.1;Port=1",
+            ["Orleans:Endpoints:AdvertisedHost"] = host,
+        });
+        var endpoints = built.Services.GetRequiredService<IOptions<EndpointOptions>>().Value;
+
+        Assert.Equal(loopback, IPAddress.IsLoopback(endpoints.AdvertisedIPAddress));
+        Assert.Equal(loopback, endpoints.SiloListeningEndpoint is null || IPAddress.IsLoopback(endpoints.SiloListeningEndpoint.Address));
+        Assert.Equal(loopback, endpoints.GatewayListeningEndpoint is null || IPAddress.IsLoopback(endpoints.GatewayListeningEndpoint.Address));
+    }
+
+    [Fact]
+    public void AdvertisedHostThatDoesNotResolve_IsRefused_NamingTheSetting()
+    {
+        var error = Assert.Throws<InvalidOperationException>(() => Built(new Dictionary<string, string?>
+        {
+            ["ConnectionStrings:Redis"] = "127.0.0.1:1",
+            ["ConnectionStrings:Postgres"] = "Host=127.0.0.1;Port=1",
+            ["Orleans:Endpoints:AdvertisedHost"] = "no-such-host.invalid",
+        }));
+
+        Assert.Contains("Orleans:Endpoints:AdvertisedHost", error.Message, StringComparison.Ordinal);
+    }
+
+    // A silo host built, not started, from these settings.
+    private static IHost Built(Dictionary<string, string?> settings)
+    {
+        var builder = Host.CreateApplicationBuilder(new HostApplicationBuilderSettings { DisableDefaults = true });
+        builder.Configuration.AddInMemoryCollection(settings);
+        builder.UseOrleans(silo => silo.UseIdempotency(builder.Configuration));
+        return builder.Build();
     }
 
     [Fact]

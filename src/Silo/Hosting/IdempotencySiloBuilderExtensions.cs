@@ -47,8 +47,9 @@ public static class IdempotencySiloBuilderExtensions
                 options.ClusterId = settings.ClusterId;
                 options.ServiceId = settings.ServiceId;
             });
-            var loopback = IPAddress.TryParse(settings.AdvertisedHost, out var address) && IPAddress.IsLoopback(address);
-            silo.ConfigureEndpoints(settings.AdvertisedHost, settings.SiloPort, settings.GatewayPort, listenOnAnyHostAddress: !loopback);
+            // A silo advertising a loopback address listens on it alone; any other, on every address the host has.
+            var advertised = AdvertisedAddress(settings.AdvertisedHost);
+            silo.ConfigureEndpoints(advertised, settings.SiloPort, settings.GatewayPort, listenOnAnyHostAddress: !IPAddress.IsLoopback(advertised));
         }
         else
         {
@@ -110,6 +111,29 @@ public static class IdempotencySiloBuilderExtensions
         silo.Services.Configure<GrainDirectoryOptions>(options => options.CacheSize = directoryCacheSize);
         silo.Services.TryAddSingleton(TimeProvider.System);
         return silo;
+    }
+
+    // As Orleans resolves a host name, once, as the silo is built, but judged a loopback address by what it resolves
+    // to ("localhost", or a host name that /etc/hosts maps to 127.0.1.1), and naming the setting when it resolves to none.
+    private static IPAddress AdvertisedAddress(string host)
+    {
+        if (IPAddress.TryParse(host, out var address))
+        {
+            return address;
+        }
+
+        IPAddress[] addresses;
+        try
+        {
+            addresses = Dns.GetHostAddresses(host);
+        }
+        catch (System.Net.Sockets.SocketException ex)
+        {
+            throw new InvalidOperationException($"Orleans:Endpoints:AdvertisedHost = '{host}' does not resolve: {ex.Message}", ex);
+        }
+
+        return addresses.FirstOrDefault(a => a.AddressFamily == System.Net.Sockets.AddressFamily.InterNetwork) ?? addresses.FirstOrDefault()
+            ?? throw new InvalidOperationException($"Orleans:Endpoints:AdvertisedHost = '{host}' resolves to no address.");
     }
 
     // hh:mm:ss, as the README gives it: a bare number would be read as days ("120" as four months).
