@@ -28,7 +28,8 @@ public static class DemoServiceCollectionExtensions
         services.AddControllers();
         services.AddSingleton(TimeProvider.System);
 
-        if (builder.Configuration.GetConnectionString("Postgres") is { Length: > 0 } postgres)
+        // Blank as the cluster's settings read it: unset.
+        if (builder.Configuration.GetConnectionString("Postgres") is { } postgres && !string.IsNullOrWhiteSpace(postgres))
         {
             services.AddSingleton(_ => NpgsqlDataSource.Create(postgres));
             services.AddSingleton<PostgresDemoStore>();

@@ -70,8 +70,13 @@ internal sealed partial class PostgresDemoStore(NpgsqlDataSource dataSource, ILo
         return Convert.ToInt32(await command.ExecuteScalarAsync(cancellationToken), System.Globalization.CultureInfo.InvariantCulture);
     }
 
+    /// <summary>How long a starting API waits for PostgreSQL, as a silo does: 60 seconds.</summary>
+    public TimeSpan StartupTimeout { get; init; } = TimeSpan.FromSeconds(60);
+
     public async Task StartAsync(CancellationToken cancellationToken)
     {
+        // A time, not a count of attempts: each may wait a whole connect time-out on a server that does not answer.
+        var waiting = System.Diagnostics.Stopwatch.StartNew();
         using var stream = typeof(PostgresDemoStore).Assembly.GetManifestResourceStream("DemoSchema.sql")!;
         using var reader = new StreamReader(stream);
         var schema = await reader.ReadToEndAsync(cancellationToken);
@@ -95,7 +100,7 @@ internal sealed partial class PostgresDemoStore(NpgsqlDataSource dataSource, ILo
                 await transaction.CommitAsync(cancellationToken);
                 return;
             }
-            catch (NpgsqlException ex) when (ex.IsTransient && attempt < 60)
+            catch (NpgsqlException ex) when (ex.IsTransient && waiting.Elapsed < StartupTimeout)
             {
                 LogWaiting(logger, attempt, ex.Message);
                 await Task.Delay(TimeSpan.FromSeconds(1), cancellationToken);
