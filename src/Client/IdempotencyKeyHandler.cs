@@ -166,6 +166,12 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
         {
             return false;
         }
+        catch
+        {
+            // The connection failed as the body was read: the caller gets the failure, and the response is let go.
+            response.Dispose();
+            throw;
+        }
     }
 
     /// <summary>

@@ -210,6 +210,23 @@ public sealed class IdempotencyKeyHandlerTests
     }
 
     [Fact]
+    public async Task ConflictWhoseBodyFailsAsItIsRead_FailsTheRequest_AndLetsTheResponseGo()
+    {
+        var body = new BrokenStream();
+        var server = new Server(_ => new HttpResponseMessage(HttpStatusCode.Conflict)
+        {
+            Headers = { RetryAfter = new RetryConditionHeaderValue(TimeSpan.FromSeconds(1)) },
+            Content = new StreamContent(body) { Headers = { ContentType = new MediaTypeHeaderValue("application/problem+json") } },
+        }, Created);
+        using var client = Client(server);
+
+        await Assert.ThrowsAsync<IOException>(() => client.PostAsync("/orders", Json()));
+
+        Assert.True(body.Disposed);
+        Assert.Single(server.Attempts);
+    }
+
+    [Fact]
     public async Task CancellationWhileWaiting_EndsTheRequest()
     {
         var server = new Server(InProgress(TimeSpan.FromSeconds(5)));
@@ -390,6 +407,23 @@ public sealed class IdempotencyKeyHandlerTests
     {
         public override void Post(SendOrPostCallback d, object? state)
         {
+        }
+    }
+
+    /// <summary>A body whose connection breaks as it is read.</summary>
+    private sealed class BrokenStream : MemoryStream
+    {
+        public bool Disposed { get; private set; }
+
+        public override int Read(byte[] buffer, int offset, int count) => throw new IOException("The connection was reset.");
+
+        public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default) =>
+            throw new IOException("The connection was reset.");
+
+        protected override void Dispose(bool disposing)
+        {
+            Disposed = true;
+            base.Dispose(disposing);
         }
     }
 

@@ -118,18 +118,47 @@ public sealed class PostgresStorageTests(ServersFixture servers)
     [Fact]
     public async Task Start_WarnsWhenRecordsCommitWithoutWaitingForDurability()
     {
-        // synchronous_commit off acknowledges a claim before it is on disk: a crash of PostgreSQL takes it back. (The
-        // tests' server runs with fsync off, which the start warns of too, so it is asked of a durable one.)
+        // synchronous_commit off acknowledges a claim before it is on disk: a crash of PostgreSQL takes it back; local
+        // beside a synchronous standby, before the standby has it. (The tests' server runs with fsync off, which the
+        // start warns of too, so this asks a durable one.)
         await using var durable = await PostgresServer.StartAsync(durable: true);
         var connectionString = await durable.CreateDatabaseAsync();
-        foreach (var (options, warned) in new[] { ("", false), ("-c synchronous_commit=off", true) })
+        async Task<bool> WarnedAsync(string options)
         {
             await using var database = new IdempotencyDatabase(new NpgsqlConnectionStringBuilder(connectionString) { Options = options }.ConnectionString);
             var log = new FakeLogger<PostgresSchemaInstaller>();
             await new PostgresSchemaInstaller(database, TimeProvider.System, log).InstallAsync(CancellationToken.None);
-
-            Assert.Equal(warned, log.Collector.GetSnapshot().Any(r => r.Level == LogLevel.Warning && r.Message.Contains("before they are on disk", StringComparison.Ordinal)));
+            return log.Collector.GetSnapshot().Any(r => r.Level == LogLevel.Warning && r.Message.Contains("before they are durable", StringComparison.Ordinal));
         }
+
+        Assert.False(await WarnedAsync(""));
+        Assert.True(await WarnedAsync("-c synchronous_commit=off"));
+        Assert.False(await WarnedAsync("-c synchronous_commit=local"));
+
+        // A standby named (none runs, so only commits that do not wait for it, local ones, may be made from here on).
+        await using (var system = new NpgsqlConnection(new NpgsqlConnectionStringBuilder(connectionString) { Options = "-c synchronous_commit=local" }.ConnectionString))
+        {
+            await system.OpenAsync();
+            await using var name = new NpgsqlCommand("ALTER SYSTEM SET synchronous_standby_names = 'standby'; SELECT pg_reload_conf();", system);
+            await name.ExecuteNonQueryAsync();
+        }
+
+        // The server reloads its configuration when it gets to it: new sessions see the standby named from then on.
+        for (var waited = 0; await ScalarAsync(durable.ConnectionString, "SHOW synchronous_standby_names") != "standby"; waited += 50)
+        {
+            Assert.True(waited < 10_000, "The server did not reload its configuration.");
+            await Task.Delay(50);
+        }
+
+        Assert.True(await WarnedAsync("-c synchronous_commit=local"));
+    }
+
+    private static async Task<string?> ScalarAsync(string connectionString, string sql)
+    {
+        await using var connection = new NpgsqlConnection(connectionString + ";Pooling=false");
+        await connection.OpenAsync();
+        await using var command = new NpgsqlCommand(sql, connection);
+        return (string?)await command.ExecuteScalarAsync();
     }
 
     private static async Task<T> ScalarAsync<T>(IdempotencyDatabase database, string sql)
@@ -567,7 +596,8 @@ public sealed class PostgresStorageTests(ServersFixture servers)
         Assert.Contains(installerLog.Collector.GetSnapshot(), r => r.Level == LogLevel.Warning
             && double.Parse(r.GetStructuredStateValue("OffsetSeconds")!, System.Globalization.CultureInfo.InvariantCulture) is > -7260 and < -7140);
         Assert.Contains(purgerLog.Collector.GetSnapshot(), r => r.Level == LogLevel.Warning && r.Message.Contains("NTP", StringComparison.Ordinal));
-        Assert.DoesNotContain(onTime.Collector.GetSnapshot(), r => r.Level >= LogLevel.Warning);
+        // (The tests' server runs with fsync off, which the start warns of apart.)
+        Assert.DoesNotContain(onTime.Collector.GetSnapshot(), r => r.Level >= LogLevel.Warning && r.Message.Contains("NTP", StringComparison.Ordinal));
         await silo.Grains.GetGrain<IManagementGrain>(0).ForceActivationCollection(TimeSpan.Zero);
         AssertReplays(await silo.Grains.GetIdempotencyGrain(key).ClaimAsync(Claim()));
     }

@@ -2,6 +2,8 @@ using OrleansIdempotency.Testing;
 using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Testing;
 using OrleansIdempotency.Grains;
 using OrleansIdempotency.Silo.Hosting;
 
@@ -36,11 +38,12 @@ public sealed class RedisClusteringTests(ServersFixture servers)
     {
         // Orleans reads the membership table once at start: without a wait the start failed ~10 s in.
         var settings = await TestClusterSettings.CreateAsync(servers);
+        using var logs = new FakeLoggerProvider();
         await servers.Redis.StopAsync();
         Task<TestSilo> starting;
         try
         {
-            starting = TestSilo.StartAsync(settings);
+            starting = TestSilo.StartAsync(settings, silo => silo.Services.AddSingleton<ILoggerProvider>(logs));
             await Task.Delay(TimeSpan.FromSeconds(15));
             Assert.False(starting.IsCompleted, "The silo's start ended while Redis was down.");
         }
@@ -51,6 +54,27 @@ public sealed class RedisClusteringTests(ServersFixture servers)
 
         await using var started = await starting.WaitAsync(TimeSpan.FromSeconds(60));
         await WaitForActiveSilosAsync(started.Grains, 1);
+        Assert.Contains(logs.Collector.GetSnapshot(), r => r.Level == LogLevel.Warning && r.Message.Contains("Redis", StringComparison.Ordinal)
+            && r.Message.Contains("not reachable yet", StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public async Task SiloWhosePasswordRedisRefuses_FailsToStartAtOnce_NotAfterWaitingForIt()
+    {
+        // A refused password does not heal by waiting.
+        await using var redis = await RedisServer.StartAsync();
+        await using (var admin = await StackExchange.Redis.ConnectionMultiplexer.ConnectAsync(redis.ConnectionString + ",allowAdmin=true"))
+        {
+            await admin.GetServer(admin.GetEndPoints()[0]).ExecuteAsync("CONFIG", "SET", "requirepass", "right");
+        }
+
+        var settings = await TestClusterSettings.CreateAsync(servers);
+        settings["ConnectionStrings:Redis"] = redis.ConnectionString + ",password=wrong";
+        var starting = TestSilo.StartAsync(settings);
+
+        await Assert.ThrowsAnyAsync<Exception>(() => starting.WaitAsync(TimeSpan.FromSeconds(30)));
+        Assert.False(starting.IsCanceled);
+        Assert.True(starting.IsFaulted, "The start was still waiting for Redis after 30 s.");
     }
 
     [Fact]

@@ -27,6 +27,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     private ActionPipe? writer;
     private bool writerCompleted;
     private bool clientLost;
+    private bool encodingRead;
 
     /// <summary>The most bytes kept.</summary>
     public int Limit { get; } = limit;
@@ -111,7 +112,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     public override void Write(ReadOnlySpan<byte> buffer)
     {
         PassPipe();
-        var startedBefore = BeginWrite(buffer.Length);
+        var startedBefore = Starting(buffer.Length > 0);
         if (!clientLost)
         {
             try
@@ -141,7 +142,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
             return PassPipeThenWriteAsync(buffer, cancellationToken);
         }
 
-        var startedBefore = BeginWrite(buffer.Length);
+        var startedBefore = Starting(buffer.Length > 0);
         if (!clientLost)
         {
             ValueTask write;
@@ -178,7 +179,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     public override void Flush()
     {
         PassPipe();
-        NoteStart();
+        var startedBefore = Starting(true);
         if (clientLost)
         {
             return;
@@ -191,6 +192,11 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
         catch (Exception e) when (LostClient(e))
         {
         }
+        catch
+        {
+            Refused(startedBefore);
+            throw;
+        }
     }
 
     public override Task FlushAsync(CancellationToken cancellationToken)
@@ -200,8 +206,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
             return PassPipeThenFlushAsync(cancellationToken);
         }
 
-        NoteStart();
-        return ToClientAsync(static (inner, cancel) => inner.FlushAsync(cancel), inner, cancellationToken);
+        return ToClientAsync(static (inner, cancel) => inner.FlushAsync(cancel), inner, Starting(true), cancellationToken);
     }
 
     public override int Read(byte[] buffer, int offset, int count) => throw new NotSupportedException();
@@ -214,8 +219,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
 
     Task IHttpResponseBodyFeature.StartAsync(CancellationToken cancellationToken)
     {
-        NoteStart();
-        return ToClientAsync(static (client, cancel) => client.StartAsync(cancel), client, cancellationToken);
+        return ToClientAsync(static (client, cancel) => client.StartAsync(cancel), client, Starting(true), cancellationToken);
     }
 
     Task IHttpResponseBodyFeature.SendFileAsync(string path, long offset, long? count, CancellationToken cancellationToken) =>
@@ -223,9 +227,9 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
 
     async Task IHttpResponseBodyFeature.CompleteAsync()
     {
-        NoteStart();
+        var startedBefore = Starting(true);
         await FlushWriterAsync();
-        await ToClientAsync(static (client, _) => client.CompleteAsync(), client, CancellationToken.None);
+        await ToClientAsync(static (client, _) => client.CompleteAsync(), client, startedBefore, CancellationToken.None);
     }
 
     // The action's to call, not to act on: the layer still needs the copy (ReturnBuffer), and writes keep working.
@@ -283,7 +287,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
         Keep(buffer.Span);
     }
 
-    private Task ToClientAsync<T>(Func<T, CancellationToken, Task> send, T target, CancellationToken cancellationToken)
+    private Task ToClientAsync<T>(Func<T, CancellationToken, Task> send, T target, bool startedBefore, CancellationToken cancellationToken)
     {
         if (clientLost)
         {
@@ -299,6 +303,11 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
         {
             return Task.CompletedTask;
         }
+        catch
+        {
+            Refused(startedBefore);
+            throw;
+        }
 
         async Task AwaitAsync(Task pending)
         {
@@ -308,6 +317,11 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
             }
             catch (Exception e) when (LostClient(e))
             {
+            }
+            catch
+            {
+                Refused(startedBefore);
+                throw;
             }
         }
     }
@@ -319,16 +333,21 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
         {
             Started = true;
             StatusAtStart = response.StatusCode;
-            ArrivedEncoded = !StringValues.IsNullOrEmpty(response.Headers.ContentEncoding);
+            // Read once: after a start the server refused, an outer encoder may have set its header already.
+            if (!encodingRead)
+            {
+                encodingRead = true;
+                ArrivedEncoded = !StringValues.IsNullOrEmpty(response.Headers.ContentEncoding);
+            }
         }
     }
 
-    // Before the bytes are passed on, since an outer encoder sets its header as the response starts (NoteStart); true
-    // when the response had begun before them.
-    private bool BeginWrite(int length)
+    // Before anything is passed on, since an outer encoder sets its header as the response starts (NoteStart); true
+    // when the response had begun before.
+    private bool Starting(bool starts)
     {
         var startedBefore = Started;
-        if (length > 0)
+        if (starts)
         {
             NoteStart();
         }
@@ -336,8 +355,9 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
         return startedBefore;
     }
 
-    // The server refused bytes (a synchronous write it does not allow, more than the Content-Length): they are not part
-    // of the response, which has not begun if they were to begin it and the server sent nothing.
+    // The server refused what was passed on (a synchronous write or flush it does not allow, more than the
+    // Content-Length, an OnStarting callback that threw): the response has not begun if that was to begin it and the
+    // server sent nothing.
     private void Refused(bool startedBefore)
     {
         if (!startedBefore && !response.HasStarted)

@@ -1,6 +1,7 @@
 using System.Buffers;
 using System.Text.Json;
 using System.Text.Json.Serialization;
+using System.Text.RegularExpressions;
 using Microsoft.AspNetCore.Http.Features;
 using Microsoft.Extensions.Options;
 using OrleansIdempotency.AspNetCore;
@@ -13,18 +14,17 @@ namespace OrleansIdempotency.Once;
 /// JSON result, renew or release the claim, read the key. Keys belong to the caller's scope (the default policy's
 /// <see cref="IdempotencyPolicy.Scope"/>), apart from the keys of idempotent endpoints. See the README.
 /// </summary>
-public static class OnceEndpoints
+public static partial class OnceEndpoints
 {
     /// <summary>Maps <c>POST {prefix}/{key}/claim|complete|renew|release</c> and <c>GET {prefix}/{key}</c>.</summary>
     public static RouteGroupBuilder MapOnce(this IEndpointRouteBuilder endpoints, string prefix = "/once")
     {
         var group = endpoints.MapGroup(prefix);
-        group.AddEndpointFilter(KeyAsSentAsync);
-        group.MapPost("/{key}/claim", (HttpContext context, string key, OnceHttp once) => once.ClaimAsync(context, key));
-        group.MapPost("/{key}/complete", (HttpContext context, string key, OnceHttp once) => once.CompleteAsync(context, key));
-        group.MapPost("/{key}/renew", (HttpContext context, string key, OnceHttp once) => once.RenewAsync(context, key));
-        group.MapPost("/{key}/release", (HttpContext context, string key, OnceHttp once) => once.ReleaseAsync(context, key));
-        group.MapGet("/{key}", (HttpContext context, string key, OnceHttp once) => once.ReadAsync(context, key));
+        group.MapPost("/{key}/claim", (HttpContext context, string key, OnceHttp once) => once.ClaimAsync(context, key)).AddEndpointFilter(KeyAsSentAsync);
+        group.MapPost("/{key}/complete", (HttpContext context, string key, OnceHttp once) => once.CompleteAsync(context, key)).AddEndpointFilter(KeyAsSentAsync);
+        group.MapPost("/{key}/renew", (HttpContext context, string key, OnceHttp once) => once.RenewAsync(context, key)).AddEndpointFilter(KeyAsSentAsync);
+        group.MapPost("/{key}/release", (HttpContext context, string key, OnceHttp once) => once.ReleaseAsync(context, key)).AddEndpointFilter(KeyAsSentAsync);
+        group.MapGet("/{key}", (HttpContext context, string key, OnceHttp once) => once.ReadAsync(context, key)).AddEndpointFilter(KeyAsSentAsync);
         return group;
     }
 
@@ -39,7 +39,7 @@ public static class OnceEndpoints
             if (KeyInTarget(context, key) is not { } sent)
             {
                 await context.RequestServices.GetRequiredService<IdempotencyProblems>().WriteAsync(context, IdempotencyProblem.KeyInvalid,
-                    "A key holding '%' is read from the path as sent: send it percent-encoded, in a path without '.' or '..' segments.", null);
+                    "A key holding '%' is read from the request's target as sent, which did not hold it where the path did: send the key percent-encoded as one segment.", null);
                 return Results.Empty;
             }
 
@@ -49,23 +49,35 @@ public static class OnceEndpoints
         return await next(invocation);
     }
 
-    // The key's segment of the request target, decoded, when the target's segments are the decoded path's: the key is the
-    // last segment of a read and the one before it of a call.
+    // The key's segment of the request target, decoded, counted from the end of its path (a prefix stripped before
+    // routing leaves the end alone): the last segment of a read, the one before it of a call. Only when that segment,
+    // decoded as Kestrel decodes a path (all but %2F), is the key routed.
     private static string? KeyInTarget(HttpContext context, string key)
     {
-        var target = context.Features.Get<IHttpRequestFeature>()?.RawTarget;
-        if (target is null || !target.StartsWith('/'))
+        if (context.Features.Get<IHttpRequestFeature>()?.RawTarget is not { } target)
         {
             return null;
         }
 
-        var sent = Segments(target.Split('?', 2)[0]);
-        var decoded = Segments(context.Request.PathBase.Add(context.Request.Path).Value ?? "");
-        var at = sent.Length - (HttpMethods.IsGet(context.Request.Method) ? 1 : 2);
-        return sent.Length == decoded.Length && at > 0 && decoded[at] == key ? Uri.UnescapeDataString(sent[at]) : null;
+        var path = target.Split('?', 2)[0];
+        if (!path.StartsWith('/'))
+        {
+            // Absolute form, scheme://authority/path.
+            var authority = path.IndexOf("//", StringComparison.Ordinal);
+            var start = authority < 0 ? -1 : path.IndexOf('/', authority + 2);
+            path = start < 0 ? "" : path[start..];
+        }
 
-        static string[] Segments(string path) => (path.EndsWith('/') ? path[..^1] : path).Split('/');
+        var segments = (path.EndsWith('/') ? path[..^1] : path).Split('/');
+        var at = segments.Length - (HttpMethods.IsGet(context.Request.Method) ? 1 : 2);
+        return at > 0 && DecodedAsThePath(segments[at]) == key ? Uri.UnescapeDataString(segments[at]) : null;
     }
+
+    private static string DecodedAsThePath(string segment) =>
+        string.Concat(EncodedSlash().Split(segment).Select(part => EncodedSlash().IsMatch(part) ? part : Uri.UnescapeDataString(part)));
+
+    [GeneratedRegex("(%2[Ff])")]
+    private static partial Regex EncodedSlash();
 }
 
 /// <summary>The body of <c>claim</c>: what the operation is asked to do, and the attempt asking.</summary>

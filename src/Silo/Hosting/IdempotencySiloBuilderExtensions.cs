@@ -37,11 +37,9 @@ public static class IdempotencySiloBuilderExtensions
         var settings = IdempotencyClusterSettings.From(configuration);
         if (settings.Redis is { } redis)
         {
-            silo.UseRedisClustering(options =>
-            {
-                options.ConfigurationOptions = RedisConfiguration(redis);
-                options.CreateMultiplexer = ConnectWaitingAsync;
-            });
+            silo.UseRedisClustering(options => options.ConfigurationOptions = RedisConfiguration(redis));
+            silo.Services.AddOptions<RedisClusteringOptions>().Configure<ILoggerFactory, TimeProvider>((options, loggers, time) =>
+                options.CreateMultiplexer = o => RedisStartupWait.ConnectAsync(o, loggers.CreateLogger(typeof(RedisStartupWait)), time));
             silo.Configure<ClusterOptions>(options =>
             {
                 options.ClusterId = settings.ClusterId;
@@ -180,23 +178,6 @@ public static class IdempotencySiloBuilderExtensions
                 o.GrainStorageSerializer = new IdempotencyStorageSerializer(serializer);
             }));
         return silo;
-    }
-
-    /// <summary>How long a starting silo waits for Redis to accept connections: 60 seconds, as for PostgreSQL.</summary>
-    public static readonly TimeSpan RedisStartupTimeout = TimeSpan.FromSeconds(60);
-
-    // Orleans reads the membership table once as a silo starts, and a Redis not yet up (or restarting) failed the start
-    // at its first command's time-out: the connection is waited for first, while the multiplexer retries it.
-    private static async Task<(IConnectionMultiplexer Multiplexer, bool IsShared)> ConnectWaitingAsync(RedisClusteringOptions options)
-    {
-        var multiplexer = await ConnectionMultiplexer.ConnectAsync(options.ConfigurationOptions!);
-        var waiting = System.Diagnostics.Stopwatch.StartNew();
-        while (!multiplexer.IsConnected && waiting.Elapsed < RedisStartupTimeout)
-        {
-            await Task.Delay(TimeSpan.FromMilliseconds(250));
-        }
-
-        return (multiplexer, false);
     }
 
     /// <summary>Redis settings for membership that ride out a Redis restart instead of failing at once.</summary>

@@ -110,11 +110,13 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
 
     // A claim counts once PostgreSQL acknowledges its commit. With synchronous_commit off (for the database, the role
     // or in the connection string's options) a crash of PostgreSQL can take back claims it acknowledged, with fsync off
-    // a crash of its machine can: their keys' retries would run again. Asked on the records' own connections.
+    // a crash of its machine can, and with it local beside a synchronous standby the standby promoted can lack them:
+    // their keys' retries would run again. Asked on the records' own connections.
     private async Task CheckCommitsDurableAsync(CancellationToken cancellationToken)
     {
         await using var command = database.DataSource.CreateCommand(
-            "SELECT current_setting('synchronous_commit') = 'off' OR NOT current_setting('fsync')::boolean");
+            "SELECT current_setting('synchronous_commit') = 'off' OR NOT current_setting('fsync')::boolean " +
+            "OR (current_setting('synchronous_commit') = 'local' AND current_setting('synchronous_standby_names') <> '')");
         if (await command.ExecuteScalarAsync(cancellationToken) is true)
         {
             LogCommitsNotDurable(logger);
@@ -142,8 +144,8 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
     [LoggerMessage(Level = LogLevel.Warning, Message = "PostgreSQL holds the idempotency schema of a newer version ({Installed}) than this silo's ({Own}); it is left as it is. Upgrade this silo.")]
     private static partial void LogNewerKept(ILogger logger, int installed, int own);
 
-    [LoggerMessage(Level = LogLevel.Warning, Message = "PostgreSQL acknowledges idempotency records before they are on disk (synchronous_commit " +
-        "or fsync is off): a crash can lose claims it acknowledged, and their keys' retries would run again. Turn both on for the records' database.")]
+    [LoggerMessage(Level = LogLevel.Warning, Message = "PostgreSQL acknowledges idempotency records before they are durable (synchronous_commit " +
+        "off, or local beside a synchronous standby; or fsync off): a crash or a failover can lose claims it acknowledged, and their keys' retries would run again.")]
     private static partial void LogCommitsNotDurable(ILogger logger);
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "PostgreSQL is not reachable yet (attempt {Attempt}): {Reason}")]

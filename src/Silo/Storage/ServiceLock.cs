@@ -1,3 +1,4 @@
+using System.Data;
 using Microsoft.Extensions.Logging;
 using Npgsql;
 using Orleans.Runtime;
@@ -62,9 +63,9 @@ public sealed partial class ServiceLock(IdempotencyDatabase database, string ser
                         break;
                     }
                 }
-                catch (NpgsqlException ex) when (time.GetUtcNow() < deadline)
+                catch (NpgsqlException ex) when (time.GetUtcNow() < deadline && (ex.IsTransient || connection is not { State: ConnectionState.Open }))
                 {
-                    // The session was lost with whatever it held: the next one asks again.
+                    // The session was lost with whatever it held: the next one asks again. (Any other failure is the start's.)
                     LogSessionLost(logger, serviceId, ex.Message);
                     if (connection is not null)
                     {

@@ -28,7 +28,15 @@ public sealed class DockerComposeTests
         using var process = Process.Start(start) ?? throw new InvalidOperationException("docker-compose did not start.");
         var output = process.StandardOutput.ReadToEndAsync();
         var errors = process.StandardError.ReadToEndAsync();
-        await process.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(60));
+        try
+        {
+            await process.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(60));
+        }
+        catch (TimeoutException)
+        {
+            process.Kill(entireProcessTree: true);
+            throw;
+        }
         Assert.True(process.ExitCode == 0, await errors);
 
         var services = new Dictionary<string, List<string>>();

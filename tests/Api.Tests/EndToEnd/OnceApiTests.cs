@@ -169,6 +169,12 @@ public sealed class OnceApiTests(EndToEndFixture fixture)
         Assert.Equal(HttpStatusCode.OK, completed.StatusCode);
         Assert.Equal("inProgress", (await Json(await alice.GetAsync($"/once/{Uri.EscapeDataString(slash)}"))).GetProperty("status").GetString());
         Assert.Equal("completed", (await Json(await alice.GetAsync($"/once/{Uri.EscapeDataString(escaped)}"))).GetProperty("status").GetString());
+
+        // A target in absolute form (a proxy's), with a query and a trailing slash, names the same key.
+        var absolute = await RawHttp.SendAsync(fixture.Api.BaseAddress, "GET", $"{fixture.Api.BaseAddress.GetLeftPart(UriPartial.Authority)}/once/{Uri.EscapeDataString(escaped)}/?x=1",
+            [("Authorization", "Bearer demo-alice")], []);
+        Assert.Equal(200, absolute.Status);
+        Assert.Equal("completed", JsonDocument.Parse(absolute.Body).RootElement.GetProperty("status").GetString());
     }
 
     [Fact]

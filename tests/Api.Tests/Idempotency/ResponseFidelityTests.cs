@@ -450,13 +450,20 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
         await harness.AssertLeftInDoubtAsync(key);
     }
 
-    [Fact]
-    public async Task WriteTheServerRefusesBeforeAnythingWasSent_IsNoResponseBegun_AndTheKeyIsReleased()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task WriteOrFlushTheServerRefusesBeforeAnythingWasSent_IsNoResponseBegun_AndTheKeyIsReleased(bool flush)
     {
-        // Kestrel refuses a synchronous write (AllowSynchronousIO) before it starts the response, then answers 500.
+        // Kestrel refuses a synchronous write or flush (AllowSynchronousIO) before it starts the response, then answers 500.
         var harness = Harness(context =>
         {
             context.Response.StatusCode = 201;
+            if (flush)
+            {
+                context.Response.Body.Flush();
+            }
+
             context.Response.Body.Write(Encoding.UTF8.GetBytes(Json));
             return Task.CompletedTask;
         });
