@@ -1,3 +1,5 @@
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Testing;
 using Microsoft.Extensions.Time.Testing;
 using Orleans.Storage;
 using OrleansIdempotency.Grains;
@@ -314,5 +316,41 @@ public sealed class InMemoryRecordStorageTests : IDisposable
         {
             Assert.Equal(bodies[i], (await ReadAsync(keys[i])).State!.Response!.Body);
         }
+    }
+
+    [Fact]
+    public void ScheduledPurgeThatFails_IsReported_AndTriedAgainAtTheNextInterval()
+    {
+        // Purging moves the records left in a mostly dead segment into a new one, which may not be had: thrown from
+        // its timer, the failure ended the process and every record with it.
+        var outOfMemory = false;
+        var table = new RecordTable(key => key[^1] * 0x9E37_79B9_7F4A_7C15UL, size => outOfMemory ? throw new InsufficientMemoryException() : new byte[size]);
+        var log = new FakeLogger<InMemoryRecordStorage>();
+        using var store = new InMemoryRecordStorage(TestSerializer.Storage, time, null, log, table);
+        var payload = new byte[250_000];
+        var versions = new long[8];
+        for (var i = 0; i < versions.Length; i++)
+        {
+            // Four to a segment: the first four fill one, the next four another.
+            Assert.True(table.TryAdd([(byte)i], payload, long.MaxValue, false, out versions[i]));
+        }
+
+        for (var i = 0; i < 3; i++)
+        {
+            Assert.True(table.TryRemove([(byte)i], versions[i]));
+        }
+
+        outOfMemory = true;
+        time.Advance(InMemoryRecordStorage.PurgeInterval);
+
+        Assert.Single(log.Collector.GetSnapshot(), r => r.Level == LogLevel.Error);
+        Assert.True(table.TryRead([3], out var kept, out var version));
+        Assert.Equal(payload, kept);
+        Assert.Equal(versions[3], version);
+
+        outOfMemory = false;
+        time.Advance(InMemoryRecordStorage.PurgeInterval);
+        Assert.Single(log.Collector.GetSnapshot(), r => r.Level == LogLevel.Error);
+        Assert.Equal(5, table.Count);
     }
 }

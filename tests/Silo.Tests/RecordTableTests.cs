@@ -51,6 +51,39 @@ public sealed class RecordTableTests
     }
 
     [Fact]
+    public void WriteThatCannotGetASegment_LeavesTheTableAsItWas()
+    {
+        // Near the process's memory limit a new segment may not be had: a slot changed before it was would point at
+        // bytes released, which a later segment reuse hands to another key.
+        var outOfMemory = false;
+        var table = new RecordTable(key => key[^1] * 0x9E37_79B9_7F4A_7C15UL, size => outOfMemory ? throw new InsufficientMemoryException() : new byte[size]);
+        var first = Payload(1, 0);
+        var second = Payload(2, 0);
+        var v1 = Add(table, 1, first, shortLived: true);
+        var v2 = Add(table, 2, second, shortLived: true);
+        var live = table.LiveBytes;
+        var large = Payload(3, 0, Segment / 2);
+
+        outOfMemory = true;
+        Assert.Throws<InsufficientMemoryException>(() => table.TryReplace(Key(1), v1, large, Never, false, out _));
+        Assert.Throws<InsufficientMemoryException>(() => table.TryAdd(Key(3), large, Never, false, out _));
+        outOfMemory = false;
+
+        Assert.Equal(live, table.LiveBytes);
+        Assert.Equal(2, table.Count);
+        Assert.False(table.Contains(Key(3)));
+        AssertHolds(table, 1, first, v1);
+        AssertHolds(table, 2, second, v2);
+        Assert.True(table.TryReplace(Key(1), v1, large, Never, false, out var replaced));
+        AssertHolds(table, 1, large, replaced);
+        table.Purge(0);
+        Assert.Equal(2, table.Count);
+        table.Purge(long.MaxValue);
+        Assert.Equal(0, table.Count);
+        Assert.Equal(0, table.LiveBytes);
+    }
+
+    [Fact]
     public void KeysThatAllCollide_AreKeptApart_ThroughReplaceRemoveAndReAdd()
     {
         // One hash for every key: each lookup walks one probe sequence, past removed slots, comparing key bytes.

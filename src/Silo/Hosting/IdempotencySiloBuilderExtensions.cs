@@ -149,7 +149,8 @@ public static class IdempotencySiloBuilderExtensions
     {
         silo.Services.TryAddSingleton(TimeProvider.System);
         silo.Services.AddKeyedSingleton<IGrainStorage>(IdempotencyGrain.StorageName, (services, _) => new InMemoryRecordStorage(
-            new IdempotencyStorageSerializer(services.GetRequiredService<Serializer>()), services.GetRequiredService<TimeProvider>()));
+            new IdempotencyStorageSerializer(services.GetRequiredService<Serializer>()), services.GetRequiredService<TimeProvider>(),
+            logger: services.GetRequiredService<ILogger<InMemoryRecordStorage>>()));
         return silo;
     }
 

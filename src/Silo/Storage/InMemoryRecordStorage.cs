@@ -1,6 +1,8 @@
 using System.Buffers;
 using System.Globalization;
 using System.Text;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
 using Orleans.Storage;
 using OrleansIdempotency.Grains;
 
@@ -19,7 +21,7 @@ namespace OrleansIdempotency.Silo.Storage;
 /// so the hosting refuses a cluster (Redis) without PostgreSQL;
 /// <see cref="Hosting.IdempotencySiloBuilderExtensions.AddIdempotencyMemoryStorage"/> is for a single silo only.
 /// </remarks>
-public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
+public sealed partial class InMemoryRecordStorage : IGrainStorage, IDisposable
 {
     /// <summary>How often expired records are dropped.</summary>
     public static readonly TimeSpan PurgeInterval = TimeSpan.FromMinutes(1);
@@ -34,11 +36,12 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
     [ThreadStatic]
     private static ArrayBufferWriter<byte>? serializeBuffer;
 
-    private readonly RecordTable records = new();
+    private readonly RecordTable records;
     private readonly IdempotencyStorageSerializer serializer;
     private readonly TimeProvider time;
     private readonly ITimer purge;
     private readonly long maxBytes;
+    private readonly ILogger logger;
 
     /// <param name="serializer">How records are written.</param>
     /// <param name="time">The clock records expire by.</param>
@@ -47,12 +50,21 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
     /// GC's memory limit (in a container, 75 % of its memory limit unless set; else the machine's memory). An eighth:
     /// the segments holding records may be as little as a quarter live before the purge compacts them.
     /// </param>
-    public InMemoryRecordStorage(IdempotencyStorageSerializer serializer, TimeProvider time, long? maxBytes = null)
+    /// <param name="logger">Where a purge that failed is reported.</param>
+    public InMemoryRecordStorage(IdempotencyStorageSerializer serializer, TimeProvider time, long? maxBytes = null, ILogger<InMemoryRecordStorage>? logger = null)
+        : this(serializer, time, maxBytes, logger, new RecordTable())
+    {
+    }
+
+    /// <summary>A store over the given table: for tests whose table runs out of memory.</summary>
+    internal InMemoryRecordStorage(IdempotencyStorageSerializer serializer, TimeProvider time, long? maxBytes, ILogger? logger, RecordTable records)
     {
         this.serializer = serializer;
         this.time = time;
         this.maxBytes = maxBytes ?? GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / 8;
-        purge = time.CreateTimer(_ => Purge(), null, PurgeInterval, PurgeInterval);
+        this.logger = logger ?? NullLogger.Instance;
+        this.records = records;
+        purge = time.CreateTimer(_ => PurgeOnSchedule(), null, PurgeInterval, PurgeInterval);
     }
 
     /// <summary>How many records are held, expired or not.</summary>
@@ -137,6 +149,23 @@ public sealed class InMemoryRecordStorage : IGrainStorage, IDisposable
 
     /// <summary>Drops every record past <see cref="IdempotencyRecord.PurgeableAt"/>; a record rewritten meanwhile is kept.</summary>
     public void Purge() => records.Purge(time.GetUtcNow().UtcTicks);
+
+    // Thrown from a timer, a purge's failure (no memory for a segment to move records into) would end the process, and
+    // every record with it: it is reported, and the next interval tries again.
+    private void PurgeOnSchedule()
+    {
+        try
+        {
+            Purge();
+        }
+        catch (Exception ex)
+        {
+            LogPurgeFailed(logger, ex);
+        }
+    }
+
+    [LoggerMessage(Level = LogLevel.Error, Message = "Purging expired in-memory idempotency records failed; the next purge tries again.")]
+    private static partial void LogPurgeFailed(ILogger logger, Exception exception);
 
     // The state name and the grain type, each after its length, then the grain's own key: no two (state, grain)
     // pairs share the bytes. Written into the destination, or into a new array if it is too short.

@@ -22,6 +22,7 @@ internal sealed class RecordSegments
     private const int SparseBelow = SegmentSize / 4;
 
     private readonly Lock gate = new();
+    private readonly Func<int, byte[]> allocate;
     private readonly Stack<int> unused = new();
     private readonly List<int> liveBytes = [];
 
@@ -40,6 +41,12 @@ internal sealed class RecordSegments
     // closer, and a page fault every 4 KB as it is first written (copying into segments: 1.5 % of an embedded new
     // key's CPU in the kernel, claims and completions together).
     private byte[]? spare;
+
+    /// <param name="allocate">Allocates a segment's bytes, uninitialized unless a test says otherwise.</param>
+    public RecordSegments(Func<int, byte[]>? allocate = null)
+    {
+        this.allocate = allocate ?? (size => GC.AllocateUninitializedArray<byte>(size));
+    }
 
     /// <summary>How many bytes the segments take, live or dead.</summary>
     public long Bytes
@@ -142,7 +149,7 @@ internal sealed class RecordSegments
         }
         else
         {
-            bytes = GC.AllocateUninitializedArray<byte>(size);
+            bytes = allocate(size);
             Allocated++;
         }
 

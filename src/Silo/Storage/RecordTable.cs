@@ -33,7 +33,7 @@ internal sealed class RecordTable
     private const int MinimumCapacity = 64;
 
     private readonly KeyHash hash;
-    private readonly RecordSegments segments = new();
+    private readonly RecordSegments segments;
     private readonly Shard[] shards;
     private long lastVersion;
 
@@ -42,10 +42,14 @@ internal sealed class RecordTable
     {
     }
 
-    /// <summary>A table with the given hash: for tests that make keys collide.</summary>
-    internal RecordTable(KeyHash hash)
+    /// <summary>
+    /// A table with the given hash (for tests that make keys collide) and the given allocation of segments (for tests
+    /// that run out of memory).
+    /// </summary>
+    internal RecordTable(KeyHash hash, Func<int, byte[]>? allocate = null)
     {
         this.hash = hash;
+        segments = new RecordSegments(allocate);
         shards = Enumerable.Range(0, 1 << ShardBits).Select(_ => new Shard()).ToArray();
     }
 
@@ -130,6 +134,8 @@ internal sealed class RecordTable
                 Find(shard, key, keyHash, out free);
             }
 
+            // First what may fail (a segment the process has no memory for): the table is then left as it was.
+            var at = segments.Append(key, payload, shortLived);
             ref var slot = ref shard.Slots[free];
             if (slot.State == SlotState.Removed)
             {
@@ -138,7 +144,7 @@ internal sealed class RecordTable
 
             Volatile.Write(ref shard.Used, shard.Used + 1);
             slot = new Slot { State = SlotState.Used, Hash = keyHash, KeyLength = key.Length };
-            Store(ref slot, key, payload, expiresAtUtcTicks, shortLived);
+            Place(ref slot, at, payload.Length, expiresAtUtcTicks);
             version = slot.Version;
             return true;
         }
@@ -160,9 +166,10 @@ internal sealed class RecordTable
                 return false;
             }
 
+            var at = segments.Append(key, payload, shortLived);
             ref var slot = ref shard.Slots[index];
             Release(slot);
-            Store(ref slot, key, payload, expiresAtUtcTicks, shortLived);
+            Place(ref slot, at, payload.Length, expiresAtUtcTicks);
             version = slot.Version;
             return true;
         }
@@ -325,10 +332,10 @@ internal sealed class RecordTable
         }
     }
 
-    private void Store(ref Slot slot, ReadOnlySpan<byte> key, ReadOnlySpan<byte> payload, long expiresAtUtcTicks, bool shortLived)
+    private void Place(ref Slot slot, (int Segment, int Offset) at, int payloadLength, long expiresAtUtcTicks)
     {
-        (slot.Segment, slot.Offset) = segments.Append(key, payload, shortLived);
-        slot.PayloadLength = payload.Length;
+        (slot.Segment, slot.Offset) = at;
+        slot.PayloadLength = payloadLength;
         slot.ExpiresAtUtcTicks = expiresAtUtcTicks;
         slot.Version = Interlocked.Increment(ref lastVersion);
     }
