@@ -125,7 +125,7 @@ public sealed class PostgresStorageTests(ServersFixture servers)
         var connectionString = await durable.CreateDatabaseAsync();
         async Task<bool> WarnedAsync(string options)
         {
-            await using var database = new IdempotencyDatabase(new NpgsqlConnectionStringBuilder(connectionString) { Options = options }.ConnectionString);
+            await using var database = new IdempotencyDatabase(new NpgsqlConnectionStringBuilder(connectionString) { Options = options, CommandTimeout = 60 }.ConnectionString);
             var log = new FakeLogger<PostgresSchemaInstaller>();
             await new PostgresSchemaInstaller(database, TimeProvider.System, log).InstallAsync(CancellationToken.None);
             return log.Collector.GetSnapshot().Any(r => r.Level == LogLevel.Warning && r.Message.Contains("before they are durable", StringComparison.Ordinal));
@@ -151,6 +151,14 @@ public sealed class PostgresStorageTests(ServersFixture servers)
         }
 
         Assert.True(await WarnedAsync("-c synchronous_commit=local"));
+    }
+
+    // Whether a session of the database waits on a lock (the maintenance transaction's, the only one held).
+    private static async Task<bool> WaitsOnALockAsync(NpgsqlConnection connection, NpgsqlTransaction transaction)
+    {
+        await using var command = new NpgsqlCommand(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'", connection, transaction);
+        return (long)(await command.ExecuteScalarAsync())! > 0;
     }
 
     private static async Task<string?> ScalarAsync(string connectionString, string sql)
@@ -371,12 +379,6 @@ public sealed class PostgresStorageTests(ServersFixture servers)
         await using var silo = await TestSilo.StartAsync(settings);
         var storage = silo.Host.Services.GetRequiredKeyedService<IGrainStorage>(IdempotencyGrain.StorageName);
         var grainId = ((GrainReference)silo.Grains.GetIdempotencyGrain(NewKey())).GrainId;
-        var now = DateTimeOffset.UtcNow;
-        var claim = new GrainState<IdempotencyRecord>(new IdempotencyRecord
-        {
-            Status = IdempotencyStatus.InProgress, Fingerprint = Request, AttemptId = Guid.NewGuid(), FencingToken = 1,
-            LeaseExpiresAt = now + TimeSpan.FromSeconds(1), CreatedAt = now, ExpiresAt = now + TimeSpan.FromHours(1), Retention = TimeSpan.FromHours(1),
-        });
 
         // Maintenance holding the table (what VACUUM FULL or REINDEX would) from before the claim until after its lease.
         await using var maintenance = new NpgsqlConnection(settings["ConnectionStrings:Postgres"]);
@@ -387,8 +389,28 @@ public sealed class PostgresStorageTests(ServersFixture servers)
             await take.ExecuteNonQueryAsync();
         }
 
+        // The lease runs from once the table is held: a slow machine must not spend it before the claim is sent.
+        var now = DateTimeOffset.UtcNow;
+        var claim = new GrainState<IdempotencyRecord>(new IdempotencyRecord
+        {
+            Status = IdempotencyStatus.InProgress, Fingerprint = Request, AttemptId = Guid.NewGuid(), FencingToken = 1,
+            LeaseExpiresAt = now + TimeSpan.FromSeconds(3), CreatedAt = now, ExpiresAt = now + TimeSpan.FromHours(1), Retention = TimeSpan.FromHours(1),
+        });
         var write = storage.WriteStateAsync(IdempotencyGrain.StateName, grainId, claim);
-        await Task.Delay(TimeSpan.FromSeconds(2.5));
+
+        // It reached the store in time (a late one is refused before it asks for the table) and waits on the lock ...
+        for (var waited = 0; !await WaitsOnALockAsync(maintenance, transaction); waited += 50)
+        {
+            Assert.True(waited < 10_000 && !write.IsCompleted, "the write did not wait on the lock");
+            await Task.Delay(50);
+        }
+
+        // ... until after its lease.
+        if (now + TimeSpan.FromSeconds(3.5) - DateTimeOffset.UtcNow is { Ticks: > 0 } untilPastTheLease)
+        {
+            await Task.Delay(untilPastTheLease);
+        }
+
         Assert.False(write.IsCompleted, "the write should have waited on the lock");
         await transaction.CommitAsync();
 
