@@ -153,12 +153,13 @@ public sealed class PostgresStorageTests(ServersFixture servers)
         Assert.True(await WarnedAsync("-c synchronous_commit=local"));
     }
 
-    // Whether a session of the database waits on a lock (the maintenance transaction's, the only one held).
+    // Whether a session waits for a lock on the records' table (the maintenance transaction holds it). Read from the
+    // lock table, which is read afresh each time, not from pg_stat_activity, which a transaction sees as first read.
     private static async Task<bool> WaitsOnALockAsync(NpgsqlConnection connection, NpgsqlTransaction transaction)
     {
         await using var command = new NpgsqlCommand(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'", connection, transaction);
-        return (long)(await command.ExecuteScalarAsync())! > 0;
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = 'orleansstorage'::regclass AND NOT granted)", connection, transaction);
+        return (bool)(await command.ExecuteScalarAsync())!;
     }
 
     private static async Task<string?> ScalarAsync(string connectionString, string sql)

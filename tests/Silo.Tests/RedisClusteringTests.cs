@@ -3,7 +3,6 @@ using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
-using Microsoft.Extensions.Logging.Abstractions;
 using Microsoft.Extensions.Logging.Testing;
 using OrleansIdempotency.Grains;
 using OrleansIdempotency.Silo.Hosting;
@@ -57,29 +56,6 @@ public sealed class RedisClusteringTests(ServersFixture servers)
         await WaitForActiveSilosAsync(started.Grains, 1);
         Assert.Contains(logs.Collector.GetSnapshot(), r => r.Level == LogLevel.Warning && r.Message.Contains("Redis", StringComparison.Ordinal)
             && r.Message.Contains("not reachable yet", StringComparison.Ordinal));
-    }
-
-    [Fact]
-    public async Task RedisRefusingThePassword_IsNotWaitedFor_AsARedisNotYetUpIs()
-    {
-        // A refused password does not heal by waiting: the start goes on to fail at once, not after the wait.
-        await using var redis = await RedisServer.StartAsync();
-        await using (var admin = await StackExchange.Redis.ConnectionMultiplexer.ConnectAsync(redis.ConnectionString + ",allowAdmin=true"))
-        {
-            await admin.GetServer(admin.GetEndPoints()[0]).ExecuteAsync("CONFIG", "SET", "requirepass", "right");
-        }
-
-        var options = new Orleans.Clustering.Redis.RedisClusteringOptions
-        {
-            ConfigurationOptions = IdempotencySiloBuilderExtensions.RedisConfiguration(redis.ConnectionString + ",password=wrong"),
-        };
-        var waited = System.Diagnostics.Stopwatch.StartNew();
-        var (multiplexer, _) = await RedisStartupWait.ConnectAsync(options, NullLogger.Instance, TimeProvider.System);
-        waited.Stop();
-        await multiplexer.DisposeAsync();
-
-        Assert.False(multiplexer.IsConnected);
-        Assert.True(waited.Elapsed < RedisStartupWait.Timeout / 2, $"Waited {waited.Elapsed} for a Redis that refuses the password.");
     }
 
     [Fact]

@@ -7,7 +7,8 @@ namespace OrleansIdempotency.Silo.Hosting;
 /// <summary>
 /// Orleans reads the membership table once as a silo starts, and a Redis not yet up (or restarting) failed the start at
 /// its first command's time-out: Redis is waited for first, up to <see cref="Timeout"/>, as PostgreSQL is, while the
-/// multiplexer retries its connection. A refused password does not heal by waiting: the start goes on, and fails.
+/// multiplexer retries its connection. The warning names why there is none (a refused password, say, which waiting
+/// does not heal: StackExchange.Redis does not report it apart reliably, so it is waited out like any other).
 /// </summary>
 internal static partial class RedisStartupWait
 {
@@ -24,10 +25,6 @@ internal static partial class RedisStartupWait
             {
                 // Waits for a connection (the command's time-out at most), and says why there is none.
                 await multiplexer.GetDatabase().PingAsync();
-            }
-            catch (RedisConnectionException ex) when (ex.FailureType == ConnectionFailureType.AuthenticationFailure)
-            {
-                break;
             }
             catch (Exception ex) when (ex is RedisConnectionException or RedisTimeoutException)
             {

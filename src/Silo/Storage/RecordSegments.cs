@@ -139,8 +139,25 @@ internal sealed class RecordSegments
 
     private bool IsAppendedTo(int segment) => segment == longLived.Segment || segment == shortLived.Segment;
 
+    // Everything that may fail (allocations) comes before anything changes: a segment the process has no memory for
+    // leaves the segments as they were. The stack of unused numbers is kept large enough for all of them, so that
+    // freeing a segment never allocates.
     private int Add(int size)
     {
+        var fresh = unused.Count == 0;
+        if (fresh)
+        {
+            if (count == segments.Length)
+            {
+                var grown = new byte[]?[segments.Length * 2];
+                segments.CopyTo(grown);
+                segments = grown;
+            }
+
+            liveBytes.EnsureCapacity(count + 1);
+            unused.EnsureCapacity(count + 1);
+        }
+
         // Reused as it was, or uninitialized: every byte of it is written before it is read.
         byte[] bytes;
         if (spare is { } kept && kept.Length == size)
@@ -153,16 +170,15 @@ internal sealed class RecordSegments
             Allocated++;
         }
 
-        if (!unused.TryPop(out var segment))
+        int segment;
+        if (fresh)
         {
             segment = count++;
             liveBytes.Add(0);
-            if (segment == segments.Length)
-            {
-                var grown = new byte[]?[segments.Length * 2];
-                segments.CopyTo(grown);
-                segments = grown;
-            }
+        }
+        else
+        {
+            segment = unused.Pop();
         }
 
         segments[segment] = bytes;
