@@ -25,9 +25,10 @@ public sealed class TestSilo : IAsyncDisposable
         builder.Configuration.AddInMemoryCollection(FreePort.SiloEndpoints());
         builder.Configuration.AddInMemoryCollection(new Dictionary<string, string?>
         {
-            // Fail over in seconds, not the production default's tens of seconds.
-            ["Orleans:Membership:ProbeTimeout"] = "00:00:01",
-            ["Orleans:Membership:NumMissedProbesLimit"] = "2",
+            // Fail over in seconds, not the production default's tens of seconds; yet not on a stall of a busy machine's
+            // few seconds (one probe of 1 s missed twice declared a live silo dead).
+            ["Orleans:Membership:ProbeTimeout"] = "00:00:02",
+            ["Orleans:Membership:NumMissedProbesLimit"] = "3",
             ["Orleans:Membership:NumVotesForDeathDeclaration"] = "1",
             ["Orleans:Membership:TableRefreshTimeout"] = "00:00:02",
             // Its host's environment is Production; a silo without PostgreSQL is meant to keep its records in memory.
