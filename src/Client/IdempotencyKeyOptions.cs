@@ -15,7 +15,8 @@ public sealed class IdempotencyKeyOptions
     /// <summary>
     /// How long, in all, a request is sent again while the server says the first one with its key is still running
     /// (409 with <c>Retry-After</c>); after that the 409 is returned to the caller. The default is 30 seconds, the
-    /// layer's default lease: a first request still running after that has lost its claim.
+    /// layer's default lease: a first request still running after that has lost its claim. It bounds when the last
+    /// attempt is sent, not its answer: the server may hold that attempt up to its own wait (10 s by default) first.
     /// </summary>
     public TimeSpan InProgressWait { get; init; } = TimeSpan.FromSeconds(30);
 
