@@ -7,6 +7,7 @@ using OrleansIdempotency.Silo.Storage;
 
 namespace OrleansIdempotency.Silo.Tests;
 
+[Collection(CpuHeavyCollection.Name)]
 public sealed class InMemoryRecordStorageTests : IDisposable
 {
     private const string State = IdempotencyGrain.StateName;

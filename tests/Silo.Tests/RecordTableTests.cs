@@ -3,6 +3,7 @@ using OrleansIdempotency.Silo.Storage;
 
 namespace OrleansIdempotency.Silo.Tests;
 
+[Collection(CpuHeavyCollection.Name)]
 public sealed class RecordTableTests
 {
     private const long Never = long.MaxValue;
