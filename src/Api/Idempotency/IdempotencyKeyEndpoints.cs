@@ -272,8 +272,8 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
         // any other is taken as it is, as is any key of ExecuteOnceAsync, which need not be a header value (quotes included).
         var named = key[0]!;
         var unquoted = named;
-        if (named.StartsWith('"') && !scope[0]!.StartsWith(Once.OnceExecutor.AppScopePrefix, StringComparison.Ordinal)
-            && IdempotencyKeyHeader.TryRead(named, out unquoted, out var error) != IdempotencyKeyHeader.Status.Valid)
+        var quotedAsTheHeader = named.StartsWith('"') && !scope[0]!.StartsWith(Once.OnceExecutor.AppScopePrefix, StringComparison.Ordinal);
+        if (quotedAsTheHeader && IdempotencyKeyHeader.TryRead(named, out unquoted, out var error) != IdempotencyKeyHeader.Status.Valid)
         {
             await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid, $"The key is quoted as the header quotes it, but: {error}", null);
             return null;

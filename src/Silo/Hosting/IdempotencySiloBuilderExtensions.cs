@@ -85,7 +85,7 @@ public static class IdempotencySiloBuilderExtensions
         silo.Services.Configure<GrainCollectionOptions>(collection);
         var grainAge = collection["IdempotencyGrainAge"] is { Length: > 0 } age ? GrainAge(age) : TimeSpan.FromMinutes(2);
         // Orleans refuses an age within its collection quantum at start, naming neither setting.
-        var quantum = TimeSpan.TryParse(collection["CollectionQuantum"], CultureInfo.InvariantCulture, out var set) ? set : new GrainCollectionOptions().CollectionQuantum;
+        var quantum = TimeSpan.TryParse(collection["CollectionQuantum"], CultureInfo.InvariantCulture, out var set) ? set : GrainCollectionOptions.DEFAULT_COLLECTION_QUANTUM;
         if (grainAge <= quantum)
         {
             throw new InvalidOperationException(
