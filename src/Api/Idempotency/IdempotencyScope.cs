@@ -24,9 +24,12 @@ public static class IdempotencyScope
             ? "user:" + id
             : null;
 
-    /// <summary>The value of the authenticated caller's claim <paramref name="type"/> (a tenant id, say), as <c>claim:{type}:{value}</c>.</summary>
+    /// <summary>
+    /// The value of the authenticated caller's claim <paramref name="type"/> (a tenant id, say), as
+    /// <c>claim:{type}:{value}</c>. An empty value is none: every caller given one would otherwise share one scope.
+    /// </summary>
     public static Func<HttpContext, string?> Claim(string type) =>
-        context => context.User.Identity?.IsAuthenticated == true && context.User.FindFirst(type)?.Value is { } value
+        context => context.User.Identity?.IsAuthenticated == true && context.User.FindFirst(type)?.Value is { Length: > 0 } value
             ? $"claim:{type}:{value}"
             : null;
 

@@ -329,6 +329,22 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task ClaimScope_AnEmptyClaim_IsNoTenant_ItsCallersAreRefused_NeverSharingOneScope()
+    {
+        // An identity provider that gives users without a tenant an empty one: "claim:tenant:" would be one tenant of them all.
+        var harness = Harness(policy: IdempotencyPolicy.Default with { Scope = IdempotencyScope.Claim("tenant") });
+        var key = MiddlewareHarness.NewKey();
+
+        var alice = await harness.SendAsync(Principal(key, new Claim(ClaimTypes.NameIdentifier, "alice"), new Claim("tenant", "")));
+        var bob = await harness.SendAsync(Principal(key, new Claim(ClaimTypes.NameIdentifier, "bob"), new Claim("tenant", "")));
+
+        Assert.Equal(403, alice.Response.StatusCode);
+        Assert.EndsWith("scope-unreadable", alice.Problem().GetProperty("type").GetString());
+        Assert.Equal(403, bob.Response.StatusCode);
+        Assert.Equal(0, harness.Executions);
+    }
+
+    [Fact]
     public async Task HeaderScope_MakesKeysTheApiKeys_AndACallerWithoutOneIsAnonymous()
     {
         var harness = Harness(policy: IdempotencyPolicy.Default with { Scope = IdempotencyScope.Header("X-Api-Key") });
@@ -1477,8 +1493,8 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         Assert.True(new IdempotencyKey("header:X-Api-Key:" + alice, key).ToGrainKey().Length < IdempotencyKey.MaxScopeBytes);
     }
 
-    private static HttpContext Principal(string key, Claim claim) =>
-        MiddlewareHarness.Request(key, user: "", configure: c => c.User = new ClaimsPrincipal(new ClaimsIdentity([claim], "test")));
+    private static HttpContext Principal(string key, params Claim[] claims) =>
+        MiddlewareHarness.Request(key, user: "", configure: c => c.User = new ClaimsPrincipal(new ClaimsIdentity(claims, "test")));
 
     [Fact]
     public async Task NoContentResponse_IsReplayedWithoutABody()
