@@ -44,11 +44,15 @@ internal sealed partial class IdempotencyMiddleware(
 
         if (!policies.TryGetValue(endpoint, out var policy))
         {
-            policy = policies.GetValue(endpoint, _ => options.Value.Resolve(metadata));
+            policy = Resolve(endpoint, metadata);
         }
 
         return policy.Methods.Contains(context.Request.Method) ? InvokeIdempotentAsync(context, policy) : next(context);
     }
+
+    // Apart from InvokeAsync: the closure captures the metadata, and inside it would be allocated for every request.
+    private IdempotencyPolicy Resolve(Endpoint endpoint, IIdempotencyMetadata metadata) =>
+        policies.GetValue(endpoint, _ => options.Value.Resolve(metadata));
 
     private async Task InvokeIdempotentAsync(HttpContext context, IdempotencyPolicy policy)
     {

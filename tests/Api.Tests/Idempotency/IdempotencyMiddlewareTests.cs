@@ -35,6 +35,29 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Theory]
+    [InlineData(false, "POST")]
+    [InlineData(true, "GET")]
+    public void RequestTheLayerDoesNotCover_PassesThrough_AllocatingNothing(bool idempotentEndpoint, string method)
+    {
+        // DESIGN §5: endpoints without metadata pay nothing, nor do methods an idempotent endpoint does not cover.
+        var harness = Harness(endpoint: _ => Task.CompletedTask);
+        var context = MiddlewareHarness.Request(key: null, method: method);
+        context.SetEndpoint(new Endpoint(harness.Endpoint, idempotentEndpoint ? new EndpointMetadataCollection(harness.Metadata) : EndpointMetadataCollection.Empty, "plain"));
+        Assert.True(harness.InvokeAsync(context).IsCompletedSuccessfully);
+
+        var before = GC.GetAllocatedBytesForCurrentThread();
+        var allDone = true;
+        for (var i = 0; i < 100; i++)
+        {
+            allDone &= harness.InvokeAsync(context).IsCompletedSuccessfully;
+        }
+
+        Assert.Equal(0, GC.GetAllocatedBytesForCurrentThread() - before);
+        Assert.True(allDone);
+        Assert.Equal(101, harness.Executions);
+    }
+
+    [Theory]
     [InlineData("GET")]
     [InlineData("HEAD")]
     [InlineData("OPTIONS")]

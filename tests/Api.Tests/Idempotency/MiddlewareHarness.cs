@@ -93,6 +93,9 @@ internal sealed class MiddlewareHarness
         return context;
     }
 
+    /// <summary>The middleware itself, for a context whose endpoint is already set.</summary>
+    public Task InvokeAsync(HttpContext context) => middleware.InvokeAsync(context);
+
     public async Task<HttpContext> SendAsync(HttpContext context)
     {
         if (context.GetEndpoint() is null)
