@@ -39,7 +39,9 @@ internal sealed partial class LeaseRenewal : IDisposable
         this.time = time;
         this.logger = logger;
         this.leaseEndsBy = leaseEndsBy;
-        timer = time.CreateTimer(static state => ((LeaseRenewal)state!).Tick(), this, UntilNextRenewal(), Timeout.InfiniteTimeSpan);
+        // Started once assigned: a tick due at once (a lease of a few milliseconds) reschedules the timer it is run by.
+        timer = time.CreateTimer(static state => ((LeaseRenewal)state!).Tick(), this, Timeout.InfiniteTimeSpan, Timeout.InfiniteTimeSpan);
+        timer.Change(UntilNextRenewal(), Timeout.InfiniteTimeSpan);
     }
 
     public void Dispose()
@@ -72,7 +74,7 @@ internal sealed partial class LeaseRenewal : IDisposable
         {
             if (!await grain.RenewAsync(token, lease))
             {
-                LogRenewalFailed(logger, grain.GetPrimaryKeyString(), "the claim is no longer held");
+                LogFailure("the claim is no longer held");
                 Dispose();
                 return;
             }
@@ -81,7 +83,7 @@ internal sealed partial class LeaseRenewal : IDisposable
         }
         catch (Exception ex)
         {
-            LogRenewalFailed(logger, grain.GetPrimaryKeyString(), ex.GetType().Name);
+            LogFailure(ex.GetType().Name);
         }
 
         if (Volatile.Read(ref stopped))
@@ -96,6 +98,20 @@ internal sealed partial class LeaseRenewal : IDisposable
         catch (ObjectDisposedException)
         {
             // The action ended while this renewal was out.
+        }
+    }
+
+    // Tick is a timer's async void: a throw escaping it would end the process, and every action running in it, for a
+    // log that cannot be written (its disk full, say).
+    private void LogFailure(string reason)
+    {
+        try
+        {
+            LogRenewalFailed(logger, grain.GetPrimaryKeyString(), reason);
+        }
+        catch (Exception)
+        {
+            // The renewals go on unlogged.
         }
     }
 

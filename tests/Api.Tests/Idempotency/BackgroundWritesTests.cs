@@ -228,26 +228,5 @@ public sealed class BackgroundWritesTests(MiddlewareClusterFixture fixture)
     private static List<string> Errors(FakeLogger log, string key) =>
         [.. log.Collector.GetSnapshot().Where(r => r.Level == LogLevel.Error && r.Message.Contains(key)).Select(r => r.Message)];
 
-    // A log that cannot be written for the messages holding a text (its disk full, say); the others it writes.
-    private sealed class FailingLog(string failsFor) : ILogger
-    {
-        public ConcurrentQueue<string> Written { get; } = new();
-
-        public IDisposable? BeginScope<TState>(TState state)
-            where TState : notnull => null;
-
-        public bool IsEnabled(LogLevel logLevel) => true;
-
-        public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter)
-        {
-            if (formatter(state, exception).Contains(failsFor, StringComparison.Ordinal))
-            {
-                throw new IOException("The log cannot be written.");
-            }
-
-            Written.Enqueue(formatter(state, exception));
-        }
-    }
-
     private IIdempotencyGrain Grain() => fixture.Grains.GetIdempotencyGrain(new IdempotencyKey("user:alice", MiddlewareHarness.NewKey()));
 }
