@@ -304,7 +304,15 @@ internal sealed partial class IdempotencyMiddleware(
             return;
         }
 
-        var stored = new StoredResponse(response.StatusCode, StoredHeaders(response.Headers, policy, capture.ArrivedEncoded), capture.ToArray(), capture.Overflowed, capture.BytesWritten,
+        var headers = StoredHeaders(response.Headers, policy, capture.ArrivedEncoded);
+        if (capture.BytesWritten == 0 && response.ContentLength is { } announced && HttpMethods.IsHead(context.Request.Method))
+        {
+            // A HEAD's Content-Length is the size of the body a GET would get, not of one this response carries (none):
+            // stored as a header, since a replay sets a body's length from the body.
+            headers.Add(new StoredHeader(HeaderNames.ContentLength, announced.ToString(CultureInfo.InvariantCulture)));
+        }
+
+        var stored = new StoredResponse(response.StatusCode, headers, capture.ToArray(), capture.Overflowed, capture.BytesWritten,
             StoredTrailers(context.Features.Get<IHttpResponseTrailersFeature>()?.Trailers));
         // The client may be gone; the outcome is stored regardless, for its retry.
         if (!await calls.CompleteAsync(grain, token, stored, policy.Lease))

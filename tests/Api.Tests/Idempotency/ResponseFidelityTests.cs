@@ -295,7 +295,7 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
-    public async Task HeadAnsweredWithAContentLengthAndNoBody_IsStoredAsItIs()
+    public async Task HeadAnsweredWithAContentLengthAndNoBody_IsStoredAsItIs_ItsContentLengthReplayed()
     {
         var harness = Harness(context =>
         {
@@ -314,6 +314,9 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
 
         Assert.Equal(200, replay.Response.StatusCode);
         Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        // A HEAD's Content-Length tells the size of the body a GET would get: the first caller was told it.
+        Assert.Equal(100, replay.Response.ContentLength);
+        Assert.Empty(replay.BodyBytes());
         Assert.Equal(1, harness.Executions);
     }
 
