@@ -16,6 +16,9 @@ builder.AddDemo();
 var gateway = builder.AddGateway();
 builder.Services.AddOpenApi(options => options.AddIdempotency());
 builder.Services.AddRequestTimeouts();
+// A minimal API's body it cannot bind (malformed JSON) is a 400 its endpoint answers, stored and replayed as the 4xx
+// it is, in every environment alike: in Development alone it would otherwise be an exception, releasing the key.
+builder.Services.Configure<RouteHandlerOptions>(options => options.ThrowOnBadRequest = false);
 
 var app = builder.Build();
 // Outside the idempotency middleware: it sees an action's exception first (and releases the key). Kestrel's own
@@ -27,6 +30,9 @@ app.UseExceptionHandler(new ExceptionHandlerOptions
     StatusCodeSelector = exception => exception is BadHttpRequestException bad ? bad.StatusCode : StatusCodes.Status500InternalServerError,
     SuppressDiagnosticsCallback = context => context.Exception is BadHttpRequestException,
 });
+// An error status without a body (a route's 404, a media type's 415, a minimal API's 400) becomes a problem
+// (RFC 9457) on its way out; a gateway route's backend answers pass untouched (GatewayExtensions).
+app.UseStatusCodePages();
 app.UseAuthentication();
 app.UseAuthorization();
 // Endpoints' time-outs (a gateway route's Timeout, [RequestTimeout]) end the requests that run past them, apart from

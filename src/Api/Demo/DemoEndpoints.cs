@@ -31,11 +31,12 @@ public static class DemoEndpoints
     private static async Task<IResult> CreatePaymentAsync(CreatePaymentRequest request, HttpContext context, IDemoStore store, TimeProvider time)
     {
         var currency = request.Currency ?? "EUR";
-        if (request.Amount <= 0 || request.Amount > 1_000_000 || currency.Length != 3 || !currency.All(char.IsAsciiLetterUpper))
+        var amountValid = request.Amount is > 0 and <= 1_000_000 && CentsAttribute.IsCents(request.Amount);
+        if (!amountValid || currency.Length != 3 || !currency.All(char.IsAsciiLetterUpper))
         {
             return TypedResults.ValidationProblem(new Dictionary<string, string[]>
             {
-                ["amount"] = request.Amount is > 0 and <= 1_000_000 ? [] : ["Must be more than 0 and at most 1,000,000."],
+                ["amount"] = amountValid ? [] : ["Must be more than 0 and at most 1,000,000, in whole cents (at most two decimal places)."],
                 ["currency"] = currency.Length == 3 && currency.All(char.IsAsciiLetterUpper) ? [] : ["Must be a three-letter ISO 4217 code such as EUR."],
             }.Where(e => e.Value.Length > 0).ToDictionary());
         }
@@ -45,7 +46,7 @@ public static class DemoEndpoints
             return early;
         }
 
-        var payment = new Payment(Guid.CreateVersion7().ToString(), request.Amount, currency, time.GetUtcNow());
+        var payment = new Payment(Guid.CreateVersion7().ToString(), request.Amount, currency, DemoClock.Now(time));
         await store.AddPaymentAsync(UserId(context.User), context.Request.Headers[IdempotencyKeyHeader.Name], payment, CancellationToken.None);
         return TypedResults.Created($"/payments/{payment.Id}", payment);
     }

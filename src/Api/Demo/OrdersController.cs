@@ -26,7 +26,7 @@ public sealed class OrdersController(IDemoStore store, TimeProvider time) : Cont
             return early;
         }
 
-        var order = new Order(Guid.CreateVersion7().ToString(), request.CustomerId, request.Amount, request.Items, time.GetUtcNow());
+        var order = new Order(Guid.CreateVersion7().ToString(), request.CustomerId, request.Amount, request.Items, DemoClock.Now(time));
         await store.AddOrderAsync(UserId, Request.Headers[IdempotencyKeyHeader.Name], order, CancellationToken.None);
         return TypedResults.Created($"/orders/{order.Id}", order);
     }
@@ -39,5 +39,8 @@ public sealed class OrdersController(IDemoStore store, TimeProvider time) : Cont
     /// <summary>One of the caller's orders.</summary>
     [HttpGet("{id}")]
     public async Task<IResult> GetAsync(string id, CancellationToken cancellationToken) =>
-        await store.GetOrderAsync(UserId, id, cancellationToken) is { } order ? TypedResults.Ok(order) : TypedResults.NotFound();
+        await store.GetOrderAsync(UserId, id, cancellationToken) is { } order
+            ? TypedResults.Ok(order)
+            // A problem, as the rest of the API answers: [ApiController] makes none of an IResult's bare 404.
+            : TypedResults.Problem(statusCode: StatusCodes.Status404NotFound, title: "Not Found", detail: "The caller has no order with this id.");
 }

@@ -1,3 +1,4 @@
+using Microsoft.AspNetCore.Diagnostics;
 using Microsoft.Net.Http.Headers;
 using OrleansIdempotency.AspNetCore;
 using Yarp.ReverseProxy.Configuration;
@@ -88,6 +89,7 @@ public static class GatewayExtensions
     public static void MapGateway(this WebApplication app) =>
         app.MapReverseProxy(static proxy =>
         {
+            proxy.Use(PassTheBackendsAnswerAsItIs);
             proxy.Use(LeaveInDoubtWhenTheBackendMayHaveRunAsync);
             // YARP's default steps, which a pipeline of one's own must name.
             proxy.UseSessionAffinity();
@@ -100,6 +102,17 @@ public static class GatewayExtensions
                 endpoint.WithMetadata(metadata);
             }
         });
+
+    // The host's status code pages would give a backend's empty 404 a body of the host's own.
+    private static Task PassTheBackendsAnswerAsItIs(HttpContext context, Func<Task> next)
+    {
+        if (context.Features.Get<IStatusCodePagesFeature>() is { } pages)
+        {
+            pages.Enabled = false;
+        }
+
+        return next();
+    }
 
     /// <summary>
     /// The proxy's own 502 or 504 is no answer of the backend's: when the request may have reached it (it timed out,

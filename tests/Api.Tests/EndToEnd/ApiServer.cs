@@ -9,8 +9,11 @@ using OrleansIdempotency.Testing;
 
 namespace OrleansIdempotency.Api.Tests.EndToEnd;
 
-/// <summary>The demo API (src/Api's Program) on real Kestrel, on a free loopback port, configured by <paramref name="settings"/>.</summary>
-public sealed class ApiServer(IReadOnlyDictionary<string, string?> settings) : WebApplicationFactory<Program>
+/// <summary>
+/// The demo API (src/Api's Program) on real Kestrel, on a free loopback port, configured by <paramref name="settings"/>,
+/// in the Development environment unless <paramref name="environment"/> names another.
+/// </summary>
+public sealed class ApiServer(IReadOnlyDictionary<string, string?> settings, string environment = "Development") : WebApplicationFactory<Program>
 {
     public int Port { get; } = FreePort.Next();
 
@@ -19,9 +22,9 @@ public sealed class ApiServer(IReadOnlyDictionary<string, string?> settings) : W
     /// <summary>What the API logged as errors.</summary>
     public ErrorLog Errors { get; } = new();
 
-    public static Task<ApiServer> StartAsync(IReadOnlyDictionary<string, string?> settings)
+    public static Task<ApiServer> StartAsync(IReadOnlyDictionary<string, string?> settings, string environment = "Development")
     {
-        var server = new ApiServer(settings);
+        var server = new ApiServer(settings, environment);
         server.UseKestrel(server.Port);
         server.StartServer();
         return Task.FromResult(server);
@@ -41,7 +44,7 @@ public sealed class ApiServer(IReadOnlyDictionary<string, string?> settings) : W
 
     protected override void ConfigureWebHost(IWebHostBuilder builder)
     {
-        builder.UseEnvironment("Development");
+        builder.UseEnvironment(environment);
         builder.ConfigureLogging(logging => logging.AddProvider(Errors));
         foreach (var (key, value) in settings)
         {

@@ -120,6 +120,21 @@ public sealed class GatewayTests : IAsyncLifetime
         Assert.Equal(2, backend.Runs(key));
     }
 
+    [Theory]
+    [InlineData("/plain/charges")]
+    [InlineData("/charges")]
+    public async Task BackendsEmptyErrorAnswer_PassesAsItIs_WithoutABodyOfTheGatewaysOwn(string path)
+    {
+        // The gateway host's status code pages give its own empty error answers a problem body; not a backend's.
+        using var client = Client("Bearer caller-1");
+
+        var (response, body) = await client.SendAsync(path + "?emptyNotFound=true", Guid.NewGuid().ToString(), "{\"amount\":5}");
+
+        Assert.Equal(HttpStatusCode.NotFound, response.StatusCode);
+        Assert.Empty(body);
+        Assert.Null(response.Content.Headers.ContentType);
+    }
+
     [Fact]
     public async Task IdempotentRoute_WithoutAKey_Is400_AndNeverReachesTheBackend()
     {
@@ -380,7 +395,7 @@ public sealed class GatewayTests : IAsyncLifetime
     /// An API the gateway knows nothing about: every POST counts a run under its <c>Idempotency-Key</c> and answers
     /// 201 with a fresh id; <c>?delayMs=N</c> makes it slow, <c>?failFirst=true</c> answers 503 to a key's first run,
     /// <c>?abortMidBody=true</c> sends the start of a 201 and then aborts the connection, <c>?abortBeforeHeaders=true</c>
-    /// aborts it before answering anything.
+    /// aborts it before answering anything, <c>?emptyNotFound=true</c> answers 404 without a body or its length.
     /// </summary>
     private sealed class Backend
     {
@@ -421,6 +436,15 @@ public sealed class GatewayTests : IAsyncLifetime
                 if (context.Request.Query["failFirst"] == "true" && run == 1)
                 {
                     context.Response.StatusCode = StatusCodes.Status503ServiceUnavailable;
+                    return;
+                }
+
+                if (context.Request.Query["emptyNotFound"] == "true")
+                {
+                    // Begun without a length: sent chunked, its end an empty last chunk.
+                    context.Response.StatusCode = StatusCodes.Status404NotFound;
+                    await context.Response.StartAsync();
+                    finished.TryAdd(key, true);
                     return;
                 }
 

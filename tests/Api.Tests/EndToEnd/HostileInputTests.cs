@@ -70,6 +70,11 @@ public sealed class HostileInputTests(EndToEndFixture fixture)
             Body("number out of range", "{\"customerId\":\"c\",\"amount\":1e400,\"items\":[{\"sku\":\"A\",\"quantity\":1}]}"),
             Body("nested 1,000 deep", new string('[', 1000) + new string(']', 1000)),
             Body("not JSON at all", "\u0000\u0001\u0002"),
+            Body("NUL in the customer id", "{\"customerId\":\"c\\u0000\",\"amount\":1,\"items\":[{\"sku\":\"A\",\"quantity\":1}]}"),
+            Body("control character in a SKU", "{\"customerId\":\"c\",\"amount\":1,\"items\":[{\"sku\":\"A\\u0007\",\"quantity\":1}]}"),
+            Body("null item", "{\"customerId\":\"c\",\"amount\":1,\"items\":[null]}"),
+            Body("a third decimal of the amount", "{\"customerId\":\"c\",\"amount\":0.015,\"items\":[{\"sku\":\"A\",\"quantity\":1}]}"),
+            new("payment of a tenth of a cent", "POST", "/payments", With(Guid.NewGuid().ToString()), Encoding.UTF8.GetBytes("{\"amount\":0.001}"), 400, "", Claims: true),
             // Oversized
             new("body over 10 MiB", "POST", "/orders", With(Guid.NewGuid().ToString()), new byte[(10 * 1024 * 1024) + 1], 413, "body-too-large"),
             // Credentials
@@ -93,6 +98,7 @@ public sealed class HostileInputTests(EndToEndFixture fixture)
     {
         var recordsBefore = await CountAsync("SELECT count(*) FROM OrleansStorage");
         var ordersBefore = await CountAsync("SELECT count(*) FROM demo_orders");
+        var paymentsBefore = await CountAsync("SELECT count(*) FROM demo_payments");
 
         var response = await RawHttp.SendAsync(fixture.Api.BaseAddress, bad.Method, bad.Target, bad.Headers, bad.Body);
 
@@ -107,6 +113,7 @@ public sealed class HostileInputTests(EndToEndFixture fixture)
         }
 
         Assert.Equal(ordersBefore, await CountAsync("SELECT count(*) FROM demo_orders"));
+        Assert.Equal(paymentsBefore, await CountAsync("SELECT count(*) FROM demo_payments"));
         Assert.Equal(recordsBefore + (bad.Claims ? 1 : 0), await CountAsync("SELECT count(*) FROM OrleansStorage"));
         if (bad.Claims)
         {

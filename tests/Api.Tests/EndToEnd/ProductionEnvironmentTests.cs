@@ -1,0 +1,59 @@
+using System.Net;
+using System.Text;
+using System.Text.Json;
+using OrleansIdempotency.Testing;
+
+namespace OrleansIdempotency.Api.Tests.EndToEnd;
+
+/// <summary>The demo API as deployed (the Production environment), where ASP.NET Core's defaults differ from Development's.</summary>
+public sealed class ProductionEnvironmentTests : IAsyncLifetime
+{
+    private ApiServer api = null!;
+
+    public async Task InitializeAsync() =>
+        api = await ApiServer.StartAsync(new Dictionary<string, string?>(FreePort.SiloEndpoints())
+        {
+            ["Orleans:AllowInMemoryRecords"] = "true",
+            ["Demo:ApiKeys:demo-alice"] = "alice",
+            ["Logging:LogLevel:Default"] = "Error",
+        }, environment: "Production");
+
+    public async Task DisposeAsync() => await api.DisposeAsync();
+
+    [Fact]
+    public async Task PaymentBodyThatCannotBeBound_IsA400Problem_StoredAndReplayedAsOne()
+    {
+        // Outside Development a minimal API answers a body it cannot bind with a bare 400, which the layer stores; in
+        // Development it throws, which released the key: one answer now, in every environment.
+        using var client = api.Client();
+        var key = Guid.NewGuid().ToString();
+
+        var (first, firstBody) = await client.SendAsync("/payments", key, "{\"amount\":");
+        var (replay, replayBody) = await client.SendAsync("/payments", key, "{\"amount\":");
+
+        Assert.Equal(HttpStatusCode.BadRequest, first.StatusCode);
+        Assert.Equal("application/problem+json", first.Content.Headers.ContentType?.MediaType);
+        Assert.Equal(400, JsonDocument.Parse(firstBody).RootElement.GetProperty("status").GetInt32());
+        Assert.True(replay.IsReplay());
+        Assert.Equal(HttpStatusCode.BadRequest, replay.StatusCode);
+        Assert.Equal("application/problem+json", replay.Content.Headers.ContentType?.MediaType);
+        Assert.Equal(400, JsonDocument.Parse(replayBody).RootElement.GetProperty("status").GetInt32());
+    }
+
+    [Theory]
+    [InlineData("POST", "/payments", "text/plain", 415)]
+    [InlineData("POST", "/nowhere", "application/json", 404)]
+    [InlineData("DELETE", "/payments", "application/json", 405)]
+    public async Task RequestRoutingRefuses_IsAProblem_NotABareStatus(string method, string path, string contentType, int status)
+    {
+        using var client = api.Client();
+        using var request = new HttpRequestMessage(new HttpMethod(method), path) { Content = new StringContent(Requests.PaymentBody, Encoding.UTF8, contentType) };
+        request.Headers.Add("Idempotency-Key", Guid.NewGuid().ToString());
+
+        var response = await client.SendAsync(request);
+
+        Assert.Equal(status, (int)response.StatusCode);
+        Assert.Equal("application/problem+json", response.Content.Headers.ContentType?.MediaType);
+        Assert.Equal(status, JsonDocument.Parse(await response.Content.ReadAsStringAsync()).RootElement.GetProperty("status").GetInt32());
+    }
+}
