@@ -18,13 +18,17 @@ public static class ClusterHealthEndpoints
         {
             var management = grains.GetGrain<IManagementGrain>(0);
             Dictionary<SiloAddress, SiloStatus> hosts;
+            // Cancelled, not only given up on: a stalled gateway would otherwise hold each probe's call until Orleans' time-out.
+            using var answers = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+            answers.CancelAfter(ClusterAnswers);
             try
             {
-                hosts = await management.GetHosts(onlyActive: true, cancellationToken).WaitAsync(ClusterAnswers, cancellationToken);
+                hosts = await management.GetHosts(onlyActive: true, answers.Token).WaitAsync(answers.Token);
             }
             catch (Exception ex) when (!cancellationToken.IsCancellationRequested)
             {
-                return Results.Problem(statusCode: 503, title: "Cluster unreachable", detail: ex.Message);
+                return Results.Problem(statusCode: 503, title: "Cluster unreachable",
+                    detail: answers.IsCancellationRequested ? $"The cluster did not answer within {ClusterAnswers.TotalSeconds:0} s." : ex.Message);
             }
 
             var counts = await Task.WhenAll(hosts.Keys.Select(silo => ActivationsOnAsync(management, silo, cancellationToken)));
