@@ -49,30 +49,45 @@ public sealed class PostgresServer : IAsyncDisposable
 
         var data = Path.Combine(root, "data");
         Directory.CreateDirectory(root);
-        if (Environment.UserName == "root")
+        ChildProcesses.TrackDirectory(root);
+        try
         {
-            await RunAsync("chown", ["postgres:postgres", root]);
+            if (Environment.UserName == "root")
+            {
+                await RunAsync("chown", ["postgres:postgres", root]);
+            }
+
+            // Run from a directory the postgres user owns, not the test's own (a clone may sit under a private home).
+            var initdb = ServerProcess.RunAs("postgres", Path.Combine(bin, "initdb"),
+                ["-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync", "--locale=C"]);
+            initdb.WorkingDirectory = root;
+            await RunAsync(initdb);
+
+            for (var attempt = 0; ; attempt++)
+            {
+                var server = new PostgresServer(bin, data, FreePort.Next(), durable);
+                try
+                {
+                    await server.StartAgainAsync();
+                    return server;
+                }
+                catch (Exception ex)
+                {
+                    // A server that never became ready is stopped, not left running to the end of the run.
+                    await server.StopAsync();
+                    if (ex is not InvalidOperationException || attempt == 3)
+                    {
+                        throw;
+                    }
+
+                    // Most likely another process took the port between FreePort and bind: tried again on another.
+                }
+            }
         }
-
-        // Run from a directory the postgres user owns, not the test's own (a clone may sit under a private home).
-        var initdb = ServerProcess.RunAs("postgres", Path.Combine(bin, "initdb"),
-            ["-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync", "--locale=C"]);
-        initdb.WorkingDirectory = root;
-        await RunAsync(initdb);
-
-        for (var attempt = 0; ; attempt++)
+        catch
         {
-            var server = new PostgresServer(bin, data, FreePort.Next(), durable);
-            try
-            {
-                await server.StartAgainAsync();
-                return server;
-            }
-            catch (InvalidOperationException) when (attempt < 3)
-            {
-                // Most likely another process took the port between FreePort and bind.
-                await server.StopAsync();
-            }
+            Directory.Delete(root, recursive: true);
+            throw;
         }
     }
 

@@ -30,9 +30,14 @@ public sealed class RedisServer : IAsyncDisposable
                 await server.StartAgainAsync();
                 return server;
             }
-            catch (InvalidOperationException) when (attempt < 3)
+            catch (Exception ex)
             {
+                // A server that never answered is stopped, not left running to the end of the run.
                 await server.StopAsync();
+                if (ex is not InvalidOperationException || attempt == 3)
+                {
+                    throw;
+                }
             }
         }
     }
