@@ -18,6 +18,32 @@ public static class FreePort
     private static readonly HashSet<int> HandedOut = [];
     private static readonly int Below = EphemeralRangeStart();
 
+    /// <summary>
+    /// Starts a server on a free port, and on another when its start fails with <see cref="InvalidOperationException"/>
+    /// (most likely another process took the port between the pick and the bind), four tries in all. A server whose
+    /// start failed is stopped, not left running to the end of the run.
+    /// </summary>
+    public static async Task<T> StartOnOneAsync<T>(Func<int, T> create, Func<T, Task> start, Func<T, Task> stop)
+    {
+        for (var attempt = 0; ; attempt++)
+        {
+            var server = create(Next());
+            try
+            {
+                await start(server);
+                return server;
+            }
+            catch (Exception ex)
+            {
+                await stop(server);
+                if (ex is not InvalidOperationException || attempt == 3)
+                {
+                    throw;
+                }
+            }
+        }
+    }
+
     /// <summary>A port outside the ephemeral range that was free a moment ago and that this process has not handed out before.</summary>
     public static int Next()
     {

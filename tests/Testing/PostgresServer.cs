@@ -63,26 +63,7 @@ public sealed class PostgresServer : IAsyncDisposable
             initdb.WorkingDirectory = root;
             await RunAsync(initdb);
 
-            for (var attempt = 0; ; attempt++)
-            {
-                var server = new PostgresServer(bin, data, FreePort.Next(), durable);
-                try
-                {
-                    await server.StartAgainAsync();
-                    return server;
-                }
-                catch (Exception ex)
-                {
-                    // A server that never became ready is stopped, not left running to the end of the run.
-                    await server.StopAsync();
-                    if (ex is not InvalidOperationException || attempt == 3)
-                    {
-                        throw;
-                    }
-
-                    // Most likely another process took the port between FreePort and bind: tried again on another.
-                }
-            }
+            return await FreePort.StartOnOneAsync(port => new PostgresServer(bin, data, port, durable), server => server.StartAgainAsync(), server => server.StopAsync());
         }
         catch
         {

@@ -20,27 +20,8 @@ public sealed class RedisServer : IAsyncDisposable
     public string ConnectionString => $"127.0.0.1:{Port.ToString(CultureInfo.InvariantCulture)}";
 
     /// <summary>Starts a new server.</summary>
-    public static async Task<RedisServer> StartAsync()
-    {
-        for (var attempt = 0; ; attempt++)
-        {
-            var server = new RedisServer(FreePort.Next());
-            try
-            {
-                await server.StartAgainAsync();
-                return server;
-            }
-            catch (Exception ex)
-            {
-                // A server that never answered is stopped, not left running to the end of the run.
-                await server.StopAsync();
-                if (ex is not InvalidOperationException || attempt == 3)
-                {
-                    throw;
-                }
-            }
-        }
-    }
+    public static Task<RedisServer> StartAsync() =>
+        FreePort.StartOnOneAsync(port => new RedisServer(port), server => server.StartAgainAsync(), server => server.StopAsync());
 
     /// <summary>Starts the server (again) on its port and waits until it answers PING.</summary>
     public async Task StartAgainAsync()
