@@ -18,7 +18,7 @@ kill_leftovers() {
     for pid_file in "$run_dir"/pids/*; do
       [ -e "$pid_file" ] || continue
       pid=$(basename "$pid_file")
-      started=$(cat "$pid_file")
+      started=$(cat "$pid_file" 2>/dev/null) || continue
       if [ -n "$started" ] && [ -r "/proc/$pid/stat" ]; then
         stat=$(cat "/proc/$pid/stat" 2>/dev/null || true)
         fields=(${stat##*) })
@@ -28,7 +28,7 @@ kill_leftovers() {
     done
   fi
   if [ -f "$run_dir/directories" ]; then
-    while read -r directory; do rm -rf "$directory"; done < "$run_dir/directories"
+    while IFS= read -r directory; do rm -rf -- "$directory" || true; done < "$run_dir/directories"
     rm -f "$run_dir/directories"
   fi
 }
@@ -55,11 +55,11 @@ dotnet build OrleansIdempotency.sln -c Release -warnaserror -nologo -v q
 status=0
 log="$run_dir/test.log"
 # One project at a time: the machine has two cores, and the fault tests measure time. A test that hangs is stopped
-# after 5 minutes (the longest scenario takes under 2), naming itself, rather than holding the run.
+# after 8 minutes (the longest scenarios allow their workload 4 and their checks 1 beside it), naming itself, rather than holding the run.
 for project in tests/*/*.Tests.csproj; do
   echo "== $project"
   dotnet test "$project" -c Release --no-build --nologo "${filter[@]}" --logger "console;verbosity=normal" \
-    --blame-hang-timeout 5m --blame-hang-dump-type none 2>&1 | tee -a "$log" \
+    --blame-hang-timeout 8m --blame-hang-dump-type none 2>&1 | tee -a "$log" \
     || status=1
   # Before the next project, whose tests measure time on the two cores.
   kill_leftovers

@@ -30,9 +30,6 @@ app.UseExceptionHandler(new ExceptionHandlerOptions
     StatusCodeSelector = exception => exception is BadHttpRequestException bad ? bad.StatusCode : StatusCodes.Status500InternalServerError,
     SuppressDiagnosticsCallback = context => context.Exception is BadHttpRequestException,
 });
-// An error status without a body (a route's 404, a media type's 415, a minimal API's 400) becomes a problem
-// (RFC 9457) on its way out; a gateway route's backend answers pass untouched (GatewayExtensions).
-app.UseStatusCodePages();
 app.UseAuthentication();
 app.UseAuthorization();
 // Endpoints' time-outs (a gateway route's Timeout, [RequestTimeout]) end the requests that run past them, apart from
@@ -40,6 +37,10 @@ app.UseAuthorization();
 // stored for the retry).
 app.UseRequestTimeouts();
 app.UseIdempotency();
+// An error status without a body (a route's 404, a media type's 415, a minimal API's 400) becomes a problem
+// (RFC 9457). Inside the layer: the problem an idempotent action's client got is what is stored and replayed, not a
+// body made again for each replay. A gateway route's backend answers pass untouched (GatewayExtensions).
+app.UseStatusCodePages();
 app.MapControllers();
 app.MapDemoEndpoints();
 app.MapClusterHealth();

@@ -35,7 +35,15 @@ public static class FreePort
             }
             catch (Exception ex)
             {
-                await stop(server);
+                try
+                {
+                    await stop(server);
+                }
+                catch (Exception)
+                {
+                    // The start's failure is the one to report.
+                }
+
                 if (ex is not InvalidOperationException || attempt == 3)
                 {
                     throw;

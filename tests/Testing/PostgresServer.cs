@@ -67,7 +67,15 @@ public sealed class PostgresServer : IAsyncDisposable
         }
         catch
         {
-            Directory.Delete(root, recursive: true);
+            try
+            {
+                Directory.Delete(root, recursive: true);
+            }
+            catch (IOException)
+            {
+                // The start's failure is the one to report.
+            }
+
             throw;
         }
     }

@@ -204,7 +204,7 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
         {
             if (!IsToken(header.Name) || !IsFieldValue(header.Value) || IdempotencyPolicy.NeverStoredHeaders.Contains(header.Name))
             {
-                return $"Header '{header.Name}' cannot be stored: a name is a token, a value visible ASCII, and hop-by-hop, Set-Cookie, Date, Content-Length and the layer's own headers are never stored.";
+                return $"Header '{header.Name}' cannot be stored: a name is a token, a value visible ASCII, and hop-by-hop, Set-Cookie, Date, Content-Length (but a HEAD's, which the layer keeps itself) and the layer's own headers are never stored.";
             }
         }
 

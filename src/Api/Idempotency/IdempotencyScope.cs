@@ -20,16 +20,16 @@ public static class IdempotencyScope
     /// </summary>
     public static string? User(HttpContext context) =>
         context.User.Identity?.IsAuthenticated == true
-            && (context.User.FindFirst(ClaimTypes.NameIdentifier) ?? context.User.FindFirst("sub"))?.Value is { Length: > 0 } id
+            && (context.User.FindFirst(ClaimTypes.NameIdentifier) ?? context.User.FindFirst("sub"))?.Value is { } id && !string.IsNullOrWhiteSpace(id)
             ? "user:" + id
             : null;
 
     /// <summary>
     /// The value of the authenticated caller's claim <paramref name="type"/> (a tenant id, say), as
-    /// <c>claim:{type}:{value}</c>. An empty value is none: every caller given one would otherwise share one scope.
+    /// <c>claim:{type}:{value}</c>. An empty or blank value is none: every caller given one would otherwise share one scope.
     /// </summary>
     public static Func<HttpContext, string?> Claim(string type) =>
-        context => context.User.Identity?.IsAuthenticated == true && context.User.FindFirst(type)?.Value is { Length: > 0 } value
+        context => context.User.Identity?.IsAuthenticated == true && context.User.FindFirst(type)?.Value is { } value && !string.IsNullOrWhiteSpace(value)
             ? $"claim:{type}:{value}"
             : null;
 

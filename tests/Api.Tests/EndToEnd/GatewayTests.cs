@@ -127,12 +127,19 @@ public sealed class GatewayTests : IAsyncLifetime
     {
         // The gateway host's status code pages give its own empty error answers a problem body; not a backend's.
         using var client = Client("Bearer caller-1");
+        var key = Guid.NewGuid().ToString();
 
-        var (response, body) = await client.SendAsync(path + "?emptyNotFound=true", Guid.NewGuid().ToString(), "{\"amount\":5}");
+        var (response, body) = await client.SendAsync(path + "?emptyNotFound=true", key, "{\"amount\":5}");
+        var (again, againBody) = await client.SendAsync(path + "?emptyNotFound=true", key, "{\"amount\":5}");
 
         Assert.Equal(HttpStatusCode.NotFound, response.StatusCode);
         Assert.Empty(body);
         Assert.Null(response.Content.Headers.ContentType);
+        // On the idempotent route the second is the replay: as the first, not a body the gateway host made for it.
+        Assert.Equal(path == "/charges", again.IsReplay());
+        Assert.Equal(HttpStatusCode.NotFound, again.StatusCode);
+        Assert.Empty(againBody);
+        Assert.Null(again.Content.Headers.ContentType);
     }
 
     [Fact]

@@ -351,15 +351,17 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         Assert.Equal(IdempotencyStatus.Completed, (await harness.Grain(key, "claim:tenant:acme").GetAsync()).Status);
     }
 
-    [Fact]
-    public async Task ClaimScope_AnEmptyClaim_IsNoTenant_ItsCallersAreRefused_NeverSharingOneScope()
+    [Theory]
+    [InlineData("")]
+    [InlineData("  ")]
+    public async Task ClaimScope_AnEmptyClaim_IsNoTenant_ItsCallersAreRefused_NeverSharingOneScope(string tenant)
     {
         // An identity provider that gives users without a tenant an empty one: "claim:tenant:" would be one tenant of them all.
         var harness = Harness(policy: IdempotencyPolicy.Default with { Scope = IdempotencyScope.Claim("tenant") });
         var key = MiddlewareHarness.NewKey();
 
-        var alice = await harness.SendAsync(Principal(key, new Claim(ClaimTypes.NameIdentifier, "alice"), new Claim("tenant", "")));
-        var bob = await harness.SendAsync(Principal(key, new Claim(ClaimTypes.NameIdentifier, "bob"), new Claim("tenant", "")));
+        var alice = await harness.SendAsync(Principal(key, new Claim(ClaimTypes.NameIdentifier, "alice"), new Claim("tenant", tenant)));
+        var bob = await harness.SendAsync(Principal(key, new Claim(ClaimTypes.NameIdentifier, "bob"), new Claim("tenant", tenant)));
 
         Assert.Equal(403, alice.Response.StatusCode);
         Assert.EndsWith("scope-unreadable", alice.Problem().GetProperty("type").GetString());
