@@ -140,9 +140,10 @@ public sealed class FaultCluster : IAsyncDisposable
                     // Not up yet.
                 }
 
-                if (DateTime.UtcNow > deadline)
+                if (!api.IsRunning || DateTime.UtcNow > deadline)
                 {
-                    throw new TimeoutException($"{api.Name} did not see {silos} active silos in time.\n{api.Output}\n{string.Join("\n", Silos.Select(s => s.Name + ":\n" + s.Output))}");
+                    // One that exited (a port it could not bind, a setting it refused) is reported at once, not waited for.
+                    throw new TimeoutException($"{api.Name} {(api.IsRunning ? "did not see" : "exited before it saw")} {silos} active silos.\n{api.Output}\n{string.Join("\n", Silos.Select(s => s.Name + ":\n" + s.Output))}");
                 }
 
                 await Task.Delay(250);
