@@ -1067,6 +1067,33 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task CompletionThatLandedButWhoseAnswerWasLost_IsFoundStoredWhenAskedAgain_AndReplays()
+    {
+        // A connection dropped after the completion committed: asked again, the grain reads the record it wrote and
+        // takes the same completion as done, neither refused nor queued to be tried in the background.
+        var key = MiddlewareHarness.NewKey();
+        GrainId grain = default;
+        var log = new FakeLogger<IdempotencyMiddleware>();
+        var harness = new MiddlewareHarness(fixture, context =>
+        {
+            fixture.Store.LoseNextAnswer(grain);
+            return MiddlewareHarness.Creates()(context);
+        }, log: log);
+        grain = harness.Grain(key).GetGrainId();
+
+        var first = await harness.SendAsync(key);
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal(201, first.Response.StatusCode);
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(first.Body(), replay.Body());
+        Assert.Equal(1, harness.Executions);
+        Assert.Equal(0, harness.Calls.WaitingForTheStore);
+        Assert.Equal(IdempotencyStatus.Completed, (await harness.Grain(key).GetAsync()).Status);
+        Assert.DoesNotContain(log.Collector.GetSnapshot(), r => r.Level >= LogLevel.Warning);
+    }
+
+    [Fact]
     public async Task RenewalThatLandedButWhoseAnswerWasLost_IsFollowedByRenewalsPastTheApisReckoning_AndTheResultIsStored()
     {
         var (harness, started, release) = LongAction();

@@ -20,7 +20,7 @@ internal sealed class MiddlewareHarness
     private int executions;
 
     public MiddlewareHarness(MiddlewareClusterFixture fixture, RequestDelegate endpoint, IdempotencyPolicy? policy = null, IIdempotencyMetadata? metadata = null,
-        ILogger<IdempotencyGrainCalls>? callsLog = null)
+        ILogger<IdempotencyGrainCalls>? callsLog = null, ILogger<IdempotencyMiddleware>? log = null)
     {
         this.fixture = fixture;
         var options = Options.Create(new IdempotencyOptions { DefaultPolicy = policy ?? IdempotencyPolicy.Default, ClusterRetryBudget = TimeSpan.FromSeconds(2) });
@@ -40,7 +40,7 @@ internal sealed class MiddlewareHarness
             new IdempotencyMetrics(meters),
             new ReplayCache(options, fixture.Time),
             fixture.Time,
-            NullLogger<IdempotencyMiddleware>.Instance);
+            log ?? NullLogger<IdempotencyMiddleware>.Instance);
     }
 
     public IIdempotencyMetadata Metadata { get; }
