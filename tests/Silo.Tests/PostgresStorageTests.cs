@@ -153,6 +153,44 @@ public sealed class PostgresStorageTests(ServersFixture servers)
         Assert.True(await WarnedAsync("-c synchronous_commit=local"));
     }
 
+    [Fact]
+    public async Task Start_WarnsWhenAStandbyIsReplicatedAsynchronously()
+    {
+        // A standby streaming asynchronously may lack the last claims and completions the primary acknowledged: promoted,
+        // it loses them, and their keys run again. A physical replication connection streaming from the server is one.
+        await using var durable = await PostgresServer.StartAsync(durable: true);
+        var connectionString = await durable.CreateDatabaseAsync();
+        async Task<bool> WarnedAsync()
+        {
+            await using var database = new IdempotencyDatabase(connectionString);
+            var log = new FakeLogger<PostgresSchemaInstaller>();
+            await new PostgresSchemaInstaller(database, TimeProvider.System, log).InstallAsync(CancellationToken.None);
+            return log.Collector.GetSnapshot().Any(r => r.Level == LogLevel.Warning && r.Message.Contains("asynchronously", StringComparison.Ordinal));
+        }
+
+        Assert.False(await WarnedAsync());
+
+        using var stop = new CancellationTokenSource();
+        await using var standby = new Npgsql.Replication.PhysicalReplicationConnection(durable.ConnectionString);
+        await standby.Open();
+        var system = await standby.IdentifySystem();
+        var streaming = Task.Run(async () =>
+        {
+            await foreach (var _ in standby.StartReplication(system.XLogPos, stop.Token))
+            {
+            }
+        });
+        for (var waited = 0; await ScalarAsync(durable.ConnectionString, "SELECT count(*)::text FROM pg_stat_replication WHERE state = 'streaming'") != "1"; waited += 50)
+        {
+            Assert.True(waited < 10_000, "The replication connection never streamed.");
+            await Task.Delay(50);
+        }
+
+        Assert.True(await WarnedAsync());
+        await stop.CancelAsync();
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => streaming);
+    }
+
     // Whether a session waits for a lock on the records' table (the maintenance transaction holds it). Read from the
     // lock table, which is read afresh each time, not from pg_stat_activity, which a transaction sees as first read.
     private static async Task<bool> WaitsOnALockAsync(NpgsqlConnection connection, NpgsqlTransaction transaction)

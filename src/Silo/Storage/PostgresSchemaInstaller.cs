@@ -116,10 +116,21 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
     {
         await using var command = database.DataSource.CreateCommand(
             "SELECT current_setting('synchronous_commit') = 'off' OR NOT current_setting('fsync')::boolean " +
-            "OR (current_setting('synchronous_commit') = 'local' AND current_setting('synchronous_standby_names') <> '')");
-        if (await command.ExecuteScalarAsync(cancellationToken) is true)
+            "OR (current_setting('synchronous_commit') = 'local' AND current_setting('synchronous_standby_names') <> ''), " +
+            // A standby is a physical walsender, one outside any database (a logical one, change-data capture, is in
+            // one). A user without pg_read_all_stats sees no sync_state: nothing to warn of then.
+            "EXISTS (SELECT 1 FROM pg_stat_replication r JOIN pg_stat_activity a ON a.pid = r.pid WHERE a.datname IS NULL AND r.sync_state = 'async') " +
+            "AND NOT EXISTS (SELECT 1 FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum'))");
+        await using var reader = await command.ExecuteReaderAsync(cancellationToken);
+        await reader.ReadAsync(cancellationToken);
+        if (reader.GetBoolean(0))
         {
             LogCommitsNotDurable(logger);
+        }
+
+        if (reader.GetBoolean(1))
+        {
+            LogStandbyAsynchronous(logger);
         }
     }
 
@@ -147,6 +158,11 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
     [LoggerMessage(Level = LogLevel.Warning, Message = "PostgreSQL acknowledges idempotency records before they are durable (synchronous_commit " +
         "off, or local beside a synchronous standby; or fsync off): a crash or a failover can lose claims it acknowledged, and their keys' retries would run again.")]
     private static partial void LogCommitsNotDurable(ILogger logger);
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "PostgreSQL replicates idempotency records to a standby asynchronously: promoted, it may lack " +
+        "claims and completions the primary acknowledged, and their keys' retries would run again. Make the replication synchronous " +
+        "(synchronous_standby_names) where a standby may be promoted.")]
+    private static partial void LogStandbyAsynchronous(ILogger logger);
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "PostgreSQL is not reachable yet (attempt {Attempt}): {Reason}")]
     private static partial void LogWaiting(ILogger logger, int attempt, string reason);
