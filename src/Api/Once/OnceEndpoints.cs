@@ -304,7 +304,7 @@ internal sealed class OnceHttp(
         T? body;
         try
         {
-            using var buffer = await ReadBodyAsync(context.Request, maxBodyBytes, context.RequestAborted);
+            using var buffer = context.Request.ContentLength > maxBodyBytes ? null : await PooledBody.ReadAsync(context.Request.Body, maxBodyBytes, context.RequestAborted);
             if (buffer is null)
             {
                 await problems.WriteAsync(context, IdempotencyProblem.BodyTooLarge, tokenCall
@@ -313,9 +313,7 @@ internal sealed class OnceHttp(
                 return null;
             }
 
-            body = buffer.Length == 0 && !tokenCall
-                ? JsonSerializer.Deserialize<T>("{}", Json)
-                : JsonSerializer.Deserialize<T>(buffer.GetBuffer().AsSpan(0, (int)buffer.Length), Json);
+            body = buffer.Length == 0 && !tokenCall ? JsonSerializer.Deserialize<T>("{}", Json) : Deserialize<T>(buffer.ToSequence());
         }
         catch (BadHttpRequestException ex)
         {
@@ -344,35 +342,12 @@ internal sealed class OnceHttp(
     }
 
     // Null when the body is longer than maxBytes.
-    private static async Task<MemoryStream?> ReadBodyAsync(HttpRequest request, long maxBytes, CancellationToken cancellationToken)
+    // One JSON value, and nothing after it but whitespace, as JsonSerializer reads a span.
+    private static T? Deserialize<T>(ReadOnlySequence<byte> bytes)
     {
-        if (request.ContentLength > maxBytes)
-        {
-            return null;
-        }
-
-        var buffer = new MemoryStream();
-        var chunk = ArrayPool<byte>.Shared.Rent(16 * 1024);
-        try
-        {
-            int read;
-            while ((read = await request.Body.ReadAsync(chunk, cancellationToken)) > 0)
-            {
-                if (buffer.Length + read > maxBytes)
-                {
-                    await buffer.DisposeAsync();
-                    return null;
-                }
-
-                buffer.Write(chunk, 0, read);
-            }
-        }
-        finally
-        {
-            ArrayPool<byte>.Shared.Return(chunk);
-        }
-
-        return buffer;
+        var reader = new Utf8JsonReader(bytes, new JsonReaderOptions { MaxDepth = Json.MaxDepth, CommentHandling = Json.ReadCommentHandling, AllowTrailingCommas = Json.AllowTrailingCommas });
+        var body = JsonSerializer.Deserialize<T>(ref reader, Json);
+        return reader.Read() ? throw new JsonException("The body holds more than one JSON value.") : body;
     }
 
     private async Task<ClaimToken?> TokenAsync(HttpContext context, string key, OnceTokenBody body)

@@ -72,9 +72,37 @@ internal sealed partial class OnceExecutor(
     /// surrogate, which UTF-8 would turn into U+FFFD and so give two inputs one fingerprint. The UTF-16 form starts
     /// with 0xFF, a byte no UTF-8 holds, so that no input's UTF-16 reads as another's UTF-8.
     /// </summary>
-    internal static byte[] Fingerprint(string input) => IdempotencyKey.HasLoneSurrogate(input)
-        ? SHA256.HashData([0xFF, .. MemoryMarshal.AsBytes(input.AsSpan())])
-        : SHA256.HashData(Encoding.UTF8.GetBytes(input));
+    internal static byte[] Fingerprint(string input)
+    {
+        if (IdempotencyKey.HasLoneSurrogate(input))
+        {
+            return SHA256.HashData([0xFF, .. MemoryMarshal.AsBytes(input.AsSpan())]);
+        }
+
+        if (input.Length <= FingerprintPieceBytes / 3)
+        {
+            return SHA256.HashData(Encoding.UTF8.GetBytes(input));
+        }
+
+        // A large input is hashed as its UTF-8 piece by piece, not encoded whole a second time beside its text. The
+        // encoder carries a surrogate pair split between two pieces over.
+        using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+        var encoder = Encoding.UTF8.GetEncoder();
+        Span<byte> piece = stackalloc byte[FingerprintPieceBytes];
+        var left = input.AsSpan();
+        bool completed;
+        do
+        {
+            encoder.Convert(left, piece, flush: true, out var charsUsed, out var bytesUsed, out completed);
+            hash.AppendData(piece[..bytesUsed]);
+            left = left[charsUsed..];
+        }
+        while (!completed);
+
+        return hash.GetHashAndReset();
+    }
+
+    private const int FingerprintPieceBytes = 4096;
 
     /// <summary>What <see cref="IsStorableKey"/> asks of a key.</summary>
     internal static readonly string StorableKeyRule = $"A key is 1 to {IdempotencyKeyHeader.MaxLength} bytes of UTF-8 text: no NUL, no lone surrogate.";

@@ -57,6 +57,23 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task LargeInput_ReadInPieces_IsTheSameInputWhereverItsCharactersFallBetweenThem()
+    {
+        // 300,000 two-byte characters, read from the body 64 KiB at a time: many split between two pieces.
+        var input = new string('é', 300_000);
+        var key = NewKey();
+        Assert.Equal(201, (await CallAsync(once.ClaimAsync, key, JsonSerializer.Serialize(new { input }))).Status);
+
+        var same = await CallAsync(once.ClaimAsync, key, JsonSerializer.Serialize(new { input }));
+        var other = await CallAsync(once.ClaimAsync, key, JsonSerializer.Serialize(new { input = input[..^1] + "e" }));
+        var trailing = await CallAsync(once.ClaimAsync, key, JsonSerializer.Serialize(new { input }) + " {}");
+
+        Assert.EndsWith("request-in-progress", same.Json.GetProperty("type").GetString());
+        Assert.EndsWith("key-reused", other.Json.GetProperty("type").GetString());
+        Assert.EndsWith("request-invalid", trailing.Json.GetProperty("type").GetString());
+    }
+
+    [Fact]
     public async Task CallerAskingAgainWithItsAttemptAfterItsLeaseLapsed_IsToldOutcomeUnknown_NotGivenTheKeyAgain()
     {
         // A worker that ran the operation, died, and came back with the attempt id it had kept.
