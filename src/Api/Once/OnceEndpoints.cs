@@ -341,7 +341,6 @@ internal sealed class OnceHttp(
         return (calls.Grain(OnceExecutor.HttpGrainKey(scope, key)), body);
     }
 
-    // Null when the body is longer than maxBytes.
     // One JSON value, and nothing after it but whitespace, as JsonSerializer reads a span.
     private static T? Deserialize<T>(ReadOnlySequence<byte> bytes)
     {
