@@ -306,9 +306,20 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
     [Fact]
     public async Task Wait_OnAKeyThatIsNotInProgress_ReturnsAtOnce()
     {
-        var grain = Grain(NewKey());
+        // New (never read), released and completed (each read by its activation): none has a holder to wait for. The
+        // clock the wait is timed on does not move here, so a wait that began would never end.
+        var fresh = Grain(NewKey());
+        var released = Grain(NewKey());
+        var releasedClaim = await released.ClaimAsync(Claim());
+        Assert.True(await released.ReleaseAsync(releasedClaim.Token!.Value.AttemptId, Lease));
+        var completed = Grain(NewKey());
+        Assert.True(await completed.CompleteAsync((await completed.ClaimAsync(Claim())).Token!.Value, Created));
+        Assert.Equal(IdempotencyStatus.Completed, (await completed.GetAsync()).Status);
 
-        await grain.WaitAsync(TimeSpan.FromMinutes(1)).WaitAsync(TimeSpan.FromSeconds(10));
+        foreach (var grain in new[] { fresh, released, completed })
+        {
+            await grain.WaitAsync(TimeSpan.FromMinutes(1)).WaitAsync(TimeSpan.FromSeconds(10));
+        }
     }
 
     [Fact]

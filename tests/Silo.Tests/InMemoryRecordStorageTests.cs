@@ -325,7 +325,17 @@ public sealed class InMemoryRecordStorageTests : IDisposable
         // Purging moves the records left in a mostly dead segment into a new one, which may not be had: thrown from
         // its timer, the failure ended the process and every record with it.
         var outOfMemory = false;
-        var table = new RecordTable(key => key[^1] * 0x9E37_79B9_7F4A_7C15UL, size => outOfMemory ? throw new InsufficientMemoryException() : new byte[size]);
+        var segments = 0;
+        var table = new RecordTable(key => key[^1] * 0x9E37_79B9_7F4A_7C15UL, size =>
+        {
+            if (outOfMemory)
+            {
+                throw new InsufficientMemoryException();
+            }
+
+            segments++;
+            return new byte[size];
+        });
         var log = new FakeLogger<InMemoryRecordStorage>();
         using var store = new InMemoryRecordStorage(TestSerializer.Storage, time, null, log, table);
         var payload = new byte[250_000];
@@ -350,8 +360,13 @@ public sealed class InMemoryRecordStorageTests : IDisposable
         Assert.Equal(versions[3], version);
 
         outOfMemory = false;
+        var segmentsBefore = segments;
         time.Advance(InMemoryRecordStorage.PurgeInterval);
         Assert.Single(log.Collector.GetSnapshot(), r => r.Level == LogLevel.Error);
         Assert.Equal(5, table.Count);
+        // Tried again: the record left in the mostly dead segment moved to a new one.
+        Assert.True(segments > segmentsBefore, "The purge after the failed one did not run.");
+        Assert.True(table.TryRead([3], out kept, out _));
+        Assert.Equal(payload, kept);
     }
 }

@@ -249,9 +249,10 @@ public sealed class GatewayTests : IAsyncLifetime
         var (first, _) = await client.SendAsync("/down/charges", key, "{\"amount\":5}");
         var (retry, _) = await client.SendAsync("/down/charges", key, "{\"amount\":5}");
 
-        // Left in doubt, the retry would get 409 at once on this route.
+        // Left in doubt, the retry would get 409 at once on this route; stored, a replay of the first 502.
         Assert.Equal(HttpStatusCode.BadGateway, first.StatusCode);
         Assert.Equal(HttpStatusCode.BadGateway, retry.StatusCode);
+        Assert.False(retry.IsReplay());
     }
 
     [Fact]

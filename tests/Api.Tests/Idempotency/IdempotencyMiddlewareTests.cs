@@ -515,6 +515,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         var first = harness.SendAsync(key);
         await MiddlewareHarness.WaitUntilAsync(async () => (await harness.Grain(key).GetAsync()).Status == IdempotencyStatus.InProgress);
 
+        var waitBegan = fixture.Time.GetUtcNow();
         var duplicate = harness.SendAsync(key);
         for (var i = 0; i < 50 && !duplicate.IsCompleted; i++)
         {
@@ -524,6 +525,8 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
 
         Assert.Equal(409, (await duplicate).Response.StatusCode);
         Assert.Equal("1", (await duplicate).Response.Headers.RetryAfter);
+        // The policy's 2 s, by the clock the wait is timed on: neither at once nor the default's 10 s.
+        Assert.InRange(fixture.Time.GetUtcNow() - waitBegan, TimeSpan.FromSeconds(2), TimeSpan.FromSeconds(8));
         release.SetResult();
         await first;
         Assert.Equal(1, harness.Executions);
@@ -1239,7 +1242,9 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
 
         await harness.SendAsync(context);
 
-        Assert.False(context.Response.HasStarted);
+        // Nothing written: the status as the request found it, no body.
+        Assert.Equal(200, context.Response.StatusCode);
+        Assert.Empty(context.BodyBytes());
         Assert.Equal(0, harness.Executions);
         Assert.Equal(IdempotencyStatus.None, (await harness.Grain(key).GetAsync()).Status);
     }

@@ -77,8 +77,10 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
         await harness.SendAsync(key);
         var replay = await harness.SendAsync(key);
 
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
         Assert.Equal("gzip", replay.Response.Headers.ContentEncoding);
         Assert.Equal(gzipped, replay.BodyBytes());
+        Assert.Equal(1, harness.Executions);
     }
 
     [Fact]
@@ -625,8 +627,10 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
         await harness.SendAsync(key);
         var replay = await harness.SendAsync(key);
 
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
         Assert.Equal(202, replay.Response.StatusCode);
         Assert.Equal(Json, replay.Body());
+        Assert.Equal(1, harness.Executions);
     }
 
     [Fact]

@@ -395,8 +395,10 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
         var key = NewKey();
         using var gone = new CancellationTokenSource();
 
-        await CallAsync(once.ClaimAsync, key, new RefusedBody(new IOException("The client reset the request stream.")) { AsItFails = gone.Cancel }, null, gone.Token);
+        var (status, json) = await CallAsync(once.ClaimAsync, key, new RefusedBody(new IOException("The client reset the request stream.")) { AsItFails = gone.Cancel }, null, gone.Token);
 
+        Assert.Equal(200, status);
+        Assert.Equal(JsonValueKind.Undefined, json.ValueKind);
         Assert.Equal(IdempotencyStatus.None, (await Grain(key).GetAsync()).Status);
     }
 
