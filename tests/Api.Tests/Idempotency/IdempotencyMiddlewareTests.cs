@@ -1154,15 +1154,15 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
-    public async Task NamedPolicy_IsAppliedFromTheEndpointsMetadata()
+    public void NamedPolicy_IsResolvedFromTheEndpointsMetadata_AndAnUnknownNameIsRefused()
     {
+        // The options' part; the middleware applying it is proven over HTTP (payments' policy rejects duplicates).
         var options = new IdempotencyOptions();
         options.AddPolicy("reject", p => p with { ConcurrentDuplicates = ConcurrentDuplicateHandling.Reject });
 
         Assert.Equal(ConcurrentDuplicateHandling.Reject, options.Resolve(new IdempotentAttribute { PolicyName = "reject" }).ConcurrentDuplicates);
         Assert.Equal(ConcurrentDuplicateHandling.Wait, options.Resolve(new IdempotentAttribute()).ConcurrentDuplicates);
         Assert.Throws<InvalidOperationException>(() => options.Resolve(new IdempotentAttribute { PolicyName = "missing" }));
-        await Task.CompletedTask;
     }
 
     [Fact]
