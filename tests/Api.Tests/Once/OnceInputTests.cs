@@ -9,15 +9,17 @@ namespace OrleansIdempotency.Api.Tests.Once;
 public sealed class OnceInputTests
 {
     [Theory]
-    [InlineData(1364)]
-    [InlineData(1365)]
-    [InlineData(2047)]
-    [InlineData(2048)]
-    [InlineData(100_000)]
+    [InlineData(4091)]
+    [InlineData(4092)]
+    [InlineData(4093)]
+    [InlineData(4094)]
+    [InlineData(4095)]
+    [InlineData(4096)]
     public void Fingerprint_OfALargeInput_IsTheSha256OfItsUtf8_WhereverASurrogatePairFallsBetweenPieces(int pairAt)
     {
-        // Pieces of 4,096 bytes: a four-byte character (a surrogate pair) at each offset around their edges.
-        var input = new string('a', pairAt) + "\U0001F600" + new string('é', 3000) + "\U0001F600";
+        // Pieces of up to 4,096 bytes: a four-byte character (a surrogate pair) starting at each byte around the first
+        // piece's end (one-byte characters before it), and another 4,096 bytes on (two-byte characters between them).
+        var input = new string('a', pairAt) + "\U0001F600" + new string('é', 2046) + "\U0001F600" + new string('é', 5000);
 
         Assert.Equal(SHA256.HashData(Encoding.UTF8.GetBytes(input)), OnceExecutor.Fingerprint(input));
     }
