@@ -23,8 +23,8 @@ public sealed class ProductionEnvironmentTests : IAsyncLifetime
     [Fact]
     public async Task PaymentBodyThatCannotBeBound_IsA400Problem_StoredAndReplayedAsOne()
     {
-        // Outside Development a minimal API answers a body it cannot bind with a bare 400, which the layer stores; in
-        // Development it throws, which released the key: one answer now, in every environment.
+        // A minimal API answers a body it cannot bind with an empty 400 outside Development (given its problem body by
+        // the status code pages, inside the layer) and threw in Development (releasing the key): one answer now.
         using var client = api.Client();
         var key = Guid.NewGuid().ToString();
 
