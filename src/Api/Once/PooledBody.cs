@@ -30,7 +30,9 @@ internal sealed class PooledBody : IDisposable
                     read.lastPieceLength = 0;
                 }
 
-                var count = await body.ReadAsync(read.pieces[^1].AsMemory(read.lastPieceLength, PieceBytes - read.lastPieceLength), cancellationToken);
+                // No more than one byte past the bound: enough to know the body passes it.
+                var room = (int)Math.Min(PieceBytes - read.lastPieceLength, maxBytes - read.Length + 1);
+                var count = await body.ReadAsync(read.pieces[^1].AsMemory(read.lastPieceLength, room), cancellationToken);
                 if (count == 0)
                 {
                     return read;
@@ -53,18 +55,25 @@ internal sealed class PooledBody : IDisposable
     }
 
     /// <summary>The bytes, valid until this is disposed.</summary>
+    /// <remarks>
+    /// Without an empty last segment (the piece rented to find a body that filled its pieces had ended): the JSON
+    /// reader takes a segment followed by one as not the last, and fails with an IndexOutOfRangeException, not a
+    /// JsonException, on a literal cut off at its end.
+    /// </remarks>
     public ReadOnlySequence<byte> ToSequence()
     {
-        if (pieces.Count == 1)
+        var count = pieces.Count > 1 && lastPieceLength == 0 ? pieces.Count - 1 : pieces.Count;
+        var lastLength = count < pieces.Count ? PieceBytes : lastPieceLength;
+        if (count == 1)
         {
-            return new ReadOnlySequence<byte>(pieces[0], 0, lastPieceLength);
+            return new ReadOnlySequence<byte>(pieces[0], 0, lastLength);
         }
 
         var first = new Piece(pieces[0].AsMemory(0, PieceBytes), 0);
         var last = first;
-        for (var i = 1; i < pieces.Count; i++)
+        for (var i = 1; i < count; i++)
         {
-            last = last.Append(pieces[i].AsMemory(0, i == pieces.Count - 1 ? lastPieceLength : PieceBytes));
+            last = last.Append(pieces[i].AsMemory(0, i == count - 1 ? lastLength : PieceBytes));
         }
 
         return new ReadOnlySequence<byte>(first, 0, last, last.Memory.Length);

@@ -32,6 +32,8 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
             fixture.Time);
     }
 
+    private static readonly JsonSerializerOptions Unescaped = new() { Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
+
     private static string NewKey() => "job-" + Guid.NewGuid().ToString("N");
 
     private IIdempotencyGrain Grain(string key) => fixture.Grains.GetIdempotencyGrain(OnceExecutor.HttpGrainKey("user:alice", key));
@@ -62,15 +64,35 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
         // 300,000 two-byte characters, read from the body 64 KiB at a time: many split between two pieces.
         var input = new string('é', 300_000);
         var key = NewKey();
-        Assert.Equal(201, (await CallAsync(once.ClaimAsync, key, JsonSerializer.Serialize(new { input }))).Status);
+        // Sent as UTF-8, not escaped: \u00E9 would be six one-byte characters.
+        static string Body(string text) => JsonSerializer.Serialize(new { input = text }, Unescaped);
+        Assert.Equal(201, (await CallAsync(once.ClaimAsync, key, Body(input))).Status);
 
-        var same = await CallAsync(once.ClaimAsync, key, JsonSerializer.Serialize(new { input }));
-        var other = await CallAsync(once.ClaimAsync, key, JsonSerializer.Serialize(new { input = input[..^1] + "e" }));
-        var trailing = await CallAsync(once.ClaimAsync, key, JsonSerializer.Serialize(new { input }) + " {}");
+        var same = await CallAsync(once.ClaimAsync, key, Body(input));
+        var other = await CallAsync(once.ClaimAsync, key, Body(input[..^1] + "e"));
+        var trailing = await CallAsync(once.ClaimAsync, key, Body(input) + " {}");
 
         Assert.EndsWith("request-in-progress", same.Json.GetProperty("type").GetString());
         Assert.EndsWith("key-reused", other.Json.GetProperty("type").GetString());
         Assert.EndsWith("request-invalid", trailing.Json.GetProperty("type").GetString());
+    }
+
+    [Theory]
+    [InlineData(64 * 1024)]
+    [InlineData(128 * 1024)]
+    public async Task BodyFillingItsPiecesExactly_CutOffInALiteral_IsRequestInvalid_NotA500(int length)
+    {
+        // A literal cut off at the end of a body that fills its 64 KiB pieces: the JSON reader failed on it with an
+        // IndexOutOfRangeException (a 500) when the pieces ended in an empty one.
+        var start = "{\"input\":\"";
+        var end = "\",\"attempt\":tr";
+        var body = start + new string('x', length - start.Length - end.Length) + end;
+        Assert.Equal(length, Encoding.UTF8.GetByteCount(body));
+
+        var response = await CallAsync(once.ClaimAsync, NewKey(), body);
+
+        Assert.Equal(400, response.Status);
+        Assert.EndsWith("request-invalid", response.Json.GetProperty("type").GetString());
     }
 
     [Fact]
