@@ -154,21 +154,34 @@ public sealed class PostgresStorageTests(ServersFixture servers)
     }
 
     [Fact]
-    public async Task Start_WarnsWhenAStandbyIsReplicatedAsynchronously()
+    public async Task Start_WarnsWhenAStandbyIsReplicatedAsynchronously_AndSaysSoWhereItsUserCannotTell()
     {
         // A standby streaming asynchronously may lack the last claims and completions the primary acknowledged: promoted,
         // it loses them, and their keys run again. A physical replication connection streaming from the server is one.
         await using var durable = await PostgresServer.StartAsync(durable: true);
         var connectionString = await durable.CreateDatabaseAsync();
-        async Task<bool> WarnedAsync()
+        // A user of its own database, without pg_read_all_stats: it sees a walsender, not whether it is synchronous.
+        await using (var admin = new NpgsqlConnection(durable.ConnectionString))
+        {
+            await admin.OpenAsync();
+            await using var create = new NpgsqlCommand("CREATE ROLE silo LOGIN", admin);
+            await create.ExecuteNonQueryAsync();
+            create.CommandText = "CREATE DATABASE silo_records OWNER silo";
+            await create.ExecuteNonQueryAsync();
+        }
+
+        var unprivileged = new NpgsqlConnectionStringBuilder(durable.ConnectionString) { Username = "silo", Database = "silo_records" }.ConnectionString;
+        static async Task<bool> LoggedAsync(string connectionString, LogLevel level, string text)
         {
             await using var database = new IdempotencyDatabase(connectionString);
             var log = new FakeLogger<PostgresSchemaInstaller>();
             await new PostgresSchemaInstaller(database, TimeProvider.System, log).InstallAsync(CancellationToken.None);
-            return log.Collector.GetSnapshot().Any(r => r.Level == LogLevel.Warning && r.Message.Contains("asynchronously", StringComparison.Ordinal));
+            return log.Collector.GetSnapshot().Any(r => r.Level == level && r.Message.Contains(text, StringComparison.Ordinal));
         }
 
+        Task<bool> WarnedAsync() => LoggedAsync(connectionString, LogLevel.Warning, "asynchronously");
         Assert.False(await WarnedAsync());
+        Assert.False(await LoggedAsync(unprivileged, LogLevel.Information, "may not read"));
 
         using var stop = new CancellationTokenSource();
         await using var standby = new Npgsql.Replication.PhysicalReplicationConnection(durable.ConnectionString);
@@ -180,15 +193,23 @@ public sealed class PostgresStorageTests(ServersFixture servers)
             {
             }
         });
-        for (var waited = 0; await ScalarAsync(durable.ConnectionString, "SELECT count(*)::text FROM pg_stat_replication WHERE state = 'streaming'") != "1"; waited += 50)
+        try
         {
-            Assert.True(waited < 10_000, "The replication connection never streamed.");
-            await Task.Delay(50);
-        }
+            for (var waited = 0; await ScalarAsync(durable.ConnectionString, "SELECT count(*)::text FROM pg_stat_replication WHERE state = 'streaming'") != "1"; waited += 50)
+            {
+                Assert.True(waited < 10_000, "The replication connection never streamed.");
+                await Task.Delay(50);
+            }
 
-        Assert.True(await WarnedAsync());
-        await stop.CancelAsync();
-        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => streaming);
+            Assert.True(await WarnedAsync());
+            Assert.True(await LoggedAsync(unprivileged, LogLevel.Information, "may not read"));
+            Assert.False(await LoggedAsync(unprivileged, LogLevel.Warning, "asynchronously"));
+        }
+        finally
+        {
+            await stop.CancelAsync();
+            await Assert.ThrowsAnyAsync<OperationCanceledException>(() => streaming);
+        }
     }
 
     // Whether a session waits for a lock on the records' table (the maintenance transaction holds it). Read from the

@@ -115,12 +115,14 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
     private async Task CheckCommitsDurableAsync(CancellationToken cancellationToken)
     {
         await using var command = database.DataSource.CreateCommand(
+            // A standby is a physical walsender streaming: one outside any database (a logical one, change-data capture,
+            // is in one). A user without pg_read_all_stats sees such a walsender with neither its state nor sync_state.
+            "WITH Standbys AS (SELECT r.state, r.sync_state FROM pg_stat_replication r JOIN pg_stat_activity a ON a.pid = r.pid " +
+            "WHERE a.datname IS NULL AND (r.state = 'streaming' OR r.state IS NULL)) " +
             "SELECT current_setting('synchronous_commit') = 'off' OR NOT current_setting('fsync')::boolean " +
             "OR (current_setting('synchronous_commit') = 'local' AND current_setting('synchronous_standby_names') <> ''), " +
-            // A standby is a physical walsender, one outside any database (a logical one, change-data capture, is in
-            // one). A user without pg_read_all_stats sees no sync_state: nothing to warn of then.
-            "EXISTS (SELECT 1 FROM pg_stat_replication r JOIN pg_stat_activity a ON a.pid = r.pid WHERE a.datname IS NULL AND r.sync_state = 'async') " +
-            "AND NOT EXISTS (SELECT 1 FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum'))");
+            "EXISTS (SELECT 1 FROM Standbys WHERE sync_state = 'async') AND NOT EXISTS (SELECT 1 FROM Standbys WHERE sync_state IN ('sync', 'quorum')), " +
+            "EXISTS (SELECT 1 FROM Standbys WHERE state IS NULL)");
         await using var reader = await command.ExecuteReaderAsync(cancellationToken);
         await reader.ReadAsync(cancellationToken);
         if (reader.GetBoolean(0))
@@ -131,6 +133,10 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
         if (reader.GetBoolean(1))
         {
             LogStandbyAsynchronous(logger);
+        }
+        else if (reader.GetBoolean(2))
+        {
+            LogStandbysUnknown(logger);
         }
     }
 
@@ -163,6 +169,10 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
         "claims and completions the primary acknowledged, and their keys' retries would run again. Make the replication synchronous " +
         "(synchronous_standby_names) where a standby may be promoted.")]
     private static partial void LogStandbyAsynchronous(ILogger logger);
+
+    [LoggerMessage(Level = LogLevel.Information, Message = "PostgreSQL streams to a standby, and this silo's user may not read whether " +
+        "synchronously (pg_read_all_stats): a standby that may be promoted must be synchronous, or acknowledged claims can be lost.")]
+    private static partial void LogStandbysUnknown(ILogger logger);
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "PostgreSQL is not reachable yet (attempt {Attempt}): {Reason}")]
     private static partial void LogWaiting(ILogger logger, int attempt, string reason);
