@@ -19,9 +19,11 @@ public sealed class ConcurrencyTests(EndToEndFixture fixture)
             var responses = await StormAsync(client, "/orders", key, Requests.OrderBody);
 
             Assert.All(responses, r => Assert.Equal(HttpStatusCode.Created, r.Response.StatusCode));
-            Assert.Single(responses, r => !r.Response.IsReplay());
+            var first = Assert.Single(responses, r => !r.Response.IsReplay());
             Assert.Single(responses.Select(r => Convert.ToBase64String(r.Body)).Distinct());
             Assert.Equal(1, await fixture.CountAsync("demo_orders", key));
+            // Duplicates of the key in flight, not later retries: sent before its action had answered, they waited for it.
+            Assert.Contains(responses, r => r.Response.IsReplay() && r.SentAt < first.AnsweredAt);
         }
     }
 
@@ -45,14 +47,18 @@ public sealed class ConcurrencyTests(EndToEndFixture fixture)
         }
     }
 
-    private static async Task<(HttpResponseMessage Response, byte[] Body)[]> StormAsync(HttpClient client, string path, string key, string body)
+    // Each response with when it was sent and answered (one stopwatch's time).
+    private static async Task<(HttpResponseMessage Response, byte[] Body, TimeSpan SentAt, TimeSpan AnsweredAt)[]> StormAsync(HttpClient client, string path, string key, string body)
     {
         using var start = new ManualResetEventSlim();
+        var clock = System.Diagnostics.Stopwatch.StartNew();
         // The first request's action sleeps, so the other 199 really overlap it.
         var requests = Enumerable.Range(0, Parallel).Select(_ => Task.Run(async () =>
         {
             start.Wait();
-            return await client.SendAsync(path, key, body, ("X-Demo-Delay-Ms", "300"));
+            var sentAt = clock.Elapsed;
+            var (response, answer) = await client.SendAsync(path, key, body, ("X-Demo-Delay-Ms", "300"));
+            return (response, answer, sentAt, clock.Elapsed);
         })).ToArray();
         start.Set();
         return await Task.WhenAll(requests);
