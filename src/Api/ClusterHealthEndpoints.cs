@@ -18,17 +18,14 @@ public static class ClusterHealthEndpoints
         {
             var management = grains.GetGrain<IManagementGrain>(0);
             Dictionary<SiloAddress, SiloStatus> hosts;
-            // Cancelled, not only given up on: a stalled gateway would otherwise hold each probe's call until Orleans' time-out.
-            using var answers = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
-            answers.CancelAfter(ClusterAnswers);
             try
             {
-                hosts = await management.GetHosts(onlyActive: true, answers.Token).WaitAsync(answers.Token);
+                hosts = await WithinAsync(answers => management.GetHosts(onlyActive: true, answers), ClusterAnswers, cancellationToken);
             }
             catch (Exception ex) when (!cancellationToken.IsCancellationRequested)
             {
                 return Results.Problem(statusCode: 503, title: "Cluster unreachable",
-                    detail: answers.IsCancellationRequested ? $"The cluster did not answer within {ClusterAnswers.TotalSeconds:0} s." : ex.Message);
+                    detail: ex is OperationCanceledException ? $"The cluster did not answer within {ClusterAnswers.TotalSeconds:0} s." : ex.Message);
             }
 
             var counts = await Task.WhenAll(hosts.Keys.Select(silo => ActivationsOnAsync(management, silo, cancellationToken)));
@@ -49,17 +46,23 @@ public static class ClusterHealthEndpoints
     // Null when the silo did not answer in time, or has gone since membership listed it.
     private static async Task<int?> ActivationsOnAsync(IManagementGrain management, SiloAddress silo, CancellationToken cancellationToken)
     {
-        // Cancelled, not only given up on: a frozen silo would otherwise hold each probe's call until Orleans' time-out.
-        using var answers = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
-        answers.CancelAfter(SiloAnswers);
         try
         {
-            var statistics = await management.GetRuntimeStatistics([silo], answers.Token).WaitAsync(answers.Token);
+            var statistics = await WithinAsync(answers => management.GetRuntimeStatistics([silo], answers), SiloAnswers, cancellationToken);
             return statistics[0].ActivationCount;
         }
         catch (Exception) when (!cancellationToken.IsCancellationRequested)
         {
             return null;
         }
+    }
+
+    // The call, cancelled at the end of its time, not only given up on: a frozen silo or a stalled gateway would
+    // otherwise hold each probe's call until Orleans' own time-out.
+    private static async Task<T> WithinAsync<T>(Func<CancellationToken, Task<T>> call, TimeSpan within, CancellationToken cancellationToken)
+    {
+        using var answers = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        answers.CancelAfter(within);
+        return await call(answers.Token).WaitAsync(answers.Token);
     }
 }
