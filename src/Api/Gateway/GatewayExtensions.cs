@@ -143,14 +143,16 @@ public static class GatewayExtensions
     /// <summary>The idempotency a route's metadata asks for, or null if it asks for none.</summary>
     internal static IdempotencyMetadata? IdempotencyOf(RouteConfig route) =>
         route.Metadata?.GetValueOrDefault(PolicyMetadata) is { } policy
-            ? Metadata(policy, route.Metadata.GetValueOrDefault(ScopeHeaderMetadata))
+            ? Metadata(policy, route.Metadata.GetValueOrDefault(ScopeHeaderMetadata), route.Match.Headers)
             : null;
 
-    private static IdempotencyMetadata Metadata(string policy, string? scopeHeader)
+    // A route's Hosts need nothing here: YARP gives its endpoint the host metadata the layer reads for every endpoint.
+    private static IdempotencyMetadata Metadata(string policy, string? scopeHeader, IReadOnlyList<RouteHeader>? matchedHeaders)
     {
         var scope = IdempotencyScope.HeaderDigest(string.IsNullOrEmpty(scopeHeader) ? DefaultScopeHeader : scopeHeader);
         return new IdempotencyMetadata(
             string.Equals(policy, DefaultPolicyName, StringComparison.OrdinalIgnoreCase) ? null : policy,
-            p => p with { Scope = scope, AllowAnonymous = false });
+            p => p with { Scope = scope, AllowAnonymous = false },
+            matchedHeaders?.Select(static header => header.Name).ToArray());
     }
 }

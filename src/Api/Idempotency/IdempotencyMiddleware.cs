@@ -52,7 +52,21 @@ internal sealed partial class IdempotencyMiddleware(
 
     // Apart from InvokeAsync: the closure captures the metadata, and inside it would be allocated for every request.
     private IdempotencyPolicy Resolve(Endpoint endpoint, IIdempotencyMetadata metadata) =>
-        policies.GetValue(endpoint, _ => options.Value.Resolve(metadata));
+        policies.GetValue(endpoint, _ =>
+        {
+            var policy = options.Value.Resolve(metadata);
+            return RoutingHeaders(endpoint, metadata) is { Length: > 0 } headers ? policy with { RoutingHeaders = headers } : policy;
+        });
+
+    // Two endpoints with one path, told apart by host or a header alone, are two routes (DESIGN §4's fingerprint covers
+    // the route): the request's values of what chose the endpoint go into its fingerprint.
+    private static string[] RoutingHeaders(Endpoint endpoint, IIdempotencyMetadata metadata)
+    {
+        var byHost = endpoint.Metadata.GetMetadata<IHostMetadata>() is { Hosts.Count: > 0 };
+        var others = (metadata as IdempotencyMetadata)?.RoutingHeaders ?? [];
+        return (byHost ? others.Prepend(HeaderNames.Host) : others)
+            .Select(static name => name.ToLowerInvariant()).Distinct().Order(StringComparer.Ordinal).ToArray();
+    }
 
     private async Task InvokeIdempotentAsync(HttpContext context, IdempotencyPolicy policy)
     {
@@ -79,7 +93,7 @@ internal sealed partial class IdempotencyMiddleware(
         byte[]? fingerprint;
         try
         {
-            fingerprint = await RequestFingerprint.ComputeAsync(context.Request, policy.MaxRequestBodyBytes, context.RequestAborted);
+            fingerprint = await RequestFingerprint.ComputeAsync(context.Request, policy.RoutingHeaders, policy.MaxRequestBodyBytes, context.RequestAborted);
         }
         catch (BadHttpRequestException ex)
         {

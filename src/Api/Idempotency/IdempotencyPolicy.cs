@@ -122,6 +122,12 @@ public sealed record IdempotencyPolicy
     public Func<Exception, HttpContext, bool> ReleasesOnException { get; init; } =
         static (_, context) => !IdempotencyMiddleware.ClientLeft(context);
 
+    /// <summary>
+    /// The request headers routing chose the endpoint by, besides method and path, in lower case and ordinal order:
+    /// part of the fingerprint. Set by the layer per endpoint (<c>host</c> for one bound to hosts), not configured.
+    /// </summary>
+    internal IReadOnlyList<string> RoutingHeaders { get; init; } = [];
+
     /// <summary>Adds <paramref name="headers"/> to the stored headers (never the ones in <see cref="NeverStoredHeaders"/>).</summary>
     public IdempotencyPolicy WithStoredHeaders(params string[] headers) =>
         this with { StoredHeaders = StoredHeaders.Concat(headers).ToFrozenSet(StringComparer.OrdinalIgnoreCase) };

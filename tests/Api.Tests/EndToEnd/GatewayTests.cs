@@ -64,6 +64,25 @@ public sealed class GatewayTests : IAsyncLifetime
         ["ReverseProxy:Routes:timedCharges:Match:Path"] = "/timed-charges/{**rest}",
         ["ReverseProxy:Routes:timedCharges:Timeout"] = "00:00:01",
         ["ReverseProxy:Routes:timedCharges:Metadata:Idempotency"] = GatewayExtensions.DefaultPolicyName,
+        // Two pairs of routes with one path, told apart by host and by a header alone.
+        ["ReverseProxy:Routes:onA:ClusterId"] = "backend",
+        ["ReverseProxy:Routes:onA:Match:Path"] = "/hosted/{**rest}",
+        ["ReverseProxy:Routes:onA:Match:Hosts:0"] = "a.example",
+        ["ReverseProxy:Routes:onA:Metadata:Idempotency"] = GatewayExtensions.DefaultPolicyName,
+        ["ReverseProxy:Routes:onB:ClusterId"] = "backend",
+        ["ReverseProxy:Routes:onB:Match:Path"] = "/hosted/{**rest}",
+        ["ReverseProxy:Routes:onB:Match:Hosts:0"] = "b.example",
+        ["ReverseProxy:Routes:onB:Metadata:Idempotency"] = GatewayExtensions.DefaultPolicyName,
+        ["ReverseProxy:Routes:v1:ClusterId"] = "backend",
+        ["ReverseProxy:Routes:v1:Match:Path"] = "/versioned/{**rest}",
+        ["ReverseProxy:Routes:v1:Match:Headers:0:Name"] = "X-Api-Version",
+        ["ReverseProxy:Routes:v1:Match:Headers:0:Values:0"] = "1",
+        ["ReverseProxy:Routes:v1:Metadata:Idempotency"] = GatewayExtensions.DefaultPolicyName,
+        ["ReverseProxy:Routes:v2:ClusterId"] = "backend",
+        ["ReverseProxy:Routes:v2:Match:Path"] = "/versioned/{**rest}",
+        ["ReverseProxy:Routes:v2:Match:Headers:0:Name"] = "X-Api-Version",
+        ["ReverseProxy:Routes:v2:Match:Headers:0:Values:0"] = "2",
+        ["ReverseProxy:Routes:v2:Metadata:Idempotency"] = GatewayExtensions.DefaultPolicyName,
         // A destination nobody listens on.
         ["ReverseProxy:Clusters:down:Destinations:one:Address"] = $"http://127.0.0.1:{FreePort.Next().ToString(CultureInfo.InvariantCulture)}/",
         ["ReverseProxy:Routes:down:ClusterId"] = "down",
@@ -321,6 +340,29 @@ public sealed class GatewayTests : IAsyncLifetime
 
         Assert.Equal(HttpStatusCode.GatewayTimeout, duplicate.StatusCode);
         Assert.Equal(HttpStatusCode.Created, (await first).Response.StatusCode);
+        Assert.Equal(1, backend.Runs(key));
+    }
+
+    [Theory]
+    [InlineData("/hosted/charges", "Host", "a.example", "b.example", "A.Example")]
+    [InlineData("/versioned/charges", "X-Api-Version", "1", "2", "1")]
+    public async Task KeySentToARouteToldApartByHostOrAHeaderAlone_Is422KeyReused_NeverTheOtherRoutesReplay(
+        string path, string header, string first, string other, string firstAgain)
+    {
+        // Two routes (two backends, say) behind one path: a key names one request, so sent to the other route it is
+        // reused for a different request, as on another path; before, the other route got the first one's answer.
+        using var client = Client("Bearer caller-1");
+        var key = Guid.NewGuid().ToString();
+
+        var (one, oneBody) = await client.SendAsync(path, key, "{\"amount\":5}", (header, first));
+        var (two, twoBody) = await client.SendAsync(path, key, "{\"amount\":5}", (header, other));
+        var (again, againBody) = await client.SendAsync(path, key, "{\"amount\":5}", (header, firstAgain));
+
+        Assert.Equal(HttpStatusCode.Created, one.StatusCode);
+        Assert.Equal(HttpStatusCode.UnprocessableEntity, two.StatusCode);
+        Assert.EndsWith("key-reused", JsonDocument.Parse(twoBody).RootElement.GetProperty("type").GetString());
+        Assert.True(again.IsReplay());
+        Assert.Equal(oneBody, againBody);
         Assert.Equal(1, backend.Runs(key));
     }
 

@@ -6,6 +6,7 @@ using Microsoft.AspNetCore.Authentication;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Http;
+using Microsoft.AspNetCore.Routing;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Testing;
@@ -172,6 +173,31 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     {
         Assert.Equal(IdempotencyKeyHeader.Status.Valid, IdempotencyKeyHeader.TryRead(header, out var key, out _));
         Assert.Equal(expected, key);
+    }
+
+    [Fact]
+    public async Task KeySentToAnEndpointToldApartByHostAlone_IsReusedForADifferentRequest_422_NotTheOthersReplay()
+    {
+        var harness = Harness();
+        var key = MiddlewareHarness.NewKey();
+        var onA = new Endpoint(harness.Endpoint, new EndpointMetadataCollection(harness.Metadata, new HostAttribute("a.example")), "POST /orders on a");
+        var onB = new Endpoint(harness.Endpoint, new EndpointMetadataCollection(harness.Metadata, new HostAttribute("b.example")), "POST /orders on b");
+        Task<HttpContext> SendAsync(Endpoint endpoint, string host) => harness.SendAsync(MiddlewareHarness.Request(key, configure: c =>
+        {
+            c.Request.Host = new HostString(host);
+            c.SetEndpoint(endpoint);
+        }));
+
+        var first = await SendAsync(onA, "a.example");
+        var other = await SendAsync(onB, "b.example");
+        var again = await SendAsync(onA, "A.Example");
+
+        // Two routes, as two paths are: the key names one request, and sent to the other route it is reused.
+        Assert.Equal(1, harness.Executions);
+        Assert.Equal(422, other.Response.StatusCode);
+        Assert.EndsWith("/key-reused", other.Problem().GetProperty("type").GetString());
+        Assert.Equal("true", again.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(first.Body(), again.Body());
     }
 
     [Fact]

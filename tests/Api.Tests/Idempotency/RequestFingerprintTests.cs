@@ -194,6 +194,79 @@ public sealed class RequestFingerprintTests
         Assert.Null(await FormAsync(multipart, WithFile(new string('x', 1025))));
     }
 
+    [Fact]
+    public async Task Fingerprint_WithRoutingHeaders_FramesTheirValuesFirst_BehindAPartLengthNoPartHas()
+    {
+        var body = RandomNumberGenerator.GetBytes(100);
+        var request = Request("POST", "/a", "b=1", body);
+        request.Headers.Host = "Pay.Example";
+        request.Headers["x-version"] = new(["2", "3"]);
+
+        var fingerprint = await RequestFingerprint.ComputeAsync(request, ["host", "x-missing", "x-version"], long.MaxValue, CancellationToken.None);
+
+        var framed = new List<byte>(Int32(-1));
+        framed.AddRange(Int64(3));
+        foreach (var (name, values) in new[] { ("host", new[] { "pay.example" }), ("x-missing", []), ("x-version", new[] { "2", "3" }) })
+        {
+            framed.AddRange(Part(name));
+            framed.AddRange(Int64(values.Length));
+            framed.AddRange(values.SelectMany(Part));
+        }
+
+        framed.AddRange([.. Part("POST"), .. Part("/a"), .. Part("b=1")]);
+        framed.AddRange(body);
+        framed.AddRange(Int64(body.Length));
+        Assert.Equal(SHA256.HashData(framed.ToArray()), fingerprint);
+
+        static byte[] Part(string text) => [.. Int32(Encoding.UTF8.GetByteCount(text)), .. Encoding.UTF8.GetBytes(text)];
+        static byte[] Int32(int value)
+        {
+            var bytes = new byte[sizeof(int)];
+            BinaryPrimitives.WriteInt32BigEndian(bytes, value);
+            return bytes;
+        }
+
+        static byte[] Int64(long value)
+        {
+            var bytes = new byte[sizeof(long)];
+            BinaryPrimitives.WriteInt64BigEndian(bytes, value);
+            return bytes;
+        }
+    }
+
+    [Theory]
+    [InlineData("a.example", "A.EXAMPLE", "1", "1", true)]
+    [InlineData("a.example", "b.example", "1", "1", false)]
+    [InlineData("a.example", "a.example", "1", "2", false)]
+    public async Task Fingerprint_OfTwoRequestsToAnEndpointChosenByHostAndAHeader_IsTheSameOnlyForTheSameHostAndValue(
+        string firstHost, string secondHost, string firstValue, string secondValue, bool same)
+    {
+        async Task<byte[]?> FingerprintAsync(string host, string value)
+        {
+            var request = Request("POST", "/a", "", [1, 2, 3]);
+            request.Headers.Host = host;
+            request.Headers["X-Version"] = value;
+            return await RequestFingerprint.ComputeAsync(request, ["host", "x-version"], long.MaxValue, CancellationToken.None);
+        }
+
+        var one = await FingerprintAsync(firstHost, firstValue);
+        var two = await FingerprintAsync(secondHost, secondValue);
+
+        Assert.Equal(same, one!.AsSpan().SequenceEqual(two));
+    }
+
+    [Fact]
+    public async Task Fingerprint_WithoutRoutingHeaders_IgnoresHost_AndKeepsTheFramingOfEveryStoredFingerprint()
+    {
+        var one = Request("POST", "/a", "", [1, 2, 3]);
+        one.Headers.Host = "a.example";
+        var two = Request("POST", "/a", "", [1, 2, 3]);
+        two.Headers.Host = "b.example";
+
+        Assert.Equal(Expected("POST", "/a", "", [1, 2, 3]), await RequestFingerprint.ComputeAsync(one, [], long.MaxValue, CancellationToken.None));
+        Assert.Equal(Expected("POST", "/a", "", [1, 2, 3]), await RequestFingerprint.ComputeAsync(two, long.MaxValue, CancellationToken.None));
+    }
+
     private sealed class OneWayStream(byte[] data) : MemoryStream(data, writable: false)
     {
         public override bool CanSeek => false;
