@@ -143,16 +143,20 @@ public static class GatewayExtensions
     /// <summary>The idempotency a route's metadata asks for, or null if it asks for none.</summary>
     internal static IdempotencyMetadata? IdempotencyOf(RouteConfig route) =>
         route.Metadata?.GetValueOrDefault(PolicyMetadata) is { } policy
-            ? Metadata(policy, route.Metadata.GetValueOrDefault(ScopeHeaderMetadata), route.Match.Headers)
+            ? Metadata(policy, route.Metadata.GetValueOrDefault(ScopeHeaderMetadata), RouteOf(route))
             : null;
 
-    // A route's Hosts need nothing here: YARP gives its endpoint the host metadata the layer reads for every endpoint.
-    private static IdempotencyMetadata Metadata(string policy, string? scopeHeader, IReadOnlyList<RouteHeader>? matchedHeaders)
+    // A route matched by host or header may share its path with another: its id tells it apart in the fingerprint.
+    // Others keep the framing of a path alone, which their stored fingerprints were made with.
+    private static string? RouteOf(RouteConfig route) =>
+        route.Match.Hosts is { Count: > 0 } || route.Match.Headers is { Count: > 0 } ? "gateway route " + route.RouteId : null;
+
+    private static IdempotencyMetadata Metadata(string policy, string? scopeHeader, string? route)
     {
         var scope = IdempotencyScope.HeaderDigest(string.IsNullOrEmpty(scopeHeader) ? DefaultScopeHeader : scopeHeader);
         return new IdempotencyMetadata(
             string.Equals(policy, DefaultPolicyName, StringComparison.OrdinalIgnoreCase) ? null : policy,
             p => p with { Scope = scope, AllowAnonymous = false },
-            matchedHeaders?.Select(static header => header.Name).ToArray());
+            route);
     }
 }

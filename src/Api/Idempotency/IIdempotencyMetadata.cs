@@ -20,13 +20,13 @@ public sealed class IdempotentAttribute : Attribute, IIdempotencyMetadata
     Func<IdempotencyPolicy, IdempotencyPolicy>? IIdempotencyMetadata.Configure => null;
 }
 
-internal sealed class IdempotencyMetadata(string? policyName, Func<IdempotencyPolicy, IdempotencyPolicy>? configure,
-    IReadOnlyList<string>? routingHeaders = null) : IIdempotencyMetadata
+internal sealed class IdempotencyMetadata(string? policyName, Func<IdempotencyPolicy, IdempotencyPolicy>? configure, string? route = null)
+    : IIdempotencyMetadata
 {
     public string? PolicyName { get; } = policyName;
 
     public Func<IdempotencyPolicy, IdempotencyPolicy>? Configure { get; } = configure;
 
-    /// <summary>The headers the endpoint is chosen by besides method, path and host (a gateway route's matched headers).</summary>
-    public IReadOnlyList<string> RoutingHeaders { get; } = routingHeaders ?? [];
+    /// <summary>What tells the endpoint apart from others on its path (a gateway route's id), or null.</summary>
+    public string? Route { get; } = route;
 }

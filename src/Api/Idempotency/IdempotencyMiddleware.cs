@@ -55,18 +55,17 @@ internal sealed partial class IdempotencyMiddleware(
         policies.GetValue(endpoint, _ =>
         {
             var policy = options.Value.Resolve(metadata);
-            return RoutingHeaders(endpoint, metadata) is { Length: > 0 } headers ? policy with { RoutingHeaders = headers } : policy;
+            return RouteOf(endpoint, metadata) is { } route ? policy with { Route = route } : policy;
         });
 
-    // Two endpoints with one path, told apart by host or a header alone, are two routes (DESIGN §4's fingerprint covers
-    // the route): the request's values of what chose the endpoint go into its fingerprint.
-    private static string[] RoutingHeaders(Endpoint endpoint, IIdempotencyMetadata metadata)
-    {
-        var byHost = endpoint.Metadata.GetMetadata<IHostMetadata>() is { Hosts.Count: > 0 };
-        var others = (metadata as IdempotencyMetadata)?.RoutingHeaders ?? [];
-        return (byHost ? others.Prepend(HeaderNames.Host) : others)
-            .Select(static name => name.ToLowerInvariant()).Distinct().Order(StringComparer.Ordinal).ToArray();
-    }
+    // Two endpoints with one path told apart by host (or, behind the gateway, by a header) are two routes: a key sent
+    // to both is reused, not one's replay for the other. What tells them apart is hashed, not the values a request
+    // carried, so the same endpoint reached through another of its hosts, a port, or another casing is the same route.
+    private static string? RouteOf(Endpoint endpoint, IIdempotencyMetadata metadata) =>
+        (metadata as IdempotencyMetadata)?.Route
+        ?? (endpoint.Metadata.GetMetadata<IHostMetadata>() is { Hosts.Count: > 0 } bound
+            ? "hosts " + string.Join(' ', bound.Hosts.Select(static host => host.ToLowerInvariant()).Distinct().Order(StringComparer.Ordinal))
+            : null);
 
     private async Task InvokeIdempotentAsync(HttpContext context, IdempotencyPolicy policy)
     {
@@ -93,7 +92,7 @@ internal sealed partial class IdempotencyMiddleware(
         byte[]? fingerprint;
         try
         {
-            fingerprint = await RequestFingerprint.ComputeAsync(context.Request, policy.RoutingHeaders, policy.MaxRequestBodyBytes, context.RequestAborted);
+            fingerprint = await RequestFingerprint.ComputeAsync(context.Request, policy.Route, policy.MaxRequestBodyBytes, context.RequestAborted);
         }
         catch (BadHttpRequestException ex)
         {
@@ -155,7 +154,7 @@ internal sealed partial class IdempotencyMiddleware(
                 return;
             case ClaimOutcome.Mismatch:
                 await RejectAsync(context, IdempotencyProblem.KeyReused,
-                    "This key was first used for a different request (method, path, query or body). Use a new key for a new request.", key);
+                    "This key was first used for a different request (method, route, query or body). Use a new key for a new request.", key);
                 return;
             case ClaimOutcome.OutcomeUnknown:
                 await RejectAsync(context, IdempotencyProblem.OutcomeUnknown,

@@ -123,10 +123,10 @@ public sealed record IdempotencyPolicy
         static (_, context) => !IdempotencyMiddleware.ClientLeft(context);
 
     /// <summary>
-    /// The request headers routing chose the endpoint by, besides method and path, in lower case and ordinal order:
-    /// part of the fingerprint. Set by the layer per endpoint (<c>host</c> for one bound to hosts), not configured.
+    /// What tells the endpoint apart from others on its path, for its fingerprint (DESIGN §4's route): the hosts it
+    /// is bound to, or a gateway route's id; null when its method and path do. Set by the layer per endpoint.
     /// </summary>
-    internal IReadOnlyList<string> RoutingHeaders { get; init; } = [];
+    internal string? Route { get; init; }
 
     /// <summary>Adds <paramref name="headers"/> to the stored headers (never the ones in <see cref="NeverStoredHeaders"/>).</summary>
     public IdempotencyPolicy WithStoredHeaders(params string[] headers) =>

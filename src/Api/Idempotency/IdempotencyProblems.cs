@@ -17,7 +17,7 @@ public sealed record IdempotencyProblem(string Name, int Status, string Title, b
     /// <summary>The <c>Idempotency-Key</c> is not one valid key.</summary>
     public static readonly IdempotencyProblem KeyInvalid = new("key-invalid", 400, "Idempotency-Key header invalid", false);
 
-    /// <summary>The key was used for a different request (method, path, query or body).</summary>
+    /// <summary>The key was used for a different request (method, route, query or body).</summary>
     public static readonly IdempotencyProblem KeyReused = new("key-reused", 422, "Idempotency-Key reused for a different request", false);
 
     /// <summary>The first request with this key is still running.</summary>

@@ -3,14 +3,12 @@ using System.Buffers.Binary;
 using System.Security.Cryptography;
 using System.Text;
 using Microsoft.AspNetCore.Http.Features;
-using Microsoft.Net.Http.Headers;
 
 namespace OrleansIdempotency.AspNetCore;
 
 /// <summary>
 /// SHA-256 of what makes two requests "the same request" (DESIGN §4): method, route, normalised query, body bytes.
-/// Each part is length-prefixed, so no two different requests frame to the same bytes. Headers are not part of it,
-/// but for the headers routing chose the endpoint by (see <see cref="ComputeAsync(HttpRequest, IReadOnlyList{string}, long, CancellationToken)"/>).
+/// Each part is length-prefixed, so no two different requests frame to the same bytes. Headers are not part of it.
 /// </summary>
 /// <remarks>
 /// The body is hashed from its start, wherever a middleware before the layer left it. One that read a form without
@@ -23,15 +21,14 @@ public static class RequestFingerprint
     /// Returns null when the body is longer than <paramref name="maxBodyBytes"/>.
     /// </summary>
     public static Task<byte[]?> ComputeAsync(HttpRequest request, long maxBodyBytes, CancellationToken cancellationToken) =>
-        ComputeAsync(request, [], maxBodyBytes, cancellationToken);
+        ComputeAsync(request, null, maxBodyBytes, cancellationToken);
 
     /// <summary>
-    /// Hashes the request with the values of <paramref name="routingHeaders"/>: the headers routing chose its endpoint
-    /// by besides method and path (the Host of an endpoint bound to hosts, a gateway route's matched headers). Two
-    /// endpoints told apart by them alone are two routes, so a key sent to both is two requests, not one's replay
-    /// for the other. Without such headers the framing is the one every earlier fingerprint was made with.
+    /// Hashes the request with <paramref name="route"/>: what tells its endpoint apart from others on the same path
+    /// (<see cref="IdempotencyPolicy.Route"/>), or null for an endpoint its method and path tell apart, whose framing
+    /// is the one every earlier fingerprint was made with.
     /// </summary>
-    public static async Task<byte[]?> ComputeAsync(HttpRequest request, IReadOnlyList<string> routingHeaders, long maxBodyBytes, CancellationToken cancellationToken)
+    internal static async Task<byte[]?> ComputeAsync(HttpRequest request, string? route, long maxBodyBytes, CancellationToken cancellationToken)
     {
         if (request.ContentLength > maxBodyBytes)
         {
@@ -39,9 +36,9 @@ public static class RequestFingerprint
         }
 
         using var framed = new FramedSha256();
-        if (routingHeaders.Count > 0)
+        if (route is not null)
         {
-            AppendRoutingHeaders(framed, request.Headers, routingHeaders);
+            AppendRoute(framed, route);
         }
 
         framed.AppendPart(request.Method);
@@ -119,25 +116,13 @@ public static class RequestFingerprint
         return length <= maxBodyBytes;
     }
 
-    // First, behind a part length no part has (-1): the framing without them starts with the method's length, so the
-    // two never frame alike. Host names are matched without regard to case, and so hashed in lower case.
-    private static void AppendRoutingHeaders(FramedSha256 framed, IHeaderDictionary headers, IReadOnlyList<string> names)
+    // First, behind a part length no part has (-1): the framing without a route starts with the method's length.
+    private static void AppendRoute(FramedSha256 framed, string route)
     {
         Span<byte> marker = stackalloc byte[sizeof(int)];
         BinaryPrimitives.WriteInt32BigEndian(marker, -1);
         framed.Append(marker);
-        AppendLength(framed, names.Count);
-        foreach (var name in names)
-        {
-            var values = headers[name];
-            framed.AppendPart(name);
-            AppendLength(framed, values.Count);
-            var isHost = string.Equals(name, HeaderNames.Host, StringComparison.OrdinalIgnoreCase);
-            foreach (var value in values)
-            {
-                framed.AppendPart(isHost ? (value ?? "").ToLowerInvariant() : value ?? "");
-            }
-        }
+        framed.AppendPart(route);
     }
 
     private static void AppendLength(FramedSha256 framed, long length)

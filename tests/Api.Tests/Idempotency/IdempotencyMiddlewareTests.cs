@@ -180,9 +180,10 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     {
         var harness = Harness();
         var key = MiddlewareHarness.NewKey();
-        var onA = new Endpoint(harness.Endpoint, new EndpointMetadataCollection(harness.Metadata, new HostAttribute("a.example")), "POST /orders on a");
+        var onA = new Endpoint(harness.Endpoint, new EndpointMetadataCollection(harness.Metadata, new HostAttribute("a.example", "A-Alias.example")), "POST /orders on a");
         var onB = new Endpoint(harness.Endpoint, new EndpointMetadataCollection(harness.Metadata, new HostAttribute("b.example")), "POST /orders on b");
-        Task<HttpContext> SendAsync(Endpoint endpoint, string host) => harness.SendAsync(MiddlewareHarness.Request(key, configure: c =>
+        var anyHost = new Endpoint(harness.Endpoint, new EndpointMetadataCollection(harness.Metadata), "POST /orders");
+        Task<HttpContext> SendAsync(Endpoint endpoint, string host, string? sameKey = null) => harness.SendAsync(MiddlewareHarness.Request(sameKey ?? key, configure: c =>
         {
             c.Request.Host = new HostString(host);
             c.SetEndpoint(endpoint);
@@ -190,14 +191,22 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
 
         var first = await SendAsync(onA, "a.example");
         var other = await SendAsync(onB, "b.example");
-        var again = await SendAsync(onA, "A.Example");
+        var throughItsAlias = await SendAsync(onA, "a-alias.example:8443");
 
-        // Two routes, as two paths are: the key names one request, and sent to the other route it is reused.
+        // Two routes, as two paths are: the key names one request, and sent to the other route it is reused. The
+        // same endpoint reached by another of its hosts is the same route.
         Assert.Equal(1, harness.Executions);
         Assert.Equal(422, other.Response.StatusCode);
         Assert.EndsWith("/key-reused", other.Problem().GetProperty("type").GetString());
-        Assert.Equal("true", again.Response.Headers["Idempotent-Replayed"]);
-        Assert.Equal(first.Body(), again.Body());
+        Assert.Equal("true", throughItsAlias.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(first.Body(), throughItsAlias.Body());
+
+        // An endpoint not bound to hosts ignores the host, as before.
+        var unbound = MiddlewareHarness.NewKey();
+        var unboundFirst = await SendAsync(anyHost, "a.example", unbound);
+        var unboundAgain = await SendAsync(anyHost, "b.example", unbound);
+        Assert.Equal("true", unboundAgain.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(unboundFirst.Body(), unboundAgain.Body());
     }
 
     [Fact]

@@ -195,28 +195,14 @@ public sealed class RequestFingerprintTests
     }
 
     [Fact]
-    public async Task Fingerprint_WithRoutingHeaders_FramesTheirValuesFirst_BehindAPartLengthNoPartHas()
+    public async Task Fingerprint_WithARoute_FramesItFirst_BehindAPartLengthNoPartHas()
     {
         var body = RandomNumberGenerator.GetBytes(100);
-        var request = Request("POST", "/a", "b=1", body);
-        request.Headers.Host = "Pay.Example";
-        request.Headers["x-version"] = new(["2", "3"]);
 
-        var fingerprint = await RequestFingerprint.ComputeAsync(request, ["host", "x-missing", "x-version"], long.MaxValue, CancellationToken.None);
+        var fingerprint = await RequestFingerprint.ComputeAsync(Request("POST", "/a", "b=1", body), "gateway route onA", long.MaxValue, CancellationToken.None);
 
-        var framed = new List<byte>(Int32(-1));
-        framed.AddRange(Int64(3));
-        foreach (var (name, values) in new[] { ("host", new[] { "pay.example" }), ("x-missing", []), ("x-version", new[] { "2", "3" }) })
-        {
-            framed.AddRange(Part(name));
-            framed.AddRange(Int64(values.Length));
-            framed.AddRange(values.SelectMany(Part));
-        }
-
-        framed.AddRange([.. Part("POST"), .. Part("/a"), .. Part("b=1")]);
-        framed.AddRange(body);
-        framed.AddRange(Int64(body.Length));
-        Assert.Equal(SHA256.HashData(framed.ToArray()), fingerprint);
+        byte[] framed = [.. Int32(-1), .. Part("gateway route onA"), .. Part("POST"), .. Part("/a"), .. Part("b=1"), .. body, .. Int64(body.Length)];
+        Assert.Equal(SHA256.HashData(framed), fingerprint);
 
         static byte[] Part(string text) => [.. Int32(Encoding.UTF8.GetByteCount(text)), .. Encoding.UTF8.GetBytes(text)];
         static byte[] Int32(int value)
@@ -234,37 +220,23 @@ public sealed class RequestFingerprintTests
         }
     }
 
-    [Theory]
-    [InlineData("a.example", "A.EXAMPLE", "1", "1", true)]
-    [InlineData("a.example", "b.example", "1", "1", false)]
-    [InlineData("a.example", "a.example", "1", "2", false)]
-    public async Task Fingerprint_OfTwoRequestsToAnEndpointChosenByHostAndAHeader_IsTheSameOnlyForTheSameHostAndValue(
-        string firstHost, string secondHost, string firstValue, string secondValue, bool same)
+    [Fact]
+    public async Task Fingerprint_TellsRoutesApart_ButNotTheHostsARequestNamed()
     {
-        async Task<byte[]?> FingerprintAsync(string host, string value)
+        async Task<byte[]?> FingerprintAsync(string? route, string host)
         {
             var request = Request("POST", "/a", "", [1, 2, 3]);
             request.Headers.Host = host;
-            request.Headers["X-Version"] = value;
-            return await RequestFingerprint.ComputeAsync(request, ["host", "x-version"], long.MaxValue, CancellationToken.None);
+            return await RequestFingerprint.ComputeAsync(request, route, long.MaxValue, CancellationToken.None);
         }
 
-        var one = await FingerprintAsync(firstHost, firstValue);
-        var two = await FingerprintAsync(secondHost, secondValue);
+        var onA = await FingerprintAsync("hosts a.example", "a.example");
 
-        Assert.Equal(same, one!.AsSpan().SequenceEqual(two));
-    }
-
-    [Fact]
-    public async Task Fingerprint_WithoutRoutingHeaders_IgnoresHost_AndKeepsTheFramingOfEveryStoredFingerprint()
-    {
-        var one = Request("POST", "/a", "", [1, 2, 3]);
-        one.Headers.Host = "a.example";
-        var two = Request("POST", "/a", "", [1, 2, 3]);
-        two.Headers.Host = "b.example";
-
-        Assert.Equal(Expected("POST", "/a", "", [1, 2, 3]), await RequestFingerprint.ComputeAsync(one, [], long.MaxValue, CancellationToken.None));
-        Assert.Equal(Expected("POST", "/a", "", [1, 2, 3]), await RequestFingerprint.ComputeAsync(two, long.MaxValue, CancellationToken.None));
+        Assert.Equal(onA, await FingerprintAsync("hosts a.example", "A.EXAMPLE:8443"));
+        Assert.NotEqual(onA, await FingerprintAsync("hosts b.example", "b.example"));
+        Assert.NotEqual(onA, await FingerprintAsync(null, "a.example"));
+        Assert.Equal(Expected("POST", "/a", "", [1, 2, 3]), await FingerprintAsync(null, "a.example"));
+        Assert.Equal(Expected("POST", "/a", "", [1, 2, 3]), await FingerprintAsync(null, "b.example"));
     }
 
     private sealed class OneWayStream(byte[] data) : MemoryStream(data, writable: false)
