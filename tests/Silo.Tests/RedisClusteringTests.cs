@@ -4,6 +4,8 @@ using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Testing;
+using Microsoft.Extensions.Options;
+using Orleans.Configuration;
 using OrleansIdempotency.Grains;
 using OrleansIdempotency.Silo.Hosting;
 
@@ -56,6 +58,28 @@ public sealed class RedisClusteringTests(ServersFixture servers)
         await WaitForActiveSilosAsync(started.Grains, 1);
         Assert.Contains(logs.Collector.GetSnapshot(), r => r.Level == LogLevel.Warning && r.Message.Contains("Redis", StringComparison.Ordinal)
             && r.Message.Contains("not reachable yet", StringComparison.Ordinal));
+    }
+
+    [Theory]
+    [InlineData(null, true)]
+    [InlineData("127.0.0.1", false)]
+    public async Task SiloOnRedis_WithoutAnAdvertisedHost_WarnsAtStartThatItAdvertisesLoopback_ButNotWhenOneIsSet(string? advertisedHost, bool warns)
+    {
+        // Silos on two hosts both advertising the default would each take the other for its own earlier run.
+        var settings = await TestClusterSettings.CreateAsync(servers);
+        settings["Orleans:Endpoints:AdvertisedHost"] = advertisedHost;
+        using var logs = new FakeLoggerProvider();
+
+        await using var silo = await TestSilo.StartAsync(settings, s => s.Services.AddSingleton<ILoggerProvider>(logs));
+
+        var warnings = logs.Collector.GetSnapshot()
+            .Where(r => r.Level == LogLevel.Warning && r.Message.Contains("Orleans__Endpoints__AdvertisedHost", StringComparison.Ordinal)).ToList();
+        Assert.Equal(warns ? 1 : 0, warnings.Count);
+        if (warns)
+        {
+            var port = silo.Host.Services.GetRequiredService<IOptions<EndpointOptions>>().Value.SiloPort;
+            Assert.Contains($"127.0.0.1:{port}", warnings[0].Message, StringComparison.Ordinal);
+        }
     }
 
     [Fact]

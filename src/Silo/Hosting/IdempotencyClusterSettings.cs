@@ -25,8 +25,8 @@ public enum IdempotencyClusterRole
 /// <param name="SiloPort"><c>Orleans:Endpoints:SiloPort</c>: silo-to-silo port. The default is 11111.</param>
 /// <param name="GatewayPort"><c>Orleans:Endpoints:GatewayPort</c>: client gateway port. The default is 30000.</param>
 /// <param name="AdvertisedHost">
-/// <c>Orleans:Endpoints:AdvertisedHost</c>: the host name or address other silos reach this one at. The default is
-/// 127.0.0.1; in containers, the container's host name.
+/// <c>Orleans:Endpoints:AdvertisedHost</c>: the host name or address other silos reach this one at; null when unset,
+/// and then <see cref="DefaultAdvertisedHost"/>. In containers, the container's host name.
 /// </param>
 public sealed record IdempotencyClusterSettings(
     string? Postgres,
@@ -36,8 +36,11 @@ public sealed record IdempotencyClusterSettings(
     string ServiceId,
     int SiloPort,
     int GatewayPort,
-    string AdvertisedHost)
+    string? AdvertisedHost)
 {
+    /// <summary>The address a silo advertises when <c>Orleans:Endpoints:AdvertisedHost</c> is not set.</summary>
+    public const string DefaultAdvertisedHost = "127.0.0.1";
+
     /// <summary>The cluster and service id used when none is configured.</summary>
     public const string DefaultId = "orleans-idempotency";
 
@@ -54,7 +57,7 @@ public sealed record IdempotencyClusterSettings(
             ServiceId: NullIfEmpty(orleans["ServiceId"]) ?? DefaultId,
             SiloPort: ReadPort(endpoints["SiloPort"], 11111, "SiloPort"),
             GatewayPort: ReadPort(endpoints["GatewayPort"], 30000, "GatewayPort"),
-            AdvertisedHost: NullIfEmpty(endpoints["AdvertisedHost"]) ?? "127.0.0.1");
+            AdvertisedHost: NullIfEmpty(endpoints["AdvertisedHost"]));
     }
 
     private static string? NullIfEmpty(string? value) => string.IsNullOrWhiteSpace(value) ? null : value;

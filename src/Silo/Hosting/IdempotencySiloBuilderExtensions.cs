@@ -46,8 +46,12 @@ public static class IdempotencySiloBuilderExtensions
                 options.ServiceId = settings.ServiceId;
             });
             // A silo advertising a loopback address listens on it alone; any other, on every address the host has.
-            var advertised = AdvertisedAddress(settings.AdvertisedHost);
+            var advertised = AdvertisedAddress(settings.AdvertisedHost ?? IdempotencyClusterSettings.DefaultAdvertisedHost);
             silo.ConfigureEndpoints(advertised, settings.SiloPort, settings.GatewayPort, listenOnAnyHostAddress: !IPAddress.IsLoopback(advertised));
+            if (settings.AdvertisedHost is null)
+            {
+                silo.Services.AddSingleton<ILifecycleParticipant<ISiloLifecycle>, DefaultAdvertisedHostWarning>();
+            }
         }
         else
         {
