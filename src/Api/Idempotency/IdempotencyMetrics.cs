@@ -31,4 +31,8 @@ internal static class IdempotencyResults
     public const string Replayed = "replayed";
     public const string Rejected = "rejected";
     public const string Unavailable = "unavailable";
+
+    // The action ran and may have taken effect, but left no outcome to store: its key lapses into outcome-unknown,
+    // for an operator to settle. The one result worth an alert.
+    public const string InDoubt = "in_doubt";
 }

@@ -219,6 +219,7 @@ internal sealed partial class IdempotencyMiddleware(
                 else
                 {
                     LogLeftInDoubt(logger, grain.GetPrimaryKeyString(), exception.GetType().Name);
+                    metrics.Record(IdempotencyResults.InDoubt);
                 }
 
                 throw;
@@ -307,6 +308,7 @@ internal sealed partial class IdempotencyMiddleware(
         if (WhyNoOutcome(context, policy, capture, lifetime) is { } why)
         {
             LogLeftInDoubt(logger, grain.GetPrimaryKeyString(), why);
+            metrics.Record(IdempotencyResults.InDoubt);
             return;
         }
 

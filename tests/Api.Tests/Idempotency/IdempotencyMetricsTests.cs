@@ -10,8 +10,13 @@ public sealed class IdempotencyMetricsTests(MiddlewareClusterFixture fixture)
     [Fact]
     public async Task EachRequestIsCountedOnce_ByHowItEnded()
     {
-        var harness = new MiddlewareHarness(fixture, context =>
-            context.Request.Path == "/failing" ? Fail(context) : MiddlewareHarness.Creates()(context));
+        var harness = new MiddlewareHarness(fixture, context => context.Request.Path.Value switch
+        {
+            "/failing" => Fail(context),
+            "/thrown-mid-body" => ThrowMidBodyAsync(context),
+            "/short" => WriteShortOfItsLengthAsync(context),
+            _ => MiddlewareHarness.Creates()(context),
+        });
         using var requests = new MetricCollector<long>(harness.Meters, IdempotencyMetrics.MeterName, "idempotency.requests");
         var key = MiddlewareHarness.NewKey();
 
@@ -21,11 +26,27 @@ public sealed class IdempotencyMetricsTests(MiddlewareClusterFixture fixture)
         await harness.SendAsync(key, body: "{\"amount\":2}");
         await harness.SendAsync(MiddlewareHarness.NewKey(), path: "/failing");
         await fixture.WhileStoreDownAsync(() => harness.SendAsync(MiddlewareHarness.NewKey()));
+        // Ran, may have taken effect, and left no outcome: the keys an operator must settle.
+        await Assert.ThrowsAsync<InvalidOperationException>(() => harness.SendAsync(MiddlewareHarness.NewKey(), path: "/thrown-mid-body"));
+        await harness.SendAsync(MiddlewareHarness.NewKey(), path: "/short");
 
         var counted = requests.GetMeasurementSnapshot().GroupBy(m => (string)m.Tags["result"]!).ToDictionary(g => g.Key, g => g.Sum(m => m.Value));
         Assert.Equal(
-            new Dictionary<string, long> { ["executed"] = 1, ["replayed"] = 2, ["rejected"] = 1, ["released"] = 1, ["unavailable"] = 1 },
+            new Dictionary<string, long> { ["executed"] = 1, ["replayed"] = 2, ["rejected"] = 1, ["released"] = 1, ["unavailable"] = 1, ["in_doubt"] = 2 },
             counted);
+    }
+
+    private static async Task ThrowMidBodyAsync(HttpContext context)
+    {
+        await context.Response.WriteAsync("{\"id\":");
+        await context.Response.Body.FlushAsync();
+        throw new InvalidOperationException("failed once the response had begun");
+    }
+
+    private static async Task WriteShortOfItsLengthAsync(HttpContext context)
+    {
+        context.Response.ContentLength = 10;
+        await context.Response.WriteAsync("{}");
     }
 
     private static Task Fail(HttpContext context)
