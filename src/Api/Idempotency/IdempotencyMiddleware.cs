@@ -332,7 +332,10 @@ internal sealed partial class IdempotencyMiddleware(
         // The client may be gone; the outcome is stored regardless, for its retry.
         if (!await calls.CompleteAsync(grain, token, stored, policy.Lease))
         {
+            // The lease lapsed under the action (a pause, a partition): its key is in doubt, this outcome unrecorded.
             LogCompletionRefused(logger, grain.GetPrimaryKeyString());
+            metrics.Record(IdempotencyResults.InDoubt);
+            return;
         }
 
         metrics.Record(IdempotencyResults.Executed);

@@ -36,6 +36,27 @@ public sealed class IdempotencyMetricsTests(MiddlewareClusterFixture fixture)
             counted);
     }
 
+    [Fact]
+    public async Task ActionWhoseLeaseLapsedUnderIt_IsCountedInDoubt_NotExecuted()
+    {
+        // A pause (a stop-the-world collection, a frozen VM) longer than the lease: its completion is refused.
+        var paused = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var harness = new MiddlewareHarness(fixture, MiddlewareHarness.CreatesAfter(paused.Task));
+        using var requests = new MetricCollector<long>(harness.Meters, IdempotencyMetrics.MeterName, "idempotency.requests");
+        var key = MiddlewareHarness.NewKey();
+
+        var running = harness.SendAsync(key);
+        await MiddlewareHarness.WaitUntilAsync(async () => (await harness.Grain(key).GetAsync()).Status == Grains.IdempotencyStatus.InProgress);
+        fixture.Time.Advance(IdempotencyPolicy.Default.Lease + TimeSpan.FromSeconds(1));
+        paused.SetResult();
+        await running;
+
+        var counted = Assert.Single(requests.GetMeasurementSnapshot());
+        Assert.Equal("in_doubt", counted.Tags["result"]);
+        var retry = await harness.SendAsync(key);
+        Assert.EndsWith("/outcome-unknown", retry.Problem().GetProperty("type").GetString());
+    }
+
     private static async Task ThrowMidBodyAsync(HttpContext context)
     {
         await context.Response.WriteAsync("{\"id\":");
