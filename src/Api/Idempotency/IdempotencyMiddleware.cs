@@ -61,9 +61,11 @@ internal sealed partial class IdempotencyMiddleware(
     // Two endpoints with one path told apart by host (or, behind the gateway, by a header) are two routes: a key sent
     // to both is reused, not one's replay for the other. What tells them apart is hashed, not the values a request
     // carried, so the same endpoint reached through another of its hosts, a port, or another casing is the same route.
+    // An endpoint bound to every host ("*") keeps the framing of its path alone: one bound to some hosts is told
+    // apart from it by its own route part.
     private static string? RouteOf(Endpoint endpoint, IIdempotencyMetadata metadata) =>
         (metadata as IdempotencyMetadata)?.Route
-        ?? (endpoint.Metadata.GetMetadata<IHostMetadata>() is { Hosts.Count: > 0 } bound
+        ?? (endpoint.Metadata.GetMetadata<IHostMetadata>() is { Hosts.Count: > 0 } bound && !bound.Hosts.Any(static host => host is "*" or "*:*")
             ? "hosts " + string.Join(' ', bound.Hosts.Select(static host => host.ToLowerInvariant()).Distinct().Order(StringComparer.Ordinal))
             : null);
 

@@ -20,6 +20,10 @@ public static class RequestFingerprint
     /// Hashes the request, buffering its body so the endpoint can still read it (the body is rewound).
     /// Returns null when the body is longer than <paramref name="maxBodyBytes"/>.
     /// </summary>
+    /// <remarks>
+    /// The fingerprint of an endpoint that its method and path tell apart; one bound to some hosts, or a gateway
+    /// route matched by host or header, hashes a route part besides (DESIGN §4's route).
+    /// </remarks>
     public static Task<byte[]?> ComputeAsync(HttpRequest request, long maxBodyBytes, CancellationToken cancellationToken) =>
         ComputeAsync(request, null, maxBodyBytes, cancellationToken);
 

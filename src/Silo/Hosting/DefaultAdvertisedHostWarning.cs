@@ -1,3 +1,4 @@
+using System.Net;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Options;
 using Orleans.Configuration;
@@ -16,9 +17,14 @@ internal sealed partial class DefaultAdvertisedHostWarning(IOptions<EndpointOpti
     public void Participate(ISiloLifecycle lifecycle) =>
         lifecycle.Subscribe(nameof(DefaultAdvertisedHostWarning), ServiceLifecycleStage.First, Warn);
 
-    internal Task Warn(CancellationToken cancellationToken)
+    private Task Warn(CancellationToken cancellationToken)
     {
-        LogDefaultAdvertisedHost(logger, endpoints.Value.AdvertisedIPAddress.ToString(), endpoints.Value.SiloPort);
+        // The address the silo advertises, which the host may have set itself after the settings were read.
+        if (IPAddress.IsLoopback(endpoints.Value.AdvertisedIPAddress))
+        {
+            LogDefaultAdvertisedHost(logger, endpoints.Value.AdvertisedIPAddress.ToString(), endpoints.Value.SiloPort);
+        }
+
         return Task.CompletedTask;
     }
 

@@ -183,6 +183,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         var onA = new Endpoint(harness.Endpoint, new EndpointMetadataCollection(harness.Metadata, new HostAttribute("a.example", "A-Alias.example")), "POST /orders on a");
         var onB = new Endpoint(harness.Endpoint, new EndpointMetadataCollection(harness.Metadata, new HostAttribute("b.example")), "POST /orders on b");
         var anyHost = new Endpoint(harness.Endpoint, new EndpointMetadataCollection(harness.Metadata), "POST /orders");
+        var everyHost = new Endpoint(harness.Endpoint, new EndpointMetadataCollection(harness.Metadata, new HostAttribute("*")), "POST /orders on *");
         Task<HttpContext> SendAsync(Endpoint endpoint, string host, string? sameKey = null) => harness.SendAsync(MiddlewareHarness.Request(sameKey ?? key, configure: c =>
         {
             c.Request.Host = new HostString(host);
@@ -201,12 +202,15 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         Assert.Equal("true", throughItsAlias.Response.Headers["Idempotent-Replayed"]);
         Assert.Equal(first.Body(), throughItsAlias.Body());
 
-        // An endpoint not bound to hosts ignores the host, as before.
+        // An endpoint not bound to hosts, or bound to every host, ignores the host and hashes as before.
         var unbound = MiddlewareHarness.NewKey();
         var unboundFirst = await SendAsync(anyHost, "a.example", unbound);
         var unboundAgain = await SendAsync(anyHost, "b.example", unbound);
+        var boundToEvery = await SendAsync(everyHost, "c.example", unbound);
         Assert.Equal("true", unboundAgain.Response.Headers["Idempotent-Replayed"]);
         Assert.Equal(unboundFirst.Body(), unboundAgain.Body());
+        Assert.Equal("true", boundToEvery.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(unboundFirst.Body(), boundToEvery.Body());
     }
 
     [Fact]
