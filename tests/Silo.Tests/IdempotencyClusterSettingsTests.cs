@@ -30,5 +30,8 @@ public sealed class IdempotencyClusterSettingsTests
         Assert.Equal(IdempotencyClusterRole.Silo, Read("Orleans:Role", "").Role);
         Assert.Equal(11111, Read("Orleans:Endpoints:SiloPort", "").SiloPort);
         Assert.Equal(12000, Read("Orleans:Endpoints:SiloPort", "12000").SiloPort);
+        // Unset is told apart from set: only a silo left to the default is warned of it.
+        Assert.Null(Read("Orleans:Endpoints:AdvertisedHost", " ").AdvertisedHost);
+        Assert.Equal("silo1", Read("Orleans:Endpoints:AdvertisedHost", "silo1").AdvertisedHost);
     }
 }
