@@ -8,8 +8,8 @@ internal sealed partial class IdempotencyMiddleware
     [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: the store is unavailable; answered 503 without running the request.")]
     private static partial void LogUnavailable(ILogger logger, Exception exception, string key);
 
-    [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: the action ended with {Exception} after the client left; its claim is left to lapse, since the action may have taken effect.")]
-    private static partial void LogLeftInDoubt(ILogger logger, string key, string exception);
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: left in doubt ({Reason}). The action may have taken effect, so its claim is left to lapse into outcome-unknown, for an operator to settle.")]
+    private static partial void LogLeftInDoubt(ILogger logger, string key, string reason);
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: the response the action completed before it failed could not be sent ({Reason}).")]
     private static partial void LogCompletedResponseUnsent(ILogger logger, string key, string reason);

@@ -220,7 +220,12 @@ internal sealed partial class IdempotencyMiddleware(
                 }
                 else
                 {
-                    LogLeftInDoubt(logger, grain.GetPrimaryKeyString(), exception.GetType().Name);
+                    var when = lifetime.InDoubt ? "where it could not tell its outcome"
+                        : lifetime.Aborted ? "after aborting its response"
+                        : capture.Started || context.Response.HasStarted ? "once its response had begun"
+                        : ClientLeft(context) ? "after its client left"
+                        : "and its policy keeps such a failure in doubt";
+                    LogLeftInDoubt(logger, grain.GetPrimaryKeyString(), $"the action threw {exception.GetType().Name} {when}");
                     metrics.Record(IdempotencyResults.InDoubt);
                 }
 

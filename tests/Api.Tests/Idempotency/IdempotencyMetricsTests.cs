@@ -1,5 +1,7 @@
 using Microsoft.AspNetCore.Http;
 using Microsoft.Extensions.Diagnostics.Metrics.Testing;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Testing;
 
 namespace OrleansIdempotency.AspNetCore.Tests;
 
@@ -10,13 +12,14 @@ public sealed class IdempotencyMetricsTests(MiddlewareClusterFixture fixture)
     [Fact]
     public async Task EachRequestIsCountedOnce_ByHowItEnded()
     {
+        var log = new FakeLogger<IdempotencyMiddleware>();
         var harness = new MiddlewareHarness(fixture, context => context.Request.Path.Value switch
         {
             "/failing" => Fail(context),
             "/thrown-mid-body" => ThrowMidBodyAsync(context),
             "/short" => WriteShortOfItsLengthAsync(context),
             _ => MiddlewareHarness.Creates()(context),
-        });
+        }, log: log);
         using var requests = new MetricCollector<long>(harness.Meters, IdempotencyMetrics.MeterName, "idempotency.requests");
         var key = MiddlewareHarness.NewKey();
 
@@ -30,6 +33,11 @@ public sealed class IdempotencyMetricsTests(MiddlewareClusterFixture fixture)
         await Assert.ThrowsAsync<InvalidOperationException>(() => harness.SendAsync(MiddlewareHarness.NewKey(), path: "/thrown-mid-body"));
         await harness.SendAsync(MiddlewareHarness.NewKey(), path: "/short");
 
+        // Each in doubt is logged, naming the key and why, for the operator who must settle it.
+        Assert.Equal(
+            ["the action threw InvalidOperationException once its response had begun", "a body short of its Content-Length"],
+            log.Collector.GetSnapshot().Where(r => r.Level == LogLevel.Warning && r.Message.Contains("left in doubt", StringComparison.Ordinal))
+                .Select(r => r.StructuredState!.Single(p => p.Key == "Reason").Value));
         var counted = requests.GetMeasurementSnapshot().GroupBy(m => (string)m.Tags["result"]!).ToDictionary(g => g.Key, g => g.Sum(m => m.Value));
         Assert.Equal(
             new Dictionary<string, long> { ["executed"] = 1, ["replayed"] = 2, ["rejected"] = 1, ["released"] = 1, ["unavailable"] = 1, ["in_doubt"] = 2 },
