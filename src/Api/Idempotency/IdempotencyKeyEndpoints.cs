@@ -1,3 +1,4 @@
+using System.Security.Claims;
 using System.Text.Json;
 using System.Text.Json.Serialization;
 using Microsoft.Extensions.Options;
@@ -52,7 +53,8 @@ internal sealed record KeyState(
     string? ResponseBodyBase64 = null,
     long? ResponseBodyLength = null);
 
-internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, IdempotencyProblems problems, IOptions<IdempotencyOptions> options, TimeProvider time)
+internal sealed partial class IdempotencyKeysHttp(
+    IdempotencyGrainCalls calls, IdempotencyProblems problems, IOptions<IdempotencyOptions> options, TimeProvider time, ILogger<IdempotencyKeysHttp> logger)
 {
     private static readonly JsonSerializerOptions Json = new(JsonSerializerOptions.Web)
     {
@@ -178,8 +180,14 @@ internal sealed class IdempotencyKeysHttp(IdempotencyGrainCalls calls, Idempoten
                 return;
         }
 
+        // An audit trail: a release lets the action run again, a response stands for the action's from now on.
+        LogSettled(logger, key.ToString(), claim is { } settled ? ClaimTokenText.Format(settled) : "(none)", outcome is null ? "released" : $"completed with status {outcome.StatusCode}",
+            context.User.Identity?.Name ?? context.User.FindFirst(ClaimTypes.NameIdentifier)?.Value ?? "an unnamed caller");
         await context.Response.WriteAsJsonAsync(new KeyState(outcome is null ? "none" : "completed"), Json, context.RequestAborted);
     }
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: its claim {Claim} in doubt was settled by an operator, {Decision}, as {Operator} asked.")]
+    private static partial void LogSettled(ILogger logger, string key, string claim, string decision, string @operator);
 
     // Why a response cannot be stored as given, or null: every replay of it must be a valid answer.
     private string? Refusal(KnownResponse known, IdempotencyKey key)

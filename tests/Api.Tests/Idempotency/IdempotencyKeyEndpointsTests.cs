@@ -1,7 +1,9 @@
+using System.Security.Claims;
 using System.Text;
 using System.Text.Json;
 using Microsoft.AspNetCore.Http;
-using Microsoft.Extensions.Logging.Abstractions;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Testing;
 using Microsoft.Extensions.Options;
 using OrleansIdempotency.Grains;
 
@@ -9,18 +11,17 @@ namespace OrleansIdempotency.AspNetCore.Tests;
 
 /// <summary>The operator's surface: reading a key, and settling one whose outcome is unknown.</summary>
 [Collection(MiddlewareClusterCollection.Name)]
-public sealed class IdempotencyKeyEndpointsTests(MiddlewareClusterFixture fixture)
+public sealed class IdempotencyKeyEndpointsTests
 {
-    private readonly IdempotencyKeysHttp keys = Create(fixture);
+    private readonly MiddlewareClusterFixture fixture;
+    private readonly FakeLogger<IdempotencyKeysHttp> log = new();
+    private readonly IdempotencyKeysHttp keys;
 
-    private static IdempotencyKeysHttp Create(MiddlewareClusterFixture fixture)
+    public IdempotencyKeyEndpointsTests(MiddlewareClusterFixture fixture)
     {
+        this.fixture = fixture;
         var options = MiddlewareClusterFixture.Options();
-        return new IdempotencyKeysHttp(
-            fixture.Calls(options),
-            new IdempotencyProblems(options),
-            options,
-            fixture.Time);
+        keys = new IdempotencyKeysHttp(fixture.Calls(options), new IdempotencyProblems(options), options, fixture.Time, log);
     }
 
     // An action that began its answer and then failed: it may have taken effect, so its key is left in doubt.
@@ -253,9 +254,35 @@ public sealed class IdempotencyKeyEndpointsTests(MiddlewareClusterFixture fixtur
         Assert.Equal(1, harness.Executions);
     }
 
-    private static async Task<(int Status, JsonElement Json)> CallAsync(Func<HttpContext, Task> call, string? key, string body, string? scope = "user:alice")
+    [Fact]
+    public async Task EverySettlement_IsLoggedWithWhoAskedTheKeyTheClaimAndTheDecision()
+    {
+        var (_, released) = await KeyInDoubtAsync();
+        var (_, completed) = await KeyInDoubtAsync();
+        var claim = (await CallAsync(keys.ReadAsync, released, "")).Json.GetProperty("claim").GetString();
+
+        await CallAsync(keys.ResolveAsync, released, "{\"release\": true}", user: "ops-carol");
+        await CallAsync(keys.ResolveAsync, completed, JsonSerializer.Serialize(new { response = new { status = 201, body = "{}" } }), user: "ops-dave");
+        await CallAsync(keys.ResolveAsync, completed, "{\"release\": true}", user: "ops-erin");
+
+        // The third found nothing in doubt: nothing changed, nothing to log.
+        var settled = log.Collector.GetSnapshot().Where(r => r.Level == LogLevel.Warning).ToList();
+        Assert.Equal(2, settled.Count);
+        Assert.Contains(released, settled[0].Message, StringComparison.Ordinal);
+        Assert.Contains(claim!, settled[0].Message, StringComparison.Ordinal);
+        Assert.Contains("released, as ops-carol asked", settled[0].Message, StringComparison.Ordinal);
+        Assert.Contains(completed, settled[1].Message, StringComparison.Ordinal);
+        Assert.Contains("completed with status 201, as ops-dave asked", settled[1].Message, StringComparison.Ordinal);
+    }
+
+    private static async Task<(int Status, JsonElement Json)> CallAsync(Func<HttpContext, Task> call, string? key, string body, string? scope = "user:alice", string? user = null)
     {
         var context = new DefaultHttpContext();
+        if (user is not null)
+        {
+            context.User = new ClaimsPrincipal(new ClaimsIdentity([new Claim(ClaimTypes.Name, user)], "test"));
+        }
+
         context.Request.Method = "POST";
         context.Request.QueryString = QueryString.Create(new Dictionary<string, string?> { ["scope"] = scope, ["key"] = key }.Where(p => p.Value is not null));
         context.Request.Body = new MemoryStream(Encoding.UTF8.GetBytes(body));
