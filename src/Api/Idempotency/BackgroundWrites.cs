@@ -55,14 +55,14 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
 
     /// <summary>
     /// Retries <paramref name="call"/>, which completes an action with a response of <paramref name="bytes"/>, until it
-    /// lands or <paramref name="giveUpAt"/>.
+    /// lands or <paramref name="giveUpAt"/>; then <paramref name="settled"/> says, once, whether the store took it.
     /// </summary>
-    public void AddCompletion(IIdempotencyGrain grain, Func<IIdempotencyGrain, Task<bool>> call, long bytes, DateTimeOffset giveUpAt) =>
-        Add(new Write(grain, call, giveUpAt, IsCompletion: true, bytes));
+    public void AddCompletion(IIdempotencyGrain grain, Func<IIdempotencyGrain, Task<bool>> call, long bytes, DateTimeOffset giveUpAt, Action<bool>? settled = null) =>
+        Add(new Write(grain, call, giveUpAt, IsCompletion: true, bytes, settled));
 
     /// <summary>Retries <paramref name="call"/>, which releases a claim, until it lands or <paramref name="giveUpAt"/>.</summary>
     public void AddRelease(IIdempotencyGrain grain, Func<IIdempotencyGrain, Task<bool>> call, DateTimeOffset giveUpAt) =>
-        Add(new Write(grain, call, giveUpAt, IsCompletion: false, 0));
+        Add(new Write(grain, call, giveUpAt, IsCompletion: false, 0, null));
 
     /// <summary>Stops retrying; what still waits is logged, as its keys lapse into an unknown outcome.</summary>
     public void Dispose()
@@ -73,6 +73,7 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
             foreach (var write in completions.Concat(releases))
             {
                 LogLeftWaiting(logger, write.Key, write.Kind);
+                write.Settle(false);
             }
 
             completions.Clear();
@@ -88,6 +89,7 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
             if (stopped.IsCancellationRequested)
             {
                 LogLeftWaiting(logger, write.Key, write.Kind);
+                write.Settle(false);
                 return;
             }
 
@@ -112,6 +114,7 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
         if (!admitted)
         {
             LogTooManyWaiting(logger, write.Key, write.Kind);
+            write.Settle(false);
         }
     }
 
@@ -172,6 +175,7 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
                     if (tries[i].IsCompletedSuccessfully && tries[i].Result is { } taken)
                     {
                         Hold(batch[i], -1);
+                        batch[i].Settle(taken);
                         if (!taken && batch[i].IsCompletion)
                         {
                             refused.Add(batch[i]);
@@ -185,6 +189,7 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
                     {
                         LogLeftWaiting(logger, batch[i].Key, batch[i].Kind);
                         Hold(batch[i], -1);
+                        batch[i].Settle(false);
                     }
                     else
                     {
@@ -228,6 +233,7 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
                 }
 
                 Hold(write, -1);
+                write.Settle(false);
                 givenUp.Add(write);
             }
 
@@ -298,9 +304,23 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
         }
     }
 
-    private sealed record Write(IIdempotencyGrain Grain, Func<IIdempotencyGrain, Task<bool>> Call, DateTimeOffset GiveUpAt, bool IsCompletion, long Bytes)
+    private sealed record Write(IIdempotencyGrain Grain, Func<IIdempotencyGrain, Task<bool>> Call, DateTimeOffset GiveUpAt, bool IsCompletion, long Bytes,
+        Action<bool>? Settled)
     {
         public string Key => Grain.GetPrimaryKeyString();
+
+        // Once per write, each ending in exactly one place; a callback that throws must not lose the drain its place.
+        public void Settle(bool taken)
+        {
+            try
+            {
+                Settled?.Invoke(taken);
+            }
+            catch (Exception)
+            {
+                // What the caller counts is not worth a write.
+            }
+        }
 
         public string Kind => IsCompletion ? "completion" : "release";
     }

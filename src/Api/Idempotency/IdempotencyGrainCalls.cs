@@ -147,8 +147,11 @@ internal sealed partial class IdempotencyGrainCalls(
     /// it until the claim's <paramref name="lease"/> ends, after which the store refuses it: the action has run, and
     /// a completion that lands before the lease lapses spares the key an unknown outcome.
     /// </summary>
-    /// <returns>False when the claim was stale or had lapsed (the store refused it); true otherwise.</returns>
-    public async Task<bool> CompleteAsync(IIdempotencyGrain grain, ClaimToken token, StoredResponse response, TimeSpan lease)
+    /// <returns>
+    /// True when stored; false when the claim was stale or had lapsed (the store refused it); null when it waits in
+    /// the background, which then tells <paramref name="settled"/>, once, whether the store took it in the end.
+    /// </returns>
+    public async Task<bool?> CompleteAsync(IIdempotencyGrain grain, ClaimToken token, StoredResponse response, TimeSpan lease, Action<bool>? settled = null)
     {
         Func<IIdempotencyGrain, Task<bool>> complete = g => g.CompleteAsync(token, response);
         try
@@ -157,8 +160,8 @@ internal sealed partial class IdempotencyGrainCalls(
         }
         catch (IdempotencyUnavailableException)
         {
-            background.AddCompletion(grain, complete, response.Body.Length + response.HeaderChars, time.GetUtcNow() + lease);
-            return true;
+            background.AddCompletion(grain, complete, response.Body.Length + response.HeaderChars, time.GetUtcNow() + lease, settled);
+            return null;
         }
     }
 

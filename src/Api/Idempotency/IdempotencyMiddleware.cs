@@ -31,6 +31,9 @@ internal sealed partial class IdempotencyMiddleware(
     // How soon a client told "in progress" should try again: most actions finish within a second.
     private static readonly TimeSpan InProgressRetryAfter = TimeSpan.FromSeconds(1);
 
+    // One delegate for every completion left to the background writes, not a closure per request.
+    private readonly Action<bool> completionSettled = stored => metrics.Record(stored ? IdempotencyResults.Executed : IdempotencyResults.InDoubt);
+
     // Weak: a proxy's reload replaces its routes' endpoints, and a policy held per endpoint would keep every old one.
     private readonly ConditionalWeakTable<Endpoint, IdempotencyPolicy> policies = new();
 
@@ -336,16 +339,19 @@ internal sealed partial class IdempotencyMiddleware(
 
         var stored = new StoredResponse(response.StatusCode, headers, capture.ToArray(), capture.Overflowed, capture.BytesWritten,
             StoredTrailers(context.Features.Get<IHttpResponseTrailersFeature>()?.Trailers));
-        // The client may be gone; the outcome is stored regardless, for its retry.
-        if (!await calls.CompleteAsync(grain, token, stored, policy.Lease))
+        // The client may be gone; the outcome is stored regardless, for its retry. One the store could not take now is
+        // counted once the background writes know whether it landed.
+        switch (await calls.CompleteAsync(grain, token, stored, policy.Lease, completionSettled))
         {
-            // The lease lapsed under the action (a pause, a partition): its key is in doubt, this outcome unrecorded.
-            LogCompletionRefused(logger, grain.GetPrimaryKeyString());
-            metrics.Record(IdempotencyResults.InDoubt);
-            return;
+            case true:
+                metrics.Record(IdempotencyResults.Executed);
+                break;
+            case false:
+                // The lease lapsed under the action (a pause, a partition): its key is in doubt, this outcome unrecorded.
+                LogCompletionRefused(logger, grain.GetPrimaryKeyString());
+                metrics.Record(IdempotencyResults.InDoubt);
+                break;
         }
-
-        metrics.Record(IdempotencyResults.Executed);
     }
 
     private async Task ReplayAsync(HttpContext context, StoredResponse stored, string key)

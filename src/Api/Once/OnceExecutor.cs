@@ -167,7 +167,7 @@ internal sealed partial class OnceExecutor(
             }
         }
 
-        if (!await calls.CompleteAsync(grain, token, StoredResult(result, policy, grain.GetPrimaryKeyString()), policy.Lease))
+        if (await calls.CompleteAsync(grain, token, StoredResult(result, policy, grain.GetPrimaryKeyString()), policy.Lease) == false)
         {
             LogCompletionRefused(logger, grain.GetPrimaryKeyString());
         }

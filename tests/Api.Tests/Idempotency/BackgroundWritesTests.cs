@@ -1,4 +1,5 @@
 using Microsoft.AspNetCore.Http;
+using Microsoft.Extensions.Diagnostics.Metrics.Testing;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Testing;
 using Microsoft.Extensions.Time.Testing;
@@ -21,6 +22,7 @@ public sealed class BackgroundWritesTests(MiddlewareClusterFixture fixture)
     public async Task CompletionThatCannotReachTheStoreForItsWholeLease_IsGivenUp_AndItsKeyIsInDoubt_NotRunAgain()
     {
         var (harness, key, log, running, first) = await RunningAsync();
+        using var requests = Requests(harness);
 
         await fixture.WhileStoreDownAsync(async () =>
         {
@@ -33,12 +35,14 @@ public sealed class BackgroundWritesTests(MiddlewareClusterFixture fixture)
         });
 
         await AssertInDoubtAsync(harness, key, log, "whole lease", "was refused");
+        AssertCounted(requests, ("in_doubt", 1), ("rejected", 1));
     }
 
     [Fact]
     public async Task CompletionThatReachesTheStoreAfterTheGrainsLeaseEnded_IsRefused_AndItsKeyIsInDoubt_NotRunAgain()
     {
         var (harness, key, log, running, first) = await RunningAsync();
+        using var requests = Requests(harness);
 
         await fixture.WhileStoreDownAsync(async () =>
         {
@@ -55,6 +59,27 @@ public sealed class BackgroundWritesTests(MiddlewareClusterFixture fixture)
         // Once back, the store has the completion before the lease it would be given up at.
         await fixture.ClockRunsUntilAsync(() => Errors(log, key).Count > 0);
         await AssertInDoubtAsync(harness, key, log, "was refused", "whole lease");
+        AssertCounted(requests, ("in_doubt", 1), ("rejected", 1));
+    }
+
+    [Fact]
+    public async Task CompletionThatLandsOnceTheStoreIsBack_IsCountedExecuted_WhenItLands_NotBefore()
+    {
+        var (harness, key, _, running, first) = await RunningAsync();
+        using var requests = Requests(harness);
+
+        await fixture.WhileStoreDownAsync(async () =>
+        {
+            running.SetResult();
+            Assert.Equal(201, (await first).Response.StatusCode);
+            await MiddlewareHarness.WaitUntilAsync(() => Task.FromResult(harness.Calls.WaitingForTheStore == 1));
+            return true;
+        });
+        Assert.Empty(requests.GetMeasurementSnapshot());
+
+        await fixture.ClockRunsUntilAsync(() => requests.GetMeasurementSnapshot().Count > 0);
+        AssertCounted(requests, ("executed", 1));
+        Assert.Equal("true", (await harness.SendAsync(key)).Response.Headers["Idempotent-Replayed"]);
     }
 
     [Fact]
@@ -221,6 +246,14 @@ public sealed class BackgroundWritesTests(MiddlewareClusterFixture fixture)
         Assert.Contains(errors, message => message.Contains(why));
         Assert.DoesNotContain(errors, message => message.Contains(notWhy));
     }
+
+    private static MetricCollector<long> Requests(MiddlewareHarness harness) =>
+        new(harness.Meters, IdempotencyMetrics.MeterName, "idempotency.requests");
+
+    private static void AssertCounted(MetricCollector<long> requests, params (string Result, long Count)[] expected) =>
+        Assert.Equal(
+            expected.ToDictionary(e => e.Result, e => e.Count),
+            requests.GetMeasurementSnapshot().GroupBy(m => (string)m.Tags["result"]!).ToDictionary(g => g.Key, g => g.Sum(m => m.Value)));
 
     private static Task<bool> NeverLands(IIdempotencyGrain grain) => Task.FromException<bool>(new IOException("The store is down."));
 
