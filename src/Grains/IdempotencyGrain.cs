@@ -1,4 +1,5 @@
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
 using Orleans.Storage;
 
 namespace OrleansIdempotency.Grains;
@@ -15,9 +16,10 @@ namespace OrleansIdempotency.Grains;
 /// write instead of a read and a write; a key claimed again after its activation was collected costs one refused
 /// write more.
 /// </remarks>
-public sealed class IdempotencyGrain(
+public sealed partial class IdempotencyGrain(
     [FromKeyedServices(IdempotencyGrain.StorageName)] IGrainStorage storage,
-    TimeProvider time) : Grain, IIdempotencyGrain
+    TimeProvider time,
+    ILogger<IdempotencyGrain> logger) : Grain, IIdempotencyGrain
 {
     /// <summary>The name of the grain storage provider that holds the records.</summary>
     public const string StorageName = "idempotency";
@@ -62,8 +64,29 @@ public sealed class IdempotencyGrain(
 
     public async Task<ClaimResult> ClaimAsync(ClaimRequest request)
     {
-        var result = await ApplyAsync((state, now) => IdempotencyTransitions.Claim(state, request, now), mayAssumeAbsent: true);
+        // The claim that lapsed, when this claim is what turned its lapse into an outcome (decided again on a conflict).
+        ClaimToken? lapsed = null;
+        var result = await ApplyAsync((state, now) =>
+        {
+            var transition = IdempotencyTransitions.Claim(state, request, now);
+            lapsed = state.Status == IdempotencyStatus.InProgress && now >= state.LeaseExpiresAt && transition.Next is not null
+                && state.AttemptId != request.AttemptId ? state.Token : null;
+            return transition;
+        }, mayAssumeAbsent: true);
         contested |= result.Outcome == ClaimOutcome.InProgress;
+        if (lapsed is { } claim)
+        {
+            // No request is left to say so: its holder died or went quiet, and this is the only place that knows.
+            if (result.Outcome == ClaimOutcome.Acquired)
+            {
+                LogLapsedReclaimed(logger, this.GetPrimaryKeyString(), ClaimTokenText.Format(claim));
+            }
+            else
+            {
+                LogLapsedInDoubt(logger, this.GetPrimaryKeyString(), ClaimTokenText.Format(claim));
+            }
+        }
+
         return result;
     }
 
@@ -255,4 +278,10 @@ public sealed class IdempotencyGrain(
         changed?.TrySetResult();
         changed = null;
     }
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: the lease of claim {Claim} lapsed without completion (its holder died or went quiet); the key's outcome is unknown until an operator settles it.")]
+    private static partial void LogLapsedInDoubt(ILogger logger, string key, string claim);
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: the lease of claim {Claim} lapsed without completion, and the key is claimed again as its policy allows: the action may run twice.")]
+    private static partial void LogLapsedReclaimed(ILogger logger, string key, string claim);
 }

@@ -1,4 +1,6 @@
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Testing;
 using Microsoft.Extensions.Time.Testing;
 using Orleans.Storage;
 using Orleans.TestingHost;
@@ -17,6 +19,9 @@ public sealed class ClusterFixture : IAsyncLifetime
 
     public IGrainFactory Grains => Cluster.Client;
 
+    /// <summary>What both silos log.</summary>
+    public FakeLoggerProvider Log { get; } = new();
+
     public async Task InitializeAsync()
     {
         var builder = new InProcessTestClusterBuilder(initialSilosCount: 2);
@@ -26,6 +31,7 @@ public sealed class ClusterFixture : IAsyncLifetime
             silo.Services.AddKeyedSingleton<IGrainStorage>(IdempotencyGrain.StorageName, (services, _) =>
                 new CountingStorage(services.GetRequiredKeyedService<IGrainStorage>("memory"), Storage));
             silo.Services.AddSingleton<TimeProvider>(Time);
+            silo.Services.AddSingleton<ILoggerProvider>(Log);
             // Membership, messaging and collection keep real time; only the grains see the fake clock.
             silo.Services.UseTimeProviderForBackgroundAreas(TimeProvider.System);
         });
@@ -33,7 +39,11 @@ public sealed class ClusterFixture : IAsyncLifetime
         await Cluster.DeployAsync();
     }
 
-    public async Task DisposeAsync() => await Cluster.DisposeAsync();
+    public async Task DisposeAsync()
+    {
+        await Cluster.DisposeAsync();
+        Log.Dispose();
+    }
 }
 
 [CollectionDefinition(Name)]

@@ -1,4 +1,5 @@
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
 using Orleans.Storage;
 
 namespace OrleansIdempotency.Grains.Tests;
@@ -129,10 +130,16 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
         fixture.Time.Advance(Lease);
 
         var next = await grain.ClaimAsync(Claim());
+        var again = await grain.ClaimAsync(Claim());
 
         Assert.Equal(ClaimOutcome.OutcomeUnknown, next.Outcome);
+        Assert.Equal(ClaimOutcome.OutcomeUnknown, again.Outcome);
         Assert.False(await grain.CompleteAsync(first.Token!.Value, Created));
         Assert.Equal(IdempotencyStatus.OutcomeUnknown, (await grain.GetAsync()).Status);
+        // Its holder is gone and cannot say so: the grain that turned the lapse into an outcome does, once.
+        var logged = Assert.Single(LapseWarnings(grain));
+        Assert.Contains(ClaimTokenText.Format(first.Token!.Value), logged, StringComparison.Ordinal);
+        Assert.Contains("until an operator settles it", logged, StringComparison.Ordinal);
     }
 
     [Fact]
@@ -147,7 +154,16 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
         Assert.Equal(ClaimOutcome.Acquired, second.Outcome);
         Assert.False(await grain.CompleteAsync(first.Token!.Value, Created));
         Assert.True(await grain.CompleteAsync(second.Token!.Value, Created));
+        var logged = Assert.Single(LapseWarnings(grain));
+        Assert.Contains(ClaimTokenText.Format(first.Token!.Value), logged, StringComparison.Ordinal);
+        Assert.Contains("the action may run twice", logged, StringComparison.Ordinal);
     }
+
+    // The grain's warnings of lapsed leases, for this key alone (the fixture's silos are shared).
+    private List<string> LapseWarnings(IIdempotencyGrain grain) =>
+        [.. fixture.Log.Collector.GetSnapshot()
+            .Where(r => r.Level == LogLevel.Warning && r.Message.Contains(grain.GetPrimaryKeyString(), StringComparison.Ordinal) && r.Message.Contains("lapsed", StringComparison.Ordinal))
+            .Select(r => r.Message)];
 
     [Fact]
     public async Task DuplicatesOfAKeyInProgress_ReadItAgainOncePerSecondAtMost_EvenWhenTheReadIsSlow()

@@ -1,17 +1,17 @@
 using System.Buffers.Binary;
 using System.Buffers.Text;
-using OrleansIdempotency.Grains;
 
-namespace OrleansIdempotency.AspNetCore;
+namespace OrleansIdempotency.Grains;
 
 /// <summary>
 /// A claim as HTTP callers hold it (the Once API's token, the operator surface's <c>claim</c>): the attempt id and the
 /// fencing token, base64url.
 /// </summary>
-internal static class ClaimTokenText
+public static class ClaimTokenText
 {
     private const int Length = 24;
 
+    /// <summary>The claim as text: its attempt id and fencing token, base64url.</summary>
     public static string Format(ClaimToken token)
     {
         Span<byte> bytes = stackalloc byte[Length];
@@ -20,6 +20,7 @@ internal static class ClaimTokenText
         return Base64Url.EncodeToString(bytes);
     }
 
+    /// <summary>Reads a claim <see cref="Format"/> wrote; false for any other text.</summary>
     public static bool TryParse(string? text, out ClaimToken token)
     {
         token = default;
