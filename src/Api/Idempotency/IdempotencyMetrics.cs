@@ -2,7 +2,9 @@ using System.Diagnostics.Metrics;
 
 namespace OrleansIdempotency.AspNetCore;
 
-/// <summary>The layer's one meter: how each idempotent request ended, by <c>result</c>.</summary>
+/// <summary>
+/// The layer's one meter: how each idempotent request ended, by <c>result</c>; and the writes waiting for the store.
+/// </summary>
 internal sealed class IdempotencyMetrics : IDisposable
 {
     /// <summary>The meter's name, for OpenTelemetry's <c>AddMeter</c>.</summary>
@@ -11,11 +13,14 @@ internal sealed class IdempotencyMetrics : IDisposable
     private readonly Meter meter;
     private readonly Counter<long> requests;
 
-    public IdempotencyMetrics(IMeterFactory meters)
+    public IdempotencyMetrics(IMeterFactory meters, IdempotencyGrainCalls calls)
     {
         meter = meters.Create(MeterName);
         requests = meter.CreateCounter<long>("idempotency.requests", unit: "{request}",
             description: "Requests to idempotent endpoints, by how they ended.");
+        // During a store outage: how many keys wait to be completed or released, each in doubt until its write lands.
+        meter.CreateObservableGauge("idempotency.writes.waiting", () => calls.WaitingForTheStore, unit: "{write}",
+            description: "Completions and releases waiting in this process for the store to take them.");
     }
 
     public void Record(string result) => requests.Add(1, new KeyValuePair<string, object?>("result", result));

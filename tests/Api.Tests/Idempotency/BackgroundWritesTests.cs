@@ -63,10 +63,11 @@ public sealed class BackgroundWritesTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
-    public async Task CompletionThatLandsOnceTheStoreIsBack_IsCountedExecuted_WhenItLands_NotBefore()
+    public async Task CompletionThatLandsOnceTheStoreIsBack_IsCountedExecuted_WhenItLands_NotBefore_AndWaitsInTheGaugeTillThen()
     {
         var (harness, key, _, running, first) = await RunningAsync();
         using var requests = Requests(harness);
+        using var waiting = new MetricCollector<int>(harness.Meters, IdempotencyMetrics.MeterName, "idempotency.writes.waiting");
 
         await fixture.WhileStoreDownAsync(async () =>
         {
@@ -76,9 +77,13 @@ public sealed class BackgroundWritesTests(MiddlewareClusterFixture fixture)
             return true;
         });
         Assert.Empty(requests.GetMeasurementSnapshot());
+        waiting.RecordObservableInstruments();
+        Assert.Equal(1, waiting.LastMeasurement!.Value);
 
         await fixture.ClockRunsUntilAsync(() => requests.GetMeasurementSnapshot().Count > 0);
         AssertCounted(requests, ("executed", 1));
+        waiting.RecordObservableInstruments();
+        Assert.Equal(0, waiting.LastMeasurement!.Value);
         Assert.Equal("true", (await harness.SendAsync(key)).Response.Headers["Idempotent-Replayed"]);
     }
 

@@ -37,7 +37,7 @@ internal sealed class MiddlewareHarness
             options,
             Calls,
             new IdempotencyProblems(options),
-            new IdempotencyMetrics(meters),
+            new IdempotencyMetrics(meters, Calls),
             new ReplayCache(options, fixture.Time),
             fixture.Time,
             log ?? NullLogger<IdempotencyMiddleware>.Instance);
