@@ -139,7 +139,7 @@ internal sealed partial class IdempotencyMiddleware(
         }
         catch (IdempotencyUnavailableException ex)
         {
-            await UnavailableAsync(context, ex, key);
+            await UnavailableAsync(context, ex, idempotencyKey);
             return;
         }
         catch (OperationCanceledException) when (ClientLeft(context))
@@ -430,11 +430,12 @@ internal sealed partial class IdempotencyMiddleware(
         metrics.Record(IdempotencyResults.Rejected);
     }
 
-    private async Task UnavailableAsync(HttpContext context, IdempotencyUnavailableException exception, string key)
+    private async Task UnavailableAsync(HttpContext context, IdempotencyUnavailableException exception, IdempotencyKey key)
     {
-        LogUnavailable(logger, exception, key);
+        // Named as every other line names a key (its scope too): the same key sent by two callers is two keys.
+        LogUnavailable(logger, exception, key.ToString());
         await problems.WriteAsync(context, IdempotencyProblem.Unavailable,
-            "The idempotency store cannot be reached, so the request was not run. Retry with the same key.", key, TimeSpan.FromSeconds(1));
+            "The idempotency store cannot be reached, so the request was not run. Retry with the same key.", key.Key, TimeSpan.FromSeconds(1));
         metrics.Record(IdempotencyResults.Unavailable);
     }
 

@@ -42,7 +42,11 @@ public static class IdempotencyScope
             ? $"header-sha256:{name}:{Convert.ToBase64String(SHA256.HashData(Encoding.UTF8.GetBytes(values[0]!)))}"
             : null;
 
-    /// <summary>The value of a request header (an API key that identifies the caller, say), as <c>header:{name}:{value}</c>.</summary>
+    /// <summary>
+    /// The value of a request header that names the caller and is no secret (a tenant id a trusted proxy sets, say), as
+    /// <c>header:{name}:{value}</c>. The value goes into grain ids, logs and the store as it is: scope by a credential
+    /// (an API key) with <see cref="HeaderDigest"/>.
+    /// </summary>
     public static Func<HttpContext, string?> Header(string name) =>
         context => context.Request.Headers[name] is { Count: 1 } values && !string.IsNullOrEmpty(values[0])
             ? $"header:{name}:{values[0]}"

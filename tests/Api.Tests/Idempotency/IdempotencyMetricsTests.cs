@@ -28,11 +28,15 @@ public sealed class IdempotencyMetricsTests(MiddlewareClusterFixture fixture)
         await harness.SendAsync(key);
         await harness.SendAsync(key, body: "{\"amount\":2}");
         await harness.SendAsync(MiddlewareHarness.NewKey(), path: "/failing");
-        await fixture.WhileStoreDownAsync(() => harness.SendAsync(MiddlewareHarness.NewKey()));
+        var whileDown = MiddlewareHarness.NewKey();
+        await fixture.WhileStoreDownAsync(() => harness.SendAsync(whileDown));
         // Ran, may have taken effect, and left no outcome: the keys an operator must settle.
         await Assert.ThrowsAsync<InvalidOperationException>(() => harness.SendAsync(MiddlewareHarness.NewKey(), path: "/thrown-mid-body"));
         await harness.SendAsync(MiddlewareHarness.NewKey(), path: "/short");
 
+        // The refusal names the key with its scope, as every other line does.
+        Assert.Contains(log.Collector.GetSnapshot(), r => r.Level == LogLevel.Warning
+            && r.Message.Contains(new Grains.IdempotencyKey("user:alice", whileDown).ToString(), StringComparison.Ordinal));
         // Each in doubt is logged, naming the key and why, for the operator who must settle it.
         Assert.Equal(
             ["the action threw InvalidOperationException once its response had begun", "a body short of its Content-Length"],
