@@ -69,8 +69,10 @@ public sealed partial class IdempotencyGrain(
         var result = await ApplyAsync((state, now) =>
         {
             var transition = IdempotencyTransitions.Claim(state, request, now);
-            lapsed = state.Status == IdempotencyStatus.InProgress && now >= state.LeaseExpiresAt && transition.Next is not null
-                && state.AttemptId != request.AttemptId ? state.Token : null;
+            // As the transition sees it: a record past its retention is a new key, whatever lease it lapsed with.
+            var seen = state.AsOf(now);
+            lapsed = seen.Status == IdempotencyStatus.InProgress && now >= seen.LeaseExpiresAt && transition.Next is not null
+                && seen.AttemptId != request.AttemptId ? seen.Token : null;
             return transition;
         }, mayAssumeAbsent: true);
         contested |= result.Outcome == ClaimOutcome.InProgress;

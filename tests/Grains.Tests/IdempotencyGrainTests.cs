@@ -159,6 +159,17 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
         Assert.Contains("the action may run twice", logged, StringComparison.Ordinal);
     }
 
+    [Fact]
+    public async Task KeyPastItsRetention_WhoseLastClaimLapsed_IsClaimedAsNew_WithNoLapseLogged()
+    {
+        var grain = Grain(NewKey());
+        await grain.ClaimAsync(Claim());
+        fixture.Time.Advance(Retention + Lease);
+
+        Assert.Equal(ClaimOutcome.Acquired, (await grain.ClaimAsync(Claim())).Outcome);
+        Assert.Empty(LapseWarnings(grain));
+    }
+
     // The grain's warnings of lapsed leases, for this key alone (the fixture's silos are shared).
     private List<string> LapseWarnings(IIdempotencyGrain grain) =>
         [.. fixture.Log.Collector.GetSnapshot()

@@ -33,6 +33,7 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
 
     // What the bounds count: the writes queued and those out being tried, which a failed try queues again.
     private long completionBytes;
+    private int completionsHeld;
     private int releasesHeld;
     private bool draining;
     private bool storeDown;
@@ -49,6 +50,12 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
             }
         }
     }
+
+    /// <summary>
+    /// How many writes wait for the store, counting those out being tried. Read without the lock: a meter's collection
+    /// asks for it, and must not wait on a drain that records to that meter under the lock.
+    /// </summary>
+    public int Held => Volatile.Read(ref completionsHeld) + Volatile.Read(ref releasesHeld);
 
     /// <summary>True while every write tried last failed: a write sent now would most likely fail too.</summary>
     public bool StoreSeemsDown => Volatile.Read(ref storeDown);
@@ -282,6 +289,7 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
         if (write.IsCompletion)
         {
             completionBytes += sign * write.Bytes;
+            completionsHeld += sign;
         }
         else
         {

@@ -168,6 +168,9 @@ internal sealed partial class IdempotencyGrainCalls(
     /// <summary>How many releases and completions wait in the background for the store.</summary>
     public int WaitingForTheStore => background.Waiting;
 
+    /// <summary>Like <see cref="WaitingForTheStore"/>, counting those out being tried; read without a lock.</summary>
+    public int HeldForTheStore => background.Held;
+
     /// <summary>Stops the background writes, logging what still waits.</summary>
     public void Dispose() => background.Dispose();
 

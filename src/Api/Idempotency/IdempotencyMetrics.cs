@@ -19,7 +19,7 @@ internal sealed class IdempotencyMetrics : IDisposable
         requests = meter.CreateCounter<long>("idempotency.requests", unit: "{request}",
             description: "Requests to idempotent endpoints, by how they ended.");
         // During a store outage: how many keys wait to be completed or released, each in doubt until its write lands.
-        meter.CreateObservableGauge("idempotency.writes.waiting", () => calls.WaitingForTheStore, unit: "{write}",
+        meter.CreateObservableGauge("idempotency.writes.waiting", () => calls.HeldForTheStore, unit: "{write}",
             description: "Completions and releases waiting in this process for the store to take them.");
     }
 

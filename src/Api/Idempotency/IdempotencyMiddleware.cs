@@ -216,19 +216,20 @@ internal sealed partial class IdempotencyMiddleware(
                 // Once its response has begun the action has most likely taken effect, and its client may hold part of
                 // an answer: its key is left to lapse (outcome unknown) rather than run again. The same holds once the
                 // action cut its own response off, as a proxy does when its backend fails after the request went out.
-                if (!lifetime.InDoubt && !lifetime.Aborted && !capture.Started && !context.Response.HasStarted && policy.ReleasesOnException(exception, context))
+                var inDoubtBecause = lifetime.InDoubt ? "where it could not tell its outcome"
+                    : lifetime.Aborted ? "after aborting its response"
+                    : capture.Started || context.Response.HasStarted ? "once its response had begun"
+                    : policy.ReleasesOnException(exception, context) ? null
+                    : ClientLeft(context) ? "after its client left"
+                    : "and its policy keeps such a failure in doubt";
+                if (inDoubtBecause is null)
                 {
                     await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease, policy.Retention);
                     metrics.Record(IdempotencyResults.Released);
                 }
                 else
                 {
-                    var when = lifetime.InDoubt ? "where it could not tell its outcome"
-                        : lifetime.Aborted ? "after aborting its response"
-                        : capture.Started || context.Response.HasStarted ? "once its response had begun"
-                        : ClientLeft(context) ? "after its client left"
-                        : "and its policy keeps such a failure in doubt";
-                    LogLeftInDoubt(logger, grain.GetPrimaryKeyString(), $"the action threw {exception.GetType().Name} {when}");
+                    LogLeftInDoubt(logger, grain.GetPrimaryKeyString(), $"the action threw {exception.GetType().Name} {inDoubtBecause}");
                     metrics.Record(IdempotencyResults.InDoubt);
                 }
 

@@ -167,7 +167,7 @@ internal sealed partial class OnceExecutor(
             }
         }
 
-        if (await calls.CompleteAsync(grain, token, StoredResult(result, policy, grain.GetPrimaryKeyString()), policy.Lease) == false)
+        if (await calls.CompleteAsync(grain, token, StoredResult(result, policy, grain.GetPrimaryKeyString()), policy.Lease) is false)
         {
             LogCompletionRefused(logger, grain.GetPrimaryKeyString());
         }

@@ -20,9 +20,9 @@ internal sealed partial class DefaultAdvertisedHostWarning(IOptions<EndpointOpti
     private Task Warn(CancellationToken cancellationToken)
     {
         // The address the silo advertises, which the host may have set itself after the settings were read.
-        if (IPAddress.IsLoopback(endpoints.Value.AdvertisedIPAddress))
+        if (endpoints.Value.AdvertisedIPAddress is { } address && IPAddress.IsLoopback(address))
         {
-            LogDefaultAdvertisedHost(logger, endpoints.Value.AdvertisedIPAddress.ToString(), endpoints.Value.SiloPort);
+            LogDefaultAdvertisedHost(logger, address.ToString(), endpoints.Value.SiloPort);
         }
 
         return Task.CompletedTask;

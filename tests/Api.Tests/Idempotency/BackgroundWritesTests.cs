@@ -88,6 +88,23 @@ public sealed class BackgroundWritesTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task CompletionsRefusedAtTheirBound_LeftWaitingAtShutdown_OrAddedAfterIt_AreEachSettledOnceAsNotTaken()
+    {
+        var settled = new System.Collections.Concurrent.ConcurrentQueue<bool>();
+        var writes = new BackgroundWrites(new FakeTimeProvider(), new FakeLogger());
+
+        writes.AddCompletion(Grain(), NeverLands, BackgroundWrites.MaxCompletionBytes + 1, Never, settled.Enqueue);
+        Assert.Equal([false], settled);
+        writes.AddCompletion(Grain(), NeverLands, 10, Never, settled.Enqueue);
+        writes.Dispose();
+        writes.AddCompletion(Grain(), NeverLands, 10, Never, settled.Enqueue);
+
+        await MiddlewareHarness.WaitUntilAsync(() => Task.FromResult(settled.Count >= 3));
+        await Task.Delay(100);
+        Assert.Equal([false, false, false], settled);
+    }
+
+    [Fact]
     public async Task ReleasesBeyondTheirBound_CountingOneBeingTried_AreGivenUpAtOnce_AndLogged()
     {
         var log = new FakeLogger();
