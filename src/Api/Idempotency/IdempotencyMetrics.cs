@@ -37,6 +37,9 @@ internal static class IdempotencyResults
     public const string Rejected = "rejected";
     public const string Unavailable = "unavailable";
 
+    // The client left before the action began (mid-body, or while its claim was written or it waited): nothing ran.
+    public const string Abandoned = "abandoned";
+
     // The action ran and may have taken effect, but left no outcome to store: its key lapses into outcome-unknown,
     // for an operator to settle. The one result worth an alert.
     public const string InDoubt = "in_doubt";

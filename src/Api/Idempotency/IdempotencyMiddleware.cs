@@ -111,6 +111,7 @@ internal sealed partial class IdempotencyMiddleware(
             // The client went away mid-body (an HTTP/2 reset, a closed connection): no one to answer, nothing claimed.
             // Not left to escape as an unhandled server error. (A request time-out's cancellation goes on to the
             // middleware that answers it.)
+            metrics.Record(IdempotencyResults.Abandoned);
             return;
         }
 
@@ -145,6 +146,7 @@ internal sealed partial class IdempotencyMiddleware(
         catch (OperationCanceledException) when (ClientLeft(context))
         {
             // The client left before the action began: nothing ran, no claim is held, and no one is there to answer.
+            metrics.Record(IdempotencyResults.Abandoned);
             return;
         }
 

@@ -1,4 +1,5 @@
 using Microsoft.AspNetCore.Http;
+using Microsoft.Extensions.Diagnostics.Metrics.Testing;
 using OrleansIdempotency.Grains;
 
 namespace OrleansIdempotency.AspNetCore.Tests;
@@ -35,7 +36,10 @@ public sealed class ClaimLifetimeTests(MiddlewareClusterFixture fixture)
         using var leaving = new CancellationTokenSource();
         fixture.Store.BeforeNextWrite(grain.GetGrainId(), () => leaving.CancelAsync());
 
+        using var requests = new MetricCollector<long>(harness.Meters, IdempotencyMetrics.MeterName, "idempotency.requests");
+
         var left = await harness.SendAsync(MiddlewareHarness.Request(key, configure: context => context.RequestAborted = leaving.Token));
+        Assert.Equal("abandoned", Assert.Single(requests.GetMeasurementSnapshot()).Tags["result"]);
         Assert.Equal(0, harness.Executions);
         Assert.Null(left.Response.ContentType);
         Assert.Empty(left.BodyBytes());

@@ -8,6 +8,7 @@ using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Http;
 using Microsoft.AspNetCore.Routing;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Diagnostics.Metrics.Testing;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Testing;
 using Microsoft.Extensions.Options;
@@ -1272,6 +1273,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     {
         // An HTTP/2 stream reset while the layer reads the body: Kestrel's read fails with an IOException.
         var harness = Harness();
+        using var requests = new MetricCollector<long>(harness.Meters, IdempotencyMetrics.MeterName, "idempotency.requests");
         var key = MiddlewareHarness.NewKey();
         using var gone = new CancellationTokenSource();
         var context = MiddlewareHarness.Request(key, configure: c =>
@@ -1281,6 +1283,7 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         });
 
         await harness.SendAsync(context);
+        Assert.Equal("abandoned", Assert.Single(requests.GetMeasurementSnapshot()).Tags["result"]);
 
         // Nothing written: the status as the request found it, no body.
         Assert.Equal(200, context.Response.StatusCode);
