@@ -127,22 +127,62 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
 
     private async Task DrainAsync()
     {
+        while (true)
+        {
+            try
+            {
+                await DrainUntilEmptyAsync();
+                return;
+            }
+            catch (Exception ex)
+            {
+                // Stopping, or a failure of the drain itself (a log that cannot be written, say). Writes still waiting
+                // are drained again after a pause, not left until another write is added, which may never come.
+                bool again;
+                lock (gate)
+                {
+                    again = !stopped.IsCancellationRequested && completions.Count + releases.Count > 0;
+                    draining = again;
+                }
+
+                if (stopped.IsCancellationRequested)
+                {
+                    return;
+                }
+
+                try
+                {
+                    LogDrainFailed(logger, ex);
+                }
+                catch (Exception)
+                {
+                    // The drain goes on unlogged.
+                }
+
+                if (!again || !await PauseAsync())
+                {
+                    return;
+                }
+            }
+        }
+    }
+
+    // False when stopped meanwhile; then nothing drains any more.
+    private async Task<bool> PauseAsync()
+    {
         try
         {
-            await DrainUntilEmptyAsync();
+            await Task.Delay(IdempotencyGrainCalls.Backoff(1), time, stopped.Token);
+            return true;
         }
-        catch (Exception ex)
+        catch (OperationCanceledException)
         {
-            // Stopping, or a failure of the drain itself: the next write added starts it again.
             lock (gate)
             {
                 draining = false;
             }
 
-            if (!stopped.IsCancellationRequested)
-            {
-                LogDrainFailed(logger, ex);
-            }
+            return false;
         }
     }
 
