@@ -137,9 +137,7 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
         Assert.False(await grain.CompleteAsync(first.Token!.Value, Created));
         Assert.Equal(IdempotencyStatus.OutcomeUnknown, (await grain.GetAsync()).Status);
         // Its holder is gone and cannot say so: the grain that turned the lapse into an outcome does, once.
-        var logged = Assert.Single(LapseWarnings(grain));
-        Assert.Contains(ClaimTokenText.Format(first.Token!.Value), logged, StringComparison.Ordinal);
-        Assert.Contains("until an operator settles it", logged, StringComparison.Ordinal);
+        AssertLapseLoggedOnce(grain, first.Token!.Value, "until an operator settles it");
     }
 
     [Fact]
@@ -154,9 +152,7 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
         Assert.Equal(ClaimOutcome.Acquired, second.Outcome);
         Assert.False(await grain.CompleteAsync(first.Token!.Value, Created));
         Assert.True(await grain.CompleteAsync(second.Token!.Value, Created));
-        var logged = Assert.Single(LapseWarnings(grain));
-        Assert.Contains(ClaimTokenText.Format(first.Token!.Value), logged, StringComparison.Ordinal);
-        Assert.Contains("the action may run twice", logged, StringComparison.Ordinal);
+        AssertLapseLoggedOnce(grain, first.Token!.Value, "the action may run twice");
     }
 
     [Fact]
@@ -168,6 +164,13 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
 
         Assert.Equal(ClaimOutcome.Acquired, (await grain.ClaimAsync(Claim())).Outcome);
         Assert.Empty(LapseWarnings(grain));
+    }
+
+    private void AssertLapseLoggedOnce(IIdempotencyGrain grain, ClaimToken lapsed, string saying)
+    {
+        var logged = Assert.Single(LapseWarnings(grain));
+        Assert.Contains(ClaimTokenText.Format(lapsed), logged, StringComparison.Ordinal);
+        Assert.Contains(saying, logged, StringComparison.Ordinal);
     }
 
     // The grain's warnings of lapsed leases, for this key alone (the fixture's silos are shared).

@@ -149,14 +149,17 @@ internal sealed partial class IdempotencyGrainCalls(
     /// </summary>
     /// <returns>
     /// True when stored; false when the claim was stale or had lapsed (the store refused it); null when it waits in
-    /// the background, which then tells <paramref name="settled"/>, once, whether the store took it in the end.
+    /// the background. Either way <paramref name="settled"/> is told, once, whether the store took it: at once, or
+    /// when the background write lands or is given up.
     /// </returns>
     public async Task<bool?> CompleteAsync(IIdempotencyGrain grain, ClaimToken token, StoredResponse response, TimeSpan lease, Action<bool>? settled = null)
     {
         Func<IIdempotencyGrain, Task<bool>> complete = g => g.CompleteAsync(token, response);
         try
         {
-            return await CallAsync(grain, complete, CancellationToken.None);
+            var taken = await CallAsync(grain, complete, CancellationToken.None);
+            settled?.Invoke(taken);
+            return taken;
         }
         catch (IdempotencyUnavailableException)
         {

@@ -31,7 +31,7 @@ internal sealed partial class IdempotencyMiddleware(
     // How soon a client told "in progress" should try again: most actions finish within a second.
     private static readonly TimeSpan InProgressRetryAfter = TimeSpan.FromSeconds(1);
 
-    // One delegate for every completion left to the background writes, not a closure per request.
+    // One delegate for every completion, not a closure per request.
     private readonly Action<bool> completionSettled = stored => metrics.Record(stored ? IdempotencyResults.Executed : IdempotencyResults.InDoubt);
 
     // Weak: a proxy's reload replaces its routes' endpoints, and a policy held per endpoint would keep every old one.
@@ -342,18 +342,12 @@ internal sealed partial class IdempotencyMiddleware(
 
         var stored = new StoredResponse(response.StatusCode, headers, capture.ToArray(), capture.Overflowed, capture.BytesWritten,
             StoredTrailers(context.Features.Get<IHttpResponseTrailersFeature>()?.Trailers));
-        // The client may be gone; the outcome is stored regardless, for its retry. One the store could not take now is
-        // counted once the background writes know whether it landed.
-        switch (await calls.CompleteAsync(grain, token, stored, policy.Lease, completionSettled))
+        // The client may be gone; the outcome is stored regardless, for its retry. It is counted once the store took
+        // it or not: at once, or, for one the store could not take now, when the background write lands or gives up.
+        if (await calls.CompleteAsync(grain, token, stored, policy.Lease, completionSettled) is false)
         {
-            case true:
-                metrics.Record(IdempotencyResults.Executed);
-                break;
-            case false:
-                // The lease lapsed under the action (a pause, a partition): its key is in doubt, this outcome unrecorded.
-                LogCompletionRefused(logger, grain.GetPrimaryKeyString());
-                metrics.Record(IdempotencyResults.InDoubt);
-                break;
+            // The lease lapsed under the action (a pause, a partition): its key is in doubt, this outcome unrecorded.
+            LogCompletionRefused(logger, grain.GetPrimaryKeyString());
         }
     }
 
