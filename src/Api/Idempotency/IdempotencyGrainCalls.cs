@@ -6,7 +6,14 @@ using OrleansIdempotency.Grains;
 namespace OrleansIdempotency.AspNetCore;
 
 /// <summary>The store or the cluster could not be reached in time: nothing was decided that the caller can rely on.</summary>
-public sealed class IdempotencyUnavailableException(string message, Exception inner) : Exception(message, inner);
+/// <param name="key">The key asked about, as its grain is named (scope and key): the same key sent by two callers is two keys.</param>
+/// <param name="message">What failed.</param>
+/// <param name="inner">The last failure.</param>
+public sealed class IdempotencyUnavailableException(string key, string message, Exception inner) : Exception(message, inner)
+{
+    /// <summary>The key asked about, scope and key, as the layer's log lines name keys.</summary>
+    public string Key { get; } = key;
+}
 
 /// <summary>
 /// Calls key grains the way DESIGN §3 asks. A call whose answer was lost in the cluster (a silo died, a message
@@ -30,24 +37,34 @@ internal sealed partial class IdempotencyGrainCalls(
     {
         var deadline = time.GetUtcNow() + options.Value.ClusterRetryBudget;
         var storeFailures = 0;
+        Exception? firstFailure = null;
         for (var attempt = 1; ; attempt++)
         {
             try
             {
-                return await call(grain);
+                var answer = await call(grain);
+                if (firstFailure is not null)
+                {
+                    LogAnsweredAfterFailing(grain, attempt, firstFailure);
+                }
+
+                return answer;
             }
             catch (Exception ex) when (IsLostInCluster(ex) && time.GetUtcNow() < deadline && !cancellationToken.IsCancellationRequested)
             {
-                LogAskingAgain(logger, grain.GetPrimaryKeyString(), attempt, ex.GetType().Name);
+                firstFailure ??= ex;
+                LogAskingAgain(grain, attempt, ex);
                 await Task.Delay(Backoff(attempt), time, cancellationToken);
             }
             catch (Exception ex) when (!IsLostInCluster(ex) && !CallerLeft(ex, cancellationToken) && ++storeFailures == 1)
             {
-                LogAskingAgain(logger, grain.GetPrimaryKeyString(), attempt, ex.GetType().Name);
+                firstFailure ??= ex;
+                LogAskingAgain(grain, attempt, ex);
             }
             catch (Exception ex) when (!CallerLeft(ex, cancellationToken))
             {
-                throw new IdempotencyUnavailableException($"The idempotency store did not answer for {grain.GetPrimaryKeyString()}: {ex.Message}", ex);
+                var key = grain.GetPrimaryKeyString();
+                throw new IdempotencyUnavailableException(key, $"The idempotency store did not answer for {key}: {ex.Message}", ex);
             }
         }
     }
@@ -192,6 +209,30 @@ internal sealed partial class IdempotencyGrainCalls(
         or GatewayTooBusyException
         or ClientNotAvailableException;
 
-    [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: call {Attempt} failed ({Reason}); asking again.")]
+    // Debug: in an outage every request asks again for the whole retry budget, a line a try would bury the one line
+    // each request ends with (answered after failing, or its 503).
+    // The key's text is made only for a line that is written (CA1873 does not see these guards).
+#pragma warning disable CA1873
+    private void LogAskingAgain(IIdempotencyGrain grain, int attempt, Exception failure)
+    {
+        if (logger.IsEnabled(LogLevel.Debug))
+        {
+            LogAskingAgain(logger, grain.GetPrimaryKeyString(), attempt, failure.GetType().Name);
+        }
+    }
+
+    private void LogAnsweredAfterFailing(IIdempotencyGrain grain, int attempt, Exception firstFailure)
+    {
+        if (logger.IsEnabled(LogLevel.Information))
+        {
+            LogAnsweredAfterFailing(logger, grain.GetPrimaryKeyString(), attempt, firstFailure.GetType().Name);
+        }
+    }
+#pragma warning restore CA1873
+
+    [LoggerMessage(Level = LogLevel.Debug, Message = "Idempotency key {Key}: call {Attempt} failed ({Reason}); asking again.")]
     private static partial void LogAskingAgain(ILogger logger, string key, int attempt, string reason);
+
+    [LoggerMessage(Level = LogLevel.Information, Message = "Idempotency key {Key}: answered at attempt {Attempt}, after the first failed ({Reason}).")]
+    private static partial void LogAnsweredAfterFailing(ILogger logger, string key, int attempt, string reason);
 }

@@ -5,9 +5,6 @@ internal sealed partial class IdempotencyMiddleware
     [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: the claim's lease ran out before the response could be stored; later requests get outcome-unknown.")]
     private static partial void LogCompletionRefused(ILogger logger, string key);
 
-    [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: the store is unavailable; answered 503 without running the request.")]
-    private static partial void LogUnavailable(ILogger logger, Exception exception, string key);
-
     [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: left in doubt ({Reason}). The action may have taken effect, so its claim is left to lapse into outcome-unknown, for an operator to settle.")]
     private static partial void LogLeftInDoubt(ILogger logger, string key, string reason);
 

@@ -429,10 +429,8 @@ internal sealed partial class IdempotencyMiddleware(
 
     private async Task UnavailableAsync(HttpContext context, IdempotencyUnavailableException exception, IdempotencyKey key)
     {
-        // Named as every other line names a key (its scope too): the same key sent by two callers is two keys.
-        LogUnavailable(logger, exception, key.ToString());
-        await problems.WriteAsync(context, IdempotencyProblem.Unavailable,
-            "The idempotency store cannot be reached, so the request was not run. Retry with the same key.", key.Key, TimeSpan.FromSeconds(1));
+        await problems.WriteUnavailableAsync(context, exception, key.Key,
+            "The idempotency store cannot be reached, so the request was not run. Retry with the same key.");
         metrics.Record(IdempotencyResults.Unavailable);
     }
 

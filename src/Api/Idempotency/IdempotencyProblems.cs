@@ -66,17 +66,23 @@ public sealed record IdempotencyProblem(string Name, int Status, string Title, b
 }
 
 /// <summary>Writes <see cref="IdempotencyProblem"/>s as <c>application/problem+json</c>.</summary>
-internal sealed class IdempotencyProblems(IOptions<IdempotencyOptions> options)
+internal sealed partial class IdempotencyProblems(IOptions<IdempotencyOptions> options, ILogger<IdempotencyProblems> logger)
 {
     private static readonly JsonWriterOptions WriterOptions = new() { Indented = false };
 
     /// <summary>The documentation of the <c>Idempotency-Key</c> header, sent as <c>Link: &lt;…&gt;; rel="describedby"</c>.</summary>
     public Uri KeyDocumentation => new(options.Value.ProblemTypeBase, "idempotency-key");
 
-    /// <summary>Answers 503 <c>store-unavailable</c>, with <c>Retry-After</c>: nothing was decided.</summary>
-    public Task WriteUnavailableAsync(HttpContext context, IdempotencyUnavailableException exception, string? key) =>
-        WriteAsync(context, IdempotencyProblem.Unavailable,
-            $"The idempotency store could not be reached ({exception.InnerException?.GetType().Name}); nothing was decided.", key, TimeSpan.FromSeconds(1));
+    /// <summary>
+    /// Answers 503 <c>store-unavailable</c>, with <c>Retry-After</c>: nothing was decided. Logged here, once per answer,
+    /// whichever surface gives it.
+    /// </summary>
+    public Task WriteUnavailableAsync(HttpContext context, IdempotencyUnavailableException exception, string? key, string? detail = null)
+    {
+        LogUnavailable(logger, exception, exception.Key);
+        return WriteAsync(context, IdempotencyProblem.Unavailable,
+            detail ?? $"The idempotency store could not be reached ({exception.InnerException?.GetType().Name}); nothing was decided.", key, TimeSpan.FromSeconds(1));
+    }
 
     public async Task WriteAsync(HttpContext context, IdempotencyProblem problem, string detail, string? key, TimeSpan? retryAfter = null)
     {
@@ -113,4 +119,7 @@ internal sealed class IdempotencyProblems(IOptions<IdempotencyOptions> options)
         writer.WriteString("traceId", context.TraceIdentifier);
         writer.WriteEndObject();
     }
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: the store or the cluster did not answer; answered 503 store-unavailable.")]
+    private static partial void LogUnavailable(ILogger logger, Exception exception, string key);
 }

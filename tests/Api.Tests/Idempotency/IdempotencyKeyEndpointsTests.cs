@@ -3,6 +3,7 @@ using System.Text;
 using System.Text.Json;
 using Microsoft.AspNetCore.Http;
 using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
 using Microsoft.Extensions.Logging.Testing;
 using Microsoft.Extensions.Options;
 using OrleansIdempotency.Grains;
@@ -21,7 +22,7 @@ public sealed class IdempotencyKeyEndpointsTests
     {
         this.fixture = fixture;
         var options = MiddlewareClusterFixture.Options();
-        keys = new IdempotencyKeysHttp(fixture.Calls(options), new IdempotencyProblems(options), options, fixture.Time, log);
+        keys = new IdempotencyKeysHttp(fixture.Calls(options), new IdempotencyProblems(options, NullLogger<IdempotencyProblems>.Instance), options, fixture.Time, log);
     }
 
     // An action that began its answer and then failed: it may have taken effect, so its key is left in doubt.

@@ -13,13 +13,14 @@ public sealed class IdempotencyMetricsTests(MiddlewareClusterFixture fixture)
     public async Task EachRequestIsCountedOnce_ByHowItEnded()
     {
         var log = new FakeLogger<IdempotencyMiddleware>();
+        var problemsLog = new FakeLogger<IdempotencyProblems>();
         var harness = new MiddlewareHarness(fixture, context => context.Request.Path.Value switch
         {
             "/failing" => Fail(context),
             "/thrown-mid-body" => ThrowMidBodyAsync(context),
             "/short" => WriteShortOfItsLengthAsync(context),
             _ => MiddlewareHarness.Creates()(context),
-        }, log: log);
+        }, log: log, problemsLog: problemsLog);
         using var requests = new MetricCollector<long>(harness.Meters, IdempotencyMetrics.MeterName, "idempotency.requests");
         var key = MiddlewareHarness.NewKey();
 
@@ -35,7 +36,7 @@ public sealed class IdempotencyMetricsTests(MiddlewareClusterFixture fixture)
         await harness.SendAsync(MiddlewareHarness.NewKey(), path: "/short");
 
         // The refusal names the key with its scope, as every other line does.
-        Assert.Contains(log.Collector.GetSnapshot(), r => r.Level == LogLevel.Warning
+        Assert.Contains(problemsLog.Collector.GetSnapshot(), r => r.Level == LogLevel.Warning
             && r.Message.Contains(new Grains.IdempotencyKey("user:alice", whileDown).ToString(), StringComparison.Ordinal));
         // Each in doubt is logged, naming the key and why, for the operator who must settle it.
         Assert.Equal(

@@ -753,6 +753,56 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task StoreDown_The503IsLoggedOnce_NamingTheScopedKey_NotOnceATry()
+    {
+        var callsLog = new FakeLogger<IdempotencyGrainCalls>();
+        var problemsLog = new FakeLogger<IdempotencyProblems>();
+        var harness = new MiddlewareHarness(fixture, MiddlewareHarness.Creates(), callsLog: callsLog, problemsLog: problemsLog);
+        var key = MiddlewareHarness.NewKey();
+
+        Assert.Equal(503, (await fixture.WhileStoreDownAsync(() => harness.SendAsync(key))).Response.StatusCode);
+
+        Assert.True(fixture.Store.RefusedOf(harness.Grain(key).GetGrainId()) > 1, "The claim was not tried again.");
+        var warning = Assert.Single(problemsLog.Collector.GetSnapshot(), r => r.Level >= LogLevel.Warning);
+        Assert.Contains(new IdempotencyKey("user:alice", key).ToString(), warning.Message, StringComparison.Ordinal);
+        // The claim's release, left to wait for the store, logs its own tries in the background.
+        Assert.DoesNotContain(callsLog.Collector.GetSnapshot(), r => r.Level >= LogLevel.Warning && r.Message.Contains("asking again", StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public async Task ClusterAnsweringOnlyAtTheFourthTry_TheRequestRunsOnce_AndOneInformationLineSaysSo_NotAWarningATry()
+    {
+        var callsLog = new FakeLogger<IdempotencyGrainCalls>();
+        var harness = new MiddlewareHarness(fixture, MiddlewareHarness.Creates(), callsLog: callsLog);
+        var key = MiddlewareHarness.NewKey();
+        var grain = harness.Grain(key).GetGrainId();
+        var failure = fixture.Store.Failure;
+        fixture.Store.Failure = () => new TimeoutException("The silo did not answer (test switch).");
+        Task<HttpContext> sending;
+        try
+        {
+            fixture.Store.Down = true;
+            sending = harness.SendAsync(key);
+            await fixture.ClockRunsUntilAsync(() => fixture.Store.RefusedOf(grain) >= 3);
+        }
+        finally
+        {
+            fixture.Store.Down = false;
+            fixture.Store.Failure = failure;
+        }
+
+        await fixture.ClockRunsUntilAsync(() => sending.IsCompleted);
+        Assert.Equal(201, (await sending).Response.StatusCode);
+        Assert.Equal(1, harness.Executions);
+        var log = callsLog.Collector.GetSnapshot();
+        Assert.DoesNotContain(log, r => r.Level >= LogLevel.Warning);
+        var answered = Assert.Single(log, r => r.Level == LogLevel.Information);
+        Assert.Contains(harness.Grain(key).GetPrimaryKeyString(), answered.Message, StringComparison.Ordinal);
+        Assert.Contains(nameof(TimeoutException), answered.Message, StringComparison.Ordinal);
+        Assert.True(log.Count(r => r.Level == LogLevel.Debug) >= 3, "Each failed try is still logged, at Debug.");
+    }
+
+    [Fact]
     public async Task StoreFailingWithACancellationOfItsOwn_Returns503_AndNothingRuns()
     {
         // A storage command cancelled within the store, not by the client: the store failing, not the client leaving.

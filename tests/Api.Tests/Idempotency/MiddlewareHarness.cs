@@ -20,7 +20,7 @@ internal sealed class MiddlewareHarness
     private int executions;
 
     public MiddlewareHarness(MiddlewareClusterFixture fixture, RequestDelegate endpoint, IdempotencyPolicy? policy = null, IIdempotencyMetadata? metadata = null,
-        ILogger<IdempotencyGrainCalls>? callsLog = null, ILogger<IdempotencyMiddleware>? log = null)
+        ILogger<IdempotencyGrainCalls>? callsLog = null, ILogger<IdempotencyMiddleware>? log = null, ILogger<IdempotencyProblems>? problemsLog = null)
     {
         this.fixture = fixture;
         var options = Options.Create(new IdempotencyOptions { DefaultPolicy = policy ?? IdempotencyPolicy.Default, ClusterRetryBudget = TimeSpan.FromSeconds(2) });
@@ -36,7 +36,7 @@ internal sealed class MiddlewareHarness
             Endpoint,
             options,
             Calls,
-            new IdempotencyProblems(options),
+            new IdempotencyProblems(options, problemsLog ?? NullLogger<IdempotencyProblems>.Instance),
             new IdempotencyMetrics(meters, Calls),
             new ReplayCache(options, fixture.Time),
             fixture.Time,

@@ -2,7 +2,9 @@ using System.Security.Claims;
 using System.Text;
 using System.Text.Json;
 using Microsoft.AspNetCore.Http;
+using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
+using Microsoft.Extensions.Logging.Testing;
 using Microsoft.Extensions.Options;
 using Orleans.Storage;
 using OrleansIdempotency.AspNetCore;
@@ -21,13 +23,13 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
 {
     private readonly OnceHttp once = Create(fixture, IdempotencyPolicy.Default);
 
-    private static OnceHttp Create(MiddlewareClusterFixture fixture, IdempotencyPolicy policy)
+    private static OnceHttp Create(MiddlewareClusterFixture fixture, IdempotencyPolicy policy, ILogger<IdempotencyProblems>? problemsLog = null)
     {
         var options = MiddlewareClusterFixture.Options();
         options.Value.DefaultPolicy = policy;
         return new OnceHttp(
             fixture.Calls(options),
-            new IdempotencyProblems(options),
+            new IdempotencyProblems(options, problemsLog ?? NullLogger<IdempotencyProblems>.Instance),
             options,
             fixture.Time);
     }
@@ -110,6 +112,20 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
         Assert.Equal(409, again.Status);
         Assert.EndsWith("outcome-unknown", again.Json.GetProperty("type").GetString());
         Assert.Equal("outcomeUnknown", await StatusOfAsync(once, key));
+    }
+
+    [Fact]
+    public async Task StoreDown_TheClaims503IsLogged_NamingTheCallersScopedKey()
+    {
+        var log = new FakeLogger<IdempotencyProblems>();
+        var logged = Create(fixture, IdempotencyPolicy.Default, log);
+        var key = NewKey();
+
+        Assert.Equal(503, (await fixture.WhileStoreDownAsync(() => CallAsync(logged.ClaimAsync, key, ""))).Status);
+
+        var warning = Assert.Single(log.Collector.GetSnapshot());
+        Assert.Equal(LogLevel.Warning, warning.Level);
+        Assert.Contains(Grain(key).GetPrimaryKeyString(), warning.Message, StringComparison.Ordinal);
     }
 
     [Fact]
