@@ -593,6 +593,9 @@ public sealed class PostgresStorageTests(ServersFixture servers)
             await ExecuteAsync(database, "ALTER TABLE OrleansStorageAway RENAME TO OrleansStorage");
             Assert.Equal(3, await RowsAsync(database));
             await UntilAsync(async () => await RowsAsync(database) == 0, clock);
+            // Whoever read the failure reads that it ended.
+            await UntilAsync(() => Task.FromResult(log.Collector.GetSnapshot().Any(r => r.Level == LogLevel.Information
+                && r.Message.Contains("succeeded again", StringComparison.Ordinal))), clock);
         }
         finally
         {
@@ -616,6 +619,30 @@ public sealed class PostgresStorageTests(ServersFixture servers)
 
         Assert.False(purger.ExecuteTask!.IsCompleted);
         await purger.StopAsync(CancellationToken.None);
+    }
+
+    [Fact]
+    public async Task ScheduledPurge_FailingForAnHour_LogsEachRoundAsAnError_ForStorageGrowsMeanwhile()
+    {
+        var database = new IdempotencyDatabase(await servers.Postgres.CreateDatabaseAsync());
+        var clock = new FakeTimeProvider(DateTimeOffset.UtcNow);
+        var log = new FakeLogger<ExpiredRecordPurger>();
+        using var purger = new ExpiredRecordPurger(database, Options.Create(new IdempotencyStorageOptions { PurgeInterval = TimeSpan.FromMinutes(5) }), clock, log);
+        await purger.StartAsync(CancellationToken.None);
+        await database.DisposeAsync();
+
+        // A round every 5 minutes: the first at 5, so the one at 65 is the first an hour after the first failure.
+        for (var waited = 0; log.Collector.GetSnapshot().Count(r => r.Level >= LogLevel.Warning) < 13; waited += 20)
+        {
+            Assert.True(waited < 10_000, "The rounds were not logged.");
+            clock.Advance(TimeSpan.FromSeconds(20));
+            await Task.Delay(20);
+        }
+
+        await purger.StopAsync(CancellationToken.None);
+        var levels = log.Collector.GetSnapshot().Where(r => r.Level >= LogLevel.Warning).Select(r => r.Level).ToList();
+        Assert.Equal([.. Enumerable.Repeat(LogLevel.Warning, 12), LogLevel.Error], levels.Take(13));
+        Assert.Equal("13", log.Collector.GetSnapshot().First(r => r.Level == LogLevel.Error).GetStructuredStateValue("Rounds"));
     }
 
     // Completes count keys, then moves every row's expiry an hour back: past the purge's grace by PostgreSQL's clock.

@@ -69,21 +69,56 @@ public sealed partial class ExpiredRecordPurger(
         }
     }
 
+    /// <summary>
+    /// How long the purge may keep failing before each failed round is an Error: storage then grows with every key
+    /// stored, which no retry heals if what fails is a permission or a schema (an outage ends by itself).
+    /// </summary>
+    public static readonly TimeSpan FailingTooLong = TimeSpan.FromHours(1);
+
     protected override async Task ExecuteAsync(CancellationToken stoppingToken)
     {
         using var timer = new PeriodicTimer(options.Value.PurgeInterval, time);
+        DateTimeOffset? failingSince = null;
+        var failedRounds = 0;
         while (await NextTickAsync(timer, stoppingToken))
         {
             try
             {
                 await PurgeExpiredAsync(stoppingToken);
+                if (failedRounds > 0)
+                {
+                    LogPurgeRecovered(logger, failedRounds);
+                }
+
+                (failingSince, failedRounds) = (null, 0);
             }
             catch (Exception ex) when (!stoppingToken.IsCancellationRequested)
             {
                 // The next tick tries again; an outage delays purging, never correctness. Whatever failed, the loop goes
                 // on: a background service that throws stops its host, and this one would take the silo down with it.
-                LogPurgeFailed(logger, ex);
+                failingSince ??= time.GetUtcNow();
+                failedRounds++;
+                LogFailedRound(ex, failedRounds, failingSince.Value);
             }
+        }
+    }
+
+    private void LogFailedRound(Exception exception, int failedRounds, DateTimeOffset failingSince)
+    {
+        try
+        {
+            if (time.GetUtcNow() - failingSince >= FailingTooLong)
+            {
+                LogPurgeFailing(logger, exception, failedRounds, failingSince);
+            }
+            else
+            {
+                LogPurgeFailed(logger, exception);
+            }
+        }
+        catch (Exception)
+        {
+            // A log that cannot be written stops neither the purge nor the silo.
         }
     }
 
@@ -104,4 +139,10 @@ public sealed partial class ExpiredRecordPurger(
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "Purging expired idempotency records failed; will retry.")]
     private static partial void LogPurgeFailed(ILogger logger, Exception exception);
+
+    [LoggerMessage(Level = LogLevel.Error, Message = "Purging expired idempotency records has failed {Rounds} rounds in a row, since {Since:o}: storage grows with every key until a round succeeds.")]
+    private static partial void LogPurgeFailing(ILogger logger, Exception exception, int rounds, DateTimeOffset since);
+
+    [LoggerMessage(Level = LogLevel.Information, Message = "Purging expired idempotency records succeeded again, after {Rounds} failed rounds.")]
+    private static partial void LogPurgeRecovered(ILogger logger, int rounds);
 }
