@@ -74,8 +74,8 @@ internal sealed partial class LeaseRenewal : IDisposable
         {
             if (!await grain.RenewAsync(token, lease))
             {
-                LogFailure("the claim is no longer held");
                 Dispose();
+                LogLost();
                 return;
             }
 
@@ -114,6 +114,21 @@ internal sealed partial class LeaseRenewal : IDisposable
             // The renewals go on unlogged.
         }
     }
+
+    private void LogLost()
+    {
+        try
+        {
+            LogClaimLost(logger, grain.GetPrimaryKeyString(), ClaimTokenText.Format(token));
+        }
+        catch (Exception)
+        {
+            // Its completion, refused, is logged again.
+        }
+    }
+
+    [LoggerMessage(Level = LogLevel.Error, Message = "Idempotency key {Key}: the action still runs, but its claim {Claim} is no longer held (its lease lapsed before a renewal landed, or the key was released or settled): its outcome will not be stored, and the key is in doubt, or under Reclaim open to another attempt.")]
+    private static partial void LogClaimLost(ILogger logger, string key, string claim);
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: renewing the lease failed ({Reason}).")]
     private static partial void LogRenewalFailed(ILogger logger, string key, string reason);

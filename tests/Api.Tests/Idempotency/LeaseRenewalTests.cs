@@ -1,3 +1,5 @@
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Testing;
 using OrleansIdempotency.Grains;
 
 namespace OrleansIdempotency.AspNetCore.Tests;
@@ -26,5 +28,27 @@ public sealed class LeaseRenewalTests(MiddlewareClusterFixture fixture)
 
         await fixture.ClockRunsUntilAsync(async () => (await grain.GetAsync()).LeaseExpiresAt > claimedAt + lease);
         Assert.Equal(IdempotencyStatus.InProgress, (await grain.GetAsync()).Status);
+    }
+
+    [Fact]
+    public async Task RenewalRefused_ForTheClaimIsNoLongerHeld_IsAnErrorNamingTheKey_AndTheRenewalsStop()
+    {
+        var lease = IdempotencyPolicy.Default.Lease;
+        var grain = fixture.Grains.GetIdempotencyGrain(new IdempotencyKey("user:alice", MiddlewareHarness.NewKey()));
+        var attempt = Guid.NewGuid();
+        var claimedAt = fixture.Time.GetUtcNow();
+        var claim = await grain.ClaimAsync(new ClaimRequest(attempt, new byte[32], lease, TimeSpan.FromHours(1)));
+        var log = new FakeLogger<LeaseRenewal>();
+        using var renewal = new LeaseRenewal(grain, claim.Token!.Value, claimedAt + lease, lease, fixture.Time, log);
+
+        // Settled under the action's feet (an operator, say): the action runs on without a claim.
+        Assert.True(await grain.ReleaseAsync(attempt, lease));
+        await fixture.ClockRunsUntilAsync(() => log.Collector.Count > 0);
+        await fixture.RunClockAsync(lease);
+
+        var lost = Assert.Single(log.Collector.GetSnapshot());
+        Assert.Equal(LogLevel.Error, lost.Level);
+        Assert.Contains(grain.GetPrimaryKeyString(), lost.Message, StringComparison.Ordinal);
+        Assert.Contains(ClaimTokenText.Format(claim.Token!.Value), lost.Message, StringComparison.Ordinal);
     }
 }
