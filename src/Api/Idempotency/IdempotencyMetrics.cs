@@ -3,7 +3,8 @@ using System.Diagnostics.Metrics;
 namespace OrleansIdempotency.AspNetCore;
 
 /// <summary>
-/// The layer's one meter: how each idempotent request ended, by <c>result</c>; and the writes waiting for the store.
+/// The layer's one meter: how each idempotent request ended, by <c>result</c>; how each Once API call ended, by
+/// <c>operation</c> and <c>result</c>; and the writes waiting for the store.
 /// </summary>
 internal sealed class IdempotencyMetrics : IDisposable
 {
@@ -12,18 +13,26 @@ internal sealed class IdempotencyMetrics : IDisposable
 
     private readonly Meter meter;
     private readonly Counter<long> requests;
+    private readonly Counter<long> onceCalls;
 
     public IdempotencyMetrics(IMeterFactory meters, IdempotencyGrainCalls calls)
     {
         meter = meters.Create(MeterName);
         requests = meter.CreateCounter<long>("idempotency.requests", unit: "{request}",
             description: "Requests to idempotent endpoints, by how they ended.");
+        onceCalls = meter.CreateCounter<long>("idempotency.once.calls", unit: "{call}",
+            description: "Once API calls (HTTP, and ExecuteOnceAsync), by operation and how they ended.");
         // During a store outage: how many keys wait to be completed or released, each in doubt until its write lands.
         meter.CreateObservableGauge("idempotency.writes.waiting", () => calls.HeldForTheStore, unit: "{write}",
             description: "Completions and releases waiting in this process for the store to take them.");
     }
 
     public void Record(string result) => requests.Add(1, new KeyValuePair<string, object?>("result", result));
+
+    /// <param name="operation">One of <see cref="OnceOperations"/>.</param>
+    /// <param name="result">What the call ended with: one of <see cref="OnceResults"/>, or the problem it answered (<see cref="IdempotencyProblem.Name"/>).</param>
+    public void RecordOnce(string operation, string result) =>
+        onceCalls.Add(1, new KeyValuePair<string, object?>("operation", operation), new KeyValuePair<string, object?>("result", result));
 
     public void Dispose() => meter.Dispose();
 }
@@ -43,4 +52,40 @@ internal static class IdempotencyResults
     // The action ran and may have taken effect, but left no outcome to store: its key lapses into outcome-unknown,
     // for an operator to settle. The one result worth an alert.
     public const string InDoubt = "in_doubt";
+}
+
+/// <summary>The values of the Once calls' <c>operation</c> tag.</summary>
+internal static class OnceOperations
+{
+    public const string Claim = "claim";
+    public const string Complete = "complete";
+    public const string Renew = "renew";
+    public const string Release = "release";
+    public const string Read = "read";
+
+    // ExecuteOnceAsync: claim, run, complete in one.
+    public const string Execute = "execute";
+}
+
+/// <summary>
+/// The Once calls' <c>result</c> tag when no problem was answered (a refusal is tagged with its problem's name:
+/// <c>outcome-unknown</c>, <c>store-unavailable</c>, <c>claim-not-held</c>, ...).
+/// </summary>
+internal static class OnceResults
+{
+    public const string Acquired = "acquired";
+    public const string Replayed = "replayed";
+    public const string Completed = "completed";
+    public const string Renewed = "renewed";
+    public const string Released = "released";
+    public const string Read = "read";
+    public const string Executed = "executed";
+
+    // An exception no answer was made of (a 500): a fault of the server's, not the caller's.
+    public const string Failed = "failed";
+
+    // As the requests' results: the caller left before anything was decided; the action ran and may have taken effect,
+    // but its outcome was not stored (ExecuteOnceAsync only).
+    public const string Abandoned = IdempotencyResults.Abandoned;
+    public const string InDoubt = IdempotencyResults.InDoubt;
 }

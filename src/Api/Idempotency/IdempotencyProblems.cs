@@ -84,8 +84,12 @@ internal sealed partial class IdempotencyProblems(IOptions<IdempotencyOptions> o
             detail ?? $"The idempotency store could not be reached ({exception.InnerException?.GetType().Name}); nothing was decided.", key, TimeSpan.FromSeconds(1));
     }
 
+    /// <summary>The problem <see cref="WriteAsync"/> answered <paramref name="context"/> with, if any.</summary>
+    public static IdempotencyProblem? AnsweredWith(HttpContext context) => context.Items.TryGetValue(typeof(IdempotencyProblem), out var problem) ? (IdempotencyProblem?)problem : null;
+
     public async Task WriteAsync(HttpContext context, IdempotencyProblem problem, string detail, string? key, TimeSpan? retryAfter = null)
     {
+        context.Items[typeof(IdempotencyProblem)] = problem;
         var response = context.Response;
         response.StatusCode = problem.Status;
         response.ContentType = "application/problem+json";

@@ -20,12 +20,54 @@ public static partial class OnceEndpoints
     public static RouteGroupBuilder MapOnce(this IEndpointRouteBuilder endpoints, string prefix = "/once")
     {
         var group = endpoints.MapGroup(prefix);
-        group.MapPost("/{key}/claim", (HttpContext context, string key, OnceHttp once) => once.ClaimAsync(context, key)).AddEndpointFilter(KeyAsSentAsync);
-        group.MapPost("/{key}/complete", (HttpContext context, string key, OnceHttp once) => once.CompleteAsync(context, key)).AddEndpointFilter(KeyAsSentAsync);
-        group.MapPost("/{key}/renew", (HttpContext context, string key, OnceHttp once) => once.RenewAsync(context, key)).AddEndpointFilter(KeyAsSentAsync);
-        group.MapPost("/{key}/release", (HttpContext context, string key, OnceHttp once) => once.ReleaseAsync(context, key)).AddEndpointFilter(KeyAsSentAsync);
-        group.MapGet("/{key}", (HttpContext context, string key, OnceHttp once) => once.ReadAsync(context, key)).AddEndpointFilter(KeyAsSentAsync);
+        group.MapPost("/{key}/claim", (HttpContext context, string key, OnceHttp once) => once.ClaimAsync(context, key))
+            .AddEndpointFilter(Counted(OnceOperations.Claim, OnceResults.Acquired)).AddEndpointFilter(KeyAsSentAsync);
+        group.MapPost("/{key}/complete", (HttpContext context, string key, OnceHttp once) => once.CompleteAsync(context, key))
+            .AddEndpointFilter(Counted(OnceOperations.Complete, OnceResults.Completed)).AddEndpointFilter(KeyAsSentAsync);
+        group.MapPost("/{key}/renew", (HttpContext context, string key, OnceHttp once) => once.RenewAsync(context, key))
+            .AddEndpointFilter(Counted(OnceOperations.Renew, OnceResults.Renewed)).AddEndpointFilter(KeyAsSentAsync);
+        group.MapPost("/{key}/release", (HttpContext context, string key, OnceHttp once) => once.ReleaseAsync(context, key))
+            .AddEndpointFilter(Counted(OnceOperations.Release, OnceResults.Released)).AddEndpointFilter(KeyAsSentAsync);
+        group.MapGet("/{key}", (HttpContext context, string key, OnceHttp once) => once.ReadAsync(context, key))
+            .AddEndpointFilter(Counted(OnceOperations.Read, OnceResults.Read)).AddEndpointFilter(KeyAsSentAsync);
         return group;
+    }
+
+    // Each call counted once, by how it ended: the problem it answered, the caller gone before an answer, or the
+    // operation's success (a claim's 200 is a completed key's result, replayed).
+    private static Func<EndpointFilterInvocationContext, EndpointFilterDelegate, ValueTask<object?>> Counted(string operation, string success) =>
+        async (invocation, next) =>
+        {
+            var context = invocation.HttpContext;
+            var metrics = context.RequestServices.GetRequiredService<IdempotencyMetrics>();
+            try
+            {
+                var answer = await next(invocation);
+                metrics.RecordOnce(operation, ResultOf(context, operation, success));
+                return answer;
+            }
+            catch (Exception)
+            {
+                metrics.RecordOnce(operation, IdempotencyMiddleware.ClientLeft(context) ? OnceResults.Abandoned : OnceResults.Failed);
+                throw;
+            }
+        };
+
+    private static string ResultOf(HttpContext context, string operation, string success)
+    {
+        if (IdempotencyProblems.AnsweredWith(context) is { } problem)
+        {
+            return problem.Name;
+        }
+
+        var status = context.Response.StatusCode;
+        if (status == StatusCodes.Status200OK && !context.Response.HasStarted && IdempotencyMiddleware.ClientLeft(context))
+        {
+            // Left unanswered: the caller went away before anything was written.
+            return OnceResults.Abandoned;
+        }
+
+        return operation == OnceOperations.Claim && status == StatusCodes.Status200OK ? OnceResults.Replayed : success;
     }
 
     // Kestrel decodes a path but for %2F, so the route's key reads a%2Fb both for the key a/b (sent as a%2Fb) and for the

@@ -16,6 +16,7 @@ namespace OrleansIdempotency.Once;
 internal sealed partial class OnceExecutor(
     IdempotencyGrainCalls calls,
     IOptions<IdempotencyOptions> options,
+    IdempotencyMetrics metrics,
     TimeProvider time,
     ILogger<OnceExecutor> logger) : IOnceExecutor
 {
@@ -128,17 +129,58 @@ internal sealed partial class OnceExecutor(
         var policy = options.Value.DefaultPolicy;
         var grain = calls.Grain(GrainKey(key.Scope, key.Key));
         var request = new ClaimRequest(AttemptId.New(), Fingerprint(key.Input ?? ""), policy.Lease, policy.Retention, policy.OnLapsedLease);
-        var (claim, askedAt) = await calls.ClaimAsync(grain, request, policy.WaitTimeout, releaseUnanswered: true, cancellationToken);
-        return claim.Outcome switch
+        ClaimResult claim;
+        DateTimeOffset askedAt;
+        try
         {
-            ClaimOutcome.Acquired => await RunAsync(grain, claim.Token!.Value, askedAt + policy.Lease, policy, action, cancellationToken),
-            ClaimOutcome.Completed => Replay<T>(key.Key, claim.Response!),
-            ClaimOutcome.Mismatch => throw new OnceRefusedException(OnceRefusal.KeyReused, key.Key, $"Key '{key.Key}' was first used with another input; nothing ran."),
-            ClaimOutcome.OutcomeUnknown => throw new OnceRefusedException(OnceRefusal.OutcomeUnknown, key.Key,
-                $"An earlier run of key '{key.Key}' stopped without its outcome; it may or may not have taken effect. It is not run again."),
-            _ => throw new OnceRefusedException(OnceRefusal.InProgress, key.Key, $"Key '{key.Key}' is still running elsewhere; ask again later."),
-        };
+            (claim, askedAt) = await calls.ClaimAsync(grain, request, policy.WaitTimeout, releaseUnanswered: true, cancellationToken);
+        }
+        catch (IdempotencyUnavailableException)
+        {
+            Record(IdempotencyProblem.Unavailable.Name);
+            throw;
+        }
+        catch (OperationCanceledException) when (cancellationToken.IsCancellationRequested)
+        {
+            Record(OnceResults.Abandoned);
+            throw;
+        }
+
+        if (claim.Outcome == ClaimOutcome.Acquired)
+        {
+            return await RunAsync(grain, claim.Token!.Value, askedAt + policy.Lease, policy, action, cancellationToken);
+        }
+
+        try
+        {
+            var replayed = claim.Outcome switch
+            {
+                ClaimOutcome.Completed => Replay<T>(key.Key, claim.Response!),
+                ClaimOutcome.Mismatch => throw new OnceRefusedException(OnceRefusal.KeyReused, key.Key, $"Key '{key.Key}' was first used with another input; nothing ran."),
+                ClaimOutcome.OutcomeUnknown => throw new OnceRefusedException(OnceRefusal.OutcomeUnknown, key.Key,
+                    $"An earlier run of key '{key.Key}' stopped without its outcome; it may or may not have taken effect. It is not run again."),
+                _ => throw new OnceRefusedException(OnceRefusal.InProgress, key.Key, $"Key '{key.Key}' is still running elsewhere; ask again later."),
+            };
+            Record(OnceResults.Replayed);
+            return replayed;
+        }
+        catch (OnceRefusedException refused)
+        {
+            Record(ProblemOf(refused.Reason).Name);
+            throw;
+        }
     }
+
+    /// <summary>The problem the Once API answers over HTTP for a refusal.</summary>
+    internal static IdempotencyProblem ProblemOf(OnceRefusal refusal) => refusal switch
+    {
+        OnceRefusal.KeyReused => IdempotencyProblem.KeyReused,
+        OnceRefusal.InProgress => IdempotencyProblem.InProgress,
+        OnceRefusal.OutcomeUnknown => IdempotencyProblem.OutcomeUnknown,
+        _ => IdempotencyProblem.ResponseNotStored,
+    };
+
+    private void Record(string result) => metrics.RecordOnce(OnceOperations.Execute, result);
 
     private async Task<T> RunAsync<T>(IIdempotencyGrain grain, ClaimToken token, DateTimeOffset leaseEndsBy, IdempotencyPolicy policy,
         Func<CancellationToken, Task<T>> action, CancellationToken cancellationToken)
@@ -157,17 +199,21 @@ internal sealed partial class OnceExecutor(
                 if (cancellationToken.IsCancellationRequested || !options.Value.OnceReleasesOnException(exception))
                 {
                     LogLeftInDoubt(logger, grain.GetPrimaryKeyString());
+                    Record(OnceResults.InDoubt);
                 }
                 else
                 {
                     await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease, policy.Retention);
+                    Record(OnceResults.Released);
                 }
 
                 throw;
             }
         }
 
-        if (await calls.CompleteAsync(grain, token, StoredResult(result, policy, grain.GetPrimaryKeyString()), policy.Lease) is false)
+        // Counted when the completion settles: at once, or once a completion left waiting for the store lands or is given up.
+        if (await calls.CompleteAsync(grain, token, StoredResult(result, policy, grain.GetPrimaryKeyString()), policy.Lease,
+                taken => Record(taken ? OnceResults.Executed : OnceResults.InDoubt)) is false)
         {
             LogCompletionRefused(logger, grain.GetPrimaryKeyString());
         }

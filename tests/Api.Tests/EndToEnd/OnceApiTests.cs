@@ -1,6 +1,9 @@
+using System.Diagnostics.Metrics;
 using System.Net;
 using System.Net.Http.Json;
 using System.Text.Json;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Diagnostics.Metrics.Testing;
 
 namespace OrleansIdempotency.Api.Tests.EndToEnd;
 
@@ -32,6 +35,40 @@ public sealed class OnceApiTests(EndToEndFixture fixture)
         Assert.Equal("r-1", replayed.GetProperty("result").GetProperty("refundId").GetString());
         Assert.Equal(12.5, replayed.GetProperty("result").GetProperty("amount").GetDouble());
         Assert.Equal("completed", (await Json(read)).GetProperty("status").GetString());
+    }
+
+    [Fact]
+    public async Task EachCall_IsCountedOnce_ByOperationAndHowItEnded()
+    {
+        using var calls = new MetricCollector<long>(fixture.Api.Services.GetRequiredService<IMeterFactory>(), "OrleansIdempotency", "idempotency.once.calls");
+        var key = NewKey();
+        var released = NewKey();
+
+        var token = (await Json(await alice.PostAsJsonAsync($"/once/{key}/claim", new { input = "refund" }))).GetProperty("token").GetString();
+        Assert.Equal(HttpStatusCode.Conflict, (await alice.PostAsJsonAsync($"/once/{key}/claim", new { input = "refund" })).StatusCode);
+        Assert.Equal(HttpStatusCode.OK, (await alice.PostAsJsonAsync($"/once/{key}/renew", new { token })).StatusCode);
+        Assert.Equal(HttpStatusCode.BadRequest, (await alice.PostAsJsonAsync($"/once/{key}/complete", new { token })).StatusCode);
+        Assert.Equal(HttpStatusCode.OK, (await alice.PostAsJsonAsync($"/once/{key}/complete", new { token, result = 1 })).StatusCode);
+        Assert.Equal(HttpStatusCode.OK, (await alice.PostAsJsonAsync($"/once/{key}/claim", new { input = "refund" })).StatusCode);
+        Assert.Equal(HttpStatusCode.OK, (await alice.GetAsync($"/once/{key}")).StatusCode);
+        var other = (await Json(await alice.PostAsJsonAsync($"/once/{released}/claim", new { }))).GetProperty("token").GetString();
+        Assert.Equal(HttpStatusCode.NoContent, (await alice.PostAsJsonAsync($"/once/{released}/release", new { token = other })).StatusCode);
+        Assert.Equal(HttpStatusCode.Conflict, (await alice.PostAsJsonAsync($"/once/{released}/renew", new { token = other })).StatusCode);
+
+        var counted = calls.GetMeasurementSnapshot()
+            .GroupBy(m => $"{m.Tags["operation"]} {m.Tags["result"]}").ToDictionary(g => g.Key, g => g.Sum(m => m.Value));
+        Assert.Equal(new Dictionary<string, long>
+        {
+            ["claim acquired"] = 2,
+            ["claim request-in-progress"] = 1,
+            ["renew renewed"] = 1,
+            ["complete request-invalid"] = 1,
+            ["complete completed"] = 1,
+            ["claim replayed"] = 1,
+            ["read read"] = 1,
+            ["release released"] = 1,
+            ["renew claim-not-held"] = 1,
+        }, counted);
     }
 
     [Fact]

@@ -1,4 +1,7 @@
+using System.Diagnostics.Metrics;
 using System.Text.Json;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Diagnostics.Metrics.Testing;
 using Microsoft.Extensions.Logging.Abstractions;
 using Microsoft.Extensions.Options;
 using OrleansIdempotency.AspNetCore;
@@ -14,15 +17,49 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
 {
     private int runs;
 
-    private OnceExecutor Executor(Func<Exception, bool>? releasesOnException = null)
+    private OnceExecutor Executor(Func<Exception, bool>? releasesOnException = null, IMeterFactory? meters = null)
     {
         var options = MiddlewareClusterFixture.Options();
         options.Value.OnceReleasesOnException = releasesOnException ?? options.Value.OnceReleasesOnException;
+        var calls = fixture.Calls(options);
         return new OnceExecutor(
-            fixture.Calls(options),
+            calls,
             options,
+            new IdempotencyMetrics(meters ?? new ServiceCollection().AddMetrics().BuildServiceProvider().GetRequiredService<IMeterFactory>(), calls),
             fixture.Time,
             NullLogger<OnceExecutor>.Instance);
+    }
+
+    [Fact]
+    public async Task EachExecution_IsCountedOnce_ByHowItEnded()
+    {
+        var meters = new ServiceCollection().AddMetrics().BuildServiceProvider().GetRequiredService<IMeterFactory>();
+        var once = Executor(meters: meters);
+        using var calls = new MetricCollector<long>(meters, IdempotencyMetrics.MeterName, "idempotency.once.calls");
+        var key = new OnceKey(NewKey(), Input: "charge 5");
+
+        await once.ExecuteOnceAsync(key, ChargeAsync);
+        await once.ExecuteOnceAsync(key, ChargeAsync);
+        await Assert.ThrowsAsync<OnceRefusedException>(() => once.ExecuteOnceAsync(key with { Input = "charge 6" }, ChargeAsync));
+        await Assert.ThrowsAsync<InvalidOperationException>(() => once.ExecuteOnceAsync(NewKey(), Task<Charge> (_) => throw new InvalidOperationException("declined")));
+        await fixture.WhileStoreDownAsync(() => Assert.ThrowsAsync<IdempotencyUnavailableException>(() => once.ExecuteOnceAsync(NewKey(), ChargeAsync)));
+        using var cancelling = new CancellationTokenSource();
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => once.ExecuteOnceAsync(NewKey(), async ct =>
+        {
+            await cancelling.CancelAsync();
+            ct.ThrowIfCancellationRequested();
+            return new Charge(Guid.NewGuid(), 1m);
+        }, cancelling.Token));
+
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => once.ExecuteOnceAsync(NewKey(), ChargeAsync, cancelling.Token));
+
+        Assert.All(calls.GetMeasurementSnapshot(), m => Assert.Equal("execute", m.Tags["operation"]));
+        Assert.Equal(
+            new Dictionary<string, long>
+            {
+                ["executed"] = 1, ["replayed"] = 1, ["key-reused"] = 1, ["released"] = 1, ["store-unavailable"] = 1, ["in_doubt"] = 1, ["abandoned"] = 1,
+            },
+            calls.GetMeasurementSnapshot().GroupBy(m => (string)m.Tags["result"]!).ToDictionary(g => g.Key, g => g.Sum(m => m.Value)));
     }
 
     private static string NewKey() => Guid.NewGuid().ToString();
