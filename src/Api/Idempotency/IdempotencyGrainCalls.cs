@@ -40,32 +40,37 @@ internal sealed partial class IdempotencyGrainCalls(
         Exception? firstFailure = null;
         for (var attempt = 1; ; attempt++)
         {
+            T answer;
             try
             {
-                var answer = await call(grain);
-                if (firstFailure is not null)
-                {
-                    LogAnsweredAfterFailing(grain, attempt, firstFailure);
-                }
-
-                return answer;
+                answer = await call(grain);
             }
             catch (Exception ex) when (IsLostInCluster(ex) && time.GetUtcNow() < deadline && !cancellationToken.IsCancellationRequested)
             {
                 firstFailure ??= ex;
                 LogAskingAgain(grain, attempt, ex);
                 await Task.Delay(Backoff(attempt), time, cancellationToken);
+                continue;
             }
             catch (Exception ex) when (!IsLostInCluster(ex) && !CallerLeft(ex, cancellationToken) && ++storeFailures == 1)
             {
                 firstFailure ??= ex;
                 LogAskingAgain(grain, attempt, ex);
+                continue;
             }
             catch (Exception ex) when (!CallerLeft(ex, cancellationToken))
             {
                 var key = grain.GetPrimaryKeyString();
                 throw new IdempotencyUnavailableException(key, $"The idempotency store did not answer for {key}: {ex.Message}", ex);
             }
+
+            // Outside the try: a line that cannot be written is not the store failing, and the answer stands.
+            if (firstFailure is not null)
+            {
+                LogAnsweredAfterFailing(grain, attempt, firstFailure);
+            }
+
+            return answer;
         }
     }
 
@@ -211,21 +216,36 @@ internal sealed partial class IdempotencyGrainCalls(
 
     // Debug: in an outage every request asks again for the whole retry budget, a line a try would bury the one line
     // each request ends with (answered after failing, or its 503).
-    // The key's text is made only for a line that is written (CA1873 does not see these guards).
+    // The key's text is made only for a line that is written (CA1873 does not see these guards). A log that cannot be
+    // written changes nothing: a call is neither asked again nor failed for it.
 #pragma warning disable CA1873
     private void LogAskingAgain(IIdempotencyGrain grain, int attempt, Exception failure)
     {
-        if (logger.IsEnabled(LogLevel.Debug))
+        try
         {
-            LogAskingAgain(logger, grain.GetPrimaryKeyString(), attempt, failure.GetType().Name);
+            if (logger.IsEnabled(LogLevel.Debug))
+            {
+                LogAskingAgain(logger, grain.GetPrimaryKeyString(), attempt, failure.GetType().Name);
+            }
+        }
+        catch (Exception)
+        {
+            // Unlogged.
         }
     }
 
     private void LogAnsweredAfterFailing(IIdempotencyGrain grain, int attempt, Exception firstFailure)
     {
-        if (logger.IsEnabled(LogLevel.Information))
+        try
         {
-            LogAnsweredAfterFailing(logger, grain.GetPrimaryKeyString(), attempt, firstFailure.GetType().Name);
+            if (logger.IsEnabled(LogLevel.Information))
+            {
+                LogAnsweredAfterFailing(logger, grain.GetPrimaryKeyString(), attempt, firstFailure.GetType().Name);
+            }
+        }
+        catch (Exception)
+        {
+            // Unlogged.
         }
     }
 #pragma warning restore CA1873

@@ -74,8 +74,15 @@ internal sealed partial class LeaseRenewal : IDisposable
         {
             if (!await grain.RenewAsync(token, lease))
             {
+                // Not when the action ended while this renewal was out: its completion or release may have been taken
+                // first, and then the claim is rightly no longer held.
+                var actionEnded = Volatile.Read(ref stopped);
                 Dispose();
-                LogLost();
+                if (!actionEnded)
+                {
+                    LogLost();
+                }
+
                 return;
             }
 

@@ -135,9 +135,10 @@ internal sealed partial class OnceExecutor(
         {
             (claim, askedAt) = await calls.ClaimAsync(grain, request, policy.WaitTimeout, releaseUnanswered: true, cancellationToken);
         }
-        catch (IdempotencyUnavailableException)
+        catch (IdempotencyUnavailableException ex)
         {
             Record(IdempotencyProblem.Unavailable.Name);
+            LogUnavailable(logger, ex, ex.Key);
             throw;
         }
         catch (OperationCanceledException) when (cancellationToken.IsCancellationRequested)
@@ -169,6 +170,12 @@ internal sealed partial class OnceExecutor(
             Record(ProblemOf(refused.Reason).Name);
             throw;
         }
+        catch (Exception)
+        {
+            // A stored result that does not read back as T in a way JSON did not foresee (a type it cannot make).
+            Record(OnceResults.Failed);
+            throw;
+        }
     }
 
     /// <summary>The problem the Once API answers over HTTP for a refusal.</summary>
@@ -198,8 +205,8 @@ internal sealed partial class OnceExecutor(
                 // cut off midway, it may have taken effect.
                 if (cancellationToken.IsCancellationRequested || !options.Value.OnceReleasesOnException(exception))
                 {
-                    LogLeftInDoubt(logger, grain.GetPrimaryKeyString());
                     Record(OnceResults.InDoubt);
+                    LogLeftInDoubt(logger, grain.GetPrimaryKeyString());
                 }
                 else
                 {
@@ -262,6 +269,9 @@ internal sealed partial class OnceExecutor(
 
     [LoggerMessage(Level = LogLevel.Error, Message = "Once key {Key}: the action ran, but its result cannot be stored as JSON that reads back; later calls are refused as result-not-stored.")]
     private static partial void LogResultNotStorable(ILogger logger, string key, Exception exception);
+
+    [LoggerMessage(Level = LogLevel.Warning, Message = "Once key {Key}: the store or the cluster did not answer; nothing ran, and ExecuteOnceAsync threw IdempotencyUnavailableException.")]
+    private static partial void LogUnavailable(ILogger logger, Exception exception, string key);
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "Once key {Key}: the action was cut off midway (cancelled, or an exception OnceReleasesOnException keeps); its claim is left to lapse, since it may have taken effect.")]
     private static partial void LogLeftInDoubt(ILogger logger, string key);

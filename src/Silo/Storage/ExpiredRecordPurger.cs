@@ -85,12 +85,6 @@ public sealed partial class ExpiredRecordPurger(
             try
             {
                 await PurgeExpiredAsync(stoppingToken);
-                if (failedRounds > 0)
-                {
-                    LogPurgeRecovered(logger, failedRounds);
-                }
-
-                (failingSince, failedRounds) = (null, 0);
             }
             catch (Exception ex) when (!stoppingToken.IsCancellationRequested)
             {
@@ -99,10 +93,19 @@ public sealed partial class ExpiredRecordPurger(
                 failingSince ??= time.GetUtcNow();
                 failedRounds++;
                 LogFailedRound(ex, failedRounds, failingSince.Value);
+                continue;
             }
+
+            if (failedRounds > 0)
+            {
+                LogRecovered(failedRounds);
+            }
+
+            (failingSince, failedRounds) = (null, 0);
         }
     }
 
+    // A log that cannot be written stops neither the purge nor the silo, nor counts as a round that failed.
     private void LogFailedRound(Exception exception, int failedRounds, DateTimeOffset failingSince)
     {
         try
@@ -118,7 +121,19 @@ public sealed partial class ExpiredRecordPurger(
         }
         catch (Exception)
         {
-            // A log that cannot be written stops neither the purge nor the silo.
+            // Unlogged.
+        }
+    }
+
+    private void LogRecovered(int failedRounds)
+    {
+        try
+        {
+            LogPurgeRecovered(logger, failedRounds);
+        }
+        catch (Exception)
+        {
+            // Unlogged.
         }
     }
 

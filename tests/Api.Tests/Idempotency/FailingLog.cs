@@ -29,3 +29,19 @@ internal sealed class FailingLog(string failsFor) : ILogger
         Written.Enqueue(formatter(state, exception));
     }
 }
+
+/// <inheritdoc cref="FailingLog"/>
+internal sealed class FailingLog<T>(string failsFor) : ILogger<T>
+{
+    private readonly FailingLog log = new(failsFor);
+
+    public int Failures => log.Failures;
+
+    public IDisposable? BeginScope<TState>(TState state)
+        where TState : notnull => log.BeginScope(state);
+
+    public bool IsEnabled(LogLevel logLevel) => log.IsEnabled(logLevel);
+
+    public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter) =>
+        log.Log(logLevel, eventId, state, exception, formatter);
+}

@@ -3,7 +3,6 @@ using System.Text;
 using System.Text.Json;
 using Microsoft.AspNetCore.Http;
 using Microsoft.Extensions.Logging;
-using Microsoft.Extensions.Logging.Abstractions;
 using Microsoft.Extensions.Logging.Testing;
 using Microsoft.Extensions.Options;
 using OrleansIdempotency.Grains;
@@ -16,13 +15,14 @@ public sealed class IdempotencyKeyEndpointsTests
 {
     private readonly MiddlewareClusterFixture fixture;
     private readonly FakeLogger<IdempotencyKeysHttp> log = new();
+    private readonly FakeLogger<IdempotencyProblems> problemsLog = new();
     private readonly IdempotencyKeysHttp keys;
 
     public IdempotencyKeyEndpointsTests(MiddlewareClusterFixture fixture)
     {
         this.fixture = fixture;
         var options = MiddlewareClusterFixture.Options();
-        keys = new IdempotencyKeysHttp(fixture.Calls(options), new IdempotencyProblems(options, NullLogger<IdempotencyProblems>.Instance), options, fixture.Time, log);
+        keys = new IdempotencyKeysHttp(fixture.Calls(options), new IdempotencyProblems(options, problemsLog), options, fixture.Time, log);
     }
 
     // An action that began its answer and then failed: it may have taken effect, so its key is left in doubt.
@@ -59,6 +59,19 @@ public sealed class IdempotencyKeyEndpointsTests
         var read = await CallAsync(keys.ReadAsync, key, "");
         Assert.Equal("completed", read.Json.GetProperty("status").GetString());
         Assert.Equal("{\"id\":\"order-7\"}", Encoding.UTF8.GetString(Convert.FromBase64String(read.Json.GetProperty("responseBodyBase64").GetString()!)));
+    }
+
+    [Fact]
+    public async Task StoreDown_AnOperatorsReadIs503_LoggedOnceNamingTheScopedKey()
+    {
+        var key = MiddlewareHarness.NewKey();
+
+        var read = await fixture.WhileStoreDownAsync(() => CallAsync(keys.ReadAsync, key, ""));
+
+        Assert.Equal(503, read.Status);
+        var warning = Assert.Single(problemsLog.Collector.GetSnapshot());
+        Assert.Equal(LogLevel.Warning, warning.Level);
+        Assert.Contains(new IdempotencyKey("user:alice", key).ToString(), warning.Message, StringComparison.Ordinal);
     }
 
     [Fact]

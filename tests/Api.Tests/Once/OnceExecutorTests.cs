@@ -2,7 +2,9 @@ using System.Diagnostics.Metrics;
 using System.Text.Json;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Diagnostics.Metrics.Testing;
+using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
+using Microsoft.Extensions.Logging.Testing;
 using Microsoft.Extensions.Options;
 using OrleansIdempotency.AspNetCore;
 using OrleansIdempotency.AspNetCore.Tests;
@@ -17,7 +19,7 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
 {
     private int runs;
 
-    private OnceExecutor Executor(Func<Exception, bool>? releasesOnException = null, IMeterFactory? meters = null)
+    private OnceExecutor Executor(Func<Exception, bool>? releasesOnException = null, IMeterFactory? meters = null, ILogger<OnceExecutor>? log = null)
     {
         var options = MiddlewareClusterFixture.Options();
         options.Value.OnceReleasesOnException = releasesOnException ?? options.Value.OnceReleasesOnException;
@@ -27,7 +29,7 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
             options,
             new IdempotencyMetrics(meters ?? new ServiceCollection().AddMetrics().BuildServiceProvider().GetRequiredService<IMeterFactory>(), calls),
             fixture.Time,
-            NullLogger<OnceExecutor>.Instance);
+            log ?? NullLogger<OnceExecutor>.Instance);
     }
 
     [Fact]
@@ -324,9 +326,10 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
-    public async Task StoreDown_FailsClosed_AndTheActionDoesNotRun()
+    public async Task StoreDown_FailsClosed_AndTheActionDoesNotRun_AndTheCallIsOneWarning()
     {
-        var once = Executor();
+        var log = new FakeLogger<OnceExecutor>();
+        var once = Executor(log: log);
         var key = NewKey();
 
         await fixture.WhileStoreDownAsync(() => Assert.ThrowsAsync<IdempotencyUnavailableException>(() => once.ExecuteOnceAsync(key, ChargeAsync)));
@@ -334,6 +337,9 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
 
         Assert.Equal(1, runs);
         Assert.NotEqual(Guid.Empty, afterwards.Id);
+        var warning = Assert.Single(log.Collector.GetSnapshot());
+        Assert.Equal(LogLevel.Warning, warning.Level);
+        Assert.Contains(OnceExecutor.GrainKey("default", key).ToString(), warning.Message, StringComparison.Ordinal);
     }
 
     [Fact]
