@@ -73,6 +73,34 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task ExecutionWhoseCompletionWaitsForTheStore_IsCountedExecuted_OnceItLands()
+    {
+        var meters = new ServiceCollection().AddMetrics().BuildServiceProvider().GetRequiredService<IMeterFactory>();
+        var once = Executor(meters: meters);
+        using var calls = new MetricCollector<long>(meters, IdempotencyMetrics.MeterName, "idempotency.once.calls");
+        var key = NewKey();
+
+        try
+        {
+            await once.ExecuteOnceAsync(key, async ct =>
+            {
+                fixture.Store.Down = true;
+                return await ChargeAsync(ct);
+            });
+            Assert.Empty(calls.GetMeasurementSnapshot());
+        }
+        finally
+        {
+            fixture.Store.Down = false;
+        }
+
+        await fixture.ClockRunsUntilAsync(() => calls.GetMeasurementSnapshot().Count > 0);
+        var counted = Assert.Single(calls.GetMeasurementSnapshot());
+        Assert.Equal("executed", counted.Tags["result"]);
+        Assert.Equal(1, runs);
+    }
+
+    [Fact]
     public async Task ExecuteOnce_RunsTheActionOnce_AndLaterCallsGetItsStoredResult()
     {
         var once = Executor();
