@@ -22,12 +22,14 @@ public sealed record IdempotencyPolicy
 {
     /// <summary>
     /// The headers stored with a response when their endpoint names no others (DESIGN §4), plus the two that
-    /// describe the stored bytes themselves (<c>Content-Encoding</c>, <c>Content-Language</c>) and gRPC's status,
-    /// which an error answered before any message carries in its headers alone (a "trailers-only" answer).
+    /// describe the stored bytes themselves (<c>Content-Encoding</c>, <c>Content-Language</c>), the two that RFC 9110
+    /// requires of a stored status (<c>WWW-Authenticate</c> on a 401, <c>Allow</c> on a 405: a gateway's backend answers
+    /// both), and gRPC's status, which an error answered before any message carries in its headers alone (a
+    /// "trailers-only" answer).
     /// </summary>
     public static readonly FrozenSet<string> DefaultStoredHeaders = FrozenSet.ToFrozenSet(
         ["Content-Type", "Content-Encoding", "Content-Language", "Content-Location", "Location", "ETag", "Last-Modified", "Cache-Control",
-         "grpc-status", "grpc-message", "grpc-status-details-bin"],
+         "WWW-Authenticate", "Allow", "grpc-status", "grpc-message", "grpc-status-details-bin"],
         StringComparer.OrdinalIgnoreCase);
 
     /// <summary>

@@ -11,8 +11,10 @@ namespace OrleansIdempotency.AspNetCore;
 /// Each part is length-prefixed, so no two different requests frame to the same bytes. Headers are not part of it.
 /// </summary>
 /// <remarks>
-/// The body is hashed from its start, wherever a middleware before the layer left it. One that read a form without
-/// buffering (an antiforgery check, say) leaves no bytes to hash: the form it read stands for them.
+/// The body is hashed from its start, wherever a middleware before the layer left it. A form (urlencoded or
+/// multipart) is hashed as its fields and files, whether the layer reads it or a middleware before it did (an
+/// antiforgery check, say, which leaves no bytes to hash): a multipart boundary, new each time a client sends the form,
+/// is not part of it.
 /// </remarks>
 public static class RequestFingerprint
 {
@@ -58,6 +60,23 @@ public static class RequestFingerprint
         // up front. The count below stops reading one read past the limit instead.
         request.EnableBuffering(bufferThreshold: 64 * 1024);
         request.Body.Position = 0;
+        if (request.HasFormContentType)
+        {
+            // A form is hashed as its fields and files, as when a middleware before the layer read it: a client sending
+            // it again picks a new multipart boundary (curl, browsers, Python's requests each do), and the form is the
+            // same. One the form reader refuses (malformed, or past FormOptions' limits) is hashed as bytes.
+            if (!await WithinAsync(request.Body, maxBodyBytes, cancellationToken))
+            {
+                return null;
+            }
+
+            if (await FormOfAsync(request, cancellationToken) is { } sent)
+            {
+                var within = await AppendFormAsync(framed, sent, maxBodyBytes, cancellationToken);
+                request.Body.Position = 0;
+                return within ? framed.Hash() : null;
+            }
+        }
         long length = 0;
         int read;
         while ((read = await request.Body.ReadAsync(framed.Free(), cancellationToken)) > 0)
@@ -118,6 +137,50 @@ public static class RequestFingerprint
 
         AppendLength(framed, -1);
         return length <= maxBodyBytes;
+    }
+
+    // Reads the (buffering) body through, and back to its start: false when it is longer than maxBodyBytes.
+    private static async Task<bool> WithinAsync(Stream body, long maxBodyBytes, CancellationToken cancellationToken)
+    {
+        var buffer = ArrayPool<byte>.Shared.Rent(16 * 1024);
+        try
+        {
+            long length = 0;
+            int read;
+            while ((read = await body.ReadAsync(buffer, cancellationToken)) > 0)
+            {
+                length += read;
+                if (length > maxBodyBytes)
+                {
+                    return false;
+                }
+            }
+
+            return true;
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(buffer);
+            body.Position = 0;
+        }
+    }
+
+    // The form, read from the buffered body (which the endpoint can still read, or take the form from), or null for
+    // one the form reader refuses. The body is all buffered by now: an error here is of its content, not the client's.
+    private static async Task<IFormCollection?> FormOfAsync(HttpRequest request, CancellationToken cancellationToken)
+    {
+        try
+        {
+            return await request.ReadFormAsync(cancellationToken);
+        }
+        catch (Exception ex) when (ex is InvalidDataException or IOException)
+        {
+            return null;
+        }
+        finally
+        {
+            request.Body.Position = 0;
+        }
     }
 
     // First, behind a part length no part has (-1): the framing without a route starts with the method's length.

@@ -260,6 +260,8 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
             ["ETag"] = "\"v1\"",
             ["Last-Modified"] = "Thu, 01 Jan 2026 00:00:00 GMT",
             ["Cache-Control"] = "private, max-age=60",
+            ["WWW-Authenticate"] = "Bearer error=\"invalid_token\"",
+            ["Allow"] = "GET, POST",
             ["grpc-status"] = "5",
             ["grpc-message"] = "not found",
             ["grpc-status-details-bin"] = "CAU",
@@ -283,6 +285,29 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
 
         Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
         Assert.All(set, header => Assert.Equal(header.Value, replay.Response.Headers[header.Key].ToString()));
+    }
+
+    [Theory]
+    [InlineData(401, "WWW-Authenticate", "Bearer error=\"invalid_token\"")]
+    [InlineData(405, "Allow", "GET")]
+    public async Task StoredStatusThatRequiresAHeader_IsReplayedWithIt(int status, string header, string value)
+    {
+        // RFC 9110 §15.5.2 and §15.5.6: as a gateway's backend answers them, stored as any other 4xx.
+        var harness = Harness(context =>
+        {
+            context.Response.StatusCode = status;
+            context.Response.Headers[header] = value;
+            return Task.CompletedTask;
+        });
+        var key = MiddlewareHarness.NewKey();
+
+        await harness.SendAsync(key);
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal(status, replay.Response.StatusCode);
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(value, replay.Response.Headers[header].ToString());
+        Assert.Equal(1, harness.Executions);
     }
 
     [Fact]
@@ -734,6 +759,34 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
         Assert.Equal(201, after.Response.StatusCode);
         Assert.False(after.Response.Headers.ContainsKey("Idempotent-Replayed"));
         Assert.Equal(2, harness.Executions);
+    }
+
+    [Fact]
+    public async Task MultipartFormSentAgainWithANewBoundary_IsTheSameRequest_AndReplays()
+    {
+        // The endpoint still reads the form, and its bytes, after the layer hashed the form.
+        var harness = Harness(async context =>
+        {
+            var sent = context.Request.ContentLength;
+            var form = await context.Request.ReadFormAsync();
+            var bytes = await new StreamReader(context.Request.Body).ReadToEndAsync();
+            context.Response.StatusCode = 201;
+            await context.Response.WriteAsync($"{form["amount"]} {(bytes.Length == sent ? "whole" : bytes.Length)} {Guid.NewGuid()}");
+        });
+        var key = MiddlewareHarness.NewKey();
+        HttpContext Form(string boundary) => MiddlewareHarness.Request(key,
+            $"--{boundary}\r\nContent-Disposition: form-data; name=\"amount\"\r\n\r\n1\r\n--{boundary}--\r\n",
+            configure: context => context.Request.ContentType = $"multipart/form-data; boundary={boundary}");
+
+        var first = await harness.SendAsync(Form("----WebKitFormBoundary7MA4YWxkTrZu0gW"));
+        var again = await harness.SendAsync(Form("----WebKitFormBoundaryqK1M5b8GdR2cXv3e"));
+
+        Assert.Equal(201, first.Response.StatusCode);
+        Assert.Equal(201, again.Response.StatusCode);
+        Assert.Equal("true", again.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(first.Body(), again.Body());
+        Assert.StartsWith("1 whole ", first.Body(), StringComparison.Ordinal);
+        Assert.Equal(1, harness.Executions);
     }
 
     [Fact]

@@ -195,6 +195,43 @@ public sealed class RequestFingerprintTests
     }
 
     [Fact]
+    public async Task Fingerprint_OfAForm_IsOfItsFieldsAndFiles_WhateverItsBoundary_AndWhetherOrNotAMiddlewareReadItBefore()
+    {
+        static async Task<byte[]?> FormAsync(string contentType, string body, bool readBefore)
+        {
+            var context = new DefaultHttpContext();
+            context.Request.Method = "POST";
+            context.Request.Path = "/a";
+            context.Request.ContentType = contentType;
+            context.Request.Body = new OneWayStream(Encoding.UTF8.GetBytes(body));
+            if (readBefore)
+            {
+                await context.Request.ReadFormAsync();
+            }
+
+            return await RequestFingerprint.ComputeAsync(context.Request, 1024, CancellationToken.None);
+        }
+
+        static string Multipart(string boundary, string file) =>
+            $"--{boundary}\r\nContent-Disposition: form-data; name=\"amount\"\r\n\r\n1\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"receipt\"; " +
+            $"filename=\"r.txt\"\r\nContent-Type: text/plain\r\n\r\n{file}\r\n--{boundary}--\r\n";
+
+        // curl -F, a browser's FormData and Python's requests each pick a new boundary every time they send a form.
+        var first = await FormAsync("multipart/form-data; boundary=b", Multipart("b", "abc"), readBefore: false);
+        Assert.NotNull(first);
+        Assert.Equal(first, await FormAsync("multipart/form-data; boundary=------------------------d74496d66958873e", Multipart("------------------------d74496d66958873e", "abc"), readBefore: false));
+        Assert.Equal(first, await FormAsync("multipart/form-data; boundary=b", Multipart("b", "abc"), readBefore: true));
+        Assert.NotEqual(first, await FormAsync("multipart/form-data; boundary=b", Multipart("b", "abd"), readBefore: false));
+        Assert.Null(await FormAsync("multipart/form-data; boundary=b", Multipart("b", new string('x', 1025)), readBefore: false));
+        const string urlEncoded = "application/x-www-form-urlencoded";
+        Assert.Equal(await FormAsync(urlEncoded, "amount=1&currency=EUR", readBefore: true), await FormAsync(urlEncoded, "currency=EUR&amount=1", readBefore: false));
+
+        // A form the reader refuses is hashed as the bytes it is, for the endpoint to judge.
+        const string cutOff = "--b\r\nContent-Disposition: form-data; name=\"amount\"\r\n\r\n1";
+        Assert.Equal(Expected("POST", "/a", "", Encoding.UTF8.GetBytes(cutOff)), await FormAsync("multipart/form-data; boundary=b", cutOff, readBefore: false));
+    }
+
+    [Fact]
     public async Task Fingerprint_WithARoute_FramesItFirst_BehindAPartLengthNoPartHas()
     {
         var body = RandomNumberGenerator.GetBytes(100);
