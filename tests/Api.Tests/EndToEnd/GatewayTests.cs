@@ -109,6 +109,36 @@ public sealed class GatewayTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task MultipartFormSentAgainWithANewBoundary_ReachesTheBackendOnce_AsItsBytesWereSent_AndReplays()
+    {
+        using var client = Client("Bearer caller-1");
+        var key = Guid.NewGuid().ToString();
+        // Each MultipartFormDataContent picks its own boundary, as curl and browsers do for every form they send.
+        static async Task<(HttpRequestMessage Request, byte[] Sent)> FormAsync(string key)
+        {
+            var form = new MultipartFormDataContent { { new StringContent("5"), "amount" }, { new ByteArrayContent([1, 2, 3]), "receipt", "r.bin" } };
+            var request = new HttpRequestMessage(HttpMethod.Post, "/charges") { Content = form };
+            request.Headers.Add("Idempotency-Key", key);
+            return (request, await form.ReadAsByteArrayAsync());
+        }
+
+        var (first, sent) = await FormAsync(key);
+        var (retry, sentAgain) = await FormAsync(key);
+        using var firstResponse = await client.SendAsync(first);
+        using var retryResponse = await client.SendAsync(retry);
+
+        Assert.NotEqual(sent, sentAgain);
+        Assert.Equal(HttpStatusCode.Created, firstResponse.StatusCode);
+        Assert.Equal(HttpStatusCode.Created, retryResponse.StatusCode);
+        Assert.True(retryResponse.IsReplay());
+        Assert.Equal(await firstResponse.Content.ReadAsStringAsync(), await retryResponse.Content.ReadAsStringAsync());
+        Assert.Equal(1, backend.Runs(key));
+        Assert.Equal(sent, backend.Body(key));
+        first.Dispose();
+        retry.Dispose();
+    }
+
+    [Fact]
     public async Task IdempotentRoute_ParallelDuplicates_ReachTheBackendOnce_AndAllGetItsBytes()
     {
         using var client = Client("Bearer caller-1");
@@ -453,6 +483,7 @@ public sealed class GatewayTests : IAsyncLifetime
     {
         private readonly ConcurrentDictionary<string, int> runs = new();
         private readonly ConcurrentDictionary<string, bool> finished = new();
+        private readonly ConcurrentDictionary<string, byte[]> bodies = new();
         private WebApplication app = null!;
 
         public Uri Address { get; } = new($"http://127.0.0.1:{FreePort.Next().ToString(CultureInfo.InvariantCulture)}/");
@@ -460,6 +491,9 @@ public sealed class GatewayTests : IAsyncLifetime
         public int TotalRuns => runs.Values.Sum();
 
         public int Runs(string key) => runs.GetValueOrDefault(key);
+
+        /// <summary>The body the last run of <paramref name="key"/> received.</summary>
+        public byte[]? Body(string key) => bodies.GetValueOrDefault(key);
 
         /// <summary>Waits until a run of <paramref name="key"/> has answered 201, or aborted.</summary>
         public async Task WaitUntilFinishedAsync(string key)
@@ -480,6 +514,12 @@ public sealed class GatewayTests : IAsyncLifetime
             {
                 var key = context.Request.Headers["Idempotency-Key"].ToString();
                 var run = runs.AddOrUpdate(key, 1, (_, n) => n + 1);
+                using (var received = new MemoryStream())
+                {
+                    await context.Request.Body.CopyToAsync(received);
+                    bodies[key] = received.ToArray();
+                }
+
                 if (int.TryParse(context.Request.Query["delayMs"], CultureInfo.InvariantCulture, out var delay))
                 {
                     await Task.Delay(delay);
