@@ -214,8 +214,8 @@ internal sealed partial class IdempotencyGrainCalls(
         or GatewayTooBusyException
         or ClientNotAvailableException;
 
-    // Debug: in an outage every request asks again for the whole retry budget, a line a try would bury the one line
-    // each request ends with (answered after failing, or its 503).
+    // Debug: in an outage every request asks again for the whole retry budget, and a line for each try would bury the
+    // one line each request ends with (answered after failing, or its 503).
     // The key's text is made only for a line that is written (CA1873 does not see these guards). A log that cannot be
     // written changes nothing: a call is neither asked again nor failed for it.
 #pragma warning disable CA1873

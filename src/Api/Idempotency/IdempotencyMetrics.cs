@@ -81,11 +81,12 @@ internal static class OnceResults
     public const string Read = "read";
     public const string Executed = "executed";
 
-    // An exception no answer was made of (a 500): a fault of the server's, not the caller's.
+    // An exception no answer was made of: a fault of the server's (a 500), or a request time-out outside the layer.
     public const string Failed = "failed";
 
-    // As the requests' results: the caller left before anything was decided; the action ran and may have taken effect,
-    // but its outcome was not stored (ExecuteOnceAsync only).
+    // As the requests' results: the caller left or cancelled before an answer (over HTTP, a claim made with the
+    // caller's own attempt may stand); the action ran and may have taken effect, but its outcome was not stored
+    // (ExecuteOnceAsync only).
     public const string Abandoned = IdempotencyResults.Abandoned;
     public const string InDoubt = IdempotencyResults.InDoubt;
 }

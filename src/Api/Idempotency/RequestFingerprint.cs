@@ -3,18 +3,19 @@ using System.Buffers.Binary;
 using System.Security.Cryptography;
 using System.Text;
 using Microsoft.AspNetCore.Http.Features;
+using Microsoft.Net.Http.Headers;
 
 namespace OrleansIdempotency.AspNetCore;
 
 /// <summary>
-/// SHA-256 of what makes two requests "the same request" (DESIGN §4): method, route, normalised query, body bytes.
-/// Each part is length-prefixed, so no two different requests frame to the same bytes. Headers are not part of it.
+/// SHA-256 of what makes two requests "the same request" (DESIGN §4): method, route, normalised query, body bytes
+/// (a multipart form's fields and files). Each part is length-prefixed, so no two different requests frame to the same
+/// bytes. Headers are not part of it, but for the Content-Type that says a body is a multipart form.
 /// </summary>
 /// <remarks>
-/// The body is hashed from its start, wherever a middleware before the layer left it. A form (urlencoded or
-/// multipart) is hashed as its fields and files, whether the layer reads it or a middleware before it did (an
-/// antiforgery check, say, which leaves no bytes to hash): a multipart boundary, new each time a client sends the form,
-/// is not part of it.
+/// The body is hashed from its start, wherever a middleware before the layer left it. A multipart form is hashed as
+/// its fields and files, its boundary (new each time a client sends the form) not part of it; so is any form a
+/// middleware before the layer read without buffering (an antiforgery check, say), which leaves no bytes to hash.
 /// </remarks>
 public static class RequestFingerprint
 {
@@ -41,17 +42,8 @@ public static class RequestFingerprint
             return null;
         }
 
-        using var framed = new FramedSha256();
-        if (route is not null)
-        {
-            AppendRoute(framed, route);
-        }
-
-        framed.AppendPart(request.Method);
-        framed.AppendPart(request.PathBase.Add(request.Path).Value ?? "/");
-        framed.AppendPart(NormalizeQuery(request.Query));
-
-        if (!request.Body.CanSeek && request.HttpContext.Features.Get<IFormFeature>() is { Form: { } form })
+        using var framed = Begin(request, route);
+        if (!request.Body.CanSeek && FormReadBefore(request) is { } form)
         {
             return await AppendFormAsync(framed, form, maxBodyBytes, cancellationToken) ? framed.Hash() : null;
         }
@@ -60,23 +52,6 @@ public static class RequestFingerprint
         // up front. The count below stops reading one read past the limit instead.
         request.EnableBuffering(bufferThreshold: 64 * 1024);
         request.Body.Position = 0;
-        if (request.HasFormContentType)
-        {
-            // A form is hashed as its fields and files, as when a middleware before the layer read it: a client sending
-            // it again picks a new multipart boundary (curl, browsers, Python's requests each do), and the form is the
-            // same. One the form reader refuses (malformed, or past FormOptions' limits) is hashed as bytes.
-            if (!await WithinAsync(request.Body, maxBodyBytes, cancellationToken))
-            {
-                return null;
-            }
-
-            if (await FormOfAsync(request, cancellationToken) is { } sent)
-            {
-                var within = await AppendFormAsync(framed, sent, maxBodyBytes, cancellationToken);
-                request.Body.Position = 0;
-                return within ? framed.Hash() : null;
-            }
-        }
         long length = 0;
         int read;
         while ((read = await request.Body.ReadAsync(framed.Free(), cancellationToken)) > 0)
@@ -91,8 +66,73 @@ public static class RequestFingerprint
         }
 
         request.Body.Position = 0;
+        if (IsMultipartForm(request) && await FormOfAsync(request, cancellationToken) is { } sent)
+        {
+            // A multipart form is hashed as its fields and files, as when a middleware before the layer read it: a
+            // client sending it again picks a new boundary (curl, browsers, Python's requests each do), and the form is
+            // the same. One the form reader refuses (malformed, past FormOptions' limits) is hashed as the bytes above.
+            using var ofForm = Begin(request, route);
+            var within = await AppendFormAsync(ofForm, sent, maxBodyBytes, cancellationToken);
+            request.Body.Position = 0;
+            return within ? ofForm.Hash() : null;
+        }
+
         AppendLength(framed, length);
         return framed.Hash();
+    }
+
+    private static FramedSha256 Begin(HttpRequest request, string? route)
+    {
+        var framed = new FramedSha256();
+        if (route is not null)
+        {
+            AppendRoute(framed, route);
+        }
+
+        framed.AppendPart(request.Method);
+        framed.AppendPart(request.PathBase.Add(request.Path).Value ?? "/");
+        framed.AppendPart(NormalizeQuery(request.Query));
+        return framed;
+    }
+
+    // A form a middleware before the layer read without buffering (an antiforgery check, say), which left no bytes to
+    // hash. Not one whose antiforgery token that check found invalid: the form refuses to be read then, and the
+    // endpoint answers for it.
+    private static IFormCollection? FormReadBefore(HttpRequest request)
+    {
+        try
+        {
+            return request.HttpContext.Features.Get<IFormFeature>()?.Form;
+        }
+        catch (InvalidOperationException)
+        {
+            return null;
+        }
+    }
+
+    // Read from the header itself: HttpRequest.HasFormContentType reads the form feature, which throws for a request
+    // whose antiforgery token was found invalid. An urlencoded form is hashed as its bytes: it has no boundary, so a
+    // client sends it again as the same bytes, and its parsing would make different bodies alike (a+b and a%2Bb).
+    private static bool IsMultipartForm(HttpRequest request) =>
+        MediaTypeHeaderValue.TryParse(request.ContentType, out var type)
+        && type.MediaType.Equals("multipart/form-data", StringComparison.OrdinalIgnoreCase);
+
+    // The form, read from the buffered body (which the endpoint can still read, or take the form from), or null for
+    // one the form reader refuses. The body is all buffered by now: an error here is of its content, not the client's.
+    private static async Task<IFormCollection?> FormOfAsync(HttpRequest request, CancellationToken cancellationToken)
+    {
+        try
+        {
+            return await request.ReadFormAsync(cancellationToken);
+        }
+        catch (Exception ex) when (ex is InvalidDataException or IOException or InvalidOperationException)
+        {
+            return null;
+        }
+        finally
+        {
+            request.Body.Position = 0;
+        }
     }
 
     // Every count and length comes before what it counts (the fields, each field's values, the files, each file's
@@ -137,50 +177,6 @@ public static class RequestFingerprint
 
         AppendLength(framed, -1);
         return length <= maxBodyBytes;
-    }
-
-    // Reads the (buffering) body through, and back to its start: false when it is longer than maxBodyBytes.
-    private static async Task<bool> WithinAsync(Stream body, long maxBodyBytes, CancellationToken cancellationToken)
-    {
-        var buffer = ArrayPool<byte>.Shared.Rent(16 * 1024);
-        try
-        {
-            long length = 0;
-            int read;
-            while ((read = await body.ReadAsync(buffer, cancellationToken)) > 0)
-            {
-                length += read;
-                if (length > maxBodyBytes)
-                {
-                    return false;
-                }
-            }
-
-            return true;
-        }
-        finally
-        {
-            ArrayPool<byte>.Shared.Return(buffer);
-            body.Position = 0;
-        }
-    }
-
-    // The form, read from the buffered body (which the endpoint can still read, or take the form from), or null for
-    // one the form reader refuses. The body is all buffered by now: an error here is of its content, not the client's.
-    private static async Task<IFormCollection?> FormOfAsync(HttpRequest request, CancellationToken cancellationToken)
-    {
-        try
-        {
-            return await request.ReadFormAsync(cancellationToken);
-        }
-        catch (Exception ex) when (ex is InvalidDataException or IOException)
-        {
-            return null;
-        }
-        finally
-        {
-            request.Body.Position = 0;
-        }
     }
 
     // First, behind a part length no part has (-1): the framing without a route starts with the method's length.

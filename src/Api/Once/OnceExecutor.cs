@@ -138,7 +138,15 @@ internal sealed partial class OnceExecutor(
         catch (IdempotencyUnavailableException ex)
         {
             Record(IdempotencyProblem.Unavailable.Name);
-            LogUnavailable(logger, ex, ex.Key);
+            try
+            {
+                LogUnavailable(logger, ex, ex.Key);
+            }
+            catch (Exception)
+            {
+                // The caller gets this exception, not the log's.
+            }
+
             throw;
         }
         catch (OperationCanceledException) when (cancellationToken.IsCancellationRequested)

@@ -209,7 +209,14 @@ public sealed class RequestFingerprintTests
                 await context.Request.ReadFormAsync();
             }
 
-            return await RequestFingerprint.ComputeAsync(context.Request, 1024, CancellationToken.None);
+            var fingerprint = await RequestFingerprint.ComputeAsync(context.Request, 1024, CancellationToken.None);
+            if (!readBefore && fingerprint is not null)
+            {
+                // Rewound for the endpoint.
+                Assert.Equal(body, await new StreamReader(context.Request.Body).ReadToEndAsync());
+            }
+
+            return fingerprint;
         }
 
         static string Multipart(string boundary, string file) =>
@@ -223,12 +230,43 @@ public sealed class RequestFingerprintTests
         Assert.Equal(first, await FormAsync("multipart/form-data; boundary=b", Multipart("b", "abc"), readBefore: true));
         Assert.NotEqual(first, await FormAsync("multipart/form-data; boundary=b", Multipart("b", "abd"), readBefore: false));
         Assert.Null(await FormAsync("multipart/form-data; boundary=b", Multipart("b", new string('x', 1025)), readBefore: false));
+        // An urlencoded form has no boundary: sent again, its bytes are the same, and they are what is hashed (its
+        // parsing would make a+b and a%2Bb alike).
         const string urlEncoded = "application/x-www-form-urlencoded";
-        Assert.Equal(await FormAsync(urlEncoded, "amount=1&currency=EUR", readBefore: true), await FormAsync(urlEncoded, "currency=EUR&amount=1", readBefore: false));
+        Assert.Equal(Expected("POST", "/a", "", "n=a+b"u8.ToArray()), await FormAsync(urlEncoded, "n=a+b", readBefore: false));
 
         // A form the reader refuses is hashed as the bytes it is, for the endpoint to judge.
         const string cutOff = "--b\r\nContent-Disposition: form-data; name=\"amount\"\r\n\r\n1";
         Assert.Equal(Expected("POST", "/a", "", Encoding.UTF8.GetBytes(cutOff)), await FormAsync("multipart/form-data; boundary=b", cutOff, readBefore: false));
+    }
+
+    [Fact]
+    public async Task Fingerprint_OfAFormWhoseAntiforgeryTokenWasFoundInvalid_IsOfItsBytes_NotAThrow()
+    {
+        // The form refuses to be read then (the endpoint answers for the token); JSON sent to such an endpoint, too.
+        foreach (var (contentType, body) in new[] { ("multipart/form-data; boundary=b", "--b\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--b--\r\n"), ("application/json", "{}") })
+        {
+            var context = new DefaultHttpContext();
+            context.Request.Method = "POST";
+            context.Request.Path = "/a";
+            context.Request.ContentType = contentType;
+            context.Request.Body = new MemoryStream(Encoding.UTF8.GetBytes(body));
+            context.Features.Set<Microsoft.AspNetCore.Antiforgery.IAntiforgeryValidationFeature>(new InvalidToken());
+            // What UseAntiforgery leaves for the form to refuse itself by.
+            context.Items["__AntiforgeryMiddlewareWithEndpointInvoked"] = true;
+            await Assert.ThrowsAnyAsync<InvalidOperationException>(() => context.Request.ReadFormAsync());
+
+            var fingerprint = await RequestFingerprint.ComputeAsync(context.Request, 1024, CancellationToken.None);
+
+            Assert.Equal(Expected("POST", "/a", "", Encoding.UTF8.GetBytes(body)), fingerprint);
+        }
+    }
+
+    private sealed class InvalidToken : Microsoft.AspNetCore.Antiforgery.IAntiforgeryValidationFeature
+    {
+        public bool IsValid => false;
+
+        public Exception? Error { get; } = new InvalidOperationException("The antiforgery token is invalid (test).");
     }
 
     [Fact]
