@@ -138,15 +138,7 @@ internal sealed partial class OnceExecutor(
         catch (IdempotencyUnavailableException ex)
         {
             Record(IdempotencyProblem.Unavailable.Name);
-            try
-            {
-                LogUnavailable(logger, ex, ex.Key);
-            }
-            catch (Exception)
-            {
-                // The caller gets this exception, not the log's.
-            }
-
+            Log(log => LogUnavailable(log, ex, ex.Key));
             throw;
         }
         catch (OperationCanceledException) when (cancellationToken.IsCancellationRequested)
@@ -197,6 +189,20 @@ internal sealed partial class OnceExecutor(
 
     private void Record(string result) => metrics.RecordOnce(OnceOperations.Execute, result);
 
+    // A log that cannot be written (its disk full, say) changes nothing: the caller gets the action's result or its
+    // exception, never the log's, and the key is completed or released as it would be.
+    private void Log(Action<ILogger> write)
+    {
+        try
+        {
+            write(logger);
+        }
+        catch (Exception)
+        {
+            // Unlogged.
+        }
+    }
+
     private async Task<T> RunAsync<T>(IIdempotencyGrain grain, ClaimToken token, DateTimeOffset leaseEndsBy, IdempotencyPolicy policy,
         Func<CancellationToken, Task<T>> action, CancellationToken cancellationToken)
     {
@@ -214,7 +220,7 @@ internal sealed partial class OnceExecutor(
                 if (cancellationToken.IsCancellationRequested || !options.Value.OnceReleasesOnException(exception))
                 {
                     Record(OnceResults.InDoubt);
-                    LogLeftInDoubt(logger, grain.GetPrimaryKeyString());
+                    Log(log => LogLeftInDoubt(log, grain.GetPrimaryKeyString()));
                 }
                 else
                 {
@@ -230,7 +236,7 @@ internal sealed partial class OnceExecutor(
         if (await calls.CompleteAsync(grain, token, StoredResult(result, policy, grain.GetPrimaryKeyString()), policy.Lease,
                 taken => Record(taken ? OnceResults.Executed : OnceResults.InDoubt)) is false)
         {
-            LogCompletionRefused(logger, grain.GetPrimaryKeyString());
+            Log(log => LogCompletionRefused(log, grain.GetPrimaryKeyString()));
         }
 
         return result;
@@ -245,7 +251,7 @@ internal sealed partial class OnceExecutor(
     {
         if (StoredJson(result, out var why) is not { } body)
         {
-            LogResultNotStorable(logger, key, why!);
+            Log(log => LogResultNotStorable(log, key, why!));
             return new StoredResponse(ResultStatus, [], [], true, 0);
         }
 

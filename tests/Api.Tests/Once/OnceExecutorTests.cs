@@ -436,6 +436,25 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
         Assert.Equal(OnceRefusal.ResultNotStored, refused.Reason);
     }
 
+    [Fact]
+    public async Task LogThatCannotBeWritten_ChangesNothing_TheCallerGetsTheActionsExceptionOrResult()
+    {
+        var log = new FailingLog<OnceExecutor>("Once key");
+        var once = Executor(releasesOnException: ex => ex is not TimeoutException, log: log);
+        var cycle = new Node();
+        cycle.Next = cycle;
+        var notStorable = NewKey();
+
+        // Left in doubt, not stored, and a store that does not answer: each a line the log refuses.
+        await Assert.ThrowsAsync<TimeoutException>(() => once.ExecuteOnceAsync<Charge>(NewKey(), _ => throw new TimeoutException("downstream")));
+        Assert.Same(cycle, await once.ExecuteOnceAsync(notStorable, _ => Task.FromResult(cycle)));
+        await fixture.WhileStoreDownAsync(() => Assert.ThrowsAsync<IdempotencyUnavailableException>(() => once.ExecuteOnceAsync(NewKey(), ChargeAsync)));
+
+        Assert.Equal(3, log.Failures);
+        Assert.Equal(OnceRefusal.ResultNotStored,
+            (await Assert.ThrowsAsync<OnceRefusedException>(() => once.ExecuteOnceAsync(notStorable, _ => Task.FromResult(new Node())))).Reason);
+    }
+
     private sealed record Charge(Guid Id, decimal Amount);
 
     private sealed class Node
