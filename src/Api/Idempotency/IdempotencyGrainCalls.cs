@@ -219,35 +219,23 @@ internal sealed partial class IdempotencyGrainCalls(
     // The key's text is made only for a line that is written (CA1873 does not see these guards). A log that cannot be
     // written changes nothing: a call is neither asked again nor failed for it.
 #pragma warning disable CA1873
-    private void LogAskingAgain(IIdempotencyGrain grain, int attempt, Exception failure)
-    {
-        try
+    private void LogAskingAgain(IIdempotencyGrain grain, int attempt, Exception failure) =>
+        LogLines.TryWrite(logger, (grain, attempt, failure), static (log, s) =>
         {
-            if (logger.IsEnabled(LogLevel.Debug))
+            if (log.IsEnabled(LogLevel.Debug))
             {
-                LogAskingAgain(logger, grain.GetPrimaryKeyString(), attempt, failure.GetType().Name);
+                LogAskingAgain(log, s.grain.GetPrimaryKeyString(), s.attempt, s.failure.GetType().Name);
             }
-        }
-        catch (Exception)
-        {
-            // Unlogged.
-        }
-    }
+        });
 
-    private void LogAnsweredAfterFailing(IIdempotencyGrain grain, int attempt, Exception firstFailure)
-    {
-        try
+    private void LogAnsweredAfterFailing(IIdempotencyGrain grain, int attempt, Exception firstFailure) =>
+        LogLines.TryWrite(logger, (grain, attempt, firstFailure), static (log, s) =>
         {
-            if (logger.IsEnabled(LogLevel.Information))
+            if (log.IsEnabled(LogLevel.Information))
             {
-                LogAnsweredAfterFailing(logger, grain.GetPrimaryKeyString(), attempt, firstFailure.GetType().Name);
+                LogAnsweredAfterFailing(log, s.grain.GetPrimaryKeyString(), s.attempt, s.firstFailure.GetType().Name);
             }
-        }
-        catch (Exception)
-        {
-            // Unlogged.
-        }
-    }
+        });
 #pragma warning restore CA1873
 
     [LoggerMessage(Level = LogLevel.Debug, Message = "Idempotency key {Key}: call {Attempt} failed ({Reason}); asking again.")]

@@ -79,15 +79,7 @@ internal sealed partial class IdempotencyProblems(IOptions<IdempotencyOptions> o
     /// </summary>
     public Task WriteUnavailableAsync(HttpContext context, IdempotencyUnavailableException exception, string? key, string? detail = null)
     {
-        try
-        {
-            LogUnavailable(logger, exception, exception.Key);
-        }
-        catch (Exception)
-        {
-            // The 503 is answered all the same.
-        }
-
+        LogLines.TryWrite(logger, exception, static (log, ex) => LogUnavailable(log, ex, ex.Key));
         return WriteAsync(context, IdempotencyProblem.Unavailable,
             detail ?? $"The idempotency store could not be reached ({exception.InnerException?.GetType().Name}); nothing was decided.", key, TimeSpan.FromSeconds(1));
     }

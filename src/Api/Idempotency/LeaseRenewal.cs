@@ -109,30 +109,12 @@ internal sealed partial class LeaseRenewal : IDisposable
     }
 
     // Tick is a timer's async void: a throw escaping it would end the process, and every action running in it, for a
-    // log that cannot be written (its disk full, say).
-    private void LogFailure(string reason)
-    {
-        try
-        {
-            LogRenewalFailed(logger, grain.GetPrimaryKeyString(), reason);
-        }
-        catch (Exception)
-        {
-            // The renewals go on unlogged.
-        }
-    }
+    // log that cannot be written.
+    private void LogFailure(string reason) =>
+        LogLines.TryWrite(logger, (grain, reason), static (log, s) => LogRenewalFailed(log, s.grain.GetPrimaryKeyString(), s.reason));
 
-    private void LogLost()
-    {
-        try
-        {
-            LogClaimLost(logger, grain.GetPrimaryKeyString(), ClaimTokenText.Format(token));
-        }
-        catch (Exception)
-        {
-            // Its completion, refused, is logged again.
-        }
-    }
+    private void LogLost() =>
+        LogLines.TryWrite(logger, (grain, token), static (log, s) => LogClaimLost(log, s.grain.GetPrimaryKeyString(), ClaimTokenText.Format(s.token)));
 
     [LoggerMessage(Level = LogLevel.Error, Message = "Idempotency key {Key}: the action still runs, but its claim {Claim} is no longer held (its lease lapsed before a renewal landed, or the key was released or settled): its outcome will not be stored, and the key is in doubt, or under Reclaim open to another attempt.")]
     private static partial void LogClaimLost(ILogger logger, string key, string claim);

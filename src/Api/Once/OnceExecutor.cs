@@ -189,19 +189,9 @@ internal sealed partial class OnceExecutor(
 
     private void Record(string result) => metrics.RecordOnce(OnceOperations.Execute, result);
 
-    // A log that cannot be written (its disk full, say) changes nothing: the caller gets the action's result or its
-    // exception, never the log's, and the key is completed or released as it would be.
-    private void Log(Action<ILogger> write)
-    {
-        try
-        {
-            write(logger);
-        }
-        catch (Exception)
-        {
-            // Unlogged.
-        }
-    }
+    // A log that cannot be written changes nothing: the caller gets the action's result or its exception, never the
+    // log's, and the key is completed or released as it would be.
+    private void Log(Action<ILogger> write) => LogLines.TryWrite(logger, write, static (log, write) => write(log));
 
     private async Task<T> RunAsync<T>(IIdempotencyGrain grain, ClaimToken token, DateTimeOffset leaseEndsBy, IdempotencyPolicy policy,
         Func<CancellationToken, Task<T>> action, CancellationToken cancellationToken)
