@@ -150,14 +150,7 @@ internal sealed partial class BackgroundWrites(TimeProvider time, ILogger logger
                     return;
                 }
 
-                try
-                {
-                    LogDrainFailed(logger, ex);
-                }
-                catch (Exception)
-                {
-                    // The drain goes on unlogged.
-                }
+                LogLines.TryWrite(logger, ex, static (log, ex) => LogDrainFailed(log, ex));
 
                 if (!again || !await PauseAsync())
                 {

@@ -74,12 +74,12 @@ internal static class OnceOperations
 internal static class OnceResults
 {
     public const string Acquired = "acquired";
-    public const string Replayed = "replayed";
+    public const string Replayed = IdempotencyResults.Replayed;
     public const string Completed = "completed";
     public const string Renewed = "renewed";
-    public const string Released = "released";
+    public const string Released = IdempotencyResults.Released;
     public const string Read = "read";
-    public const string Executed = "executed";
+    public const string Executed = IdempotencyResults.Executed;
 
     // An exception no answer was made of: a fault of the server's (a 500), or a request time-out outside the layer.
     public const string Failed = "failed";

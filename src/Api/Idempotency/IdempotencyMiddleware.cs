@@ -140,7 +140,7 @@ internal sealed partial class IdempotencyMiddleware(
         }
         catch (IdempotencyUnavailableException ex)
         {
-            await UnavailableAsync(context, ex, idempotencyKey);
+            await UnavailableAsync(context, ex, key);
             return;
         }
         catch (OperationCanceledException) when (ClientLeft(context))
@@ -427,9 +427,9 @@ internal sealed partial class IdempotencyMiddleware(
         metrics.Record(IdempotencyResults.Rejected);
     }
 
-    private async Task UnavailableAsync(HttpContext context, IdempotencyUnavailableException exception, IdempotencyKey key)
+    private async Task UnavailableAsync(HttpContext context, IdempotencyUnavailableException exception, string key)
     {
-        await problems.WriteUnavailableAsync(context, exception, key.Key,
+        await problems.WriteUnavailableAsync(context, exception, key,
             "The idempotency store cannot be reached, so the request was not run. Retry with the same key.");
         metrics.Record(IdempotencyResults.Unavailable);
     }

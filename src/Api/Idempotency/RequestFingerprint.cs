@@ -112,10 +112,15 @@ public static class RequestFingerprint
 
     // Read from the header itself: HttpRequest.HasFormContentType reads the form feature, which throws for a request
     // whose antiforgery token was found invalid. An urlencoded form is hashed as its bytes: it has no boundary, so a
-    // client sends it again as the same bytes, and its parsing would make different bodies alike (a+b and a%2Bb).
+    // client sends it again as the same bytes, and its parsing would make different bodies alike (a+b and a%2Bb). Every
+    // idempotent request asks: one whose type does not even start so (JSON, say) is told without a parse.
+    private const string MultipartForm = "multipart/form-data";
+
     private static bool IsMultipartForm(HttpRequest request) =>
-        MediaTypeHeaderValue.TryParse(request.ContentType, out var type)
-        && type.MediaType.Equals("multipart/form-data", StringComparison.OrdinalIgnoreCase);
+        request.ContentType is { } contentType
+        && contentType.AsSpan().TrimStart().StartsWith(MultipartForm, StringComparison.OrdinalIgnoreCase)
+        && MediaTypeHeaderValue.TryParse(contentType, out var type)
+        && type.MediaType.Equals(MultipartForm, StringComparison.OrdinalIgnoreCase);
 
     // The form, read from the buffered body (which the endpoint can still read, or take the form from), or null for
     // one the form reader refuses. The body is all buffered by now: an error here is of its content, not the client's.
