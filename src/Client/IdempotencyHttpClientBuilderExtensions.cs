@@ -13,6 +13,7 @@ public static class IdempotencyHttpClientBuilderExtensions
     {
         ArgumentNullException.ThrowIfNull(builder);
         var chosen = options ?? new IdempotencyKeyOptions();
+        IdempotencyKeyHandler.Validate(chosen);
         return builder.AddHttpMessageHandler(services => new IdempotencyKeyHandler(chosen, services.GetService<TimeProvider>() ?? TimeProvider.System));
     }
 }

@@ -1,3 +1,4 @@
+using System.Collections.Frozen;
 using System.Net;
 using System.Text.Json;
 
@@ -37,6 +38,7 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
     private const int MaxProblemBytes = 64 * 1024;
 
     private readonly IdempotencyKeyOptions options;
+    private readonly FrozenSet<HttpMethod> methods;
     private readonly TimeProvider time;
 
     /// <summary>Uses <paramref name="options"/> and the system clock.</summary>
@@ -48,19 +50,30 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
     /// <summary>Uses <paramref name="options"/> (validated here) and <paramref name="time"/> for the waits.</summary>
     public IdempotencyKeyHandler(IdempotencyKeyOptions options, TimeProvider time)
     {
-        ArgumentNullException.ThrowIfNull(options);
+        Validate(options);
         ArgumentNullException.ThrowIfNull(time);
+        this.options = options;
+        // A copy: the options are shared by every handler a factory builds, and a set changed later (while others read
+        // it) would change which requests are keyed under the handlers' feet.
+        methods = options.Methods.ToFrozenSet();
+        this.time = time;
+    }
+
+    /// <summary>Throws for options no handler can work with; called where they are registered, too, so that they fail at start.</summary>
+    internal static void Validate(IdempotencyKeyOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        ArgumentNullException.ThrowIfNull(options.Methods, nameof(options.Methods));
+        ArgumentNullException.ThrowIfNull(options.NewKey, nameof(options.NewKey));
         ArgumentOutOfRangeException.ThrowIfLessThan(options.InProgressWait, TimeSpan.Zero, nameof(options.InProgressWait));
         ArgumentOutOfRangeException.ThrowIfNegative(options.MaxBufferedContentBytes, nameof(options.MaxBufferedContentBytes));
         // HttpContent buffers at most that much.
         ArgumentOutOfRangeException.ThrowIfGreaterThan(options.MaxBufferedContentBytes, int.MaxValue, nameof(options.MaxBufferedContentBytes));
-        this.options = options;
-        this.time = time;
     }
 
     protected override async Task<HttpResponseMessage> SendAsync(HttpRequestMessage request, CancellationToken cancellationToken)
     {
-        if (!options.Methods.Contains(request.Method))
+        if (!methods.Contains(request.Method))
         {
             return await base.SendAsync(request, cancellationToken).ConfigureAwait(false);
         }
@@ -86,11 +99,14 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
         }
     }
 
-    // The synchronous path blocks on the asynchronous one, keying and waiting alike, as HttpClient.Send blocks anyway.
-    // On the thread pool, off the caller's SynchronizationContext and TaskScheduler, which are blocked here: an inner
-    // handler that awaits without ConfigureAwait(false) would otherwise wait for the very thread it holds up.
+    // A keyed request's synchronous path blocks on the asynchronous one, keying and waiting alike, as HttpClient.Send
+    // blocks anyway. On the thread pool, off the caller's SynchronizationContext and TaskScheduler, which are blocked
+    // here: an inner handler that awaits without ConfigureAwait(false) would otherwise wait for the very thread it holds
+    // up. Any other request keeps the inner handler's own synchronous path, which blocks no second thread.
     protected override HttpResponseMessage Send(HttpRequestMessage request, CancellationToken cancellationToken) =>
-        Task.Run(() => SendAsync(request, cancellationToken), cancellationToken).GetAwaiter().GetResult();
+        methods.Contains(request.Method)
+            ? Task.Run(() => SendAsync(request, cancellationToken), cancellationToken).GetAwaiter().GetResult()
+            : base.Send(request, cancellationToken);
 
     // One whose length is known is refused before a byte of it is read; one of unknown length stops at the bound as it
     // is read. Either way InvalidOperationException, which retry policies do not take for a passing failure, as they
@@ -117,9 +133,11 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
         $"{content} is larger than the {max} bytes {nameof(IdempotencyKeyOptions)}.{nameof(IdempotencyKeyOptions.MaxBufferedContentBytes)} lets a keyed request buffer to send it again.",
         inner);
 
+    // A key the caller put on the content's headers goes out as a request header too: a second one beside it would be
+    // refused by the server (two Idempotency-Key fields).
     private void AddKey(HttpRequestMessage request)
     {
-        if (!request.Headers.Contains(HeaderName))
+        if (!request.Headers.Contains(HeaderName) && request.Content?.Headers.Contains(HeaderName) != true)
         {
             request.Headers.Add(HeaderName, StructuredFieldString(options.NewKey()));
         }

@@ -3,7 +3,10 @@ namespace OrleansIdempotency.Client;
 /// <summary>How <see cref="IdempotencyKeyHandler"/> keys requests and waits for ones in progress.</summary>
 public sealed class IdempotencyKeyOptions
 {
-    /// <summary>The methods that get a key: POST and PATCH, as the server's layer makes idempotent by default.</summary>
+    /// <summary>
+    /// The methods that get a key: POST and PATCH, as the server's layer makes idempotent by default. Read once, when
+    /// a handler is made.
+    /// </summary>
     public ISet<HttpMethod> Methods { get; init; } = new HashSet<HttpMethod> { HttpMethod.Post, HttpMethod.Patch };
 
     /// <summary>
@@ -14,9 +17,11 @@ public sealed class IdempotencyKeyOptions
 
     /// <summary>
     /// How long, in all, a request is sent again while the server says the first one with its key is still running
-    /// (409 with <c>Retry-After</c>); after that the 409 is returned to the caller. The default is 30 seconds, the
-    /// layer's default lease: a first request still running after that has lost its claim. It bounds when the last
-    /// attempt is sent, not its answer: the server may hold that attempt up to its own wait (10 s by default) first.
+    /// (409 with <c>Retry-After</c>); after that the 409 is returned to the caller. The default is 30 seconds. It
+    /// bounds when the last attempt is sent, not its answer: the server may hold that attempt up to its own wait (10 s
+    /// by default) first. The first request may still be running then (its lease is renewed while it runs): a caller
+    /// that asks again later must send the same key, which the request it passed in carries
+    /// (<c>response.RequestMessage</c>); a new request would get a new key and run the action again.
     /// </summary>
     public TimeSpan InProgressWait { get; init; } = TimeSpan.FromSeconds(30);
 

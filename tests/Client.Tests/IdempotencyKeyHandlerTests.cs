@@ -1,6 +1,7 @@
 using System.Net;
 using System.Net.Http.Headers;
 using System.Text;
+using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Time.Testing;
 
 namespace OrleansIdempotency.Client.Tests;
@@ -66,6 +67,35 @@ public sealed class IdempotencyKeyHandlerTests
         await client.PutAsync("/orders/1", Json());
 
         Assert.Equal(["mine", null, null], server.Attempts.Select(a => a.Key));
+    }
+
+    [Fact]
+    public async Task KeyTheCallerSetOnTheContentsHeaders_IsKept_NotJoinedByASecond()
+    {
+        var server = new Server(Created);
+        using var client = Client(server);
+        var content = Json();
+        content.Headers.Add(IdempotencyKeyHandler.HeaderName, "mine");
+
+        await client.PostAsync("/orders", content);
+
+        Assert.Equal("mine", server.Attempts.Single().Key);
+    }
+
+    [Fact]
+    public async Task MethodsChangedAfterTheHandlerWasMade_DoNotChangeWhichRequestsItKeys()
+    {
+        var server = new Server(Created);
+        var options = new IdempotencyKeyOptions();
+        using var client = Client(server, options);
+
+        options.Methods.Add(HttpMethod.Put);
+        options.Methods.Remove(HttpMethod.Post);
+        await client.PutAsync("/orders/1", Json());
+        await client.PostAsync("/orders", Json());
+
+        Assert.Null(server.Attempts[0].Key);
+        Assert.NotNull(server.Attempts[1].Key);
     }
 
     [Fact]
@@ -258,6 +288,22 @@ public sealed class IdempotencyKeyHandlerTests
     }
 
     [Fact]
+    public void SynchronousSend_OfARequestThatGetsNoKey_TakesTheInnerHandlersSynchronousPath()
+    {
+        var server = new Server(Created);
+        using var client = Client(server);
+        using var get = new HttpRequestMessage(HttpMethod.Get, "/orders");
+        using var post = new HttpRequestMessage(HttpMethod.Post, "/orders") { Content = Json() };
+
+        client.Send(get).Dispose();
+        client.Send(post).Dispose();
+
+        // A GET blocks no second thread; a keyed POST goes the asynchronous way, which keys and waits.
+        Assert.Equal([(null, true), (server.Attempts[1].Key, false)], server.Attempts.Select(a => (a.Key, a.Synchronous)));
+        Assert.NotNull(server.Attempts[1].Key);
+    }
+
+    [Fact]
     public async Task SynchronousSend_FromAThreadWhoseContextIsBlocked_DoesNotDeadlock()
     {
         // A UI thread or classic ASP.NET: the caller's SynchronizationContext runs nothing while Send blocks it.
@@ -307,6 +353,15 @@ public sealed class IdempotencyKeyHandlerTests
         Assert.Throws<ArgumentOutOfRangeException>(() => new IdempotencyKeyHandler(new IdempotencyKeyOptions { MaxBufferedContentBytes = int.MaxValue + 1L }));
     }
 
+    [Fact]
+    public void OptionsNoHandlerCanUse_AreRefusedWhereTheyAreRegistered_NotAtTheFirstRequest()
+    {
+        var services = new ServiceCollection();
+
+        Assert.Throws<ArgumentOutOfRangeException>(() => services.AddHttpClient("payments").AddIdempotencyKeys(new IdempotencyKeyOptions { InProgressWait = TimeSpan.FromSeconds(-1) }));
+        Assert.Throws<ArgumentNullException>(() => services.AddHttpClient("orders").AddIdempotencyKeys(new IdempotencyKeyOptions { NewKey = null! }));
+    }
+
     /// <summary>Moves the clock on in small steps until <paramref name="count"/> attempts arrived; returns how far it moved.</summary>
     private async Task<TimeSpan> AdvanceUntilAttemptsAsync(Server server, int count)
     {
@@ -352,7 +407,7 @@ public sealed class IdempotencyKeyHandlerTests
     {
         private readonly SemaphoreSlim arrived = new(0);
 
-        public List<(string? Key, string Body)> Attempts { get; } = [];
+        public List<(string? Key, string Body, bool Synchronous)> Attempts { get; } = [];
 
         /// <summary>Answers on another thread, a moment later, as a network does.</summary>
         public bool AnswersLater { get; init; }
@@ -384,22 +439,31 @@ public sealed class IdempotencyKeyHandlerTests
                 await Task.Delay(10, cancellationToken);
             }
 
-            return Answer(request, request.Content is null ? "" : await request.Content.ReadAsStringAsync(cancellationToken));
+            return Answer(request, request.Content is null ? "" : await request.Content.ReadAsStringAsync(cancellationToken), synchronous: false);
         }
 
         protected override HttpResponseMessage Send(HttpRequestMessage request, CancellationToken cancellationToken) =>
-            Answer(request, request.Content is null ? "" : new StreamReader(request.Content.ReadAsStream(cancellationToken)).ReadToEnd());
+            Answer(request, request.Content is null ? "" : new StreamReader(request.Content.ReadAsStream(cancellationToken)).ReadToEnd(), synchronous: true);
 
-        private HttpResponseMessage Answer(HttpRequestMessage request, string body)
+        private HttpResponseMessage Answer(HttpRequestMessage request, string body, bool synchronous)
         {
             lock (Attempts)
             {
-                Attempts.Add((request.Headers.TryGetValues(IdempotencyKeyHandler.HeaderName, out var keys) ? keys.Single() : null, body));
+                Attempts.Add((KeysOf(request), body, synchronous));
                 var response = answers[Math.Min(Attempts.Count, answers.Length) - 1](request);
                 arrived.Release();
                 return response;
             }
         }
+    }
+
+    // Every Idempotency-Key field the request goes out with, the content's included (HttpClient sends both), joined.
+    private static string? KeysOf(HttpRequestMessage request)
+    {
+        var keys = (request.Headers.TryGetValues(IdempotencyKeyHandler.HeaderName, out var found) ? found : [])
+            .Concat(request.Content is not null && request.Content.Headers.TryGetValues(IdempotencyKeyHandler.HeaderName, out var onContent) ? onContent : [])
+            .ToList();
+        return keys.Count == 0 ? null : string.Join(" | ", keys);
     }
 
     /// <summary>The context of a thread that is blocked: what is posted to it never runs.</summary>
