@@ -28,6 +28,7 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     private bool writerCompleted;
     private bool clientLost;
     private bool encodingRead;
+    private bool arrivedEncoded;
 
     /// <summary>The most bytes kept.</summary>
     public int Limit { get; } = limit;
@@ -39,12 +40,14 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
     public bool Overflowed { get; private set; }
 
     /// <summary>
-    /// True when the action had set a <c>Content-Encoding</c> by the time it started its response or wrote its first
-    /// byte: the copy is encoded, and the header describes it. Set later, by a layer outside this one that encodes
-    /// what passes through it (response compression), the header describes only what that client got; such a layer
-    /// encodes a replay afresh.
+    /// True when the action had set a <c>Content-Encoding</c> by the time it first passed anything on (a write, even an
+    /// empty one, a flush, a start), or by now if it passed nothing on: the copy is encoded, and the header describes
+    /// it. Set later, by a layer outside this one that encodes what passes through it (response compression, which
+    /// decides at any write), the header describes only what that client got; such a layer encodes a replay afresh.
     /// </summary>
-    public bool ArrivedEncoded { get; private set; }
+    public bool ArrivedEncoded => encodingRead ? arrivedEncoded : HasEncoding;
+
+    private bool HasEncoding => !StringValues.IsNullOrEmpty(response.Headers.ContentEncoding);
 
     /// <summary>True once the action started its response, flushed it, or wrote a byte of it.</summary>
     public bool Started { get; private set; }
@@ -333,19 +336,26 @@ internal sealed class ResponseCapture(IHttpResponseBodyFeature client, int limit
         {
             Started = true;
             StatusAtStart = response.StatusCode;
-            // Read once: after a start the server refused, an outer encoder may have set its header already.
-            if (!encodingRead)
-            {
-                encodingRead = true;
-                ArrivedEncoded = !StringValues.IsNullOrEmpty(response.Headers.ContentEncoding);
-            }
+            ReadEncoding();
         }
     }
 
-    // Before anything is passed on, since an outer encoder sets its header as the response starts (NoteStart); true
-    // when the response had begun before.
+    // Read once: after anything passed on (an empty write included, or a start the server refused), an outer encoder
+    // may have set its header already.
+    private void ReadEncoding()
+    {
+        if (!encodingRead)
+        {
+            encodingRead = true;
+            arrivedEncoded = HasEncoding;
+        }
+    }
+
+    // Before anything is passed on, since an outer encoder sets its header at the first write of any length or as the
+    // response starts (NoteStart); true when the response had begun before.
     private bool Starting(bool starts)
     {
+        ReadEncoding();
         var startedBefore = Started;
         if (starts)
         {

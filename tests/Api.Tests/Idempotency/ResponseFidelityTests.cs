@@ -62,6 +62,35 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task BehindResponseCompression_AnActionWhoseFirstWriteIsEmpty_IsStoredUnencoded_AndEncodedOnlyForAClientAskingForIt()
+    {
+        // Response compression decides at any write, an empty one too, and sets its Content-Encoding there.
+        var harness = Harness(async context =>
+        {
+            context.Response.StatusCode = 201;
+            context.Response.ContentType = "application/json";
+            await context.Response.Body.WriteAsync(ReadOnlyMemory<byte>.Empty);
+            await context.Response.WriteAsync(Json);
+        });
+        var provider = new ResponseCompressionProvider(new ServiceCollection().AddOptions().AddLogging().BuildServiceProvider(),
+            Microsoft.Extensions.Options.Options.Create(new ResponseCompressionOptions { EnableForHttps = true }));
+        var compression = new ResponseCompressionMiddleware(async context => await harness.SendAsync(context), provider);
+        var key = MiddlewareHarness.NewKey();
+
+        var first = MiddlewareHarness.Request(key, configure: c => c.Request.Headers.AcceptEncoding = "gzip");
+        await compression.Invoke(first);
+        var plainReplay = MiddlewareHarness.Request(key);
+        await compression.Invoke(plainReplay);
+
+        Assert.Equal("gzip", first.Response.Headers.ContentEncoding);
+        Assert.Equal(Json, Gunzip(first.BodyBytes()));
+        Assert.Equal("true", plainReplay.Response.Headers["Idempotent-Replayed"]);
+        Assert.True(string.IsNullOrEmpty(plainReplay.Response.Headers.ContentEncoding));
+        Assert.Equal(Json, plainReplay.Body());
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
     public async Task ActionThatEncodesItsOwnBody_IsReplayedWithItsContentEncoding()
     {
         var gzipped = Gzip(Json);
@@ -319,6 +348,32 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
         // A HEAD's Content-Length tells the size of the body a GET would get: the first caller was told it.
         Assert.Equal(100, replay.Response.ContentLength);
         Assert.Empty(replay.BodyBytes());
+        Assert.Equal(1, harness.Executions);
+    }
+
+    [Fact]
+    public async Task HeadAnsweredWithItsOwnContentEncodingAndNoBody_IsReplayedWithThatContentEncoding()
+    {
+        // The headers a GET would get: the length and encoding of the body it would carry.
+        var harness = Harness(context =>
+        {
+            context.Response.StatusCode = 200;
+            context.Response.ContentLength = 100;
+            context.Response.Headers.ContentEncoding = "gzip";
+            return Task.CompletedTask;
+        }, IdempotencyPolicy.Default with
+        {
+            Methods = System.Collections.Frozen.FrozenSet.ToFrozenSet(["HEAD"], StringComparer.OrdinalIgnoreCase),
+            ConcurrentDuplicates = ConcurrentDuplicateHandling.Reject,
+        });
+        var key = MiddlewareHarness.NewKey();
+
+        await harness.SendAsync(key, body: "", method: "HEAD");
+        var replay = await harness.SendAsync(key, body: "", method: "HEAD");
+
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(100, replay.Response.ContentLength);
+        Assert.Equal("gzip", replay.Response.Headers.ContentEncoding);
         Assert.Equal(1, harness.Executions);
     }
 
