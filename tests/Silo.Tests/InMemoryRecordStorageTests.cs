@@ -212,6 +212,58 @@ public sealed class InMemoryRecordStorageTests : IDisposable
     }
 
     [Fact]
+    public async Task ClaimsNeverCompleted_PinningMostlyDeadSegments_AreMovedOutBeforeANewKeyIsTaken_NewKeysMeanwhileRefused()
+    {
+        using var allocating = new ManualResetEventSlim();
+        using var allocate = new ManualResetEventSlim(true);
+        var table = new RecordTable(key => System.IO.Hashing.XxHash3.HashToUInt64(key), size =>
+        {
+            allocating.Set();
+            allocate.Wait(TimeSpan.FromSeconds(30));
+            return new byte[size];
+        });
+        // Segments held to 4 × 256 KiB + the three every store has: 4 MiB.
+        using var store = new InMemoryRecordStorage(TestSerializer.Storage, time, 256 * 1024, null, table);
+        var claim = new byte[2_000];
+        var pinned = new Dictionary<int, long>();
+        for (var i = 0; i < 3_200; i++)
+        {
+            // About 520 claims to a segment; all but every 400th completed (gone from it): each segment keeps one or two.
+            Assert.True(table.TryAdd(BitConverter.GetBytes(i), claim, long.MaxValue, true, out var version));
+            if (i % 400 == 0)
+            {
+                pinned[i] = version;
+            }
+            else
+            {
+                Assert.True(table.TryRemove(BitConverter.GetBytes(i), version));
+            }
+        }
+
+        Assert.True(table.SegmentBytes > 6L * RecordSegments.SegmentSize, $"{table.SegmentBytes} bytes of segments");
+        Assert.True(table.LiveBytes < 32 * 1024);
+        allocating.Reset();
+        allocate.Reset();
+
+        var first = Task.Run(() => store.WriteStateAsync(State, Key(), new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1)))));
+        Assert.True(allocating.Wait(TimeSpan.FromSeconds(10)), "The new key did not start moving records out.");
+        await Assert.ThrowsAsync<IOException>(() => store.WriteStateAsync(State, Key(), new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1)))));
+        allocate.Set();
+        await first.WaitAsync(TimeSpan.FromSeconds(10));
+
+        Assert.True(table.SegmentBytes <= 4L * RecordSegments.SegmentSize, $"{table.SegmentBytes} bytes of segments left");
+        Assert.Equal(pinned.Count + 1, table.Count);
+        foreach (var (i, version) in pinned)
+        {
+            Assert.True(table.TryRead(BitConverter.GetBytes(i), out var read, out var readVersion));
+            Assert.Equal(claim, read);
+            Assert.Equal(version, readVersion);
+        }
+
+        await store.WriteStateAsync(State, Key(), new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1))));
+    }
+
+    [Fact]
     public async Task Read_OfAKeyNeverWritten_IsAbsent_WithAFreshState()
     {
         var read = await ReadAsync(Key());

@@ -41,7 +41,9 @@ public sealed partial class InMemoryRecordStorage : IGrainStorage, IDisposable
     private readonly TimeProvider time;
     private readonly ITimer purge;
     private readonly long maxBytes;
+    private readonly long maxSegmentBytes;
     private readonly ILogger logger;
+    private int compacting;
 
     /// <param name="serializer">How records are written.</param>
     /// <param name="time">The clock records expire by.</param>
@@ -62,6 +64,8 @@ public sealed partial class InMemoryRecordStorage : IGrainStorage, IDisposable
         this.serializer = serializer;
         this.time = time;
         this.maxBytes = maxBytes ?? GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / 8;
+        // Segments at least a quarter live, and the three a store always has (the two appended to, the spare).
+        maxSegmentBytes = (4 * this.maxBytes) + (3L * RecordSegments.SegmentSize);
         this.logger = logger ?? NullLogger.Instance;
         this.records = records;
         purge = time.CreateTimer(_ => PurgeOnSchedule(), null, PurgeInterval, PurgeInterval);
@@ -102,12 +106,19 @@ public sealed partial class InMemoryRecordStorage : IGrainStorage, IDisposable
         // A new key beyond the bound is refused (its caller answers 503: nothing runs without a claim) rather than the
         // process running out of memory and forgetting every key; the keys held still complete, renew and replay, and
         // a free key's record (a release's, kept for a lease) is let in, or that release would be retried for a day.
-        if (grainState.ETag is null && record?.Status != IdempotencyStatus.None && records.LiveBytes is var held
-            && held + key.Length + payload.Length > maxBytes && !records.Contains(key))
+        if (grainState.ETag is null && record?.Status != IdempotencyStatus.None)
         {
-            throw new IOException(
-                $"The in-memory idempotency store holds {held} bytes of records, its bound of {maxBytes}: new keys are refused " +
-                "until records expire. Set ConnectionStrings__Postgres for durable storage that is bounded by its disk.");
+            if (records.SegmentBytes > maxSegmentBytes)
+            {
+                CompactOrRefuse();
+            }
+
+            if (records.LiveBytes is var held && held + key.Length + payload.Length > maxBytes && !records.Contains(key))
+            {
+                throw new IOException(
+                    $"The in-memory idempotency store holds {held} bytes of records, its bound of {maxBytes}: new keys are refused " +
+                    "until records expire. Set ConnectionStrings__Postgres for durable storage that is bounded by its disk.");
+            }
         }
 
         var written = grainState.ETag is null
@@ -149,6 +160,33 @@ public sealed partial class InMemoryRecordStorage : IGrainStorage, IDisposable
 
     /// <summary>Drops every record past <see cref="IdempotencyRecord.PurgeableAt"/>; a record rewritten meanwhile is kept.</summary>
     public void Purge() => records.Purge(time.GetUtcNow().UtcTicks);
+
+    // The bound counts live bytes; the segments holding them are held to four times that by the purge, which moves the
+    // records out of mostly dead segments. Between purges claims that never complete (a Once API worker that died, an
+    // action that outlives its client's process) each keep a whole segment of claims long since completed: at tens of
+    // thousands of new keys a second, hundreds of megabytes a minute. Past that the purge runs now, on this write; a
+    // new key arriving while it runs is refused (its caller answers 503 and retries), as at the bound.
+    private void CompactOrRefuse()
+    {
+        if (Interlocked.CompareExchange(ref compacting, 1, 0) != 0)
+        {
+            throw new IOException("The in-memory idempotency store is moving records out of mostly dead segments: new keys are refused until it is done.");
+        }
+
+        try
+        {
+            Purge();
+        }
+        finally
+        {
+            Volatile.Write(ref compacting, 0);
+        }
+
+        if (records.SegmentBytes is var segmentBytes && segmentBytes > maxSegmentBytes)
+        {
+            throw new IOException($"The in-memory idempotency store's segments take {segmentBytes} bytes, above {maxSegmentBytes} even once compacted: new keys are refused until records expire.");
+        }
+    }
 
     // Thrown from a timer, a purge's failure (no memory for a segment to move records into) would end the process, and
     // every record with it: it is reported, and the next interval tries again.

@@ -35,6 +35,7 @@ internal sealed class RecordSegments
     private volatile byte[]?[] segments = new byte[]?[16];
     private int count;
     private long live;
+    private long bytes;
 
     // The last shared segment let go, for the next one. Claims fill a segment every few thousand keys and let it go
     // moments later; a new one each time is a large-object allocation, which brings the next full garbage collection
@@ -48,17 +49,8 @@ internal sealed class RecordSegments
         this.allocate = allocate ?? (size => GC.AllocateUninitializedArray<byte>(size));
     }
 
-    /// <summary>How many bytes the segments take, live or dead.</summary>
-    public long Bytes
-    {
-        get
-        {
-            lock (gate)
-            {
-                return segments.Sum(segment => (long)(segment?.Length ?? 0)) + (spare?.Length ?? 0);
-            }
-        }
-    }
+    /// <summary>How many bytes the segments take, live or dead, the spare included.</summary>
+    public long Bytes => Volatile.Read(ref bytes);
 
     /// <summary>How many bytes the live records take (their keys and payloads), not the dead bytes their segments also hold.</summary>
     public long LiveBytes => Volatile.Read(ref live);
@@ -159,15 +151,16 @@ internal sealed class RecordSegments
         }
 
         // Reused as it was, or uninitialized: every byte of it is written before it is read.
-        byte[] bytes;
+        byte[] added;
         if (spare is { } kept && kept.Length == size)
         {
-            (bytes, spare) = (kept, null);
+            (added, spare) = (kept, null);
         }
         else
         {
-            bytes = allocate(size);
+            added = allocate(size);
             Allocated++;
+            Volatile.Write(ref bytes, bytes + size);
         }
 
         int segment;
@@ -181,16 +174,21 @@ internal sealed class RecordSegments
             segment = unused.Pop();
         }
 
-        segments[segment] = bytes;
+        segments[segment] = added;
         return segment;
     }
 
     private void Free(int segment)
     {
-        if (segments[segment] is { Length: SegmentSize } shared)
+        // Kept as the spare, in place of the one before if any; else (a large record's) let go.
+        var freed = segments[segment]!;
+        var letGo = freed.Length == SegmentSize ? spare : freed;
+        if (freed.Length == SegmentSize)
         {
-            spare = shared;
+            spare = freed;
         }
+
+        Volatile.Write(ref bytes, bytes - (letGo?.Length ?? 0));
 
         segments[segment] = null;
         unused.Push(segment);
