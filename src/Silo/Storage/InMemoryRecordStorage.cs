@@ -108,16 +108,16 @@ public sealed partial class InMemoryRecordStorage : IGrainStorage, IDisposable
         // a free key's record (a release's, kept for a lease) is let in, or that release would be retried for a day.
         if (grainState.ETag is null && record?.Status != IdempotencyStatus.None)
         {
-            if (records.SegmentBytes > maxSegmentBytes)
-            {
-                CompactOrRefuse();
-            }
-
             if (records.LiveBytes is var held && held + key.Length + payload.Length > maxBytes && !records.Contains(key))
             {
                 throw new IOException(
                     $"The in-memory idempotency store holds {held} bytes of records, its bound of {maxBytes}: new keys are refused " +
                     "until records expire. Set ConnectionStrings__Postgres for durable storage that is bounded by its disk.");
+            }
+
+            if (records.SegmentBytes > maxSegmentBytes)
+            {
+                Compact();
             }
         }
 
@@ -164,13 +164,14 @@ public sealed partial class InMemoryRecordStorage : IGrainStorage, IDisposable
     // The bound counts live bytes; the segments holding them are held to four times that by the purge, which moves the
     // records out of mostly dead segments. Between purges claims that never complete (a Once API worker that died, an
     // action that outlives its client's process) each keep a whole segment of claims long since completed: at tens of
-    // thousands of new keys a second, hundreds of megabytes a minute. Past that the purge runs now, on this write; a
-    // new key arriving while it runs is refused (its caller answers 503 and retries), as at the bound.
-    private void CompactOrRefuse()
+    // thousands of new keys a second, hundreds of megabytes a minute. Past that the purge runs now, on this new key's
+    // write; with the live bytes within the bound it leaves at most four times them. New keys arriving meanwhile are
+    // taken: the purge takes milliseconds, they add little, and refusing them would answer 503 to a store with room.
+    private void Compact()
     {
         if (Interlocked.CompareExchange(ref compacting, 1, 0) != 0)
         {
-            throw new IOException("The in-memory idempotency store is moving records out of mostly dead segments: new keys are refused until it is done.");
+            return;
         }
 
         try
@@ -180,11 +181,6 @@ public sealed partial class InMemoryRecordStorage : IGrainStorage, IDisposable
         finally
         {
             Volatile.Write(ref compacting, 0);
-        }
-
-        if (records.SegmentBytes is var segmentBytes && segmentBytes > maxSegmentBytes)
-        {
-            throw new IOException($"The in-memory idempotency store's segments take {segmentBytes} bytes, above {maxSegmentBytes} even once compacted: new keys are refused until records expire.");
         }
     }
 
