@@ -258,7 +258,7 @@ internal sealed partial class IdempotencyKeysHttp(
         try
         {
             using var document = JsonDocument.Parse(body);
-            return Once.OnceExecutor.StoredJson(document.RootElement, out _) is not null;
+            return Once.OnceExecutor.StoredJson(document.RootElement, out _, out _) is not null;
         }
         catch (JsonException)
         {

@@ -9,13 +9,17 @@ public interface IOnceExecutor
     /// <summary>
     /// Runs <paramref name="action"/> if <paramref name="key"/> has not run, stores its result (as JSON) and returns
     /// it; if the key has completed, returns the stored result without running anything; if it is running
-    /// elsewhere, waits for it (the default policy's <c>WaitTimeout</c>).
+    /// elsewhere, waits for it (the default policy's <c>WaitTimeout</c>). The first call gets the result as stored (its
+    /// JSON read back as <typeparamref name="T"/>), as every later call does, so that all get the same value: what JSON
+    /// drops (a member it ignores, a subtype's own members under <typeparamref name="T"/>) the first call does not see
+    /// either, and a lazy sequence is enumerated once, to store it. Public fields are stored (a tuple's items).
     /// </summary>
     /// <remarks>
     /// An exception from the action gives the key back, so a later call runs it again, unless
     /// <paramref name="cancellationToken"/> was cancelled (whatever the action then throws: a cut-off gRPC or database
     /// call throws its own kind): an action cut off midway may have taken effect, so the key is left to lapse into an
-    /// unknown outcome. The action gets <paramref name="cancellationToken"/>.
+    /// unknown outcome; cancelled before the action began, the key is given back and nothing runs. The action gets
+    /// <paramref name="cancellationToken"/>.
     /// </remarks>
     /// <exception cref="OnceRefusedException">The key was used with another input, is still running after the wait,
     /// has an unknown outcome, or completed with a result too large to store.</exception>

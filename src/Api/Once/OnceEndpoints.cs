@@ -151,12 +151,18 @@ internal sealed class OnceHttp(
     // than this and the largest result stored, however much the client sends.
     private const int BodyHeadroomBytes = 64 * 1024;
 
-    // A member a body does not take is refused: a misspelt "input" would be hashed as no input at all.
+    // A member a body does not take is refused: a misspelt "input" would be hashed as no input at all. So is one given
+    // twice ("input" and "Input", names matching whatever their case): which of them was hashed would be a guess.
     private static readonly JsonSerializerOptions Json = new(OnceExecutor.Json)
     {
         DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
         UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow,
+        AllowDuplicateProperties = false,
     };
+
+    // An answer holds a result one level down: a result as deep as JSON is read (an operator's resolution may be)
+    // must still be written.
+    private static readonly JsonSerializerOptions Answer = new(Json) { MaxDepth = 65 };
 
     private IdempotencyPolicy Policy => options.Value.DefaultPolicy;
 
@@ -232,7 +238,7 @@ internal sealed class OnceHttp(
             return;
         }
 
-        if (OnceExecutor.StoredJson(result, out _) is not { } bytes)
+        if (OnceExecutor.StoredJson(result, out _, out _) is not { } bytes)
         {
             await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid,
                 "The \"result\" cannot be stored: one of its strings escapes half of a surrogate pair (\\ud800 alone, say), which no UTF-8 text holds.", key);
@@ -440,6 +446,6 @@ internal sealed class OnceHttp(
     private static Task AnswerAsync(HttpContext context, int status, OnceState state)
     {
         context.Response.StatusCode = status;
-        return context.Response.WriteAsJsonAsync(state, Json, context.RequestAborted);
+        return context.Response.WriteAsJsonAsync(state, Answer, context.RequestAborted);
     }
 }

@@ -26,9 +26,10 @@ internal sealed partial class OnceExecutor(
     /// <summary>
     /// How results are written and read, here and over HTTP: text beyond ASCII as its UTF-8, not escaped, since a result
     /// is measured against what the layer stores as written (<c>\u0436</c> would count 6 bytes for 2). Results are
-    /// JSON data, never written into HTML.
+    /// JSON data, never written into HTML. Public fields too: a tuple's items are fields, and a result stored without
+    /// them would read back as defaults.
     /// </summary>
-    internal static readonly JsonSerializerOptions Json = new(JsonSerializerOptions.Web) { Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
+    internal static readonly JsonSerializerOptions Json = new(JsonSerializerOptions.Web) { Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping, IncludeFields = true };
 
     /// <summary>What the scope of every <see cref="ExecuteOnceAsync"/> key begins with.</summary>
     internal const string AppScopePrefix = "once:app:";
@@ -43,21 +44,23 @@ internal sealed partial class OnceExecutor(
     internal static IdempotencyKey HttpGrainKey(string callerScope, string key) => new("once:http:" + callerScope, key);
 
     /// <summary>
-    /// <paramref name="result"/> as stored: its JSON in UTF-8, once read back as <typeparamref name="T"/>; null, with
-    /// <paramref name="why"/>, when it cannot be written (a cycle) or does not read back (a string escaping half a
-    /// surrogate pair is written, escaped, but taken back by no reader): stored, every replay of it would fail.
+    /// <paramref name="result"/> as stored: its JSON in UTF-8, with <paramref name="readBack"/> what a replay reads of
+    /// it as <typeparamref name="T"/>; null, with <paramref name="why"/>, when it cannot be written (a cycle) or does
+    /// not read back (a string escaping half a surrogate pair is written, escaped, but taken back by no reader):
+    /// stored, every replay of it would fail.
     /// </summary>
-    internal static byte[]? StoredJson<T>(T result, out Exception? why)
+    internal static byte[]? StoredJson<T>(T result, out T? readBack, out Exception? why)
     {
         try
         {
             var body = JsonSerializer.SerializeToUtf8Bytes(result, Json);
-            _ = JsonSerializer.Deserialize<T>(body, Json);
+            readBack = JsonSerializer.Deserialize<T>(body, Json);
             why = null;
             return body;
         }
         catch (Exception ex) when (ex is not OutOfMemoryException)
         {
+            readBack = default;
             why = ex;
             return null;
         }
@@ -199,6 +202,14 @@ internal sealed partial class OnceExecutor(
         T result;
         using (new LeaseRenewal(grain, token, leaseEndsBy, policy.Lease, time, logger))
         {
+            if (cancellationToken.IsCancellationRequested)
+            {
+                // Cancelled since the claim was answered: nothing began, so nothing is left in doubt.
+                await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease, policy.Retention);
+                Record(OnceResults.Abandoned);
+                cancellationToken.ThrowIfCancellationRequested();
+            }
+
             try
             {
                 result = await action(cancellationToken);
@@ -223,8 +234,8 @@ internal sealed partial class OnceExecutor(
         }
 
         // Counted when the completion settles: at once, or once a completion left waiting for the store lands or is given up.
-        if (await calls.CompleteAsync(grain, token, StoredResult(result, policy, grain.GetPrimaryKeyString()), policy.Lease,
-                taken => Record(taken ? OnceResults.Executed : OnceResults.InDoubt)) is false)
+        var stored = StoredResult(ref result, policy, grain.GetPrimaryKeyString());
+        if (await calls.CompleteAsync(grain, token, stored, policy.Lease, taken => Record(taken ? OnceResults.Executed : OnceResults.InDoubt)) is false)
         {
             Log(log => LogCompletionRefused(log, grain.GetPrimaryKeyString()));
         }
@@ -235,16 +246,18 @@ internal sealed partial class OnceExecutor(
     /// <summary>
     /// <paramref name="result"/> as stored: its JSON when that reads back and fits; else marked not stored, so that
     /// later calls are refused as <see cref="OnceRefusal.ResultNotStored"/> instead of each failing to read it, or the
-    /// key lapsing into an unknown outcome though it is known to have run.
+    /// key lapsing into an unknown outcome though it is known to have run. <paramref name="result"/> becomes what its
+    /// JSON reads back as, which every replay returns; one that cannot be written stays as it is, for no replay has it.
     /// </summary>
-    private StoredResponse StoredResult<T>(T result, IdempotencyPolicy policy, string key)
+    private StoredResponse StoredResult<T>(ref T result, IdempotencyPolicy policy, string key)
     {
-        if (StoredJson(result, out var why) is not { } body)
+        if (StoredJson(result, out var readBack, out var why) is not { } body)
         {
             Log(log => LogResultNotStorable(log, key, why!));
             return new StoredResponse(ResultStatus, [], [], true, 0);
         }
 
+        result = readBack!;
         return body.Length <= policy.MaxStoredResponseBytes
             ? new StoredResponse(ResultStatus, [], body, false, body.Length)
             : new StoredResponse(ResultStatus, [], [], true, body.Length);

@@ -19,7 +19,7 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
 {
     private int runs;
 
-    private OnceExecutor Executor(Func<Exception, bool>? releasesOnException = null, IMeterFactory? meters = null, ILogger<OnceExecutor>? log = null)
+    private OnceExecutor Executor(Func<Exception, bool>? releasesOnException = null, IMeterFactory? meters = null, ILogger<OnceExecutor>? log = null, TimeProvider? time = null)
     {
         var options = MiddlewareClusterFixture.Options();
         options.Value.OnceReleasesOnException = releasesOnException ?? options.Value.OnceReleasesOnException;
@@ -28,7 +28,7 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
             calls,
             options,
             new IdempotencyMetrics(meters ?? new ServiceCollection().AddMetrics().BuildServiceProvider().GetRequiredService<IMeterFactory>(), calls),
-            fixture.Time,
+            time ?? fixture.Time,
             log ?? NullLogger<OnceExecutor>.Instance);
     }
 
@@ -322,6 +322,56 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task CallerCancelledAfterItsClaimWasAnsweredBeforeTheActionBegan_GivesTheKeyBack_AndRunsNothing()
+    {
+        // The lease's renewal is set up between the claim's answer and the action: the caller cancels right there.
+        using var cancelling = new CancellationTokenSource();
+        var once = Executor(time: new CancellingAtFirstTimer(fixture.Time, cancelling));
+        var key = NewKey();
+
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => once.ExecuteOnceAsync(key, ChargeAsync, cancelling.Token));
+
+        Assert.Equal(0, runs);
+        Assert.Equal(IdempotencyStatus.None, (await fixture.Grains.GetIdempotencyGrain(OnceExecutor.GrainKey("default", key)).GetAsync()).Status);
+        await Executor().ExecuteOnceAsync(key, ChargeAsync);
+        Assert.Equal(1, runs);
+    }
+
+    [Fact]
+    public async Task TupleResult_IsStoredWithItsItems_AndEveryCallGetsTheSameValues()
+    {
+        var once = Executor();
+        var key = NewKey();
+
+        var first = await once.ExecuteOnceAsync(key, _ => Task.FromResult((Id: "r-1", Amount: 12.5m)));
+        var again = await once.ExecuteOnceAsync(key, _ => Task.FromResult((Id: "r-2", Amount: 1m)));
+
+        Assert.Equal(("r-1", 12.5m), first);
+        Assert.Equal(first, again);
+    }
+
+    [Fact]
+    public async Task FirstCall_GetsItsResultAsStored_AsEveryLaterCallDoes_AndALazySequenceRunsOnce()
+    {
+        var once = Executor();
+        var payment = NewKey();
+        var charges = NewKey();
+        var charged = 0;
+
+        // A subtype's own members are not stored under the type asked: the first call does not see them either.
+        var first = await once.ExecuteOnceAsync<Payment>(payment, _ => Task.FromResult<Payment>(new CardPayment(5m, "4242")));
+        var again = await once.ExecuteOnceAsync<Payment>(payment, _ => Task.FromResult(new Payment(6m)));
+        // A lazy sequence: enumerated to store it, and never again by the caller.
+        var lazy = await once.ExecuteOnceAsync(charges, _ => Task.FromResult(Enumerable.Range(1, 3).Select(i => i * ++charged)));
+        var sum = lazy.Sum() + lazy.Sum();
+
+        Assert.Equal(again, first);
+        Assert.IsNotType<CardPayment>(first);
+        Assert.Equal(3, charged);
+        Assert.Equal(2 * (1 + 4 + 9), sum);
+    }
+
+    [Fact]
     public async Task LongAction_KeepsItsClaimByRenewal_AndItsResultIsStored()
     {
         var once = Executor();
@@ -456,6 +506,26 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
     }
 
     private sealed record Charge(Guid Id, decimal Amount);
+
+    private record Payment(decimal Amount);
+
+    private sealed record CardPayment(decimal Amount, string Card) : Payment(Amount);
+
+    /// <summary>The fixture's clock, which cancels a caller's token as the first timer is made (a lease's renewal).</summary>
+    private sealed class CancellingAtFirstTimer(TimeProvider inner, CancellationTokenSource cancel) : TimeProvider
+    {
+        public override DateTimeOffset GetUtcNow() => inner.GetUtcNow();
+
+        public override long GetTimestamp() => inner.GetTimestamp();
+
+        public override long TimestampFrequency => inner.TimestampFrequency;
+
+        public override ITimer CreateTimer(TimerCallback callback, object? state, TimeSpan dueTime, TimeSpan period)
+        {
+            cancel.Cancel();
+            return inner.CreateTimer(callback, state, dueTime, period);
+        }
+    }
 
     private sealed class Node
     {

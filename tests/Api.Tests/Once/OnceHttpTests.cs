@@ -387,9 +387,12 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
     [Theory]
     [InlineData("{\"inptu\":\"refund 42\"}")]
     [InlineData("{\"input\":\"refund 42\",\"attempt\":\"8c1f43c2-5b8a-4f51-a3a8-6b7f9d4e2a10\",\"atempt\":1}")]
-    public async Task ClaimBodyWithAMemberItDoesNotTake_Is400_AndNothingIsClaimed(string body)
+    [InlineData("{\"input\":\"refund 5\",\"Input\":\"refund 500\"}")]
+    [InlineData("{\"input\":\"refund 5\",\"input\":\"refund 500\"}")]
+    public async Task ClaimBodyWithAMemberItDoesNotTake_OrOneGivenTwice_Is400_AndNothingIsClaimed(string body)
     {
-        // A misspelt input would be hashed as no input at all, and the key's other requests not told apart from it.
+        // A misspelt input would be hashed as no input at all, and the key's other requests not told apart from it;
+        // of one given twice, which was hashed would be a guess.
         var key = NewKey();
 
         var refused = await CallAsync(once.ClaimAsync, key, body);
@@ -397,6 +400,23 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
         Assert.Equal(400, refused.Status);
         Assert.EndsWith("request-invalid", refused.Json.GetProperty("type").GetString());
         Assert.Equal(0, fixture.Store.WritesOf(Grain(key).GetGrainId()));
+    }
+
+    [Fact]
+    public async Task ResultAsDeepAsJsonIsRead_IsAnsweredWhole_NotA500()
+    {
+        // An operator's resolution may store one 64 levels deep; the answer holds it a level further down.
+        var key = NewKey();
+        var deep = Encoding.UTF8.GetBytes(new string('[', 64) + new string(']', 64));
+        var claim = await Grain(key).ClaimAsync(new ClaimRequest(Guid.NewGuid(), OnceExecutor.Fingerprint(""), IdempotencyPolicy.Default.Lease, IdempotencyPolicy.Default.Retention));
+        Assert.True(await Grain(key).CompleteAsync(claim.Token!.Value, new StoredResponse(OnceExecutor.ResultStatus, [], deep, false, deep.Length)));
+
+        var read = await CallAsync(once.ReadAsync, key, "");
+        var replayed = await CallAsync(once.ClaimAsync, key, "");
+
+        Assert.Equal(200, read.Status);
+        Assert.Equal(200, replayed.Status);
+        Assert.Equal(Encoding.UTF8.GetString(deep), replayed.Json.GetProperty("result").GetRawText());
     }
 
     [Theory]
@@ -476,7 +496,7 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
         context.User = new ClaimsPrincipal(new ClaimsIdentity([new Claim(ClaimTypes.NameIdentifier, "alice")], "test"));
         await call(context, key);
         var bytes = ((MemoryStream)context.Response.Body).ToArray();
-        return (context.Response.StatusCode, bytes.Length == 0 ? default : JsonDocument.Parse(bytes).RootElement);
+        return (context.Response.StatusCode, bytes.Length == 0 ? default : JsonDocument.Parse(bytes, new JsonDocumentOptions { MaxDepth = 128 }).RootElement);
     }
 
     /// <summary>A completion whose result string is <c>length</c> bytes long; counts what was read of it.</summary>
