@@ -277,10 +277,13 @@ internal sealed partial class IdempotencyKeysHttp(
         }
 
         // A key as a client sends it in the header, quoted, names the key it quotes (an operator pastes it from a log);
-        // any other is taken as it is, as is any key of ExecuteOnceAsync, which need not be a header value (quotes included).
+        // any other is taken as it is, as is any key of the Once API, which never came from the header: ExecuteOnceAsync
+        // takes any text, and a path segment may hold quotes.
         var named = key[0]!;
         var unquoted = named;
-        var quotedAsTheHeader = named.StartsWith('"') && !scope[0]!.StartsWith(Once.OnceExecutor.AppScopePrefix, StringComparison.Ordinal);
+        var quotedAsTheHeader = named.StartsWith('"')
+            && !scope[0]!.StartsWith(Once.OnceExecutor.AppScopePrefix, StringComparison.Ordinal)
+            && !scope[0]!.StartsWith(Once.OnceExecutor.HttpScopePrefix, StringComparison.Ordinal);
         if (quotedAsTheHeader && IdempotencyKeyHeader.TryRead(named, out unquoted, out var error) != IdempotencyKeyHeader.Status.Valid)
         {
             await problems.WriteAsync(context, IdempotencyProblem.RequestInvalid, $"The key is quoted as the header quotes it, but: {error}", null);

@@ -40,8 +40,11 @@ internal sealed partial class OnceExecutor(
     /// </summary>
     internal static IdempotencyKey GrainKey(string scope, string key) => new(AppScopePrefix + scope, key);
 
+    /// <summary>What the scope of every Once API key sent over HTTP begins with.</summary>
+    internal const string HttpScopePrefix = "once:http:";
+
     /// <summary>The grain key of an HTTP caller's <paramref name="key"/>, in the caller's own scope.</summary>
-    internal static IdempotencyKey HttpGrainKey(string callerScope, string key) => new("once:http:" + callerScope, key);
+    internal static IdempotencyKey HttpGrainKey(string callerScope, string key) => new(HttpScopePrefix + callerScope, key);
 
     /// <summary>
     /// <paramref name="result"/> as stored: its JSON in UTF-8, with <paramref name="readBack"/> what a replay reads of
