@@ -94,6 +94,7 @@ internal sealed partial class IdempotencyMiddleware(
             return;
         }
 
+        RequestBodyLimit.AllowUpTo(context, policy.MaxRequestBodyBytes);
         byte[]? fingerprint;
         try
         {
