@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ " $* " == *" --grain "* ]] || scripts/install-servers.sh --with-wrk
+source scripts/run-dir.sh
 export DOTNET_CLI_TELEMETRY_OPTOUT=1 DOTNET_NOLOGO=1
 # dotnet-gcdump measures the live heap (it induces a full collection) for --memory.
 if [[ " $* " == *" --memory "* ]] && [ ! -x "$HOME/.dotnet/tools/dotnet-gcdump" ]; then

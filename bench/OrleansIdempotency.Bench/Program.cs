@@ -51,6 +51,7 @@ var orleansAlone = new Shape("embedded, Orleans alone (empty grain per key)", St
 var shapes = new[] { embedded, durable, overTcp, orleansAlone };
 Shape[][] rotation = [[embedded, orleansAlone], [durable], [overTcp]];
 var counts = Directory.CreateTempSubdirectory("orleans-idempotency-bench-").FullName;
+ChildProcesses.TrackDirectory(counts);
 var results = new List<(string Shape, string Scenario, int Connections, WrkResult Result, double Ratio, double ApiCpuUs, double PostgresCpuUs, int Round)>();
 var currentRound = 0;
 var leftOut = new List<string>();
@@ -167,6 +168,9 @@ if (args.Contains("--memory"))
     await MemoryAsync();
 }
 
+// Left behind only by a run that failed, which scripts/run-dir.sh then removes.
+Directory.Delete(counts, recursive: true);
+Wrk.RemoveScript();
 return 0;
 
 async Task ScaleAsync()

@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.RegularExpressions;
+using OrleansIdempotency.Testing;
 
 namespace OrleansIdempotency.Bench;
 
@@ -185,9 +186,14 @@ public static partial class Wrk
         return match.Groups[2].Value switch { "us" => value / 1000, "s" => value * 1000, _ => value };
     }
 
+    /// <summary>Removes the script wrk was given (scripts/run-dir.sh removes it if this process dies first).</summary>
+    public static void RemoveScript() => Directory.Delete(Path.GetDirectoryName(ScriptPath)!, recursive: true);
+
     private static string WriteScript()
     {
-        var path = Path.Combine(Path.GetTempPath(), $"orleans-idempotency-bench-{Environment.ProcessId}.lua");
+        var directory = Directory.CreateTempSubdirectory("orleans-idempotency-wrk-").FullName;
+        ChildProcesses.TrackDirectory(directory);
+        var path = Path.Combine(directory, "bench.lua");
         File.WriteAllText(path, Script);
         return path;
     }
