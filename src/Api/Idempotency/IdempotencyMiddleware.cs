@@ -94,7 +94,6 @@ internal sealed partial class IdempotencyMiddleware(
             return;
         }
 
-        RequestBodyLimit.AllowUpTo(context, policy.MaxRequestBodyBytes);
         byte[]? fingerprint;
         try
         {

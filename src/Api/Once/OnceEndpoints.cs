@@ -349,7 +349,6 @@ internal sealed class OnceHttp(
 
         // Bounded by what one buffer holds, too: a policy's request bound may be set beyond it.
         var maxBodyBytes = tokenCall ? (long)policy.MaxStoredResponseBytes + BodyHeadroomBytes : Math.Min(policy.MaxRequestBodyBytes, Array.MaxLength);
-        RequestBodyLimit.AllowUpTo(context, maxBodyBytes);
         T? body;
         try
         {

@@ -3,7 +3,6 @@ using System.Net.Http.Headers;
 using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Mvc.Testing;
 using Microsoft.Extensions.Logging;
-using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
 using OrleansIdempotency.Grains;
 using OrleansIdempotency.Testing;
@@ -47,8 +46,6 @@ public sealed class ApiServer(IReadOnlyDictionary<string, string?> settings, str
     {
         builder.UseEnvironment(environment);
         builder.ConfigureLogging(logging => logging.AddProvider(Errors));
-        // Kestrel's limits from the settings, as a host that configures them from its own would.
-        builder.ConfigureKestrel((context, kestrel) => context.Configuration.GetSection("Kestrel:Limits").Bind(kestrel.Limits));
         foreach (var (key, value) in settings)
         {
             builder.UseSetting(key, value);

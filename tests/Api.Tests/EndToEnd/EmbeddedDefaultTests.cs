@@ -19,9 +19,6 @@ public sealed class EmbeddedDefaultTests : IAsyncLifetime
         api = await ApiServer.StartAsync(new Dictionary<string, string?>(FreePort.SiloEndpoints())
         {
             ["Logging:LogLevel:Default"] = "Error",
-            // The layer's bound on a body set above the server's.
-            ["Kestrel:Limits:MaxRequestBodySize"] = "1000000",
-            ["Idempotency:MaxRequestBodyBytes"] = "2000000",
         });
 
     public async Task DisposeAsync() => await api.DisposeAsync();
@@ -49,35 +46,6 @@ public sealed class EmbeddedDefaultTests : IAsyncLifetime
 
         var orders = await client.GetFromJsonAsync<List<Dictionary<string, object>>>("/orders");
         Assert.Equal(Rounds, orders!.Count);
-    }
-
-    [Fact]
-    public async Task BodyBoundSetAboveTheServersLimit_IsTheBoundIdempotentRequestsGet()
-    {
-        using var client = api.Client();
-        var withinTheBound = new string('a', 1_500_000);
-        var pastTheBound = new string('a', 2_000_001);
-
-        var taken = await client.SendAsync("/bench/idempotent", Guid.NewGuid().ToString(), withinTheBound);
-        var claimed = await client.SendAsync($"/once/{Guid.NewGuid()}/claim", null, $"{{\"input\":\"{withinTheBound}\"}}");
-        // Refused before the body is read: sent only once the server asks for it (100-continue), or the client would
-        // still be sending it when the refusal closes the connection.
-        using var refused = await client.SendAsync(ExpectingContinue(Requests.Post("/bench/idempotent", Guid.NewGuid().ToString(), pastTheBound)));
-        using var plain = await client.SendAsync(ExpectingContinue(Requests.Post("/bench/plain", null, withinTheBound)));
-
-        Assert.Equal(HttpStatusCode.OK, taken.Response.StatusCode);
-        Assert.Equal(withinTheBound.Length, taken.Body.Length);
-        Assert.Equal(HttpStatusCode.Created, claimed.Response.StatusCode);
-        Assert.Equal(HttpStatusCode.RequestEntityTooLarge, refused.StatusCode);
-        Assert.EndsWith("body-too-large", (await refused.Content.ReadFromJsonAsync<System.Text.Json.JsonElement>()).GetProperty("type").GetString());
-        // Other requests keep the server's limit.
-        Assert.Equal(HttpStatusCode.RequestEntityTooLarge, plain.StatusCode);
-
-        static HttpRequestMessage ExpectingContinue(HttpRequestMessage request)
-        {
-            request.Headers.ExpectContinue = true;
-            return request;
-        }
     }
 
     [Fact]
