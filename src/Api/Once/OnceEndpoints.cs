@@ -151,14 +151,17 @@ internal sealed class OnceHttp(
     // than this and the largest result stored, however much the client sends.
     private const int BodyHeadroomBytes = 64 * 1024;
 
-    // A member a body does not take is refused: a misspelt "input" would be hashed as no input at all. So is one given
-    // twice ("input" and "Input", names matching whatever their case): which of them was hashed would be a guess.
+    // A member a body does not take is refused: a misspelt "input" would be hashed as no input at all.
     private static readonly JsonSerializerOptions Json = new(OnceExecutor.Json)
     {
         DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
         UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow,
-        AllowDuplicateProperties = false,
     };
+
+    // A claim's member given twice ("input" and "Input", names matching whatever their case) is refused too: which was
+    // hashed would be a guess. Not a completion's: its result is the caller's JSON, stored as sent, names repeated or
+    // not, after an operation that already ran.
+    private static readonly JsonSerializerOptions ClaimJson = new(Json) { AllowDuplicateProperties = false };
 
     // An answer holds a result one level down: a result as deep as JSON is read (an operator's resolution may be)
     // must still be written.
@@ -361,7 +364,7 @@ internal sealed class OnceHttp(
                 return null;
             }
 
-            body = buffer.Length == 0 && !tokenCall ? JsonSerializer.Deserialize<T>("{}", Json) : Deserialize<T>(buffer.ToSequence());
+            body = buffer.Length == 0 && !tokenCall ? JsonSerializer.Deserialize<T>("{}", Json) : Deserialize<T>(buffer.ToSequence(), tokenCall ? Json : ClaimJson);
         }
         catch (BadHttpRequestException ex)
         {
@@ -390,10 +393,10 @@ internal sealed class OnceHttp(
     }
 
     // One JSON value, and nothing after it but whitespace, as JsonSerializer reads a span.
-    private static T? Deserialize<T>(ReadOnlySequence<byte> bytes)
+    private static T? Deserialize<T>(ReadOnlySequence<byte> bytes, JsonSerializerOptions options)
     {
-        var reader = new Utf8JsonReader(bytes, new JsonReaderOptions { MaxDepth = Json.MaxDepth, CommentHandling = Json.ReadCommentHandling, AllowTrailingCommas = Json.AllowTrailingCommas });
-        var body = JsonSerializer.Deserialize<T>(ref reader, Json);
+        var reader = new Utf8JsonReader(bytes, new JsonReaderOptions { MaxDepth = options.MaxDepth, CommentHandling = options.ReadCommentHandling, AllowTrailingCommas = options.AllowTrailingCommas });
+        var body = JsonSerializer.Deserialize<T>(ref reader, options);
         return reader.Read() ? throw new JsonException("The body holds more than one JSON value.") : body;
     }
 

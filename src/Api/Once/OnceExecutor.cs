@@ -250,7 +250,7 @@ internal sealed partial class OnceExecutor(
     /// <paramref name="result"/> as stored: its JSON when that reads back and fits; else marked not stored, so that
     /// later calls are refused as <see cref="OnceRefusal.ResultNotStored"/> instead of each failing to read it, or the
     /// key lapsing into an unknown outcome though it is known to have run. <paramref name="result"/> becomes what its
-    /// JSON reads back as, which every replay returns; one that cannot be written stays as it is, for no replay has it.
+    /// JSON reads back as, which every replay returns when it fits the store; one that cannot be written stays as it is.
     /// </summary>
     private StoredResponse StoredResult<T>(ref T result, IdempotencyPolicy policy, string key)
     {
@@ -277,9 +277,10 @@ internal sealed partial class OnceExecutor(
         {
             return JsonSerializer.Deserialize<T>(stored.Body, Json)!;
         }
-        catch (JsonException ex)
+        catch (Exception ex) when (ex is JsonException or InvalidOperationException or NotSupportedException)
         {
-            // Stored by a call asking another type, or settled by an operator with another value.
+            // Stored by a call asking another type, or settled by an operator with another value; or a type JSON cannot
+            // make at all (a public field whose name a property's already takes).
             throw NotStoredRefusal(key, $"The key completed, but its stored result does not read as {typeof(T).Name}.", ex);
         }
     }

@@ -456,6 +456,10 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
 
         Assert.Equal(OnceRefusal.ResultNotStored, refused.Reason);
         Assert.IsType<JsonException>(refused.InnerException);
+
+        // A type JSON cannot make at all: a public field and a property under one name.
+        var clash = await Assert.ThrowsAsync<OnceRefusedException>(() => once.ExecuteOnceAsync(key, _ => Task.FromResult(new Clash())));
+        Assert.Equal(OnceRefusal.ResultNotStored, clash.Reason);
     }
 
     [Fact]
@@ -508,6 +512,15 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
     private sealed record Charge(Guid Id, decimal Amount);
 
     private record Payment(decimal Amount);
+
+    private sealed class Clash
+    {
+#pragma warning disable CA1051 // The public field is the point: it takes the name the property's JSON name has.
+        public int Total = 1;
+#pragma warning restore CA1051
+
+        public int total { get; set; }
+    }
 
     private sealed record CardPayment(decimal Amount, string Card) : Payment(Amount);
 

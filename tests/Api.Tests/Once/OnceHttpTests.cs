@@ -209,6 +209,20 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task CompletionWhoseResultRepeatsAName_IsStoredAsSent()
+    {
+        // The operation ran: its result is the caller's JSON, repeated names and all, not refused as a claim's body is.
+        var key = NewKey();
+        var token = await TokenOfANewClaimAsync(once, key);
+
+        var completed = await CallAsync(once.CompleteAsync, key, $"{{\"token\":\"{token}\",\"result\":{{\"a\":1,\"a\":2}}}}");
+        var read = await CallAsync(once.ReadAsync, key, "");
+
+        Assert.Equal(200, completed.Status);
+        Assert.Equal("{\"a\":1,\"a\":2}", read.Json.GetProperty("result").GetRawText());
+    }
+
+    [Fact]
     public async Task CompletionAskedAgainWithAnotherResult_KeepsTheFirst_AndSaysNothingElse()
     {
         var key = NewKey();
