@@ -43,7 +43,7 @@ public sealed partial class InMemoryRecordStorage : IGrainStorage, IDisposable
     private readonly long maxBytes;
     private readonly long maxSegmentBytes;
     private readonly ILogger logger;
-    private int compacting;
+    private int purging;
 
     /// <param name="serializer">How records are written.</param>
     /// <param name="time">The clock records expire by.</param>
@@ -65,7 +65,8 @@ public sealed partial class InMemoryRecordStorage : IGrainStorage, IDisposable
         this.time = time;
         this.maxBytes = maxBytes ?? GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / 8;
         // Segments at least a quarter live, and the three a store always has (the two appended to, the spare).
-        maxSegmentBytes = (4 * this.maxBytes) + (3L * RecordSegments.SegmentSize);
+        const long alwaysHeld = 3L * RecordSegments.SegmentSize;
+        maxSegmentBytes = this.maxBytes > (long.MaxValue - alwaysHeld) / 4 ? long.MaxValue : (4 * this.maxBytes) + alwaysHeld;
         this.logger = logger ?? NullLogger.Instance;
         this.records = records;
         purge = time.CreateTimer(_ => PurgeOnSchedule(), null, PurgeInterval, PurgeInterval);
@@ -115,9 +116,9 @@ public sealed partial class InMemoryRecordStorage : IGrainStorage, IDisposable
                     "until records expire. Set ConnectionStrings__Postgres for durable storage that is bounded by its disk.");
             }
 
-            if (records.SegmentBytes > maxSegmentBytes)
+            if (records.SegmentBytes > maxSegmentBytes && Interlocked.CompareExchange(ref purging, 1, 0) == 0)
             {
-                Compact();
+                _ = Task.Run(PurgeHeld);
             }
         }
 
@@ -164,29 +165,20 @@ public sealed partial class InMemoryRecordStorage : IGrainStorage, IDisposable
     // The bound counts live bytes; the segments holding them are held to four times that by the purge, which moves the
     // records out of mostly dead segments. Between purges claims that never complete (a Once API worker that died, an
     // action that outlives its client's process) each keep a whole segment of claims long since completed: at tens of
-    // thousands of new keys a second, hundreds of megabytes a minute. Past that the purge runs now, on this new key's
-    // write; with the live bytes within the bound it leaves at most four times them. New keys arriving meanwhile are
-    // taken: the purge takes milliseconds, they add little, and refusing them would answer 503 to a store with room.
-    private void Compact()
+    // thousands of new keys a second, hundreds of megabytes a minute. Past that a new key's write starts the purge at
+    // once, off the grain's turn (a scan of millions of records takes a while), and is taken meanwhile, as are others:
+    // the store has room for them. One purge at a time: the minute's waits for one running, and vice versa.
+    private void PurgeOnSchedule()
     {
-        if (Interlocked.CompareExchange(ref compacting, 1, 0) != 0)
+        if (Interlocked.CompareExchange(ref purging, 1, 0) == 0)
         {
-            return;
-        }
-
-        try
-        {
-            Purge();
-        }
-        finally
-        {
-            Volatile.Write(ref compacting, 0);
+            PurgeHeld();
         }
     }
 
     // Thrown from a timer, a purge's failure (no memory for a segment to move records into) would end the process, and
     // every record with it: it is reported, and the next interval tries again.
-    private void PurgeOnSchedule()
+    private void PurgeHeld()
     {
         try
         {
@@ -195,6 +187,10 @@ public sealed partial class InMemoryRecordStorage : IGrainStorage, IDisposable
         catch (Exception ex)
         {
             LogPurgeFailed(logger, ex);
+        }
+        finally
+        {
+            Volatile.Write(ref purging, 0);
         }
     }
 
