@@ -18,10 +18,20 @@ public readonly record struct IdempotencyKey(string Scope, string Key)
     private const string Digest = "scope-sha256:";
     private const string Utf16Digest = "scope-utf16-sha256:";
 
+    /// <summary>
+    /// True when <see cref="Scope"/> is already as the grain key holds it: a digest an operator copied from a log, which
+    /// would otherwise be digested again (as a client's scope that reads as a digest is, so that none forges another's).
+    /// </summary>
+    public bool ScopeIsStored { get; init; }
+
+    /// <summary>True when <paramref name="scope"/> has the form <see cref="StoredScope"/> gives a scope it digests.</summary>
+    public static bool IsDigest(string scope) =>
+        scope.StartsWith(Digest, StringComparison.Ordinal) || scope.StartsWith(Utf16Digest, StringComparison.Ordinal);
+
     /// <summary>The grain's primary key. The scope is length-prefixed, so no scope or key can forge another pair.</summary>
     public string ToGrainKey()
     {
-        var scope = StoredScope(Scope);
+        var scope = ScopeIsStored ? Scope : StoredScope(Scope);
         return string.Create(CultureInfo.InvariantCulture, $"{scope.Length}:{scope}:{Key}");
     }
 
@@ -44,7 +54,7 @@ public readonly record struct IdempotencyKey(string Scope, string Key)
         // A UTF-16 character is at most 3 UTF-8 bytes: a short scope, every usual one, is not counted. A scope that
         // reads as a digest is digested too, so that none forges another's.
         return (scope.Length * 3 > MaxScopeBytes && Encoding.UTF8.GetByteCount(scope) > MaxScopeBytes)
-            || span.Contains('\0') || span.StartsWith(Digest, StringComparison.Ordinal) || span.StartsWith(Utf16Digest, StringComparison.Ordinal)
+            || span.Contains('\0') || IsDigest(scope)
             ? Digest + Convert.ToBase64String(SHA256.HashData(Encoding.UTF8.GetBytes(scope)))
             : scope;
     }

@@ -297,6 +297,7 @@ internal sealed partial class IdempotencyKeysHttp(
             return null;
         }
 
-        return new IdempotencyKey(scope[0]!, unquoted);
+        // A digest from a log (a scope too long for a grain key, or holding a NUL) names the key as stored.
+        return new IdempotencyKey(scope[0]!, unquoted) { ScopeIsStored = IdempotencyKey.IsDigest(scope[0]!) };
     }
 }

@@ -190,6 +190,27 @@ public sealed class IdempotencyKeyEndpointsTests
     }
 
     [Theory]
+    [InlineData(3_000, "")]
+    [InlineData(10, "\0")]
+    public async Task KeyOfADigestedScope_IsNamedByTheDigestLogsShow(int length, string tail)
+    {
+        // A scope too long for a grain key, or holding a NUL, is stored (and logged) as its digest.
+        var scope = new string('s', length) + tail;
+        var key = new IdempotencyKey(scope, MiddlewareHarness.NewKey());
+        await fixture.Grains.GetIdempotencyGrain(key).ClaimAsync(new ClaimRequest(Guid.NewGuid(), [1], IdempotencyPolicy.Default.Lease, IdempotencyPolicy.Default.Retention));
+        fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
+        var logged = IdempotencyKey.StoredScope(scope);
+        Assert.StartsWith("scope-sha256:", logged, StringComparison.Ordinal);
+
+        var read = await CallAsync(keys.ReadAsync, key.Key, "", logged);
+        var resolved = await CallAsync(keys.ResolveAsync, key.Key, "{\"release\":true}", logged);
+
+        Assert.Equal("lapsed", read.Json.GetProperty("status").GetString());
+        Assert.Equal(200, resolved.Status);
+        Assert.Equal(IdempotencyStatus.None, (await fixture.Grains.GetIdempotencyGrain(key).GetAsync()).Status);
+    }
+
+    [Theory]
     [InlineData("once:app:jobs")]
     [InlineData("once:http:user:alice")]
     public async Task OnceKeyBeginningWithAQuote_IsNamedAsItIs_NotAsTheKeyItWouldQuote(string scope)
