@@ -21,6 +21,7 @@ public readonly record struct IdempotencyKey(string Scope, string Key)
     /// <summary>
     /// True when <see cref="Scope"/> is already as the grain key holds it: a digest an operator copied from a log, which
     /// would otherwise be digested again (as a client's scope that reads as a digest is, so that none forges another's).
+    /// Never set it from a caller's input: a scope taken as stored can name any other scope's digested keys.
     /// </summary>
     public bool ScopeIsStored { get; init; }
 

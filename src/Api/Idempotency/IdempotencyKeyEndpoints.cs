@@ -278,10 +278,12 @@ internal sealed partial class IdempotencyKeysHttp(
 
         // A key as a client sends it in the header, quoted, names the key it quotes (an operator pastes it from a log);
         // any other is taken as it is, as is any key of the Once API, which never came from the header: ExecuteOnceAsync
-        // takes any text, and a path segment may hold quotes.
+        // takes any text, and a path segment may hold quotes. So is any key under a scope named by its digest, which
+        // copies the grain key a log shows (a Once API key's scope may be digested too).
         var named = key[0]!;
         var unquoted = named;
-        var quotedAsTheHeader = named.StartsWith('"')
+        var storedScope = IdempotencyKey.IsDigest(scope[0]!);
+        var quotedAsTheHeader = named.StartsWith('"') && !storedScope
             && !scope[0]!.StartsWith(Once.OnceExecutor.AppScopePrefix, StringComparison.Ordinal)
             && !scope[0]!.StartsWith(Once.OnceExecutor.HttpScopePrefix, StringComparison.Ordinal);
         if (quotedAsTheHeader && IdempotencyKeyHeader.TryRead(named, out unquoted, out var error) != IdempotencyKeyHeader.Status.Valid)
@@ -297,7 +299,8 @@ internal sealed partial class IdempotencyKeysHttp(
             return null;
         }
 
-        // A digest from a log (a scope too long for a grain key, or holding a NUL) names the key as stored.
-        return new IdempotencyKey(scope[0]!, unquoted) { ScopeIsStored = IdempotencyKey.IsDigest(scope[0]!) };
+        // A digest from a log (a scope too long for a grain key, holding a NUL or half a surrogate pair) names the key
+        // as stored.
+        return new IdempotencyKey(scope[0]!, unquoted) { ScopeIsStored = storedScope };
     }
 }

@@ -131,7 +131,18 @@ public static partial class OnceEndpoints
 internal sealed record OnceClaimBody(string? Input, Guid? Attempt);
 
 /// <summary>The body of <c>complete</c>, <c>renew</c> and <c>release</c>.</summary>
-internal sealed record OnceTokenBody(string? Token, JsonElement? Result);
+internal sealed record OnceTokenBody(string? Token, [property: JsonConverter(typeof(ResultAsSent))] JsonElement? Result);
+
+/// <summary>
+/// A result read as the caller sent it, names repeated or not: the body around it refuses a member given twice, but
+/// the result is the caller's JSON, stored after an operation that already ran.
+/// </summary>
+internal sealed class ResultAsSent : JsonConverter<JsonElement>
+{
+    public override JsonElement Read(ref Utf8JsonReader reader, Type typeToConvert, JsonSerializerOptions options) => JsonElement.ParseValue(ref reader);
+
+    public override void Write(Utf8JsonWriter writer, JsonElement value, JsonSerializerOptions options) => value.WriteTo(writer);
+}
 
 /// <summary>What the Once API answers about a key.</summary>
 internal sealed record OnceState(
@@ -151,17 +162,15 @@ internal sealed class OnceHttp(
     // than this and the largest result stored, however much the client sends.
     private const int BodyHeadroomBytes = 64 * 1024;
 
-    // A member a body does not take is refused: a misspelt "input" would be hashed as no input at all.
+    // A member a body does not take is refused: a misspelt "input" would be hashed as no input at all. So is one given
+    // twice ("input" and "Input", names matching whatever their case): which was meant would be a guess. Not within a
+    // completion's result (ResultAsSent).
     private static readonly JsonSerializerOptions Json = new(OnceExecutor.Json)
     {
         DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
         UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow,
+        AllowDuplicateProperties = false,
     };
-
-    // A claim's member given twice ("input" and "Input", names matching whatever their case) is refused too: which was
-    // hashed would be a guess. Not a completion's: its result is the caller's JSON, stored as sent, names repeated or
-    // not, after an operation that already ran.
-    private static readonly JsonSerializerOptions ClaimJson = new(Json) { AllowDuplicateProperties = false };
 
     // An answer holds a result one level down: a result as deep as JSON is read (an operator's resolution may be)
     // must still be written.
@@ -364,7 +373,7 @@ internal sealed class OnceHttp(
                 return null;
             }
 
-            body = buffer.Length == 0 && !tokenCall ? JsonSerializer.Deserialize<T>("{}", Json) : Deserialize<T>(buffer.ToSequence(), tokenCall ? Json : ClaimJson);
+            body = buffer.Length == 0 && !tokenCall ? JsonSerializer.Deserialize<T>("{}", Json) : Deserialize<T>(buffer.ToSequence());
         }
         catch (BadHttpRequestException ex)
         {
@@ -393,10 +402,10 @@ internal sealed class OnceHttp(
     }
 
     // One JSON value, and nothing after it but whitespace, as JsonSerializer reads a span.
-    private static T? Deserialize<T>(ReadOnlySequence<byte> bytes, JsonSerializerOptions options)
+    private static T? Deserialize<T>(ReadOnlySequence<byte> bytes)
     {
-        var reader = new Utf8JsonReader(bytes, new JsonReaderOptions { MaxDepth = options.MaxDepth, CommentHandling = options.ReadCommentHandling, AllowTrailingCommas = options.AllowTrailingCommas });
-        var body = JsonSerializer.Deserialize<T>(ref reader, options);
+        var reader = new Utf8JsonReader(bytes, new JsonReaderOptions { MaxDepth = Json.MaxDepth, CommentHandling = Json.ReadCommentHandling, AllowTrailingCommas = Json.AllowTrailingCommas });
+        var body = JsonSerializer.Deserialize<T>(ref reader, Json);
         return reader.Read() ? throw new JsonException("The body holds more than one JSON value.") : body;
     }
 
@@ -442,8 +451,22 @@ internal sealed class OnceHttp(
             return;
         }
 
-        using var result = JsonDocument.Parse(stored.Body);
-        await AnswerAsync(context, StatusCodes.Status200OK, new OnceState("completed", Result: result.RootElement, ExpiresAt: expiresAt));
+        JsonDocument result;
+        try
+        {
+            result = JsonDocument.Parse(stored.Body);
+        }
+        catch (JsonException)
+        {
+            // Settled by an operator naming the key by its scope's digest, which does not say it is a Once API key.
+            await problems.WriteAsync(context, IdempotencyProblem.ResponseNotStored, "The key completed, but its stored result is not JSON.", key);
+            return;
+        }
+
+        using (result)
+        {
+            await AnswerAsync(context, StatusCodes.Status200OK, new OnceState("completed", Result: result.RootElement, ExpiresAt: expiresAt));
+        }
     }
 
     private static Task AnswerAsync(HttpContext context, int status, OnceState state)

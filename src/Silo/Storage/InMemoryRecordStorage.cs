@@ -44,6 +44,7 @@ public sealed partial class InMemoryRecordStorage : IGrainStorage, IDisposable
     private readonly long maxSegmentBytes;
     private readonly ILogger logger;
     private int purging;
+    private long compactNotBefore;
 
     /// <param name="serializer">How records are written.</param>
     /// <param name="time">The clock records expire by.</param>
@@ -116,9 +117,9 @@ public sealed partial class InMemoryRecordStorage : IGrainStorage, IDisposable
                     "until records expire. Set ConnectionStrings__Postgres for durable storage that is bounded by its disk.");
             }
 
-            if (records.SegmentBytes > maxSegmentBytes && Interlocked.CompareExchange(ref purging, 1, 0) == 0)
+            if (records.SegmentBytes > maxSegmentBytes)
             {
-                _ = Task.Run(PurgeHeld);
+                CompactSoon();
             }
         }
 
@@ -166,8 +167,30 @@ public sealed partial class InMemoryRecordStorage : IGrainStorage, IDisposable
     // records out of mostly dead segments. Between purges claims that never complete (a Once API worker that died, an
     // action that outlives its client's process) each keep a whole segment of claims long since completed: at tens of
     // thousands of new keys a second, hundreds of megabytes a minute. Past that a new key's write starts the purge at
-    // once, off the grain's turn (a scan of millions of records takes a while), and is taken meanwhile, as are others:
-    // the store has room for them. One purge at a time: the minute's waits for one running, and vice versa.
+    // once, off the grain's turn (a scan of millions of records takes a while) and without the request's context, and
+    // is taken meanwhile, as are others: the store has room for them. At most once a second, so that a purge that
+    // keeps failing (no memory to move records into) is not a scan for every new key.
+    private void CompactSoon()
+    {
+        var now = time.GetUtcNow().UtcTicks;
+        if (now < Volatile.Read(ref compactNotBefore) || Interlocked.CompareExchange(ref purging, 1, 0) != 0)
+        {
+            return;
+        }
+
+        Volatile.Write(ref compactNotBefore, now + TimeSpan.TicksPerSecond);
+        try
+        {
+            ThreadPool.UnsafeQueueUserWorkItem(_ => PurgeHeld(), null);
+        }
+        catch
+        {
+            Volatile.Write(ref purging, 0);
+            throw;
+        }
+    }
+
+    // One purge at a time: the minute's is skipped while one started by a new key runs, and vice versa.
     private void PurgeOnSchedule()
     {
         if (Interlocked.CompareExchange(ref purging, 1, 0) == 0)

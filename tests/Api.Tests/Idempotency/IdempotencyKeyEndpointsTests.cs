@@ -190,13 +190,14 @@ public sealed class IdempotencyKeyEndpointsTests
     }
 
     [Theory]
-    [InlineData(3_000, "")]
-    [InlineData(10, "\0")]
-    public async Task KeyOfADigestedScope_IsNamedByTheDigestLogsShow(int length, string tail)
+    [InlineData(3_000, "", "")]
+    [InlineData(10, "\0", "\"")]
+    public async Task KeyOfADigestedScope_IsNamedByTheDigestLogsShow_AndAsTheGrainKeyHoldsIt(int length, string tail, string quote)
     {
-        // A scope too long for a grain key, or holding a NUL, is stored (and logged) as its digest.
+        // A scope too long for a grain key, or holding a NUL, is stored (and logged) as its digest; the key beside it in
+        // the log is as stored, quotes included (a Once API key's scope may be digested too).
         var scope = new string('s', length) + tail;
-        var key = new IdempotencyKey(scope, MiddlewareHarness.NewKey());
+        var key = new IdempotencyKey(scope, quote + MiddlewareHarness.NewKey() + quote);
         await fixture.Grains.GetIdempotencyGrain(key).ClaimAsync(new ClaimRequest(Guid.NewGuid(), [1], IdempotencyPolicy.Default.Lease, IdempotencyPolicy.Default.Retention));
         fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
         var logged = IdempotencyKey.StoredScope(scope);

@@ -209,15 +209,18 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
-    public async Task CompletionWhoseResultRepeatsAName_IsStoredAsSent()
+    public async Task CompletionWhoseResultRepeatsAName_IsStoredAsSent_ButNotABodyGivingItsResultTwice()
     {
         // The operation ran: its result is the caller's JSON, repeated names and all, not refused as a claim's body is.
         var key = NewKey();
         var token = await TokenOfANewClaimAsync(once, key);
 
+        var twice = await CallAsync(once.CompleteAsync, key, $"{{\"token\":\"{token}\",\"result\":{{\"b\":1}},\"Result\":{{\"b\":2}}}}");
         var completed = await CallAsync(once.CompleteAsync, key, $"{{\"token\":\"{token}\",\"result\":{{\"a\":1,\"a\":2}}}}");
         var read = await CallAsync(once.ReadAsync, key, "");
 
+        // The body's own member given twice is refused, as a claim's is: which result was meant would be a guess.
+        Assert.Equal(400, twice.Status);
         Assert.Equal(200, completed.Status);
         Assert.Equal("{\"a\":1,\"a\":2}", read.Json.GetProperty("result").GetRawText());
     }
@@ -414,6 +417,21 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
         Assert.Equal(400, refused.Status);
         Assert.EndsWith("request-invalid", refused.Json.GetProperty("type").GetString());
         Assert.Equal(0, fixture.Store.WritesOf(Grain(key).GetGrainId()));
+    }
+
+    [Fact]
+    public async Task StoredResultThatIsNotJson_IsResponseNotStored_NotA500()
+    {
+        // An operator naming a key by its scope's digest settles it without knowing it is a Once API key.
+        var key = NewKey();
+        var html = "<html>charged</html>"u8.ToArray();
+        var claim = await Grain(key).ClaimAsync(new ClaimRequest(Guid.NewGuid(), OnceExecutor.Fingerprint(""), IdempotencyPolicy.Default.Lease, IdempotencyPolicy.Default.Retention));
+        Assert.True(await Grain(key).CompleteAsync(claim.Token!.Value, new StoredResponse(201, [], html, false, html.Length)));
+
+        var read = await CallAsync(once.ReadAsync, key, "");
+
+        Assert.Equal(409, read.Status);
+        Assert.EndsWith("response-not-stored", read.Json.GetProperty("type").GetString());
     }
 
     [Fact]
