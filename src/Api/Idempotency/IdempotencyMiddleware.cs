@@ -221,7 +221,7 @@ internal sealed partial class IdempotencyMiddleware(
                 var inDoubtBecause = lifetime.InDoubt ? "where it could not tell its outcome"
                     : lifetime.Aborted ? "after aborting its response"
                     : capture.Started || context.Response.HasStarted ? "once its response had begun"
-                    : policy.ReleasesOnException(exception, context) ? null
+                    : ReleasesOn(policy, exception, context) ? null
                     : ClientLeft(context) ? "after its client left"
                     : "and its policy keeps such a failure in doubt";
                 if (inDoubtBecause is null)
@@ -255,7 +255,7 @@ internal sealed partial class IdempotencyMiddleware(
     /// the key (as a proxy does when its backend fails mid-body: it aborts the client, or answers 502 to one that has
     /// gone).
     /// </summary>
-    private static string? WhyNoOutcome(HttpContext context, IdempotencyPolicy policy, ResponseCapture capture, DetachedRequestLifetime lifetime)
+    private string? WhyNoOutcome(HttpContext context, IdempotencyPolicy policy, ResponseCapture capture, DetachedRequestLifetime lifetime)
     {
         var response = context.Response;
         if (lifetime.Aborted)
@@ -268,7 +268,7 @@ internal sealed partial class IdempotencyMiddleware(
             return "an outcome the action could not tell";
         }
 
-        if (capture.Started && capture.StatusAtStart != response.StatusCode && policy.ReleasesKey(response.StatusCode))
+        if (capture.Started && capture.StatusAtStart != response.StatusCode && Releases(policy, response.StatusCode))
         {
             return "a response replaced once begun";
         }
@@ -325,7 +325,7 @@ internal sealed partial class IdempotencyMiddleware(
             return;
         }
 
-        if (policy.ReleasesKey(response.StatusCode))
+        if (Releases(policy, response.StatusCode))
         {
             await calls.ReleaseAsync(grain, token.AttemptId, policy.Lease, policy.Retention);
             metrics.Record(IdempotencyResults.Released);
@@ -450,6 +450,34 @@ internal sealed partial class IdempotencyMiddleware(
                 ? new StringValues(stored[first].Value)
                 : new StringValues(stored.Skip(first).Take(end - first).Select(h => h.Value).ToArray());
             first = end;
+        }
+    }
+
+    // A policy's predicate that throws says nothing: the key is kept (its response stored, or the key left in doubt),
+    // never released, since a release lets an action that took effect run again.
+    private bool Releases(IdempotencyPolicy policy, int status)
+    {
+        try
+        {
+            return policy.ReleasesKey(status);
+        }
+        catch (Exception ex)
+        {
+            LogPolicyThrew(logger, nameof(IdempotencyPolicy.ReleasesKey), ex);
+            return false;
+        }
+    }
+
+    private bool ReleasesOn(IdempotencyPolicy policy, Exception exception, HttpContext context)
+    {
+        try
+        {
+            return policy.ReleasesOnException(exception, context);
+        }
+        catch (Exception ex)
+        {
+            LogPolicyThrew(logger, nameof(IdempotencyPolicy.ReleasesOnException), ex);
+            return false;
         }
     }
 

@@ -1233,6 +1233,32 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task PolicyWhosePredicatesThrow_KeepsTheKey_StoredOrInDoubt_NeverReleased_AndSaysSo()
+    {
+        var log = new FakeLogger<IdempotencyMiddleware>();
+        var broken = IdempotencyPolicy.Default with
+        {
+            ReleasesKey = _ => throw new NotImplementedException("a predicate with a bug"),
+            ReleasesOnException = (_, _) => throw new NotImplementedException("another"),
+        };
+        var answered = new MiddlewareHarness(fixture, MiddlewareHarness.Creates(), broken, log: log);
+        var throwing = new MiddlewareHarness(fixture, _ => throw new InvalidOperationException("declined"), broken, log: log);
+        var stored = MiddlewareHarness.NewKey();
+        var inDoubt = MiddlewareHarness.NewKey();
+
+        var first = await answered.SendAsync(stored);
+        var replay = await answered.SendAsync(stored);
+        // The caller gets the action's exception, not the predicate's.
+        await Assert.ThrowsAsync<InvalidOperationException>(() => throwing.SendAsync(inDoubt));
+
+        Assert.Equal("true", replay.Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(first.Body(), replay.Body());
+        Assert.Equal(1, answered.Executions);
+        Assert.Equal(IdempotencyStatus.InProgress, (await throwing.Grain(inDoubt).GetAsync()).Status);
+        Assert.Equal(2, log.Collector.GetSnapshot().Count(r => r.Level == LogLevel.Error && r.Exception is NotImplementedException));
+    }
+
+    [Fact]
     public async Task CompletionThatLandedButWhoseAnswerWasLost_IsFoundStoredWhenAskedAgain_AndReplays()
     {
         // A connection dropped after the completion committed: asked again, the grain reads the record it wrote and

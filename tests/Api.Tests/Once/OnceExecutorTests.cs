@@ -276,6 +276,24 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
         Assert.Equal(1, runs);
     }
 
+    [Fact]
+    public async Task OptionsThatThrowOnAnException_LeaveTheKeyInDoubt_AndTheCallerGetsTheActionsException_Counted()
+    {
+        var meters = new ServiceCollection().AddMetrics().BuildServiceProvider().GetRequiredService<IMeterFactory>();
+        using var calls = new MetricCollector<long>(meters, IdempotencyMetrics.MeterName, "idempotency.once.calls");
+        var log = new FakeLogger<OnceExecutor>();
+        var once = Executor(releasesOnException: _ => throw new NotImplementedException("a predicate with a bug"), meters: meters, log: log);
+        var key = NewKey();
+
+        await Assert.ThrowsAsync<TimeoutException>(() => once.ExecuteOnceAsync<Charge>(key, _ => throw new TimeoutException("downstream")));
+        fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
+
+        Assert.Equal(OnceRefusal.OutcomeUnknown, (await Assert.ThrowsAsync<OnceRefusedException>(() => once.ExecuteOnceAsync(key, ChargeAsync))).Reason);
+        Assert.Equal(0, runs);
+        Assert.Contains(calls.GetMeasurementSnapshot(), m => Equals(m.Tags["result"], "in_doubt"));
+        Assert.Contains(log.Collector.GetSnapshot(), r => r.Level == LogLevel.Error && r.Exception is NotImplementedException);
+    }
+
     [Theory]
     [InlineData(false)]
     [InlineData(true)]
