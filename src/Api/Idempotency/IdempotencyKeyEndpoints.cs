@@ -189,11 +189,28 @@ internal sealed partial class IdempotencyKeysHttp(
     [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: its claim {Claim} in doubt was settled by an operator, {Decision}, as {Operator} asked.")]
     private static partial void LogSettled(ILogger logger, string key, string claim, string decision, string @operator);
 
+    // As the middleware takes it: a predicate that throws counts as saying no, so the operator's answer is stored.
+    private bool Releases(IdempotencyPolicy policy, int status)
+    {
+        try
+        {
+            return policy.ReleasesKey(status);
+        }
+        catch (Exception ex)
+        {
+            LogPolicyThrew(logger, ex);
+            return false;
+        }
+    }
+
+    [LoggerMessage(Level = LogLevel.Error, Message = "The idempotency policy's ReleasesKey threw; the operator's response is taken as one it would not release.")]
+    private static partial void LogPolicyThrew(ILogger logger, Exception exception);
+
     // Why a response cannot be stored as given, or null: every replay of it must be a valid answer.
     private string? Refusal(KnownResponse known, IdempotencyKey key)
     {
         var policy = options.Value.DefaultPolicy;
-        if (known.Status is < 200 or > 599 || policy.ReleasesKey(known.Status))
+        if (known.Status is < 200 or > 599 || Releases(policy, known.Status))
         {
             return $"Status {known.Status} cannot be stored: a key is settled with a final answer from 200 to 599 that would not release it (to let the next request run the action, release the key instead).";
         }

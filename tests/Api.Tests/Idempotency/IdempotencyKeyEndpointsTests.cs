@@ -42,6 +42,24 @@ public sealed class IdempotencyKeyEndpointsTests
     }
 
     [Fact]
+    public async Task ResolveUnderAPolicyWhoseReleasesKeyThrows_StoresTheOperatorsAnswer_NotA500()
+    {
+        var options = MiddlewareClusterFixture.Options();
+        options.Value.DefaultPolicy = IdempotencyPolicy.Default with { ReleasesKey = _ => throw new NotImplementedException("a predicate with a bug") };
+        var brokenLog = new FakeLogger<IdempotencyKeysHttp>();
+        var broken = new IdempotencyKeysHttp(fixture.Calls(options), new IdempotencyProblems(options, problemsLog), options, fixture.Time, brokenLog);
+        var (harness, key) = await KeyInDoubtAsync();
+
+        var resolved = await CallAsync(broken.ResolveAsync, key, JsonSerializer.Serialize(new { response = new { status = 201, body = "{}" } }));
+        var replay = await harness.SendAsync(key);
+
+        Assert.Equal(200, resolved.Status);
+        Assert.Equal(201, replay.Response.StatusCode);
+        Assert.Equal(1, harness.Executions);
+        Assert.Contains(brokenLog.Collector.GetSnapshot(), r => r.Level == LogLevel.Error && r.Exception is NotImplementedException);
+    }
+
+    [Fact]
     public async Task KeyInDoubt_ResolvedWithTheResponseTheActionGave_ReplaysIt_AndTheActionNeverRunsAgain()
     {
         var (harness, key) = await KeyInDoubtAsync();
