@@ -31,10 +31,15 @@ public enum ClaimOutcome
 /// When <see cref="ClaimOutcome.Completed"/>: when the record's retention ends. Until then the answer cannot change
 /// (a completed record is final), so a caller may keep it.
 /// </param>
+/// <param name="RetainedFor">
+/// When <see cref="ClaimOutcome.Completed"/>: how long the retention has left as the grain answered, so that a caller
+/// keeping the answer can end it by its own clock, whatever its distance from the silo's (absent from older silos).
+/// </param>
 [GenerateSerializer, Immutable, Alias("OrleansIdempotency.ClaimResult")]
 public sealed record ClaimResult(
     [property: Id(0)] ClaimOutcome Outcome,
     [property: Id(1)] ClaimToken? Token = null,
     [property: Id(2)] DateTimeOffset? LeaseExpiresAt = null,
     [property: Id(3)] StoredResponse? Response = null,
-    [property: Id(4)] DateTimeOffset? ExpiresAt = null);
+    [property: Id(4)] DateTimeOffset? ExpiresAt = null,
+    [property: Id(5)] TimeSpan? RetainedFor = null);

@@ -30,7 +30,7 @@ public static class IdempotencyTransitions
         switch (current.Status)
         {
             case IdempotencyStatus.Completed:
-                return new(new ClaimResult(ClaimOutcome.Completed, Response: current.Response, ExpiresAt: current.ExpiresAt), null);
+                return new(new ClaimResult(ClaimOutcome.Completed, Response: current.Response, ExpiresAt: current.ExpiresAt, RetainedFor: current.ExpiresAt - now), null);
             case IdempotencyStatus.OutcomeUnknown when current.AttemptId == request.AttemptId && request.AsksAgainOnlyUnanswered:
                 // Its lease lapsed while its answer was lost, and a retry found it so first: the doubt was about an
                 // attempt that knows it has not run the action (as its late release does, see Release).

@@ -89,6 +89,8 @@ public sealed class IdempotencyTransitionsTests
         Assert.Null(next);
         Assert.Equal(T0 + TimeSpan.FromSeconds(2) + Retention, completed!.ExpiresAt);
         Assert.Equal(completed.ExpiresAt, result.ExpiresAt);
+        // What is left of the retention as the grain answers, for a caller whose clock is not the silo's.
+        Assert.Equal(Retention - TimeSpan.FromSeconds(1), result.RetainedFor);
     }
 
     [Fact]

@@ -7,8 +7,9 @@ namespace OrleansIdempotency.AspNetCore;
 /// <summary>
 /// Completed responses this process has replayed, so that the next replay of the same key and request skips the
 /// grain. Sound because a completed record is final until its retention ends: nothing the grain could answer later
-/// differs from what it answered once (DESIGN §2). Entries end a few seconds before the record's retention by this
-/// process's clock (allowing for skew against the silo's), and the oldest go first when the entries' bytes exceed <see cref="IdempotencyOptions.ReplayCacheBytes"/>.
+/// differs from what it answered once (DESIGN §2). Entries end a few seconds before the record's retention, measured
+/// by this process's clock from what was left of it when the grain answered (so that a clock behind the silo's does
+/// not keep an entry past it), and the oldest go first when the entries' bytes exceed <see cref="IdempotencyOptions.ReplayCacheBytes"/>.
 /// A request whose fingerprint differs is never answered here: the grain decides it.
 /// </summary>
 internal sealed class ReplayCache(IOptions<IdempotencyOptions> options, TimeProvider time)
@@ -62,10 +63,13 @@ internal sealed class ReplayCache(IOptions<IdempotencyOptions> options, TimeProv
             return;
         }
 
-        // The silo's clock set the expiry; this process's clock reads it. Stop a little early rather than replay a
-        // record the silo already considers gone (and another node may already have run again).
-        var entry = new Entry(fingerprint, response, expiresAt - ClockSkewAllowance, size);
-        if (entry.ExpiresAt <= time.GetUtcNow())
+        // The silo's clock set the expiry; this process's clock reads it, from what the grain said was left where it
+        // did (older silos do not), and from the expiry itself, whichever ends first. Stop a little early rather than
+        // replay a record the silo already considers gone (and another node may already have run again).
+        var now = time.GetUtcNow();
+        var ends = completed.RetainedFor is { } left && now + left < expiresAt ? now + left : expiresAt;
+        var entry = new Entry(fingerprint, response, ends - ClockSkewAllowance, size);
+        if (entry.ExpiresAt <= now)
         {
             return;
         }

@@ -47,6 +47,20 @@ public sealed class ReplayCacheTests
     }
 
     [Fact]
+    public void Entry_EndsByWhatTheGrainSaidWasLeft_WhenThisProcesssClockIsBehindTheSilos()
+    {
+        // The silo's clock 8 s ahead of this process's: its expiry, read here, lies 8 s later than the record's end.
+        var cache = Cache();
+        var retention = TimeSpan.FromMinutes(5);
+        cache.Add(Key(1), Fingerprint, Completed(retention: retention + TimeSpan.FromSeconds(8)) with { RetainedFor = retention });
+
+        time.Advance(retention - TimeSpan.FromSeconds(6));
+        Assert.NotNull(cache.Find(Key(1), Fingerprint));
+        time.Advance(TimeSpan.FromSeconds(1));
+        Assert.Null(cache.Find(Key(1), Fingerprint));
+    }
+
+    [Fact]
     public void OnlyCompletedAnswersWithTheirBody_AreKept()
     {
         var cache = Cache();
