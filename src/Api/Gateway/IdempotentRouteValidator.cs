@@ -1,4 +1,3 @@
-using System.Buffers;
 using Microsoft.Extensions.Options;
 using OrleansIdempotency.AspNetCore;
 using Yarp.ReverseProxy.Configuration;
@@ -14,10 +13,6 @@ namespace OrleansIdempotency.Api.Gateway;
 /// </summary>
 internal sealed class IdempotentRouteValidator(IOptions<IdempotencyOptions> options) : IProxyConfigFilter
 {
-    // RFC 9110's token: what a field name is made of.
-    private static readonly SearchValues<char> TokenCharacters =
-        SearchValues.Create("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz");
-
     public ValueTask<RouteConfig> ConfigureRouteAsync(RouteConfig route, ClusterConfig? cluster, CancellationToken cancel)
     {
         var scopeHeader = route.Metadata?.GetValueOrDefault(GatewayExtensions.ScopeHeaderMetadata);
@@ -30,10 +25,10 @@ internal sealed class IdempotentRouteValidator(IOptions<IdempotencyOptions> opti
                     $"add \"{GatewayExtensions.PolicyMetadata}\": \"{GatewayExtensions.DefaultPolicyName}\" (or a policy's name), or remove the scope header.");
             }
 
-            if (scopeHeader.AsSpan().ContainsAnyExcept(TokenCharacters))
+            if (!HttpToken.IsFieldName(scopeHeader))
             {
                 throw new InvalidOperationException(
-                    $"Route '{route.RouteId}': {GatewayExtensions.ScopeHeaderMetadata} '{scopeHeader}' is not a header name (letters, digits and !#$%&'*+-.^_`|~), so no request could carry it.");
+                    $"Route '{route.RouteId}': {GatewayExtensions.ScopeHeaderMetadata} '{scopeHeader}' is not a header name ({HttpToken.Describe}), so no request could carry it.");
             }
         }
 

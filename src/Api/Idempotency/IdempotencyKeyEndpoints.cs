@@ -189,28 +189,13 @@ internal sealed partial class IdempotencyKeysHttp(
     [LoggerMessage(Level = LogLevel.Warning, Message = "Idempotency key {Key}: its claim {Claim} in doubt was settled by an operator, {Decision}, as {Operator} asked.")]
     private static partial void LogSettled(ILogger logger, string key, string claim, string decision, string @operator);
 
-    // As the middleware takes it: a predicate that throws counts as saying no, so the operator's answer is stored.
-    private bool Releases(IdempotencyPolicy policy, int status)
-    {
-        try
-        {
-            return policy.ReleasesKey(status);
-        }
-        catch (Exception ex)
-        {
-            LogPolicyThrew(logger, ex);
-            return false;
-        }
-    }
-
-    [LoggerMessage(Level = LogLevel.Error, Message = "The idempotency policy's ReleasesKey threw; the operator's response is taken as one it would not release.")]
-    private static partial void LogPolicyThrew(ILogger logger, Exception exception);
-
     // Why a response cannot be stored as given, or null: every replay of it must be a valid answer.
     private string? Refusal(KnownResponse known, IdempotencyKey key)
     {
         var policy = options.Value.DefaultPolicy;
-        if (known.Status is < 200 or > 599 || Releases(policy, known.Status))
+        // As the middleware takes it: a predicate that throws counts as no, so the operator's answer is stored.
+        if (known.Status is < 200 or > 599
+            || PolicyPredicates.Releases((policy, known.Status), static s => s.policy.ReleasesKey(s.Status), nameof(IdempotencyPolicy.ReleasesKey), logger))
         {
             return $"Status {known.Status} cannot be stored: a key is settled with a final answer from 200 to 599 that would not release it (to let the next request run the action, release the key instead).";
         }
@@ -227,7 +212,7 @@ internal sealed partial class IdempotencyKeysHttp(
 
         foreach (var header in known.Headers ?? [])
         {
-            if (!IsToken(header.Name) || !IsFieldValue(header.Value) || IdempotencyPolicy.NeverStoredHeaders.Contains(header.Name))
+            if (!HttpToken.IsFieldName(header.Name) || !IsFieldValue(header.Value) || IdempotencyPolicy.NeverStoredHeaders.Contains(header.Name))
             {
                 return $"Header '{header.Name}' cannot be stored: a name is a token, a value visible ASCII, and hop-by-hop, Set-Cookie, Date, Content-Length (but a HEAD's, which the layer keeps itself) and the layer's own headers are never stored.";
             }
@@ -263,8 +248,6 @@ internal sealed partial class IdempotencyKeysHttp(
     private static byte[] Body(KnownResponse known) =>
         known.BodyBase64 is { } base64 ? Convert.FromBase64String(base64) : System.Text.Encoding.UTF8.GetBytes(known.Body ?? "");
 
-    private static bool IsToken(string? name) =>
-        !string.IsNullOrEmpty(name) && name.All(c => char.IsAsciiLetterOrDigit(c) || "!#$%&'*+-.^_`|~".Contains(c, StringComparison.Ordinal));
 
     private static bool IsFieldValue(string? value) =>
         value is not null && value.All(c => c is '\t' or (>= ' ' and <= '~'));

@@ -453,33 +453,12 @@ internal sealed partial class IdempotencyMiddleware(
         }
     }
 
-    // A policy's predicate that throws says nothing: the key is kept (its response stored, or the key left in doubt),
-    // never released, since a release lets an action that took effect run again.
-    private bool Releases(IdempotencyPolicy policy, int status)
-    {
-        try
-        {
-            return policy.ReleasesKey(status);
-        }
-        catch (Exception ex)
-        {
-            LogPolicyThrew(logger, nameof(IdempotencyPolicy.ReleasesKey), ex);
-            return false;
-        }
-    }
+    private bool Releases(IdempotencyPolicy policy, int status) =>
+        PolicyPredicates.Releases((policy, status), static s => s.policy.ReleasesKey(s.status), nameof(IdempotencyPolicy.ReleasesKey), logger);
 
-    private bool ReleasesOn(IdempotencyPolicy policy, Exception exception, HttpContext context)
-    {
-        try
-        {
-            return policy.ReleasesOnException(exception, context);
-        }
-        catch (Exception ex)
-        {
-            LogPolicyThrew(logger, nameof(IdempotencyPolicy.ReleasesOnException), ex);
-            return false;
-        }
-    }
+    private bool ReleasesOn(IdempotencyPolicy policy, Exception exception, HttpContext context) =>
+        PolicyPredicates.Releases((policy, exception, context), static s => s.policy.ReleasesOnException(s.exception, s.context),
+            nameof(IdempotencyPolicy.ReleasesOnException), logger);
 
     // Every trailer: unlike headers, which servers and middleware add of their own (Date, Set-Cookie), trailers are
     // the action's account of its response (a gRPC call's status), which a replay without them would misstate.

@@ -221,7 +221,8 @@ internal sealed partial class OnceExecutor(
             {
                 // Whatever it throws once its caller cancelled (a gRPC or SqlClient call cut off throws its own kind):
                 // cut off midway, it may have taken effect.
-                if (cancellationToken.IsCancellationRequested || !ReleasesOn(exception))
+                if (cancellationToken.IsCancellationRequested || !PolicyPredicates.Releases((options.Value, exception), static s => s.Value.OnceReleasesOnException(s.exception),
+                        nameof(IdempotencyOptions.OnceReleasesOnException), logger))
                 {
                     Record(OnceResults.InDoubt);
                     Log(log => LogLeftInDoubt(log, grain.GetPrimaryKeyString()));
@@ -244,21 +245,6 @@ internal sealed partial class OnceExecutor(
         }
 
         return result;
-    }
-
-    // The options' say on an action's exception. One that throws itself says nothing: the key is left in doubt (the
-    // action may have taken effect), and the caller still gets the action's exception, counted and logged as any other.
-    private bool ReleasesOn(Exception exception)
-    {
-        try
-        {
-            return options.Value.OnceReleasesOnException(exception);
-        }
-        catch (Exception ex)
-        {
-            Log(log => LogReleasesOnExceptionFailed(log, ex));
-            return false;
-        }
     }
 
     /// <summary>
@@ -302,9 +288,6 @@ internal sealed partial class OnceExecutor(
 
     private static OnceRefusedException NotStoredRefusal(string key, string why, Exception? inner = null) =>
         new(OnceRefusal.ResultNotStored, key, $"{why} Key '{key}' is not run again.", inner);
-
-    [LoggerMessage(Level = LogLevel.Error, Message = "IdempotencyOptions.OnceReleasesOnException threw; the key is left in doubt, as for an exception it keeps.")]
-    private static partial void LogReleasesOnExceptionFailed(ILogger logger, Exception exception);
 
     [LoggerMessage(Level = LogLevel.Error, Message = "Once key {Key}: the action ran, but its result cannot be stored as JSON that reads back; later calls are refused as result-not-stored.")]
     private static partial void LogResultNotStorable(ILogger logger, string key, Exception exception);

@@ -20,6 +20,23 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
 
     private MiddlewareHarness Harness(RequestDelegate endpoint, IdempotencyPolicy? policy = null) => new(fixture, endpoint, policy);
 
+    // The layer behind response compression, as UseResponseCompression() before UseIdempotency() puts it.
+    private static ResponseCompressionMiddleware BehindCompression(MiddlewareHarness harness) => new(
+        async context => await harness.SendAsync(context),
+        new ResponseCompressionProvider(new ServiceCollection().AddOptions().AddLogging().BuildServiceProvider(),
+            Microsoft.Extensions.Options.Options.Create(new ResponseCompressionOptions { EnableForHttps = true })));
+
+    // An endpoint whose HEAD requests are made idempotent, answering with headers alone.
+    private MiddlewareHarness HeadHarness(Action<HttpResponse> answer) => Harness(context =>
+    {
+        answer(context.Response);
+        return Task.CompletedTask;
+    }, IdempotencyPolicy.Default with
+    {
+        Methods = System.Collections.Frozen.FrozenSet.ToFrozenSet(["HEAD"], StringComparer.OrdinalIgnoreCase),
+        ConcurrentDuplicates = ConcurrentDuplicateHandling.Reject,
+    });
+
     private static RequestDelegate Writes(string body) => async context =>
     {
         context.Response.StatusCode = 201;
@@ -31,9 +48,7 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
     public async Task BehindResponseCompression_EachReplayIsEncodedForItsOwnClient_FromTheSameBytes()
     {
         var harness = Harness(Writes(Json));
-        var provider = new ResponseCompressionProvider(new ServiceCollection().AddOptions().AddLogging().BuildServiceProvider(),
-            Microsoft.Extensions.Options.Options.Create(new ResponseCompressionOptions { EnableForHttps = true }));
-        var compression = new ResponseCompressionMiddleware(async context => await harness.SendAsync(context), provider);
+        var compression = BehindCompression(harness);
         var key = MiddlewareHarness.NewKey();
         HttpContext Request(string? acceptEncoding) => MiddlewareHarness.Request(key, configure: c =>
         {
@@ -72,9 +87,7 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
             await context.Response.Body.WriteAsync(ReadOnlyMemory<byte>.Empty);
             await context.Response.WriteAsync(Json);
         });
-        var provider = new ResponseCompressionProvider(new ServiceCollection().AddOptions().AddLogging().BuildServiceProvider(),
-            Microsoft.Extensions.Options.Options.Create(new ResponseCompressionOptions { EnableForHttps = true }));
-        var compression = new ResponseCompressionMiddleware(async context => await harness.SendAsync(context), provider);
+        var compression = BehindCompression(harness);
         var key = MiddlewareHarness.NewKey();
 
         var first = MiddlewareHarness.Request(key, configure: c => c.Request.Headers.AcceptEncoding = "gzip");
@@ -328,15 +341,10 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
     [Fact]
     public async Task HeadAnsweredWithAContentLengthAndNoBody_IsStoredAsItIs_ItsContentLengthReplayed()
     {
-        var harness = Harness(context =>
+        var harness = HeadHarness(response =>
         {
-            context.Response.StatusCode = 200;
-            context.Response.ContentLength = 100;
-            return Task.CompletedTask;
-        }, IdempotencyPolicy.Default with
-        {
-            Methods = System.Collections.Frozen.FrozenSet.ToFrozenSet(["HEAD"], StringComparer.OrdinalIgnoreCase),
-            ConcurrentDuplicates = ConcurrentDuplicateHandling.Reject,
+            response.StatusCode = 200;
+            response.ContentLength = 100;
         });
         var key = MiddlewareHarness.NewKey();
 
@@ -355,16 +363,11 @@ public sealed class ResponseFidelityTests(MiddlewareClusterFixture fixture)
     public async Task HeadAnsweredWithItsOwnContentEncodingAndNoBody_IsReplayedWithThatContentEncoding()
     {
         // The headers a GET would get: the length and encoding of the body it would carry.
-        var harness = Harness(context =>
+        var harness = HeadHarness(response =>
         {
-            context.Response.StatusCode = 200;
-            context.Response.ContentLength = 100;
-            context.Response.Headers.ContentEncoding = "gzip";
-            return Task.CompletedTask;
-        }, IdempotencyPolicy.Default with
-        {
-            Methods = System.Collections.Frozen.FrozenSet.ToFrozenSet(["HEAD"], StringComparer.OrdinalIgnoreCase),
-            ConcurrentDuplicates = ConcurrentDuplicateHandling.Reject,
+            response.StatusCode = 200;
+            response.ContentLength = 100;
+            response.Headers.ContentEncoding = "gzip";
         });
         var key = MiddlewareHarness.NewKey();
 
