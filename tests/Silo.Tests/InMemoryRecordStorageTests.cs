@@ -260,6 +260,95 @@ public sealed class InMemoryRecordStorageTests : IDisposable
     }
 
     [Fact]
+    public void CompactionStartedByANewKey_IsNotRunInThatWrite()
+    {
+        // A scan of millions of records in the write would hold the grain's turn (and the request) for as long.
+        var writing = false;
+        var writer = Environment.CurrentManagedThreadId;
+        var allocatedInTheWrite = 0;
+        var allocatedAfter = 0;
+        var table = SparseClaims(out var pinned, size =>
+        {
+            if (Volatile.Read(ref writing) && Environment.CurrentManagedThreadId == writer)
+            {
+                Interlocked.Increment(ref allocatedInTheWrite);
+            }
+            else
+            {
+                Interlocked.Increment(ref allocatedAfter);
+            }
+
+            return new byte[size];
+        });
+        using var store = new InMemoryRecordStorage(TestSerializer.Storage, time, 2_200_000, null, table);
+        var before = Volatile.Read(ref allocatedAfter);
+
+        Volatile.Write(ref writing, true);
+        var write = store.WriteStateAsync(State, Key(), new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1))));
+        Volatile.Write(ref writing, false);
+
+        Assert.True(write.IsCompletedSuccessfully);
+        Assert.Equal(0, allocatedInTheWrite);
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+        while (table.SegmentBytes > 8L * RecordSegments.SegmentSize)
+        {
+            Assert.True(DateTime.UtcNow < deadline, $"{table.SegmentBytes} bytes of segments left");
+            Thread.Sleep(10);
+        }
+
+        // The moved claims filled segments of their own, elsewhere.
+        Assert.True(Volatile.Read(ref allocatedAfter) > before);
+        Assert.Equal(pinned.Count + 5, table.Count);
+        Assert.All(pinned, p => Assert.True(table.TryRead(BitConverter.GetBytes(p.Key), out _, out var version) && version == p.Value));
+    }
+
+    [Fact]
+    public async Task ABoundTooLargeToScale_NeverStartsACompaction()
+    {
+        // Four times the bound would overflow: taken as no bound on the segments, not as a negative one that every
+        // new key is past.
+        var table = SparseClaims(out _);
+        using var store = new InMemoryRecordStorage(TestSerializer.Storage, time, long.MaxValue, null, table);
+        var segments = table.SegmentBytes;
+
+        await store.WriteStateAsync(State, Key(), new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1))));
+        await Task.Delay(500);
+
+        Assert.Equal(segments, table.SegmentBytes);
+    }
+
+    /// <summary>
+    /// A table of twenty segments of claims of 50 KB, one in twenty of them never completed (about 20 MiB of segments
+    /// holding 1 MB), and a segment of completed records with room for a small new one, not for a claim moved out.
+    /// </summary>
+    private static RecordTable SparseClaims(out Dictionary<int, long> pinned, Func<int, byte[]>? allocate = null)
+    {
+        var table = new RecordTable(key => System.IO.Hashing.XxHash3.HashToUInt64(key), allocate);
+        for (byte i = 0; i < 4; i++)
+        {
+            Assert.True(table.TryAdd([0xFF, i], new byte[250_000], long.MaxValue, false, out _));
+        }
+
+        var claim = new byte[50_000];
+        pinned = [];
+        for (var i = 0; i < 400; i++)
+        {
+            Assert.True(table.TryAdd(BitConverter.GetBytes(i), claim, long.MaxValue, true, out var version));
+            if (i % 20 == 0)
+            {
+                pinned[i] = version;
+            }
+            else
+            {
+                Assert.True(table.TryRemove(BitConverter.GetBytes(i), version));
+            }
+        }
+
+        Assert.True(table.SegmentBytes > 18L * RecordSegments.SegmentSize, $"{table.SegmentBytes} bytes of segments");
+        return table;
+    }
+
+    [Fact]
     public async Task Read_OfAKeyNeverWritten_IsAbsent_WithAFreshState()
     {
         var read = await ReadAsync(Key());
