@@ -48,15 +48,27 @@ internal sealed partial class OnceExecutor(
 
     /// <summary>
     /// <paramref name="result"/> as stored: its JSON in UTF-8, with <paramref name="readBack"/> what a replay reads of
-    /// it as <typeparamref name="T"/>; null, with <paramref name="why"/>, when it cannot be written (a cycle) or does
-    /// not read back (a string escaping half a surrogate pair is written, escaped, but taken back by no reader):
-    /// stored, every replay of it would fail.
+    /// it as <typeparamref name="T"/>; null, with <paramref name="why"/>, when the serializer cannot write it (a cycle)
+    /// or it does not read back (a string escaping half a surrogate pair is written, escaped, but taken back by no
+    /// reader): stored, every replay of it would fail. What the result's own code throws while it is written (a lazy
+    /// sequence's work, a property's getter) is not the serializer's: it escapes, as the action's own exception.
     /// </summary>
     internal static byte[]? StoredJson<T>(T result, out T? readBack, out Exception? why)
     {
+        byte[] body;
         try
         {
-            var body = JsonSerializer.SerializeToUtf8Bytes(result, Json);
+            body = JsonSerializer.SerializeToUtf8Bytes(result, Json);
+        }
+        catch (Exception ex) when (ex is not OutOfMemoryException && IsSerializers(ex))
+        {
+            readBack = default;
+            why = ex;
+            return null;
+        }
+
+        try
+        {
             readBack = JsonSerializer.Deserialize<T>(body, Json);
             why = null;
             return body;
@@ -68,6 +80,14 @@ internal sealed partial class OnceExecutor(
             return null;
         }
     }
+
+    private static readonly string SerializerAssembly = typeof(JsonSerializer).Assembly.GetName().Name!;
+
+    // Thrown by the serializer itself, about the result's shape: not by code of the result's that it ran, which it
+    // passes on as thrown, or (a NotSupportedException) wrapped with the path it was thrown at. Its own exceptions
+    // name it as their source, some with a suffix (".Rethrowable": those it wraps with a path).
+    private static bool IsSerializers(Exception ex) =>
+        ex.Source is { } source && source.StartsWith(SerializerAssembly, StringComparison.Ordinal) && (ex.InnerException is not { } inner || IsSerializers(inner));
 
     /// <summary>Why a completed key's result cannot be given: <paramref name="stored"/> holds none.</summary>
     internal static string NotStored(StoredResponse stored) => stored.BodyLength > 0
@@ -203,6 +223,7 @@ internal sealed partial class OnceExecutor(
         Func<CancellationToken, Task<T>> action, CancellationToken cancellationToken)
     {
         T result;
+        StoredResponse stored;
         using (new LeaseRenewal(grain, token, leaseEndsBy, policy.Lease, time, logger))
         {
             if (cancellationToken.IsCancellationRequested)
@@ -216,6 +237,9 @@ internal sealed partial class OnceExecutor(
             try
             {
                 result = await action(cancellationToken);
+                // Written while the claim is still renewed, as the action's last step: a lazy result's work runs here,
+                // for as long as it takes, and what it throws is the action's.
+                stored = StoredResult(ref result, policy, grain.GetPrimaryKeyString());
             }
             catch (Exception exception)
             {
@@ -238,7 +262,6 @@ internal sealed partial class OnceExecutor(
         }
 
         // Counted when the completion settles: at once, or once a completion left waiting for the store lands or is given up.
-        var stored = StoredResult(ref result, policy, grain.GetPrimaryKeyString());
         if (await calls.CompleteAsync(grain, token, stored, policy.Lease, taken => Record(taken ? OnceResults.Executed : OnceResults.InDoubt)) is false)
         {
             Log(log => LogCompletionRefused(log, grain.GetPrimaryKeyString()));

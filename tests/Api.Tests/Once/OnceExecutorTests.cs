@@ -390,6 +390,78 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task LazyResultWhoseWorkThrowsWhileStored_IsTheActionsException_ReleasedOrKeptAsItsOptionsSay()
+    {
+        // The sequence's work runs as the result is stored; the first two charges went through, the third timed out.
+        var charged = 0;
+        IEnumerable<int> ChargeThree()
+        {
+            for (var i = 1; i <= 3; i++)
+            {
+                if (i == 3)
+                {
+                    throw new TimeoutException("downstream");
+                }
+
+                charged++;
+                yield return i;
+            }
+        }
+
+        var once = Executor(releasesOnException: ex => ex is not TimeoutException);
+        var timedOut = NewKey();
+        var declined = NewKey();
+
+        await Assert.ThrowsAsync<TimeoutException>(() => once.ExecuteOnceAsync(timedOut, _ => Task.FromResult(ChargeThree())));
+        // Never handed back to be enumerated again by its caller: the charges ran once.
+        Assert.Equal(2, charged);
+        await Assert.ThrowsAsync<InvalidOperationException>(() => once.ExecuteOnceAsync(declined,
+            _ => Task.FromResult(Enumerable.Range(1, 2).Select(i => i < 2 ? i : throw new InvalidOperationException("declined")))));
+        // A getter's own NotSupportedException, which the serializer passes on wrapped: the action's too.
+        var unsupported = NewKey();
+        await Assert.ThrowsAsync<NotSupportedException>(() => once.ExecuteOnceAsync(unsupported, _ => Task.FromResult(new Unsupported())));
+        fixture.Time.Advance(IdempotencyPolicy.Default.Lease);
+
+        Assert.Equal(OnceRefusal.OutcomeUnknown, (await Assert.ThrowsAsync<OnceRefusedException>(() => once.ExecuteOnceAsync(timedOut, ChargeAsync))).Reason);
+        await once.ExecuteOnceAsync(declined, ChargeAsync);
+        await once.ExecuteOnceAsync(unsupported, ChargeAsync);
+        Assert.Equal(2, runs);
+    }
+
+    [Fact]
+    public async Task LazyResultWhoseWorkOutlastsTheLease_KeepsItsClaimByRenewal_AndIsStored()
+    {
+        var once = Executor();
+        var key = NewKey();
+        var grain = fixture.Grains.GetIdempotencyGrain(OnceExecutor.GrainKey("default", key));
+        var started = new TaskCompletionSource();
+        var release = new TaskCompletionSource();
+        IEnumerable<int> SlowCharges()
+        {
+            started.TrySetResult();
+            release.Task.Wait();
+            yield return Interlocked.Increment(ref runs);
+        }
+
+        // The action returns at once; its work runs as its result is written, on the caller's thread.
+        var running = Task.Run(() => once.ExecuteOnceAsync(key, _ => Task.FromResult(SlowCharges())));
+        await started.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        var claimedUntil = (await grain.GetAsync()).LeaseExpiresAt;
+        for (var i = 0; i < 4; i++)
+        {
+            var before = (await grain.GetAsync()).LeaseExpiresAt;
+            await fixture.ClockRunsUntilAsync(async () => (await grain.GetAsync()).LeaseExpiresAt > before);
+        }
+
+        Assert.True((await grain.GetAsync()).LeaseExpiresAt > claimedUntil + IdempotencyPolicy.Default.Lease);
+        release.SetResult();
+
+        Assert.Equal([1], await running);
+        Assert.Equal([1], await once.ExecuteOnceAsync(key, _ => Task.FromResult(SlowCharges())));
+        Assert.Equal(1, runs);
+    }
+
+    [Fact]
     public async Task LongAction_KeepsItsClaimByRenewal_AndItsResultIsStored()
     {
         var once = Executor();
@@ -528,6 +600,11 @@ public sealed class OnceExecutorTests(MiddlewareClusterFixture fixture)
     }
 
     private sealed record Charge(Guid Id, decimal Amount);
+
+    private sealed class Unsupported
+    {
+        public int Amount => throw new NotSupportedException("the card network does not say");
+    }
 
     private record Payment(decimal Amount);
 
