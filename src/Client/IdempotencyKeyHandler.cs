@@ -175,20 +175,30 @@ public sealed class IdempotencyKeyHandler : DelegatingHandler
                 return false;
             }
 
-            using var problem = JsonDocument.Parse(body);
-            return problem.RootElement.ValueKind == JsonValueKind.Object
-                && problem.RootElement.TryGetProperty("type", out var type) && type.ValueKind == JsonValueKind.String
-                && type.GetString()!.EndsWith("/request-in-progress", StringComparison.Ordinal);
-        }
-        catch (JsonException)
-        {
-            return false;
+            return IsInProgressProblem(body);
         }
         catch
         {
             // The connection failed as the body was read: the caller gets the failure, and the response is let go.
             response.Dispose();
             throw;
+        }
+    }
+
+    // Not JSON, or a type that is not text (its escapes half a surrogate pair, or its bytes are not UTF-8, which the
+    // parser leaves to the string's reading): not the layer's problem, and the caller gets the response as it came.
+    private static bool IsInProgressProblem(ReadOnlyMemory<byte> body)
+    {
+        try
+        {
+            using var problem = JsonDocument.Parse(body);
+            return problem.RootElement.ValueKind == JsonValueKind.Object
+                && problem.RootElement.TryGetProperty("type", out var type) && type.ValueKind == JsonValueKind.String
+                && type.GetString()!.EndsWith("/request-in-progress", StringComparison.Ordinal);
+        }
+        catch (Exception ex) when (ex is JsonException or InvalidOperationException)
+        {
+            return false;
         }
     }
 

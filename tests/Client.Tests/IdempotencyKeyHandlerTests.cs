@@ -200,6 +200,8 @@ public sealed class IdempotencyKeyHandlerTests
         { "application/problem+json", "{\"type\":\"https://other.example/problems/operation-in-progress\"}" },
         { "application/json", "{\"type\":\"https://orleans-idempotency.dev/problems/request-in-progress\"}" },
         { "application/problem+json", "not json" },
+        // A type that is not text: it escapes half a surrogate pair.
+        { "application/problem+json", "{\"type\":\"https://orleans-idempotency.dev/problems/\\ud800/request-in-progress\"}" },
         // Larger than any problem of the layer's: returned whole, not read past its bound.
         { "application/problem+json", "{\"type\":\"https://orleans-idempotency.dev/problems/request-in-progress\",\"detail\":\"" + new string('x', 70_000) + "\"}" },
     };
