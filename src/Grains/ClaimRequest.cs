@@ -28,6 +28,13 @@ public enum LapsedLeasePolicy
 /// (the Once API over HTTP), which may ask again after running: a lapsed claim of theirs is in doubt like any other.
 /// Read as false from a caller that predates it.
 /// </param>
+/// <param name="MayHaveAskedBefore">
+/// True when <paramref name="AttemptId"/> may have asked before without hearing the answer, so that its claim may be
+/// written though this activation's copy does not show it: written through another activation of the key, while
+/// membership changes, whose answer was lost. The grain then reads the record before refusing the claim from its
+/// copy, rather than strand the claim (no one would run it, and its lapse would leave the key in doubt). Set on a
+/// call's tries after one that failed, and for attempt ids chosen by callers outside, who may be asking again.
+/// </param>
 [GenerateSerializer, Immutable, Alias("OrleansIdempotency.ClaimRequest")]
 public sealed record ClaimRequest(
     [property: Id(0)] Guid AttemptId,
@@ -35,7 +42,8 @@ public sealed record ClaimRequest(
     [property: Id(2)] TimeSpan Lease,
     [property: Id(3)] TimeSpan Retention,
     [property: Id(4)] LapsedLeasePolicy OnLapsedLease = LapsedLeasePolicy.OutcomeUnknown,
-    [property: Id(5)] bool AsksAgainOnlyUnanswered = true);
+    [property: Id(5)] bool AsksAgainOnlyUnanswered = true,
+    [property: Id(6)] bool MayHaveAskedBefore = false);
 
 /// <summary>Proof of a claim: the attempt that holds it and the fencing token it was given.</summary>
 [GenerateSerializer, Immutable, Alias("OrleansIdempotency.ClaimToken")]

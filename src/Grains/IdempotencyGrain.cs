@@ -74,7 +74,7 @@ public sealed partial class IdempotencyGrain(
             lapsed = seen.Status == IdempotencyStatus.InProgress && now >= seen.LeaseExpiresAt && transition.Next is not null
                 && seen.AttemptId != request.AttemptId ? seen.Token : null;
             return transition;
-        }, mayAssumeAbsent: true);
+        }, request.MayHaveAskedBefore ? RefusedFromCopy : null, mayAssumeAbsent: true);
         contested |= result.Outcome == ClaimOutcome.InProgress;
         if (lapsed is { } claim)
         {
@@ -91,6 +91,11 @@ public sealed partial class IdempotencyGrain(
 
         return result;
     }
+
+    // A key the copy shows held by another attempt, or in doubt, may since have been given back and claimed by this
+    // attempt through another activation: read first. A completed key is final, and a key keeps its request's
+    // fingerprint for its retention, so a copy's Completed or Mismatch is the record's too.
+    private static bool RefusedFromCopy(ClaimResult claim) => claim.Outcome is ClaimOutcome.InProgress or ClaimOutcome.OutcomeUnknown;
 
     public async Task<bool> CompleteAsync(ClaimToken token, StoredResponse response)
     {

@@ -122,6 +122,38 @@ public sealed class IdempotencyGrainTests(ClusterFixture fixture)
         Assert.Equal(ClaimOutcome.Completed, (await grain.ClaimAsync(Claim())).Outcome);
     }
 
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task ClaimAskedAgainAfterALostAnswer_ThatACopyWouldRefuse_ReadsTheRecordFirst_ItsClaimMayBeWrittenElsewhere(bool copyInDoubt)
+    {
+        var grain = Grain(NewKey());
+        var first = await grain.ClaimAsync(Claim());
+        if (copyInDoubt)
+        {
+            fixture.Time.Advance(Lease);
+            Assert.Equal(ClaimOutcome.OutcomeUnknown, (await grain.ClaimAsync(Claim())).Outcome);
+        }
+
+        // Another activation of the key (while membership changes) took the first attempt's release (it knew its action
+        // had not run), then attempt A's claim, whose answer was lost: this activation's copy still shows the first.
+        var storage = fixture.Cluster.Silos[0].SiloHost.Services.GetRequiredKeyedService<IGrainStorage>("memory");
+        var state = new GrainState<IdempotencyRecord>();
+        await storage.ReadStateAsync(IdempotencyGrain.StateName, GrainId(grain), state);
+        state.State = IdempotencyTransitions.Release(state.State!, first.Token!.Value.AttemptId, Lease, fixture.Time.GetUtcNow()).Next!;
+        var attempt = Claim();
+        var (written, next) = IdempotencyTransitions.Claim(state.State, attempt, fixture.Time.GetUtcNow());
+        state.State = next!;
+        await storage.WriteStateAsync(IdempotencyGrain.StateName, GrainId(grain), state);
+
+        // Asked again with the same attempt id: its claim, not the copy's "in progress" or "outcome unknown".
+        var again = await grain.ClaimAsync(attempt with { MayHaveAskedBefore = true });
+
+        Assert.Equal(ClaimOutcome.Acquired, again.Outcome);
+        Assert.Equal(written.Token, again.Token);
+        Assert.True(await grain.CompleteAsync(again.Token!.Value, Created));
+    }
+
     [Fact]
     public async Task LapsedLease_BecomesOutcomeUnknown_AndTheLateCompletionIsRefused()
     {

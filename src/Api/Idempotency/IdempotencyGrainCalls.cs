@@ -106,7 +106,17 @@ internal sealed partial class IdempotencyGrainCalls(
             ClaimResult claim;
             try
             {
-                claim = await CallAsync(grain, g => g.ClaimAsync(request), cancellationToken);
+                // Once a try went unanswered, the claim may be written where later tries do not land (ClaimRequest).
+                var tries = 0;
+                claim = await CallAsync(grain, g =>
+                {
+                    if (tries++ > 0 && !request.MayHaveAskedBefore)
+                    {
+                        request = request with { MayHaveAskedBefore = true };
+                    }
+
+                    return g.ClaimAsync(request);
+                }, cancellationToken);
             }
             catch (Exception ex) when (releaseUnanswered
                 && (ex is IdempotencyUnavailableException || (ex is OperationCanceledException && cancellationToken.IsCancellationRequested)))

@@ -195,7 +195,7 @@ internal sealed class OnceHttp(
         // The caller's own attempt id may come back after the caller ran the operation: never given a lapsed claim. One
         // made here is asked again only by this call, while it has no answer.
         var request = new ClaimRequest(body.Attempt ?? AttemptId.New(), OnceExecutor.Fingerprint(body.Input ?? ""), policy.Lease, policy.Retention,
-            policy.OnLapsedLease, AsksAgainOnlyUnanswered: body.Attempt is null);
+            policy.OnLapsedLease, AsksAgainOnlyUnanswered: body.Attempt is null, MayHaveAskedBefore: body.Attempt is not null);
         ClaimResult claim;
         try
         {

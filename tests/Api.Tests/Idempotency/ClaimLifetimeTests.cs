@@ -28,6 +28,47 @@ public sealed class ClaimLifetimeTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task ClaimWrittenByAnotherActivation_WhoseAnswerWasLost_IsFoundWhenAskedAgain_NotRefusedFromAStaleCopy()
+    {
+        // The first request fails retryably once let go; the second is created.
+        var firstRuns = new TaskCompletionSource();
+        var letGo = new TaskCompletionSource();
+        var runs = 0;
+        var harness = new MiddlewareHarness(fixture, async context =>
+        {
+            if (Interlocked.Increment(ref runs) == 1)
+            {
+                firstRuns.SetResult();
+                await letGo.Task;
+                context.Response.StatusCode = 503;
+                return;
+            }
+
+            await MiddlewareHarness.Creates()(context);
+        }, IdempotencyPolicy.Default with { ConcurrentDuplicates = ConcurrentDuplicateHandling.Reject });
+        var key = MiddlewareHarness.NewKey();
+        var grain = harness.Grain(key);
+        var first = harness.SendAsync(key);
+        await firstRuns.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        var held = await grain.GetAsync();
+
+        // While membership changes, another activation of the key takes the first attempt's release and then the
+        // second request's claim, whose answer is lost; this activation's copy still shows the first attempt's claim.
+        fixture.Store.ClaimNextElsewhere(grain.GetGrainId(), request => fixture.ReleaseAndClaimElsewhereAsync(grain, held.AttemptId, request));
+
+        var second = await harness.SendAsync(key);
+        letGo.SetResult();
+        await first;
+
+        // Asked again, the claim written elsewhere is its own: it runs, rather than a 409 while its claim, held by no
+        // one, lapses into an unknown outcome.
+        Assert.Equal(201, second.Response.StatusCode);
+        Assert.Equal(IdempotencyStatus.Completed, (await grain.GetAsync()).Status);
+        Assert.Equal("true", (await harness.SendAsync(key)).Response.Headers["Idempotent-Replayed"]);
+        Assert.Equal(2, runs);
+    }
+
+    [Fact]
     public async Task ClientThatLeavesWhileItsClaimIsWritten_GetsNoAnswer_NothingRuns_AndItsRetryRunsAtOnce()
     {
         var harness = new MiddlewareHarness(fixture, MiddlewareHarness.Creates());

@@ -32,6 +32,21 @@ public sealed class MiddlewareClusterFixture : IAsyncLifetime
     internal IdempotencyGrainCalls Calls(IOptions<IdempotencyOptions> options, ILogger<IdempotencyGrainCalls>? logger = null) =>
         new(Grains, options, Time, logger ?? NullLogger<IdempotencyGrainCalls>.Instance);
 
+    /// <summary>
+    /// Writes what another activation of <paramref name="grain"/>'s key would (while membership changes): the release
+    /// of <paramref name="holder"/>'s claim, then <paramref name="request"/>'s claim. The key's own activation, if any,
+    /// still has the holder's claim in its copy.
+    /// </summary>
+    public async Task ReleaseAndClaimElsewhereAsync(IIdempotencyGrain grain, Guid holder, ClaimRequest request)
+    {
+        var storage = Cluster.Silos[0].ServiceProvider.GetRequiredKeyedService<IGrainStorage>(IdempotencyGrain.StorageName);
+        var state = new GrainState<IdempotencyRecord>();
+        await storage.ReadStateAsync(IdempotencyGrain.StateName, grain.GetGrainId(), state);
+        state.State = IdempotencyTransitions.Release(state.State!, holder, IdempotencyPolicy.Default.Lease, Time.GetUtcNow()).Next!;
+        state.State = IdempotencyTransitions.Claim(state.State, request, Time.GetUtcNow()).Next!;
+        await storage.WriteStateAsync(IdempotencyGrain.StateName, grain.GetGrainId(), state);
+    }
+
     /// <summary>Runs <paramref name="action"/> with the store down, and brings it back up whatever happens.</summary>
     public async Task<T> WhileStoreDownAsync<T>(Func<Task<T>> action)
     {
@@ -78,6 +93,7 @@ public sealed class MiddlewareClusterFixture : IAsyncLifetime
             silo.AddMemoryGrainStorage("memory");
             silo.Services.AddKeyedSingleton<IGrainStorage>(IdempotencyGrain.StorageName,
                 (sp, _) => new SwitchableStorage(sp.GetRequiredKeyedService<IGrainStorage>("memory"), Store));
+            silo.AddIncomingGrainCallFilter(new ClaimsElsewhere(Store));
             silo.Services.AddSingleton<TimeProvider>(Time);
             silo.Services.UseTimeProviderForBackgroundAreas(TimeProvider.System);
         });
@@ -104,6 +120,32 @@ public sealed class SwitchableStorage(IGrainStorage inner, SwitchableStorage.Swi
         private readonly ConcurrentDictionary<GrainId, int> writes = new();
         private readonly ConcurrentDictionary<GrainId, int> refused = new();
         private readonly ConcurrentDictionary<GrainId, bool> answersLost = new();
+        private readonly ConcurrentDictionary<GrainId, (Func<ClaimRequest, Task>? Elsewhere, int Lost)> claimsElsewhere = new();
+
+        /// <summary>
+        /// The next claim of <paramref name="grain"/> is taken elsewhere (another activation of the key, while
+        /// membership changes): <paramref name="elsewhere"/> writes it to the store, and its answer is lost on its
+        /// way, as are the answers of the <paramref name="lostTries"/> - 1 tries after it, which reach no activation.
+        /// </summary>
+        public void ClaimNextElsewhere(GrainId grain, Func<ClaimRequest, Task> elsewhere, int lostTries = 1) => claimsElsewhere[grain] = (elsewhere, lostTries);
+
+        /// <returns>Whether this claim's answer is lost, with what to write first (for the first of them).</returns>
+        internal bool TryClaimElsewhere(GrainId grain, out Func<ClaimRequest, Task>? elsewhere)
+        {
+            elsewhere = null;
+            if (!claimsElsewhere.TryRemove(grain, out var next))
+            {
+                return false;
+            }
+
+            if (next.Lost > 1)
+            {
+                claimsElsewhere[grain] = (null, next.Lost - 1);
+            }
+
+            elsewhere = next.Elsewhere;
+            return true;
+        }
 
         /// <summary>Runs <paramref name="action"/> before the next write of <paramref name="grain"/> reaches the store: a slow write, say.</summary>
         public void BeforeNextWrite(GrainId grain, Func<Task> action) => beforeNextWrite[grain] = action;
@@ -174,6 +216,25 @@ public sealed class SwitchableStorage(IGrainStorage inner, SwitchableStorage.Swi
         state.Down ? Unavailable() : inner.ClearStateAsync(stateName, grainId, grainState);
 
     private static Task Unavailable() => Task.FromException(new IOException("The store is down (test switch)."));
+}
+
+/// <summary>Takes the claims <see cref="SwitchableStorage.Switch.ClaimNextElsewhere"/> names away from their activation.</summary>
+internal sealed class ClaimsElsewhere(SwitchableStorage.Switch state) : IIncomingGrainCallFilter
+{
+    public async Task Invoke(IIncomingGrainCallContext context)
+    {
+        if (context.InterfaceMethod?.Name == nameof(IIdempotencyGrain.ClaimAsync) && state.TryClaimElsewhere(context.TargetId, out var elsewhere))
+        {
+            if (elsewhere is not null)
+            {
+                await elsewhere((ClaimRequest)context.Request.GetArgument(0)!);
+            }
+
+            throw new IOException("The claim's answer was lost (test filter).");
+        }
+
+        await context.Invoke();
+    }
 }
 
 [CollectionDefinition(Name)]

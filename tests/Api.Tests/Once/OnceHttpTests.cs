@@ -115,6 +115,26 @@ public sealed class OnceHttpTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public async Task CallersOwnAttempt_ClaimedElsewhereAndAnswered503_GetsItsClaimWhenItAsksAgain_NotInProgressFromAStaleCopy()
+    {
+        var key = NewKey();
+        var grain = Grain(key);
+        var holder = Guid.NewGuid();
+        Assert.Equal(201, (await CallAsync(once.ClaimAsync, key, JsonSerializer.Serialize(new { attempt = holder }))).Status);
+        // The holder gave the key back and the worker's claim was written, both through another activation of the key
+        // (while membership changes); the claim's answer, and that of the try after it, were lost.
+        fixture.Store.ClaimNextElsewhere(grain.GetGrainId(), request => fixture.ReleaseAndClaimElsewhereAsync(grain, holder, request), lostTries: 2);
+        var body = JsonSerializer.Serialize(new { attempt = Guid.NewGuid() });
+        Assert.Equal(503, (await CallAsync(once.ClaimAsync, key, body)).Status);
+
+        // The worker asks again with its attempt, reaching the activation whose copy still shows the holder.
+        var again = await CallAsync(once.ClaimAsync, key, body);
+
+        Assert.Equal(201, again.Status);
+        Assert.Equal("acquired", again.Json.GetProperty("status").GetString());
+    }
+
+    [Fact]
     public async Task StoreDown_TheClaims503IsLogged_NamingTheCallersScopedKey()
     {
         var log = new FakeLogger<IdempotencyProblems>();
