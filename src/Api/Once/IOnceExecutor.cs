@@ -12,7 +12,10 @@ public interface IOnceExecutor
     /// elsewhere, waits for it (the default policy's <c>WaitTimeout</c>). The first call gets the result as stored (its
     /// JSON read back as <typeparamref name="T"/>), as every later call does, so that all get the same value: what JSON
     /// drops (a member it ignores, a subtype's own members under <typeparamref name="T"/>) the first call does not see
-    /// either, and a lazy sequence is enumerated once, to store it. Public fields are stored (a tuple's items).
+    /// either, and a lazy sequence is enumerated once, to store it, while the claim is still renewed. Public fields are
+    /// stored (a tuple's items). A result that cannot be stored as JSON that reads back (a cycle, or a getter or a lazy
+    /// sequence's work that throws as it is written) is refused as <see cref="OnceRefusal.ResultNotStored"/> to this
+    /// call as to later ones: the action ran, and is not run again.
     /// </summary>
     /// <remarks>
     /// An exception from the action gives the key back, so a later call runs it again, unless
@@ -54,7 +57,7 @@ public enum OnceRefusal
 
     /// <summary>
     /// The key completed, but its result was not stored: larger than the layer stores, or not JSON that reads back as
-    /// its type. It is not run again.
+    /// its type (the exception inside says why, to the call that ran it). It is not run again.
     /// </summary>
     ResultNotStored,
 }

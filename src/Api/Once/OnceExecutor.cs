@@ -48,27 +48,15 @@ internal sealed partial class OnceExecutor(
 
     /// <summary>
     /// <paramref name="result"/> as stored: its JSON in UTF-8, with <paramref name="readBack"/> what a replay reads of
-    /// it as <typeparamref name="T"/>; null, with <paramref name="why"/>, when the serializer cannot write it (a cycle)
-    /// or it does not read back (a string escaping half a surrogate pair is written, escaped, but taken back by no
-    /// reader): stored, every replay of it would fail. What the result's own code throws while it is written (a lazy
-    /// sequence's work, a property's getter) is not the serializer's: it escapes, as the action's own exception.
+    /// it as <typeparamref name="T"/>; null, with <paramref name="why"/>, when it cannot be written (a cycle, or code of
+    /// the result's that throws as it runs: a getter, a lazy sequence's work) or does not read back (a string escaping
+    /// half a surrogate pair is written, escaped, but taken back by no reader): stored, every replay of it would fail.
     /// </summary>
     internal static byte[]? StoredJson<T>(T result, out T? readBack, out Exception? why)
     {
-        byte[] body;
         try
         {
-            body = JsonSerializer.SerializeToUtf8Bytes(result, Json);
-        }
-        catch (Exception ex) when (ex is not OutOfMemoryException && IsSerializers(ex))
-        {
-            readBack = default;
-            why = ex;
-            return null;
-        }
-
-        try
-        {
+            var body = JsonSerializer.SerializeToUtf8Bytes(result, Json);
             readBack = JsonSerializer.Deserialize<T>(body, Json);
             why = null;
             return body;
@@ -80,14 +68,6 @@ internal sealed partial class OnceExecutor(
             return null;
         }
     }
-
-    private static readonly string SerializerAssembly = typeof(JsonSerializer).Assembly.GetName().Name!;
-
-    // Thrown by the serializer itself, about the result's shape: not by code of the result's that it ran, which it
-    // passes on as thrown, or (a NotSupportedException) wrapped with the path it was thrown at. Its own exceptions
-    // name it as their source, some with a suffix (".Rethrowable": those it wraps with a path).
-    private static bool IsSerializers(Exception ex) =>
-        ex.Source is { } source && source.StartsWith(SerializerAssembly, StringComparison.Ordinal) && (ex.InnerException is not { } inner || IsSerializers(inner));
 
     /// <summary>Why a completed key's result cannot be given: <paramref name="stored"/> holds none.</summary>
     internal static string NotStored(StoredResponse stored) => stored.BodyLength > 0
@@ -175,7 +155,7 @@ internal sealed partial class OnceExecutor(
 
         if (claim.Outcome == ClaimOutcome.Acquired)
         {
-            return await RunAsync(grain, claim.Token!.Value, askedAt + policy.Lease, policy, action, cancellationToken);
+            return await RunAsync(key.Key, grain, claim.Token!.Value, askedAt + policy.Lease, policy, action, cancellationToken);
         }
 
         try
@@ -219,11 +199,12 @@ internal sealed partial class OnceExecutor(
     // log's, and the key is completed or released as it would be.
     private void Log(Action<ILogger> write) => LogLines.TryWrite(logger, write, static (log, write) => write(log));
 
-    private async Task<T> RunAsync<T>(IIdempotencyGrain grain, ClaimToken token, DateTimeOffset leaseEndsBy, IdempotencyPolicy policy,
+    private async Task<T> RunAsync<T>(string key, IIdempotencyGrain grain, ClaimToken token, DateTimeOffset leaseEndsBy, IdempotencyPolicy policy,
         Func<CancellationToken, Task<T>> action, CancellationToken cancellationToken)
     {
         T result;
         StoredResponse stored;
+        Exception? notStorable;
         using (new LeaseRenewal(grain, token, leaseEndsBy, policy.Lease, time, logger))
         {
             if (cancellationToken.IsCancellationRequested)
@@ -237,9 +218,6 @@ internal sealed partial class OnceExecutor(
             try
             {
                 result = await action(cancellationToken);
-                // Written while the claim is still renewed, as the action's last step: a lazy result's work runs here,
-                // for as long as it takes, and what it throws is the action's.
-                stored = StoredResult(ref result, policy, grain.GetPrimaryKeyString());
             }
             catch (Exception exception)
             {
@@ -259,6 +237,19 @@ internal sealed partial class OnceExecutor(
 
                 throw;
             }
+
+            try
+            {
+                // Written while the claim is still renewed: a lazy result's work runs as it is written, however long.
+                stored = StoredResult(ref result, policy, grain.GetPrimaryKeyString(), out notStorable);
+            }
+            catch (OutOfMemoryException)
+            {
+                // The action ran, and may have taken effect; what it returned cannot be written.
+                Record(OnceResults.InDoubt);
+                Log(log => LogResultUnwritable(log, grain.GetPrimaryKeyString()));
+                throw;
+            }
         }
 
         // Counted when the completion settles: at once, or once a completion left waiting for the store lands or is given up.
@@ -267,20 +258,24 @@ internal sealed partial class OnceExecutor(
             Log(log => LogCompletionRefused(log, grain.GetPrimaryKeyString()));
         }
 
-        return result;
+        // Refused to this caller as to every later one: handed back, a lazy sequence's work would run again as its
+        // caller read it, and no later caller could have the same value.
+        return notStorable is null ? result : throw NotStoredRefusal(key, NotStored(stored), notStorable);
     }
 
     /// <summary>
     /// <paramref name="result"/> as stored: its JSON when that reads back and fits; else marked not stored, so that
     /// later calls are refused as <see cref="OnceRefusal.ResultNotStored"/> instead of each failing to read it, or the
     /// key lapsing into an unknown outcome though it is known to have run. <paramref name="result"/> becomes what its
-    /// JSON reads back as, which every replay returns when it fits the store; one that cannot be written stays as it is.
+    /// JSON reads back as, which every replay returns when it fits the store; <paramref name="notStorable"/> says why
+    /// there is none.
     /// </summary>
-    private StoredResponse StoredResult<T>(ref T result, IdempotencyPolicy policy, string key)
+    private StoredResponse StoredResult<T>(ref T result, IdempotencyPolicy policy, string grainKey, out Exception? notStorable)
     {
-        if (StoredJson(result, out var readBack, out var why) is not { } body)
+        if (StoredJson(result, out var readBack, out notStorable) is not { } body)
         {
-            Log(log => LogResultNotStorable(log, key, why!));
+            var why = notStorable;
+            Log(log => LogResultNotStorable(log, grainKey, why!));
             return new StoredResponse(ResultStatus, [], [], true, 0);
         }
 
@@ -312,8 +307,11 @@ internal sealed partial class OnceExecutor(
     private static OnceRefusedException NotStoredRefusal(string key, string why, Exception? inner = null) =>
         new(OnceRefusal.ResultNotStored, key, $"{why} Key '{key}' is not run again.", inner);
 
-    [LoggerMessage(Level = LogLevel.Error, Message = "Once key {Key}: the action ran, but its result cannot be stored as JSON that reads back; later calls are refused as result-not-stored.")]
+    [LoggerMessage(Level = LogLevel.Error, Message = "Once key {Key}: the action ran, but its result cannot be stored as JSON that reads back; this call and later ones are refused as result-not-stored.")]
     private static partial void LogResultNotStorable(ILogger logger, string key, Exception exception);
+
+    [LoggerMessage(Level = LogLevel.Error, Message = "Once key {Key}: the action ran, but there was no memory to write its result; its claim is left to lapse, since it may have taken effect.")]
+    private static partial void LogResultUnwritable(ILogger logger, string key);
 
     [LoggerMessage(Level = LogLevel.Warning, Message = "Once key {Key}: the store or the cluster did not answer; nothing ran, and ExecuteOnceAsync threw IdempotencyUnavailableException.")]
     private static partial void LogUnavailable(ILogger logger, Exception exception, string key);
