@@ -118,15 +118,24 @@ public static class GatewayExtensions
     /// The proxy's own 502 or 504 is no answer of the backend's: when the request may have reached it (it timed out,
     /// or the connection broke after the request went out), the backend may have run, and a released key would run
     /// it again on the retry. The key is left to its lease instead; a failure before anything was sent releases it.
+    /// A failure reported once the backend's answer was passed on whole is the request body's alone (an HTTP/2
+    /// backend that answered before reading it all ends the stream, and the rest fails to go out): the answer stands.
     /// </summary>
     private static async Task LeaveInDoubtWhenTheBackendMayHaveRunAsync(HttpContext context, Func<Task> next)
     {
         await next();
-        if (context.GetForwarderErrorFeature() is { } failure && MayHaveReachedTheBackend(failure))
+        if (context.GetForwarderErrorFeature() is { } failure && MayHaveReachedTheBackend(failure) && !PassedOnWhole(context, failure))
         {
             IdempotencyMiddleware.LeaveInDoubt(context);
         }
     }
+
+    // A request body's failure after an answer had begun: YARP aborts that answer when the failure cut it short, and
+    // reports the failure with the answer untouched when it came once the answer was passed on whole. (A failure before
+    // any answer began is answered with YARP's own status, which is no answer of the backend's.)
+    private static bool PassedOnWhole(HttpContext context, IForwarderErrorFeature failure) =>
+        failure.Error is ForwarderError.RequestBodyClient or ForwarderError.RequestBodyDestination or ForwarderError.RequestBodyCanceled
+        && context.Response.HasStarted && !IdempotencyMiddleware.AbortedItsResponse(context);
 
     internal static bool MayHaveReachedTheBackend(IForwarderErrorFeature failure) => failure.Error switch
     {

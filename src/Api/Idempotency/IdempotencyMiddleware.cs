@@ -285,6 +285,10 @@ internal sealed partial class IdempotencyMiddleware(
     /// <summary>True while the layer runs <paramref name="context"/>'s action under a claim.</summary>
     internal static bool IsRunning(HttpContext context) => context.Features.Get<IHttpRequestLifetimeFeature>() is DetachedRequestLifetime;
 
+    /// <summary>Whether the idempotent action running for <paramref name="context"/> aborted its response (or reset its stream).</summary>
+    internal static bool AbortedItsResponse(HttpContext context) =>
+        context.Features.Get<IHttpRequestLifetimeFeature>() is DetachedRequestLifetime { Aborted: true };
+
     /// <summary>
     /// Leaves the key of the idempotent action running for <paramref name="context"/> to its lease, whatever its
     /// response: the action cannot tell whether it took effect. Nothing for a request the layer is not running.

@@ -5,6 +5,7 @@ using System.Text.Json;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Http;
+using Microsoft.AspNetCore.Server.Kestrel.Core;
 using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
 using OrleansIdempotency.Api.Gateway;
@@ -287,6 +288,46 @@ public sealed class GatewayTests : IAsyncLifetime
         Assert.Equal(gatewaysOwn, first.StatusCode);
         Assert.Equal(HttpStatusCode.Conflict, retry.StatusCode);
         Assert.Equal(1, backend.Runs(key));
+    }
+
+    [Fact]
+    public async Task Http2BackendAnsweringWholeBeforeReadingALargeBody_IsStoredAndReplayed_NotLeftInDoubt()
+    {
+        // A backend that refuses a request on its headers alone: its whole answer ends the HTTP/2 stream, the rest of
+        // the body it never read then fails to go out, and YARP reports that failure after the answer.
+        var runs = 0;
+        var port = FreePort.Next();
+        var builder = WebApplication.CreateSlimBuilder();
+        builder.WebHost.ConfigureKestrel(kestrel => kestrel.Listen(IPAddress.Loopback, port, listen => listen.Protocols = HttpProtocols.Http2));
+        await using var refusing = builder.Build();
+        refusing.MapPost("/{**path}", context =>
+        {
+            Interlocked.Increment(ref runs);
+            context.Response.StatusCode = StatusCodes.Status422UnprocessableEntity;
+            return context.Response.WriteAsync("{\"error\":\"too large an amount\"}");
+        });
+        await refusing.StartAsync();
+        var settings = GatewaySettings(backend.Address, GatewayExtensions.DefaultPolicyName);
+        settings["ReverseProxy:Clusters:h2:Destinations:one:Address"] = $"http://127.0.0.1:{port.ToString(CultureInfo.InvariantCulture)}/";
+        settings["ReverseProxy:Clusters:h2:HttpRequest:Version"] = "2";
+        settings["ReverseProxy:Clusters:h2:HttpRequest:VersionPolicy"] = "RequestVersionExact";
+        settings["ReverseProxy:Routes:h2:ClusterId"] = "h2";
+        settings["ReverseProxy:Routes:h2:Match:Path"] = "/h2/{**rest}";
+        settings["ReverseProxy:Routes:h2:Metadata:Idempotency"] = GatewayExtensions.DefaultPolicyName;
+        await using var h2Gateway = await ApiServer.StartAsync(settings);
+        using var client = new HttpClient { BaseAddress = h2Gateway.BaseAddress, Timeout = TimeSpan.FromSeconds(60) };
+        var key = Guid.NewGuid().ToString();
+        // Past the backend's stream window (768 KiB), so that most of it is still to go when the answer comes.
+        var body = "{\"amount\":\"" + new string('9', 4_000_000) + "\"}";
+
+        var (first, firstBody) = await client.SendAsync("/h2/charges", key, body, ("Authorization", "Bearer caller-1"));
+        var (retry, retryBody) = await client.SendAsync("/h2/charges", key, body, ("Authorization", "Bearer caller-1"));
+
+        Assert.Equal(HttpStatusCode.UnprocessableEntity, first.StatusCode);
+        Assert.Equal(HttpStatusCode.UnprocessableEntity, retry.StatusCode);
+        Assert.True(retry.IsReplay());
+        Assert.Equal(firstBody, retryBody);
+        Assert.Equal(1, runs);
     }
 
     [Fact]
