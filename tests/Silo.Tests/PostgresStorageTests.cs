@@ -40,6 +40,47 @@ public sealed class PostgresStorageTests(ServersFixture servers)
     }
 
     [Fact]
+    public async Task SchemaInstall_WhoseSessionTheServerEnds_IsTriedAgain_NotTheSilosEnd()
+    {
+        // A server shutting down (or an administrator) ends each session with 57P01: a silo starting during a
+        // PostgreSQL restart waits it out, as it waits for a server not yet up.
+        var connectionString = await servers.Postgres.CreateDatabaseAsync();
+        await using var database = new IdempotencyDatabase(connectionString);
+        var log = new FakeLogger<PostgresSchemaInstaller>();
+        var installer = new PostgresSchemaInstaller(database, TimeProvider.System, log);
+        await using var holder = new NpgsqlConnection(connectionString);
+        await holder.OpenAsync();
+        await using (var take = new NpgsqlCommand("SELECT pg_advisory_lock(@key)", holder))
+        {
+            take.Parameters.AddWithValue("key", PostgresSchemaInstaller.AdvisoryLockKey);
+            await take.ExecuteNonQueryAsync();
+        }
+
+        var install = installer.InstallAsync(CancellationToken.None);
+        await using (var end = new NpgsqlCommand(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND pid <> pg_backend_pid()", holder))
+        {
+            var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+            while ((long)(await end.ExecuteScalarAsync())! == 0)
+            {
+                Assert.True(DateTime.UtcNow < deadline, "The installer never waited on its lock.");
+                await Task.Delay(20);
+            }
+        }
+
+        await using (var release = new NpgsqlCommand("SELECT pg_advisory_unlock(@key)", holder))
+        {
+            release.Parameters.AddWithValue("key", PostgresSchemaInstaller.AdvisoryLockKey);
+            await release.ExecuteNonQueryAsync();
+        }
+
+        await install.WaitAsync(TimeSpan.FromSeconds(30));
+        Assert.Contains(log.Collector.GetSnapshot(), r => r.Message.Contains("57P01", StringComparison.Ordinal));
+        await using var command = database.DataSource.CreateCommand("SELECT count(*) FROM OrleansQuery");
+        Assert.True((long)(await command.ExecuteScalarAsync())! > 0);
+    }
+
+    [Fact]
     public async Task SchemaAppliedAgainWhileAVacuumHoldsTheTable_DoesNotWaitForIt()
     {
         // Had it waited, every write of every silo would have queued behind its lock request until the vacuum ended.

@@ -12,7 +12,7 @@ public sealed partial class PostgresSchemaInstaller(IdempotencyDatabase database
     : ILifecycleParticipant<ISiloLifecycle>
 {
     // Any constant shared by every process that installs the schema: silos starting together take turns.
-    private const long AdvisoryLockKey = 0x4F49_6465_6D70; // "OIdemp"
+    internal const long AdvisoryLockKey = 0x4F49_6465_6D70; // "OIdemp"
 
     // Written into our queries' text, so a database set up by anyone else's scripts is recognised, not overwritten.
     private const string Marker = "OrleansIdempotency";
