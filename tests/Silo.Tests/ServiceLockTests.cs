@@ -4,7 +4,6 @@ using Microsoft.Extensions.Logging.Testing;
 using Microsoft.Extensions.Time.Testing;
 using Npgsql;
 using OrleansIdempotency.Grains;
-using OrleansIdempotency.Silo.Hosting;
 using OrleansIdempotency.Silo.Storage;
 using OrleansIdempotency.Testing;
 
@@ -88,29 +87,6 @@ public sealed class ServiceLockTests(ServersFixture servers)
         await using var silo = await TestSilo.StartAsync(settings);
 
         Assert.Equal(["ShareLock"], await AdvisoryLockModesAsync(settings["ConnectionStrings:Postgres"]!));
-    }
-
-    [Fact]
-    public async Task HostAddingPostgresItself_ToALocalhostClusteredSilo_HoldsTheServiceLockAlone_AndASecondWaitsForIt()
-    {
-        var connectionString = await servers.Postgres.CreateDatabaseAsync();
-        var settings = new Dictionary<string, string?> { ["Orleans:ServiceId"] = "host-" + Guid.NewGuid().ToString("N") };
-        var first = await TestSilo.StartAsync(settings, builder => builder.AddIdempotencyPostgresStorage(connectionString));
-        Task<TestSilo> second;
-        try
-        {
-            Assert.Equal(["ExclusiveLock"], await AdvisoryLockModesAsync(connectionString));
-            second = TestSilo.StartAsync(settings, builder => builder.AddIdempotencyPostgresStorage(connectionString));
-            await Task.Delay(TimeSpan.FromSeconds(3));
-            Assert.False(second.IsCompleted, "A second silo of its own started beside the first on one database.");
-        }
-        finally
-        {
-            await first.DisposeAsync();
-        }
-
-        await using var started = await second.WaitAsync(TimeSpan.FromSeconds(30));
-        Assert.Equal(["ExclusiveLock"], await AdvisoryLockModesAsync(connectionString));
     }
 
     [Fact]

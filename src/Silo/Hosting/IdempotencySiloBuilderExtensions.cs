@@ -61,6 +61,9 @@ public static class IdempotencySiloBuilderExtensions
         if (settings.Postgres is { } postgres)
         {
             silo.AddIdempotencyPostgresStorage(postgres);
+            silo.Services.AddSingleton(sp => new ServiceLock(sp.GetRequiredService<IdempotencyDatabase>(), settings.ServiceId,
+                clustered: settings.Redis is not null, sp.GetRequiredService<TimeProvider>(), sp.GetRequiredService<ILogger<ServiceLock>>()));
+            silo.Services.AddSingleton<ILifecycleParticipant<ISiloLifecycle>>(sp => sp.GetRequiredService<ServiceLock>());
         }
         else if (settings.Redis is not null)
         {
@@ -155,11 +158,7 @@ public static class IdempotencySiloBuilderExtensions
         return silo;
     }
 
-    /// <summary>
-    /// Keeps idempotency records in PostgreSQL, applying the schema on start and purging expired records; the silo
-    /// holds the service's lock in the database while it runs (<see cref="ServiceLock"/>): shared with the other silos
-    /// of its cluster, alone when it is a cluster of its own (localhost clustering).
-    /// </summary>
+    /// <summary>Keeps idempotency records in PostgreSQL, applying the schema on start and purging expired records.</summary>
     public static ISiloBuilder AddIdempotencyPostgresStorage(this ISiloBuilder silo, string connectionString) =>
         silo.AddIdempotencyPostgresStorage(options => options.ConnectionString = connectionString);
 
@@ -176,12 +175,6 @@ public static class IdempotencySiloBuilderExtensions
         silo.Services.AddSingleton<ILifecycleParticipant<ISiloLifecycle>>(sp => sp.GetRequiredService<PostgresSchemaInstaller>());
         silo.Services.TryAddSingleton<ExpiredRecordPurger>();
         silo.Services.AddSingleton<IHostedService>(sp => sp.GetRequiredService<ExpiredRecordPurger>());
-        // Localhost clustering names its primary silo: a silo so clustered is a cluster of its own.
-        silo.Services.TryAddSingleton(sp => new ServiceLock(sp.GetRequiredService<IdempotencyDatabase>(),
-            sp.GetRequiredService<IOptions<ClusterOptions>>().Value.ServiceId,
-            clustered: sp.GetRequiredService<IOptions<DevelopmentClusterMembershipOptions>>().Value.PrimarySiloEndpoint is null,
-            sp.GetRequiredService<TimeProvider>(), sp.GetRequiredService<ILogger<ServiceLock>>()));
-        silo.Services.AddSingleton<ILifecycleParticipant<ISiloLifecycle>>(sp => sp.GetRequiredService<ServiceLock>());
         silo.AddAdoNetGrainStorage(IdempotencyGrain.StorageName, (OptionsBuilder<AdoNetGrainStorageOptions> options) =>
             options.Configure<IdempotencyDatabase, Serializer>((o, database, serializer) =>
             {
