@@ -131,8 +131,10 @@ public static class GatewayExtensions
     }
 
     // A request body's failure after an answer had begun: YARP aborts that answer when the failure cut it short, and
-    // reports the failure with the answer untouched when it came once the answer was passed on whole. (A failure before
-    // any answer began is answered with YARP's own status, which is no answer of the backend's.)
+    // reports the failure with the answer untouched when it came once the answer was passed on whole. Before any of an
+    // answer was passed on, YARP answers such a failure with its own status, so an answer without a body, though whole,
+    // cannot be told from that, and is left in doubt. (A trailers transform would mark the end of a whole answer, but
+    // YARP runs those only for clients that take trailers.)
     private static bool PassedOnWhole(HttpContext context, IForwarderErrorFeature failure) =>
         failure.Error is ForwarderError.RequestBodyClient or ForwarderError.RequestBodyDestination or ForwarderError.RequestBodyCanceled
         && context.Response.HasStarted && !IdempotencyMiddleware.AbortedItsResponse(context);
