@@ -72,9 +72,17 @@ public sealed record IdempotencyPolicy
 
     /// <summary>
     /// The largest response body stored for replay. Larger responses still reach the first caller whole; later
-    /// callers get 409 <c>response-not-stored</c> and the action is not run again. The default is 1 MiB.
+    /// callers get 409 <c>response-not-stored</c> and the action is not run again. The default is 1 MiB; at most
+    /// <see cref="MaxStorableResponseBytes"/>.
     /// </summary>
     public int MaxStoredResponseBytes { get; init; } = 1024 * 1024;
+
+    /// <summary>
+    /// The most <see cref="MaxStoredResponseBytes"/> may be: 64 MiB. A stored response travels in a grain call, and
+    /// Orleans closes a connection whose message body passes 100 MB (<c>MessagingOptions.MaxMessageBodySize</c>): a
+    /// completion that large would never land, and its key, whose action ran, would lapse into an unknown outcome.
+    /// </summary>
+    public const int MaxStorableResponseBytes = 64 * 1024 * 1024;
 
     /// <summary>The largest request body accepted for fingerprinting; larger ones get 413. The default is 10 MiB.</summary>
     public long MaxRequestBodyBytes { get; init; } = 10 * 1024 * 1024;
@@ -147,6 +155,7 @@ public sealed record IdempotencyPolicy
         ArgumentOutOfRangeException.ThrowIfGreaterThan(Retention, MaxDuration, nameof(Retention));
         ArgumentOutOfRangeException.ThrowIfGreaterThan(WaitTimeout, MaxDuration, nameof(WaitTimeout));
         ArgumentOutOfRangeException.ThrowIfNegative(MaxStoredResponseBytes, nameof(MaxStoredResponseBytes));
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(MaxStoredResponseBytes, MaxStorableResponseBytes, nameof(MaxStoredResponseBytes));
         ArgumentOutOfRangeException.ThrowIfNegative(MaxRequestBodyBytes, nameof(MaxRequestBodyBytes));
         if (Retention <= Lease)
         {

@@ -1364,6 +1364,14 @@ public sealed class IdempotencyMiddlewareTests(MiddlewareClusterFixture fixture)
     }
 
     [Fact]
+    public void StoredResponseLimitPastWhatAGrainCallCarries_IsRefusedWhenThePolicyIsResolved()
+    {
+        // Orleans closes a connection whose message passes 100 MB: a completion that large would never land.
+        Assert.Throws<ArgumentOutOfRangeException>(() => (IdempotencyPolicy.Default with { MaxStoredResponseBytes = 150 * 1024 * 1024 }).Validate());
+        (IdempotencyPolicy.Default with { MaxStoredResponseBytes = IdempotencyPolicy.MaxStorableResponseBytes }).Validate();
+    }
+
+    [Fact]
     public async Task ChunkedRequestBodyOverTheLimit_Returns413_NotA500()
     {
         var harness = Harness(policy: IdempotencyPolicy.Default with { MaxRequestBodyBytes = 1000 });
