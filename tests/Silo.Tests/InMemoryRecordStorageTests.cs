@@ -218,20 +218,8 @@ public sealed class InMemoryRecordStorageTests : IDisposable
         // Segments held to 4 × 256 KiB + the three every store has: 4 MiB.
         using var store = new InMemoryRecordStorage(TestSerializer.Storage, time, 256 * 1024, null, table);
         var claim = new byte[2_000];
-        var pinned = new Dictionary<int, long>();
-        for (var i = 0; i < 3_200; i++)
-        {
-            // About 520 claims to a segment; all but every 400th completed (gone from it): each segment keeps one or two.
-            Assert.True(table.TryAdd(BitConverter.GetBytes(i), claim, long.MaxValue, true, out var version));
-            if (i % 400 == 0)
-            {
-                pinned[i] = version;
-            }
-            else
-            {
-                Assert.True(table.TryRemove(BitConverter.GetBytes(i), version));
-            }
-        }
+        // About 520 claims to a segment; all but every 400th completed (gone from it): each segment keeps one or two.
+        var pinned = AddClaims(table, 3_200, claim, keepEvery: 400);
 
         Assert.True(table.SegmentBytes > 6L * RecordSegments.SegmentSize, $"{table.SegmentBytes} bytes of segments");
         Assert.True(table.LiveBytes < 32 * 1024);
@@ -239,12 +227,7 @@ public sealed class InMemoryRecordStorageTests : IDisposable
         // Taken at once; the records move out beside it, off the grain's turn.
         await store.WriteStateAsync(State, Key(), new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1))));
 
-        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
-        while (table.SegmentBytes > 4L * RecordSegments.SegmentSize)
-        {
-            Assert.True(DateTime.UtcNow < deadline, $"{table.SegmentBytes} bytes of segments left");
-            await Task.Delay(10);
-        }
+        await SegmentsShrinkToAsync(table, 4L * RecordSegments.SegmentSize);
 
         Assert.Equal(pinned.Count + 1, table.Count);
         foreach (var (i, version) in pinned)
@@ -260,7 +243,7 @@ public sealed class InMemoryRecordStorageTests : IDisposable
     }
 
     [Fact]
-    public void CompactionStartedByANewKey_IsNotRunInThatWrite()
+    public async Task CompactionStartedByANewKey_IsNotRunInThatWrite()
     {
         // A scan of millions of records in the write would hold the grain's turn (and the request) for as long.
         var writing = false;
@@ -283,18 +266,14 @@ public sealed class InMemoryRecordStorageTests : IDisposable
         using var store = new InMemoryRecordStorage(TestSerializer.Storage, time, 2_200_000, null, table);
         var before = Volatile.Read(ref allocatedAfter);
 
+        // Called on this thread, before anything is awaited.
         Volatile.Write(ref writing, true);
         var write = store.WriteStateAsync(State, Key(), new GrainState<IdempotencyRecord>(Record(TimeSpan.FromHours(1))));
         Volatile.Write(ref writing, false);
 
         Assert.True(write.IsCompletedSuccessfully);
         Assert.Equal(0, allocatedInTheWrite);
-        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
-        while (table.SegmentBytes > 8L * RecordSegments.SegmentSize)
-        {
-            Assert.True(DateTime.UtcNow < deadline, $"{table.SegmentBytes} bytes of segments left");
-            Thread.Sleep(10);
-        }
+        await SegmentsShrinkToAsync(table, 8L * RecordSegments.SegmentSize);
 
         // The moved claims filled segments of their own, elsewhere.
         Assert.True(Volatile.Read(ref allocatedAfter) > before);
@@ -329,12 +308,19 @@ public sealed class InMemoryRecordStorageTests : IDisposable
             Assert.True(table.TryAdd([0xFF, i], new byte[250_000], long.MaxValue, false, out _));
         }
 
-        var claim = new byte[50_000];
-        pinned = [];
-        for (var i = 0; i < 400; i++)
+        pinned = AddClaims(table, 400, new byte[50_000], keepEvery: 20);
+        Assert.True(table.SegmentBytes > 18L * RecordSegments.SegmentSize, $"{table.SegmentBytes} bytes of segments");
+        return table;
+    }
+
+    /// <summary>Adds <paramref name="count"/> claims and completes (removes) all but every <paramref name="keepEvery"/>th: the versions of those kept.</summary>
+    private static Dictionary<int, long> AddClaims(RecordTable table, int count, byte[] claim, int keepEvery)
+    {
+        var pinned = new Dictionary<int, long>();
+        for (var i = 0; i < count; i++)
         {
             Assert.True(table.TryAdd(BitConverter.GetBytes(i), claim, long.MaxValue, true, out var version));
-            if (i % 20 == 0)
+            if (i % keepEvery == 0)
             {
                 pinned[i] = version;
             }
@@ -344,8 +330,18 @@ public sealed class InMemoryRecordStorageTests : IDisposable
             }
         }
 
-        Assert.True(table.SegmentBytes > 18L * RecordSegments.SegmentSize, $"{table.SegmentBytes} bytes of segments");
-        return table;
+        return pinned;
+    }
+
+    /// <summary>Waits (at most 10 s) until the compaction started off the write has held the segments to <paramref name="bytes"/>.</summary>
+    private static async Task SegmentsShrinkToAsync(RecordTable table, long bytes)
+    {
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+        while (table.SegmentBytes > bytes)
+        {
+            Assert.True(DateTime.UtcNow < deadline, $"{table.SegmentBytes} bytes of segments left");
+            await Task.Delay(10);
+        }
     }
 
     [Fact]

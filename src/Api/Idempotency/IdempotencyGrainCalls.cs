@@ -99,6 +99,8 @@ internal sealed partial class IdempotencyGrainCalls(
     {
         var askedAt = time.GetUtcNow();
         var waitUntil = askedAt + wait;
+        // Declared beside the captured request: one object of captured state per claim, not one more per round.
+        var tries = 0;
         while (true)
         {
             // Nothing is held yet: a caller that has left claims nothing more.
@@ -107,7 +109,7 @@ internal sealed partial class IdempotencyGrainCalls(
             try
             {
                 // Once a try went unanswered, the claim may be written where later tries do not land (ClaimRequest).
-                var tries = 0;
+                tries = 0;
                 claim = await CallAsync(grain, g =>
                 {
                     if (tries++ > 0 && !request.MayHaveAskedBefore)
